@@ -1,0 +1,1 @@
+"""Shared pieces of prepare.py, train.py and distill.py: shards, decoder swap, checkpoints."""

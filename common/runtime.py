@@ -1,0 +1,144 @@
+"""What train.py and distill.py share about running: torchrun's environment, the device and its
+precision, the run folder (config, versions, metrics.jsonl) and the learning-rate schedule."""
+import contextlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class Runtime:
+    """rank/world from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE), the device, and
+    the autocast context: bf16 autocast with fp32 master weights on GPUs, plain fp32 on CPU
+    (bf16 is emulated there and far slower)."""
+
+    def __init__(self, device="auto", dtype="auto"):
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.ddp = self.world_size > 1
+        if device == "auto":
+            device = f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.ddp:
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        if dtype not in ("float32", "bfloat16", "float16"):
+            sys.exit(f"DTYPE must be float32, bfloat16 or float16, got {dtype!r}")
+        self.dtype = getattr(torch, dtype)
+        self.master = self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def print(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs, flush=True)
+
+    def all_mean(self, value):
+        """Mean of a float across ranks (the value itself without DDP)."""
+        if not self.ddp:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world_size
+
+    def barrier(self):
+        if self.ddp:
+            dist.barrier()
+
+    def close(self):
+        if self.ddp:
+            dist.destroy_process_group()
+
+    def synchronize(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def peak_flops(self):
+        """Dense bf16 peak FLOP/s of the device, where known (for MFU); None otherwise."""
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        for key, flops in (("MI300", 1307e12), ("MI250", 362e12), ("H200", 989e12), ("H100", 989e12),
+                           ("A100", 312e12), ("4090", 165e12), ("L40", 181e12)):
+            if key in name:
+                return flops
+        return None
+
+
+def environment(rt):
+    """Versions and hardware, for the run folder."""
+    import transformers
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None), "device": str(rt.device),
+            "world_size": rt.world_size, "dtype": str(rt.dtype).replace("torch.", ""), "host": platform.node(),
+            "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if rt.device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(rt.device)
+    return info
+
+
+class RunLog:
+    """metrics.jsonl in the run folder, appended by rank 0 only."""
+
+    def __init__(self, rt, out_dir):
+        self.path = os.path.join(out_dir, "metrics.jsonl") if rt.master else None
+
+    def log(self, **record):
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def write_json_atomic(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def lr_at(step, total, peak, warmup, schedule="cosine", min_lr_ratio=0.1, decay_frac=0.2):
+    """Learning rate for optimizer step `step` (0-based) of `total`: linear warmup, then
+    cosine decay to min_lr_ratio*peak ('cosine') or hold then linear decay over the last
+    decay_frac of the steps ('wsd', warmup-stable-decay). A pure function of the step, so
+    resume needs nothing but the step and a new phase starts its own schedule."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    min_lr = peak * min_lr_ratio
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "wsd":
+        decay_steps = max(1, int(total * decay_frac))
+        decay_start = total - decay_steps
+        if step < decay_start:
+            return peak
+        return peak - (peak - min_lr) * min(1.0, (step - decay_start + 1) / decay_steps)
+    if schedule == "constant":
+        return peak
+    raise ValueError(f"unknown LR schedule {schedule!r}: use cosine, wsd or constant")
+
+
+def get_rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,84 @@
+"""Tiny offline fixtures: a Llama-shaped model with its own small tokenizer, and token shards."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from common.shards import MANIFEST, write_shard  # noqa: E402
+
+VOCAB = 320
+WORDS = ("the cat sat on a mat and the dog ran to the park while birds sang in trees "
+         "water flows down hills into rivers that reach the sea under a bright sun").split()
+
+
+def make_text(n_docs, seed=0):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=rng.integers(20, 80))) + "." for _ in range(n_docs)]
+
+
+def make_tokenizer(folder):
+    """A byte-level BPE tokenizer (<|endoftext|>=0) saved as a transformers tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(make_text(200, seed=1), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    fast.save_pretrained(folder)
+    return fast
+
+
+def tiny_config(layers=3):
+    from transformers import LlamaConfig
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                       tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+
+
+def make_model_folder(folder, layers=3, seed=0):
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(layers), attn_implementation="sdpa")
+    model.save_pretrained(folder)
+    make_tokenizer(folder)
+    return folder
+
+
+def make_data_dir(folder, train_tokens=40_000, val_tokens=8_000, shards=2, seed=0):
+    """Shards of a repetitive token stream (a small model can learn it) plus a manifest."""
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    phrase = rng.integers(1, VOCAB, size=97)
+    splits = {}
+    for split, total in (("train", train_tokens), ("val", val_tokens)):
+        n = shards if split == "train" else 1
+        entries = []
+        for k in range(n):
+            tokens = np.resize(np.roll(phrase, k + (split == "val")), total // n).astype(np.uint16)
+            tokens[rng.random(tokens.size) < 0.05] = 0
+            name = f"{split}_{k:06d}.bin"
+            entries.append({"file": name, **write_shard(os.path.join(folder, name), tokens)})
+        splits[split] = {"shards": entries, "tokens": sum(e["ntok"] for e in entries)}
+    manifest = {"splits": splits, "tokenizer": {"name": "tiny", "vocab_size": VOCAB, "eos_id": 0}}
+    with open(os.path.join(folder, MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return make_model_folder(str(tmp_path_factory.mktemp("tiny_model")))
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    return make_data_dir(str(tmp_path_factory.mktemp("tiny_data")))
