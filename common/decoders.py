@@ -98,18 +98,18 @@ def student_specs(model):
 
 
 class swapped:
-    """Context manager: the model with `blocks` ({layer: block}) in the target slots, restored after."""
+    """Context manager: the model with `blocks` ({(layer, target): block}) swapped in, restored after."""
 
-    def __init__(self, model, target, blocks):
-        self.model, self.target, self.blocks = model, target, blocks
+    def __init__(self, model, blocks):
+        self.model, self.blocks = model, blocks
 
     def __enter__(self):
-        self.saved = {i: set_block(self.model, i, self.target, b) for i, b in self.blocks.items()}
+        self.saved = {key: set_block(self.model, *key, b) for key, b in self.blocks.items()}
         return self.model
 
     def __exit__(self, *exc):
-        for i, b in self.saved.items():
-            set_block(self.model, i, self.target, b)
+        for key, b in self.saved.items():
+            set_block(self.model, *key, b)
 
 
 def position_embeddings(model, h):

@@ -9,6 +9,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# Tiny models run fastest on one thread; subprocesses (scripts, torchrun ranks) inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from common.shards import MANIFEST, write_shard  # noqa: E402
 
@@ -37,17 +40,19 @@ def make_tokenizer(folder):
     return fast
 
 
-def tiny_config(layers=3):
+def tiny_config(layers=3, initializer_range=0.02):
+    """initializer_range 0.2 gives blocks outputs of order 1, as in a trained model (0.02 gives ~1e-3)."""
     from transformers import LlamaConfig
     return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+                       tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+                       initializer_range=initializer_range)
 
 
-def make_model_folder(folder, layers=3, seed=0):
+def make_model_folder(folder, layers=3, seed=0, initializer_range=0.02):
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(layers), attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(tiny_config(layers, initializer_range), attn_implementation="sdpa")
     model.save_pretrained(folder)
     make_tokenizer(folder)
     return folder

@@ -1,0 +1,667 @@
+"""Layer-wise distillation of a decoder-only LM's decoders, then full-model logits distillation.
+
+Phase 'layerwise' (default). A decoder is the swappable block of a layer (TARGET: the FFN 'mlp' or
+self-attention 'attn'). For layer i, the teacher's input latent to its decoder is fed to both the
+teacher's decoder and the student; only the student trains, to match the teacher's output.
+  - SCHEDULE=rotation: one layer at a time, STEPS_PER_LAYER steps each, in layer order. The teacher's
+    residual stream for the rotation's tokens is cached and advanced one layer at a time, so a
+    rotation costs O(L) teacher layer-forwards per token and never runs layers after i or the head.
+  - SCHEDULE=parallel: one teacher pass per batch gives every layer its input and target and all
+    students train at once, each on its own teacher input (RADLADS step 1, LoLCATs attention transfer).
+A checkpoint follows each layer (rotation) or every SAVE_EVERY steps (parallel); OUT/final/ is the
+teacher with every visited decoder replaced by its student.
+
+Phase 'logits' (--phase logits): the student model's next-token distribution is trained toward the
+teacher's, KL(teacher || student) at KD_TEMPERATURE plus KD_CE_WEIGHT x cross-entropy (RADLADS step 2),
+with its own optimizer and LR schedule.
+
+    python distill.py [--name value ...]
+    torchrun --standalone --nproc_per_node N distill.py [--name value ...]
+"""
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.checkpoint import (latest_checkpoint, list_checkpoints, load_model, load_state, read_meta,
+                               save_checkpoint, start_run)
+from common.config import override
+from common.decoders import (check_layers, check_target, decoder_input, decoder_layers, finish_layer, get_block,
+                             make_student, position_embeddings, run_block, student_specs, swapped)
+from common.kd import final_hidden, head_weight, kd_loss, kd_metrics
+from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at, set_rng_state, write_json_atomic
+from common.shards import ShardError, TokenLoader, shard_files
+
+# ---------------------------------------------------------------------------------------------- run constants
+TEACHER = "models/smolllm2_135m"  # teacher model folder (prepare.py writes it); a checkpoint folder works too
+DATA_DIR = "data/fineweb_edu"     # shards and manifest from prepare.py
+OUT_DIR = ""                      # run folder; empty = runs/distill_<date>_<time>
+RESUME = False                    # continue the run in OUT_DIR from its latest checkpoint of this phase
+PHASE = "layerwise"               # layerwise: match each decoder's output; logits: match next-token distributions
+# layer-wise phase
+TARGET = "mlp"                    # the block each layer swaps: mlp (FFN) or attn (self-attention)
+STUDENT_KIND = "prototype"        # a registered student: mlp: copy/prototype/pruned; attn: linear/window
+STUDENT_KWARGS = {}               # the student's arguments, JSON: '{"scale": 0.5, "activation": "relu2"}'
+LAYERS = []                       # layer indices to distill; empty = every layer
+KEEP_TEACHER_LAYERS = []          # layers that keep the teacher's block (hybrids); removed from LAYERS
+SCHEDULE = "rotation"             # rotation (one layer at a time) or parallel (all layers per teacher pass)
+ROTATIONS = 1                     # passes over LAYERS, each on fresh tokens
+STEPS_PER_LAYER = 100             # optimizer steps each layer gets per rotation
+BATCH_SIZE = 8                    # sequences per micro-batch, per rank
+SEQ_LEN = 512                     # tokens per sequence
+GRAD_ACCUM = 1                    # micro-batches per optimizer step
+LR = 1e-3                         # peak learning rate of each layer's schedule
+WARMUP_STEPS = 10                 # linear warmup at the start of each layer's schedule
+MIN_LR_RATIO = 0.1                # cosine decay ends at this fraction of the peak
+WEIGHT_DECAY = 0.0                # students start at or near the teacher: no pull toward zero by default
+GRAD_CLIP = 1.0                   # max gradient norm per optimizer step; 0 turns clipping off
+DECODER_LOSS = "mse"              # mse, nmse (squared error / squared teacher norm, per token) or cosine
+TRAINABLE = []                    # train only student parameters whose names contain one of these; empty = all
+LOG_EVERY = 10                    # log the loss every N steps (a host sync on GPUs)
+VAL_TOKENS = 8192                 # held-out val tokens (all ranks together), the same ones every time
+VAL_EVERY = 0                     # also validate every N steps inside a layer (parallel: the whole run); 0 = off
+SAVE_EVERY = 0                    # parallel schedule: checkpoint every N steps; 0 = only the final one
+KEEP_LAST = 0                     # delete all but the newest K checkpoints of the phase (disk); 0 = keep all
+LATENT_CACHE = "auto"             # where the rotation's latent cache lives: auto, device, host or disk
+# logits phase
+INIT = ""                         # checkpoint to start from; empty = this run's latest layer-wise checkpoint
+KD_TRAINABLE = "decoders"         # decoders: only the students train; all: the whole student model trains
+KD_STEPS = 100                    # optimizer steps of the logits phase
+KD_LR = 1e-4                      # its own peak LR: never inherited from the layer-wise phase
+KD_WARMUP_STEPS = 10              # its own warmup, then cosine decay to MIN_LR_RATIO x KD_LR
+KD_TEMPERATURE = 1.0              # softens both distributions; the loss is scaled by T^2
+KD_CE_WEIGHT = 0.0                # weight of next-token cross-entropy mixed into the KL loss
+KD_VAL_EVERY = 50                 # validate (val CE, KL to the teacher) every N steps
+KD_SAVE_EVERY = 50                # checkpoint every N steps
+KD_FRESH_TOKENS = True            # continue after the tokens the init checkpoint consumed, not from the start
+DTYPE = "auto"                    # auto: bf16 autocast with fp32 master weights on GPU, fp32 on CPU
+SEED = 1337                       # student initialisation (layer i uses SEED + i) and any sampling
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def fail(message):
+    sys.exit(f"distill.py: {message}")
+
+
+def decoder_loss(student_out, teacher_out):
+    s, t = student_out.float(), teacher_out.float()
+    if DECODER_LOSS == "mse":
+        return F.mse_loss(s, t)
+    if DECODER_LOSS == "nmse":
+        return ((s - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)).mean()
+    return 1 - F.cosine_similarity(s, t, dim=-1).mean()
+
+
+def sync_grads(rt, params):
+    """Average gradients over ranks, once per optimizer step (only the students' few parameters)."""
+    if not rt.ddp:
+        return
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= rt.world_size
+    for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(f.view_as(g))
+
+
+def trainable_params(student, name):
+    """The student's parameters to train (all, or those whose names contain a TRAINABLE entry)."""
+    named = list(student.named_parameters())
+    if TRAINABLE:
+        chosen = [(n, p) for n, p in named if any(t in n for t in TRAINABLE)]
+        if not chosen:
+            fail(f"TRAINABLE {TRAINABLE} matches no parameter of the {name} student; its parameters: "
+                 + ", ".join(n for n, _ in named))
+    else:
+        chosen = named
+    for n, p in named:
+        p.requires_grad_(any(p is q for _, q in chosen))
+    return [p for _, p in chosen]
+
+
+def step_optimizer(rt, opt, groups, lr):
+    """Average grads over ranks, clip each student's grads on their own, set the LR, step.
+    Returns each group's grad norm (a tensor: no host sync here)."""
+    sync_grads(rt, [p for g in groups for p in g])
+    norms = [torch.nn.utils.clip_grad_norm_(g, GRAD_CLIP if GRAD_CLIP > 0 else float("inf")) for g in groups]
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norms
+
+
+def new_optimizer(params, lr):
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
+
+
+def free_bytes(where, rt):
+    if where == "device" and rt.device.type == "cuda":
+        return torch.cuda.mem_get_info(rt.device)[0]
+    if where in ("device", "host"):
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    st = os.statvfs(OUT_DIR)
+    return st.f_bavail * st.f_frsize
+
+
+def place_cache(rt, nbytes):
+    """Choose where the latent cache lives: the device when it fits, else host memory, else a disk
+    memory map in the run folder. Exits with a clear message when it fits nowhere."""
+    size = f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+    options = ["device", "host", "disk"] if LATENT_CACHE == "auto" else [LATENT_CACHE]
+    if LATENT_CACHE not in ("auto", "device", "host", "disk"):
+        fail(f"LATENT_CACHE must be auto, device, host or disk, got {LATENT_CACHE!r}")
+    for where in options:
+        if nbytes < 0.7 * free_bytes(where, rt):
+            rt.print(f"latent cache: {size} per rank on {where}")
+            return where
+    fail(f"the latent cache needs {size} per rank and fits in none of: {', '.join(options)}; "
+         f"lower STEPS_PER_LAYER x GRAD_ACCUM x BATCH_SIZE x SEQ_LEN, or free memory/disk")
+
+
+def cache_tensor(rt, where, shape, name):
+    if where == "device":
+        return torch.empty(shape, device=rt.device)
+    if where == "host":
+        return torch.empty(shape, pin_memory=rt.device.type == "cuda")
+    path = os.path.join(OUT_DIR, f".latent_{name}_rank{rt.rank}.npy")
+    return torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape))
+
+
+class LatentCache:
+    """The teacher's residual stream h for a fixed set of sequences, advanced one layer at a time,
+    and the latent x that layer's target block sees. Batches of BATCH_SIZE sequences move to the
+    device as they are used, so the cache may live in host memory or on disk."""
+
+    def __init__(self, rt, model, tokens, where, name):
+        self.rt, self.model = rt, model
+        n, d = tokens.shape[0], model.config.hidden_size
+        self.h = cache_tensor(rt, where, (n, SEQ_LEN, d), name + "_h")
+        self.x = cache_tensor(rt, where, (n, SEQ_LEN, d), name + "_x")
+        self.layer = 0  # h is the input to this layer
+        with torch.no_grad():
+            for s in range(0, n, BATCH_SIZE):
+                self.h[s:s + BATCH_SIZE].copy_(model.model.embed_tokens(tokens[s:s + BATCH_SIZE].to(rt.device)))
+        self.pe = position_embeddings(model, self.h[:1].to(rt.device))
+
+    def batches(self, buffer):
+        """(start, batch on the device) over a cache buffer."""
+        for s in range(0, len(buffer), BATCH_SIZE):
+            yield s, buffer[s:s + BATCH_SIZE].to(self.rt.device, non_blocking=True)
+
+    @torch.no_grad()
+    def split(self):
+        """x <- latent into this layer's target block; h <- the residual beside it."""
+        layer = decoder_layers(self.model)[self.layer]
+        for s, hb in self.batches(self.h):
+            with self.rt.autocast():
+                lat, res = decoder_input(layer, hb, TARGET, self.pe)
+            self.x[s:s + len(hb)].copy_(lat)
+            self.h[s:s + len(hb)].copy_(res)
+
+    @torch.no_grad()
+    def finish(self):
+        """h <- this layer's output with the teacher's block; move to the next layer."""
+        layer = decoder_layers(self.model)[self.layer]
+        block = get_block(self.model, self.layer, TARGET)
+        for s, xb in self.batches(self.x):
+            hb = self.h[s:s + len(xb)].to(self.rt.device)
+            with self.rt.autocast():
+                out = finish_layer(layer, hb, run_block(block, xb, TARGET, self.pe), TARGET)
+            self.h[s:s + len(xb)].copy_(out)
+        self.layer += 1
+
+    def advance_to(self, layer_index):
+        while self.layer < layer_index:
+            self.split()
+            self.finish()
+
+
+def read_tokens(loader, n_batches):
+    return torch.cat([loader.next_batch()[0] for _ in range(n_batches)])
+
+
+@torch.no_grad()
+def layer_error(rt, student, teacher_block, cache):
+    """Val MSE and relative error ||s - t||^2 / ||t||^2 of a student against the teacher block,
+    on the latents of a (val) cache split at this layer."""
+    se = sq = count = 0.0
+    for _, xb in cache.batches(cache.x):
+        with rt.autocast():
+            t = run_block(teacher_block, xb, TARGET, cache.pe).float()
+            s = run_block(student, xb, TARGET, cache.pe).float()
+        se += (s - t).square().sum().item()
+        sq += t.square().sum().item()
+        count += t.numel()
+    se, sq, count = rt.all_mean(se), rt.all_mean(sq), rt.all_mean(count)
+    return {"val_mse": se / count, "val_rel_err": se / max(sq, 1e-30)}
+
+
+@torch.no_grad()
+def val_metrics(rt, model, val_tokens, blocks=None, teacher=None):
+    """Val cross-entropy of the model (with `blocks` swapped in) on the fixed val tokens and, given a
+    teacher, KL(teacher || model) and top-1 agreement; chunked over tokens, never the full logits."""
+    sums = {}
+    for s in range(0, len(val_tokens), BATCH_SIZE):
+        xy = val_tokens[s:s + BATCH_SIZE].to(rt.device)
+        with rt.autocast():
+            ht = None if teacher is None else final_hidden(teacher, xy[:, :-1])
+            with swapped(model, blocks or {}):
+                hs = final_hidden(model, xy[:, :-1])
+            m = kd_metrics(hs, head_weight(model), xy[:, 1:], ht, None if teacher is None else head_weight(teacher))
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+    n = sums.pop("tokens")
+    return {k: rt.all_mean(v / n) for k, v in sums.items()}
+
+
+def val_cross_entropy(rt, model, val_tokens, blocks=None):
+    return val_metrics(rt, model, val_tokens, blocks)["ce"]
+
+
+def val_windows(rt, data_dir):
+    """Fixed val sequences of SEQ_LEN+1 tokens for this rank (the x and y of the CE)."""
+    per_rank = VAL_TOKENS // rt.world_size
+    n_seq = per_rank // SEQ_LEN
+    if n_seq < 1:
+        fail(f"VAL_TOKENS={VAL_TOKENS} gives rank {rt.rank} less than one sequence of SEQ_LEN={SEQ_LEN}; raise VAL_TOKENS")
+    loader = TokenLoader(shard_files(data_dir, "val"), n_seq, SEQ_LEN, rt.rank, rt.world_size)
+    x, y = loader.next_batch()
+    return torch.cat([x, y[:, -1:]], dim=1)
+
+
+def make_students(model, layers):
+    students = {}
+    for i in layers:
+        torch.manual_seed(SEED + i)
+        students[i] = make_student(TARGET, STUDENT_KIND, get_block(model, i, TARGET), model.config, **STUDENT_KWARGS)
+    return students
+
+
+def write_checkpoint(rt, name, model, blocks, meta, state):
+    """Rank 0 writes OUT/name with `blocks` ({(layer, target): student}) swapped into the model."""
+    if rt.master:
+        folder = os.path.join(OUT_DIR, name)
+        with swapped(model, blocks):
+            save_checkpoint(folder, model, meta={"script": "distill.py", **meta}, state=state)
+        if KEEP_LAST > 0:
+            for old in list_checkpoints(OUT_DIR, meta["phase"])[:-KEEP_LAST]:
+                if os.path.basename(old) != "final":
+                    shutil.rmtree(old)
+    rt.barrier()
+
+
+def print_table(rows, columns):
+    widths = [max(len(c), *(len(f"{r.get(c, ''):.4g}" if isinstance(r.get(c), float) else str(r.get(c, ''))) for r in rows))
+              for c in columns]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
+        print("  ".join(v.rjust(w) for v, w in zip(cells, widths)))
+
+
+def fresh_errors(rt, model, students, val_tokens, where):
+    """Val error of every student, from one pass of the teacher's stream over the val tokens (O(L))."""
+    cache = LatentCache(rt, model, val_tokens[:, :-1], where, "val")
+    errors = {}
+    for i in sorted(students):
+        cache.advance_to(i)
+        cache.split()
+        errors[i] = layer_error(rt, students[i], get_block(model, i, TARGET), cache)
+        cache.finish()
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------- layer-wise phase
+def train_rotation(rt, model, log, visit, val_tokens, teacher_ce):
+    """One layer at a time over a cached teacher stream; a checkpoint after each layer."""
+    n_seq = STEPS_PER_LAYER * GRAD_ACCUM * BATCH_SIZE
+    d = model.config.hidden_size
+    where = place_cache(rt, 2 * 4 * d * SEQ_LEN * (n_seq + len(val_tokens)))
+    loader = TokenLoader(shard_files(DATA_DIR, "train"), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size,
+                         vocab_size=model.config.vocab_size)
+    students = make_students(model, visit)
+    rotation, done, step, rows = 0, 0, 0, []
+    ckpt = latest_checkpoint(OUT_DIR, "layerwise") if RESUME else None
+    if ckpt:
+        state = load_state(ckpt)
+        rotation, done, step, rows = state["rotation"], state["done"], state["step"], state["rows"]
+        loader.load_state(state["loader"])
+        set_rng_state(state["rng"])
+        saved = load_model(ckpt, rt.device)
+        for spec in student_specs(saved):
+            students[spec["layer"]] = get_block(saved, spec["layer"], TARGET)
+        del saved
+        rt.print(f"resuming from {ckpt}: rotation {rotation}, {done} of {len(visit)} layers done, step {step}")
+    trained = {r["layer"] for r in rows}
+    while rotation < ROTATIONS:
+        rotation_start = loader.state()
+        t0 = time.time()
+        cache = LatentCache(rt, model, read_tokens(loader, STEPS_PER_LAYER * GRAD_ACCUM), where, "train")
+        vcache = LatentCache(rt, model, val_tokens[:, :-1], where, "val")
+        for k in range(done, len(visit)):
+            i = visit[k]
+            cache.advance_to(i)
+            vcache.advance_to(i)
+            cache.split()
+            vcache.split()
+            teacher_block, student = get_block(model, i, TARGET), students[i]
+            params = trainable_params(student, f"layer {i}")
+            opt = new_optimizer(params, LR)
+            start_err = layer_error(rt, student, teacher_block, vcache)
+            bar = tqdm(range(STEPS_PER_LAYER), desc=f"rot {rotation} layer {i}", disable=not rt.master, leave=False)
+            for s in bar:
+                lr = lr_at(s, STEPS_PER_LAYER, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
+                loss_sum = 0.0
+                for m in range(GRAD_ACCUM):
+                    j = (s * GRAD_ACCUM + m) * BATCH_SIZE
+                    xb = cache.x[j:j + BATCH_SIZE].to(rt.device, non_blocking=True)
+                    with torch.no_grad(), rt.autocast():
+                        target = run_block(teacher_block, xb, TARGET, cache.pe)
+                    with rt.autocast():
+                        loss = decoder_loss(run_block(student, xb, TARGET, cache.pe), target) / GRAD_ACCUM
+                    loss.backward()
+                    loss_sum += loss.detach()
+                (norm,) = step_optimizer(rt, opt, [params], lr)
+                step += 1
+                if s % LOG_EVERY == 0 or s == STEPS_PER_LAYER - 1:
+                    loss_val = rt.all_mean(loss_sum.item())
+                    bar.set_postfix(loss=f"{loss_val:.4g}")
+                    log.log(phase="layerwise", rotation=rotation, layer=i, step=step, layer_step=s + 1,
+                            loss=loss_val, lr=lr, grad_norm=norm.item())
+                if VAL_EVERY and (s + 1) % VAL_EVERY == 0:
+                    err = layer_error(rt, student, teacher_block, vcache)
+                    log.log(phase="layerwise", rotation=rotation, layer=i, step=step, layer_step=s + 1, **err)
+            end_err = layer_error(rt, student, teacher_block, vcache)
+            trained.add(i)
+            hybrid_ce = val_cross_entropy(rt, model, val_tokens, {(j, TARGET): students[j] for j in trained})
+            row = {"rotation": rotation, "layer": i, "mse_start": start_err["val_mse"], "mse_end": end_err["val_mse"],
+                   "rel_err": end_err["val_rel_err"], "hybrid_ce": hybrid_ce, "hybrid_ppl": float(np.exp(hybrid_ce)),
+                   "teacher_ce": teacher_ce, "seconds": time.time() - t0}
+            rows.append(row)
+            log.log(phase="layerwise", step=step, **row)
+            rt.print(f"rot {rotation} layer {i:3d} | val mse {row['mse_start']:.4g} -> {row['mse_end']:.4g} "
+                     f"(rel {row['rel_err']:.4g}) | hybrid val ce {hybrid_ce:.4f} (teacher {teacher_ce:.4f}) "
+                     f"| {row['seconds']:.1f}s")
+            cache.finish()
+            vcache.finish()
+            state = {"rotation": rotation, "done": k + 1, "step": step, "loader": rotation_start,
+                     "rng": get_rng_state(), "rows": rows}
+            if k + 1 == len(visit):  # the next rotation starts after this one's tokens
+                state.update(rotation=rotation + 1, done=0, loader=loader.state())
+            write_checkpoint(rt, f"rot{rotation}_layer{i:03d}", model,
+                             {(j, TARGET): students[j] for j in trained},
+                             {"phase": "layerwise", "schedule": "rotation", "step": step, "rotation": rotation,
+                              "layer": i}, state)
+            t0 = time.time()
+        del cache, vcache
+        rotation, done = rotation + 1, 0
+    return students, rows, step, state
+
+
+def train_parallel(rt, model, log, visit, val_tokens, teacher_ce):
+    """Every layer per teacher pass: each student trains on its own teacher input and target."""
+    loader = TokenLoader(shard_files(DATA_DIR, "train"), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size,
+                         vocab_size=model.config.vocab_size)
+    students = make_students(model, visit)
+    groups = [trainable_params(students[i], f"layer {i}") for i in visit]
+    opt = new_optimizer([p for g in groups for p in g], LR)
+    total, step = STEPS_PER_LAYER * ROTATIONS, 0
+    ckpt = latest_checkpoint(OUT_DIR, "layerwise") if RESUME else None
+    if ckpt:
+        state = load_state(ckpt)
+        saved = load_model(ckpt, rt.device)
+        for i in visit:
+            students[i].load_state_dict(get_block(saved, i, TARGET).state_dict())
+        del saved
+        opt.load_state_dict(state["optimizer"])
+        loader.load_state(state["loader"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        rt.print(f"resuming from {ckpt} at step {step}")
+    layers = decoder_layers(model)
+    pe = position_embeddings(model, torch.zeros(1, SEQ_LEN, model.config.hidden_size, device=rt.device))
+    blocks = {(i, TARGET): students[i] for i in visit}
+
+    def state():
+        return {"step": done, "optimizer": opt.state_dict(), "loader": loader.state(), "rng": get_rng_state()}
+
+    done = step
+    start_errors = fresh_errors(rt, model, students, val_tokens, "device")
+    bar = tqdm(range(step, total), desc="parallel", disable=not rt.master)
+    for step in bar:
+        lr = lr_at(step, total, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
+        losses = torch.zeros(len(visit), device=rt.device)
+        for m in range(GRAD_ACCUM):
+            x = loader.next_batch()[0].to(rt.device)
+            with torch.no_grad():
+                h = model.model.embed_tokens(x)
+            for i in range(visit[-1] + 1):
+                with torch.no_grad(), rt.autocast():
+                    lat, res = decoder_input(layers[i], h, TARGET, pe)
+                    target = run_block(get_block(model, i, TARGET), lat, TARGET, pe)
+                if i in students:
+                    with rt.autocast():
+                        loss = decoder_loss(run_block(students[i], lat, TARGET, pe), target) / GRAD_ACCUM
+                    loss.backward()
+                    losses[visit.index(i)] += loss.detach()
+                with torch.no_grad(), rt.autocast():
+                    h = finish_layer(layers[i], res, target, TARGET)
+        norms = step_optimizer(rt, opt, groups, lr)
+        done = step + 1
+        if step % LOG_EVERY == 0 or done == total:
+            mean_loss = rt.all_mean(losses.mean().item())
+            bar.set_postfix(loss=f"{mean_loss:.4g}")
+            log.log(phase="layerwise", step=done, loss=mean_loss, lr=lr,
+                    layer_loss={i: rt.all_mean(v) for i, v in zip(visit, losses.tolist())},
+                    grad_norm={i: n.item() for i, n in zip(visit, norms)})
+        if VAL_EVERY and done % VAL_EVERY == 0 and done < total:
+            errors = fresh_errors(rt, model, students, val_tokens, "device")
+            log.log(phase="layerwise", step=done, hybrid_ce=val_cross_entropy(rt, model, val_tokens, blocks),
+                    layer_val_mse={i: e["val_mse"] for i, e in errors.items()})
+        if SAVE_EVERY and done % SAVE_EVERY == 0 and done < total:
+            write_checkpoint(rt, f"parallel_step{done:06d}", model, blocks,
+                             {"phase": "layerwise", "schedule": "parallel", "step": done}, state())
+    errors = fresh_errors(rt, model, students, val_tokens, "device")
+    hybrid_ce = val_cross_entropy(rt, model, val_tokens, blocks)
+    rows = [{"rotation": "all", "layer": i, "mse_start": start_errors[i]["val_mse"], "mse_end": errors[i]["val_mse"], "rel_err": errors[i]["val_rel_err"],
+             "hybrid_ce": hybrid_ce, "hybrid_ppl": float(np.exp(hybrid_ce)), "teacher_ce": teacher_ce}
+            for i in visit]
+    log.log(phase="layerwise", step=total, hybrid_ce=hybrid_ce, layer_val_mse={r["layer"]: r["mse_end"] for r in rows})
+    return students, rows, total, state()
+
+
+def layerwise_phase(rt, model, log):
+    check_target(model, TARGET)
+    n_layers = len(decoder_layers(model))
+    layers = LAYERS if LAYERS else list(range(n_layers))
+    check_layers(model, layers + KEEP_TEACHER_LAYERS)
+    visit = sorted(set(layers) - set(KEEP_TEACHER_LAYERS))
+    if not visit:
+        fail(f"no layer left to distill: LAYERS={LAYERS or 'all'} minus KEEP_TEACHER_LAYERS={KEEP_TEACHER_LAYERS}")
+    tokens_per_step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * rt.world_size
+    assert tokens_per_step == BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * rt.world_size > 0
+    rt.print(f"layer-wise {SCHEDULE}: target {TARGET}, student {STUDENT_KIND} {STUDENT_KWARGS}, "
+             f"layers {visit} (keep teacher: {KEEP_TEACHER_LAYERS or 'none'})")
+    rt.print(f"tokens per step: {BATCH_SIZE} batch x {SEQ_LEN} seq x {GRAD_ACCUM} accum x {rt.world_size} ranks = "
+             f"{tokens_per_step:,}; per layer per rotation: {STEPS_PER_LAYER} steps = "
+             f"{tokens_per_step * STEPS_PER_LAYER:,} tokens; {ROTATIONS} rotation(s)")
+    val_tokens = val_windows(rt, DATA_DIR)
+    teacher_ce = val_cross_entropy(rt, model, val_tokens)
+    rt.print(f"teacher val ce {teacher_ce:.4f} (ppl {np.exp(teacher_ce):.2f}) on {val_tokens[:, 1:].numel() * rt.world_size:,} tokens")
+    train = train_rotation if SCHEDULE == "rotation" else train_parallel
+    students, rows, step, state = train(rt, model, log, visit, val_tokens, teacher_ce)
+    write_checkpoint(rt, "final", model, {(i, TARGET): students[i] for i in visit},
+                     {"phase": "layerwise", "schedule": SCHEDULE, "step": step}, state)
+    if rt.master:
+        print(f"\nper-layer validation ({TARGET} -> {STUDENT_KIND}); teacher val ce {teacher_ce:.4f}")
+        print_table(rows, ["rotation", "layer", "mse_start", "mse_end", "rel_err", "hybrid_ce", "hybrid_ppl"])
+        write_json_atomic(os.path.join(OUT_DIR, "layers.json"), rows)
+        print(f"final model: {os.path.join(OUT_DIR, 'final')}")
+
+
+# ---------------------------------------------------------------------------------------------- logits phase
+def backbone_differs(teacher, model, blocks):
+    """Names of non-student weights where `model` differs from the teacher (empty: shared backbone)."""
+    prefixes = tuple(f"model.layers.{i}.{'mlp' if t == 'mlp' else 'self_attn'}." for i, t in blocks)
+    theirs = model.state_dict()
+    return [k for k, v in teacher.state_dict().items()
+            if not k.startswith(prefixes) and (k not in theirs or not torch.equal(v, theirs[k]))]
+
+
+def logits_phase(rt, log):
+    """KL(teacher || student) on next-token distributions, with its own optimizer and LR schedule."""
+    init = INIT or os.path.join(OUT_DIR, "final")
+    if not INIT and not os.path.isdir(init):
+        init = latest_checkpoint(OUT_DIR, "layerwise")
+        if init is None:
+            fail(f"{OUT_DIR} has no layer-wise checkpoint to start the logits phase from; "
+                 f"run the layer-wise phase first or pass --init CHECKPOINT")
+    resume_from = latest_checkpoint(OUT_DIR, "logits") if RESUME else None
+    teacher = load_model(TEACHER, rt.device).eval().requires_grad_(False)
+    source = load_model(resume_from or init, rt.device)
+    if KD_TRAINABLE == "decoders":
+        # one backbone: the teacher's, with the students swapped in for the student pass
+        blocks = {(s["layer"], s["target"]): get_block(source, s["layer"], s["target"]) for s in student_specs(source)}
+        if not blocks:
+            fail(f"{init} has no student decoders, so KD_TRAINABLE=decoders would train nothing; use --kd-trainable all")
+        differs = backbone_differs(teacher, source, blocks)
+        if differs:
+            fail(f"{init}: its backbone differs from the teacher's ({differs[0]}, ...), so they cannot share it; "
+                 f"use --kd-trainable all, or the --teacher the checkpoint was distilled from")
+        model = teacher
+        params = [p for b in blocks.values() for p in b.parameters()]
+    else:
+        model, blocks = source, {}
+        params = list(model.parameters())
+    del source
+    for p in params:
+        p.requires_grad_(True)
+    loader = TokenLoader(shard_files(DATA_DIR, "train"), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size,
+                         vocab_size=model.config.vocab_size)
+    opt = new_optimizer(params, KD_LR)
+    step = 0
+    if resume_from:
+        state = load_state(resume_from)
+        opt.load_state_dict(state["optimizer"])
+        loader.load_state(state["loader"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+        rt.print(f"resuming the logits phase from {resume_from} at step {step}")
+    elif KD_FRESH_TOKENS and os.path.exists(os.path.join(init, "state.pt")) and "loader" in load_state(init):
+        loader.load_state(load_state(init)["loader"])
+        rt.print(f"reading fresh tokens after those {init} consumed (shard {loader.shard}, position {loader.pos:,})")
+    tokens_per_step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * rt.world_size
+    rt.print(f"logits phase from {init}: trainable {KD_TRAINABLE} ({sum(p.numel() for p in params):,} parameters), "
+             f"{KD_STEPS} steps x {tokens_per_step:,} tokens, lr {KD_LR} (warmup {KD_WARMUP_STEPS}, cosine), "
+             f"temperature {KD_TEMPERATURE}, ce weight {KD_CE_WEIGHT}")
+    val_tokens = val_windows(rt, DATA_DIR)
+    results = []
+
+    def state():
+        return {"step": step, "optimizer": opt.state_dict(), "loader": loader.state(), "rng": get_rng_state()}
+
+    def meta():
+        return {"phase": "logits", "step": step, "init": init, "kd_trainable": KD_TRAINABLE}
+
+    def validate():
+        m = val_metrics(rt, model, val_tokens, blocks, teacher)
+        row = {"step": step, "val_ce": m["ce"], "val_ppl": float(np.exp(m["ce"])), "kl": m["kl"], "agree": m["agree"],
+               "teacher_ce": m["teacher_ce"]}
+        results.append(row)
+        log.log(phase="logits", **row)
+        rt.print(f"step {step:5d} | val ce {m['ce']:.4f} (teacher {m['teacher_ce']:.4f}) | kl {m['kl']:.4g} "
+                 f"| top-1 agreement {m['agree']:.3f}")
+
+    if step == 0:
+        validate()
+    first, t0 = step, time.time()
+    bar = tqdm(range(step, KD_STEPS), desc="logits", disable=not rt.master)
+    for s in bar:
+        lr = lr_at(s, KD_STEPS, KD_LR, KD_WARMUP_STEPS, "cosine", MIN_LR_RATIO)
+        kl_sum = loss_sum = 0.0
+        for m in range(GRAD_ACCUM):
+            x, y = loader.next_batch()
+            x, y = x.to(rt.device), y.to(rt.device)
+            with torch.no_grad(), rt.autocast():
+                ht = final_hidden(teacher, x)
+            with swapped(model, blocks), rt.autocast():
+                loss, parts = kd_loss(final_hidden(model, x), ht, head_weight(model), y, KD_TEMPERATURE, KD_CE_WEIGHT,
+                                      teacher_weight=head_weight(teacher))
+                (loss / GRAD_ACCUM).backward()
+            loss_sum += loss.detach() / GRAD_ACCUM
+            kl_sum += parts["kl"] / GRAD_ACCUM
+        (norm,) = step_optimizer(rt, opt, [params], lr)
+        step = s + 1
+        if s % LOG_EVERY == 0 or step == KD_STEPS:
+            rec = {"loss": rt.all_mean(loss_sum.item()), "kl": rt.all_mean(kl_sum.item()), "lr": lr,
+                   "grad_norm": norm.item(), "tokens_per_s": tokens_per_step * (step - first) / (time.time() - t0)}
+            bar.set_postfix(loss=f"{rec['loss']:.4g}")
+            log.log(phase="logits", step=step, **rec)
+        if step % KD_VAL_EVERY == 0 or step == KD_STEPS:
+            validate()
+        if step % KD_SAVE_EVERY == 0 and step < KD_STEPS:
+            write_checkpoint(rt, f"logits_step{step:06d}", model, blocks, meta(), state())
+    write_checkpoint(rt, "logits_final", model, blocks, meta(), state())
+    if rt.master:
+        print(f"\nlogits phase ({KD_TRAINABLE}) from {init}")
+        print_table(results, ["step", "val_ce", "val_ppl", "kl", "agree", "teacher_ce"])
+        print(f"final model: {os.path.join(OUT_DIR, 'logits_final')}")
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main():
+    global OUT_DIR
+    config = override(globals())
+    if PHASE not in ("layerwise", "logits"):
+        fail(f"PHASE must be layerwise or logits, got {PHASE!r}")
+    if SCHEDULE not in ("rotation", "parallel"):
+        fail(f"SCHEDULE must be rotation or parallel, got {SCHEDULE!r}")
+    if DECODER_LOSS not in ("mse", "nmse", "cosine"):
+        fail(f"DECODER_LOSS must be mse, nmse or cosine, got {DECODER_LOSS!r}")
+    if KD_TRAINABLE not in ("decoders", "all"):
+        fail(f"KD_TRAINABLE must be decoders or all, got {KD_TRAINABLE!r}")
+    rt = Runtime(dtype=DTYPE)
+    if not OUT_DIR:
+        OUT_DIR = os.path.join("runs", time.strftime("distill_%Y%m%d_%H%M%S"))
+    if rt.ddp:  # every rank uses rank 0's folder name
+        box = [OUT_DIR]
+        dist.broadcast_object_list(box)
+        OUT_DIR = config["OUT_DIR"] = box[0]
+    if ROTATIONS < 1 or STEPS_PER_LAYER < 1 or KD_STEPS < 1 or BATCH_SIZE < 1 or GRAD_ACCUM < 1:
+        fail("ROTATIONS, STEPS_PER_LAYER, KD_STEPS, BATCH_SIZE and GRAD_ACCUM must be at least 1")
+    continuing = PHASE == "logits" and not INIT and not RESUME  # phase 2 of the layer-wise run in OUT_DIR
+    if rt.master:
+        if continuing and not os.path.exists(os.path.join(OUT_DIR, "run.json")):
+            fail(f"{OUT_DIR}: no distill run here to continue; run the layer-wise phase into it first, "
+                 f"or pass --init CHECKPOINT")
+        if continuing and list_checkpoints(OUT_DIR, "logits"):
+            fail(f"{OUT_DIR} already holds logits-phase checkpoints; pass --resume to continue them")
+        start_run(OUT_DIR, RESUME or continuing, "distill.py", config)
+        write_json_atomic(os.path.join(OUT_DIR, f"config_{PHASE}.json"), {"config": config, "environment": environment(rt)})
+    rt.barrier()
+    log = RunLog(rt, OUT_DIR)
+    rt.print(f"run folder {OUT_DIR} | device {rt.device} | dtype {str(rt.dtype).replace('torch.', '')} | "
+             f"world size {rt.world_size}")
+    torch.manual_seed(SEED)
+    try:
+        if PHASE == "layerwise":
+            model = load_model(TEACHER, rt.device).eval().requires_grad_(False)
+            layerwise_phase(rt, model, log)
+        else:
+            logits_phase(rt, log)
+    except (ShardError, ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    rt.close()
+
+
+if __name__ == "__main__":
+    main()

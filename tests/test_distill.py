@@ -1,0 +1,200 @@
+"""distill.py on a tiny model, on CPU: the method, checkpoints, resume, DDP, the logits phase, errors."""
+import importlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, make_model_folder
+
+TINY = ["--batch-size", "2", "--seq-len", "32", "--val-tokens", "512", "--log-every", "1"]
+
+
+def run_distill(*args, check=True):
+    """distill.py's main in this process, with fresh module constants; returns its exit message (None on success)."""
+    import distill
+    importlib.reload(distill)
+    argv, sys.argv = sys.argv, ["distill.py", *TINY, *args]
+    try:
+        distill.main()
+    except SystemExit as e:
+        if check:
+            raise AssertionError(f"distill.py {' '.join(args)} exited: {e.code}") from None
+        return str(e.code)
+    finally:
+        sys.argv = argv
+
+
+def distill_command(*args, launcher=(sys.executable,)):
+    return [*launcher, os.path.join(ROOT, "distill.py"), *TINY, *args]
+
+
+def metrics(out_dir, **match):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+
+
+def layer_rows(out_dir):
+    with open(os.path.join(out_dir, "layers.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A tiny teacher whose blocks output values of order 1, like a trained model's."""
+    return make_model_folder(str(tmp_path_factory.mktemp("teacher")), initializer_range=0.2)
+
+
+def test_latent_cache_is_the_teachers_hidden_state(teacher_dir, tiny_data_dir):
+    import distill
+    from common.checkpoint import load_model
+    from common.decoders import decoder_layers
+    from common.runtime import Runtime
+    from common.shards import TokenLoader, shard_files
+    model = load_model(teacher_dir).eval()
+    distill.BATCH_SIZE, distill.SEQ_LEN = 2, 16
+    tokens = TokenLoader(shard_files(tiny_data_dir, "train"), 5, 16).next_batch()[0]
+    with torch.no_grad():
+        hidden = model(tokens, output_hidden_states=True).hidden_states
+    for target in ("mlp", "attn"):
+        distill.TARGET = target
+        cache = distill.LatentCache(Runtime(), model, tokens, "host", "train")
+        for i, layer in enumerate(decoder_layers(model)):
+            assert cache.layer == i
+            torch.testing.assert_close(cache.h, hidden[i], rtol=0, atol=1e-5)
+            cache.split()
+            if target == "attn":
+                torch.testing.assert_close(cache.x, layer.input_layernorm(hidden[i]), rtol=0, atol=1e-5)
+            cache.finish()
+
+
+def test_copy_student_is_exact_and_checkpoints_keep_the_backbone(teacher_dir, tiny_data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out,
+                "--student-kind", "copy", "--steps-per-layer", "3")
+    first = metrics(out, phase="layerwise", layer_step=1)
+    assert len(first) == 3 and all(r["loss"] == 0.0 for r in first)
+    from common.checkpoint import load_model
+    teacher = load_model(teacher_dir).state_dict()
+    backbone = [k for k in teacher if ".mlp." not in k]
+    for name in ("rot0_layer000", "rot0_layer001", "rot0_layer002", "final"):
+        weights = load_model(os.path.join(out, name)).state_dict()
+        assert all(torch.equal(weights[k], teacher[k]) for k in backbone)
+    with open(os.path.join(out, "final", "students.json")) as f:
+        assert [s["layer"] for s in json.load(f)] == [0, 1, 2]
+    ids = torch.randint(0, 320, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(load_model(os.path.join(out, "final"))(ids).logits, load_model(teacher_dir)(ids).logits)
+
+
+@pytest.mark.parametrize("kind,schedule", [("prototype", "rotation"), ("pruned", "rotation"), ("pruned", "parallel")])
+def test_student_mse_falls(teacher_dir, tiny_data_dir, tmp_path, kind, schedule):
+    out = str(tmp_path / "run")
+    run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, "--student-kind", kind,
+                "--schedule", schedule, "--steps-per-layer", "25", "--lr", "1e-3")
+    rows = layer_rows(out)
+    assert [r["layer"] for r in rows] == [0, 1, 2]
+    assert all(r["mse_end"] < r["mse_start"] for r in rows), rows
+
+
+def test_resume_after_kill_is_exact(teacher_dir, tiny_data_dir, tmp_path):
+    args = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--student-kind", "prototype",
+            "--steps-per-layer", "20", "--rotations", "2", "--layers", "0,2"]
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    run_distill("--out-dir", whole, *args)
+
+    proc = subprocess.Popen(distill_command("--out-dir", cut, *args), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(cut, "rot0_layer000")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(cut, "final")), "the run ended before it could be killed"
+    assert "--resume" in run_distill("--out-dir", cut, *args, check=False)
+    run_distill("--out-dir", cut, "--resume", *args)
+
+    a = load_file(os.path.join(whole, "final", "model.safetensors"))
+    b = load_file(os.path.join(cut, "final", "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert layer_rows(whole) == [dict(r, seconds=w["seconds"]) for r, w in zip(layer_rows(cut), layer_rows(whole))]
+
+
+def test_parallel_resume_is_exact(teacher_dir, tiny_data_dir, tmp_path):
+    args = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--student-kind", "prototype",
+            "--schedule", "parallel", "--steps-per-layer", "6"]
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    run_distill("--out-dir", whole, *args)
+    run_distill("--out-dir", cut, *args, "--save-every", "3")
+    os.remove(os.path.join(cut, "metrics.jsonl"))
+    shutil.rmtree(os.path.join(cut, "final"))  # as if killed after the step-3 checkpoint
+    run_distill("--out-dir", cut, "--resume", *args, "--save-every", "3")
+    a = load_file(os.path.join(whole, "final", "model.safetensors"))
+    b = load_file(os.path.join(cut, "final", "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in metrics(whole, phase="layerwise") if "loss" in r][3:] == \
+           [r["loss"] for r in metrics(cut, phase="layerwise") if "loss" in r]
+
+
+def test_two_process_ddp_matches_one_process(teacher_dir, tiny_data_dir, tmp_path):
+    args = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--student-kind", "prototype",
+            "--steps-per-layer", "4", "--layers", "1", "--seq-len", "32"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    ddp, single = str(tmp_path / "ddp"), str(tmp_path / "single")
+    proc = subprocess.run(distill_command("--out-dir", ddp, *args, launcher=torchrun), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_distill("--out-dir", single, *args, "--batch-size", "4")
+    a = load_file(os.path.join(ddp, "final", "model.safetensors"))
+    b = load_file(os.path.join(single, "final", "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert layer_rows(ddp)[0]["hybrid_ce"] == pytest.approx(layer_rows(single)[0]["hybrid_ce"], rel=1e-5)
+
+
+def test_logits_phase_has_its_own_lr_and_kl_falls(teacher_dir, tiny_data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    common = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out]
+    run_distill(*common, "--student-kind", "pruned", "--student-kwargs", '{"scale": 0.25}', "--steps-per-layer", "5",
+                "--lr", "0.5", "--warmup-steps", "1")
+    run_distill(*common, "--phase", "logits", "--kd-steps", "30", "--kd-lr", "2e-3", "--kd-warmup-steps", "3",
+                "--kd-val-every", "30", "--kd-save-every", "15")
+    from common.runtime import lr_at
+    steps = metrics(out, phase="logits")
+    lrs = [(r["step"], r["lr"]) for r in steps if "lr" in r]
+    assert lrs and all(lr == pytest.approx(lr_at(s - 1, 30, 2e-3, 3, "cosine", 0.1)) for s, lr in lrs)
+    vals = [r for r in steps if "kl" in r and "val_ce" in r]
+    assert vals[0]["step"] == 0 and vals[-1]["step"] == 30 and vals[-1]["kl"] < vals[0]["kl"]
+    assert os.path.isdir(os.path.join(out, "logits_step000015")) and os.path.isdir(os.path.join(out, "logits_final"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--student-kind", "nope"], "unknown STUDENT_KIND 'nope'"),
+    (["--layers", "0,7"], "LAYERS [7] out of range"),
+    (["--target", "ffn"], "unknown TARGET 'ffn'"),
+    (["--student-kwargs", '{"width": 3}'], "do not fit student"),
+    (["--steps-per-layr", "3"], "unknown option --steps-per-layr"),
+    (["--data-dir", "/nonexistent"], "/nonexistent: no val shards found; run `python prepare.py"),
+    (["--teacher", "/nonexistent"], "/nonexistent: no config.json"),
+])
+def test_bad_input_is_one_clear_line(teacher_dir, tiny_data_dir, tmp_path, args, message):
+    """Each mistake ends the run with one line that says what to do (a SystemExit, not a traceback)."""
+    error = run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"),
+                        "--student-kind", "prototype", *args, check=False)
+    assert error is not None and message in error and "\n" not in error, error
+
+
+def test_unsupported_model_is_refused(tiny_data_dir, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    folder = str(tmp_path / "gpt2")
+    GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2)).save_pretrained(folder)
+    error = run_distill("--teacher", folder, "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"), check=False)
+    assert "model type 'gpt2' is not supported" in error
