@@ -29,12 +29,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.checkpoint import (latest_checkpoint, list_checkpoints, load_model, load_state, read_meta,
+from common.checkpoint import (latest_checkpoint, list_checkpoints, load_model, load_state,
                                save_checkpoint, start_run)
 from common.config import override
 from common.decoders import (check_layers, check_target, decoder_input, decoder_layers, finish_layer, get_block,
                              make_student, position_embeddings, run_block, student_specs, swapped)
-from common.kd import final_hidden, head_weight, kd_loss, kd_metrics
+from common.evaluate import evaluate, val_batches
+from common.kd import final_hidden, head_weight, kd_loss
 from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at, set_rng_state, write_json_atomic
 from common.shards import ShardError, TokenLoader, shard_files
 
@@ -245,37 +246,14 @@ def layer_error(rt, student, teacher_block, cache):
     return {"val_mse": se / count, "val_rel_err": se / max(sq, 1e-30)}
 
 
-@torch.no_grad()
-def val_metrics(rt, model, val_tokens, blocks=None, teacher=None):
-    """Val cross-entropy of the model (with `blocks` swapped in) on the fixed val tokens and, given a
-    teacher, KL(teacher || model) and top-1 agreement; chunked over tokens, never the full logits."""
-    sums = {}
-    for s in range(0, len(val_tokens), BATCH_SIZE):
-        xy = val_tokens[s:s + BATCH_SIZE].to(rt.device)
-        with rt.autocast():
-            ht = None if teacher is None else final_hidden(teacher, xy[:, :-1])
-            with swapped(model, blocks or {}):
-                hs = final_hidden(model, xy[:, :-1])
-            m = kd_metrics(hs, head_weight(model), xy[:, 1:], ht, None if teacher is None else head_weight(teacher))
-        for k, v in m.items():
-            sums[k] = sums.get(k, 0.0) + v.item()
-    n = sums.pop("tokens")
-    return {k: rt.all_mean(v / n) for k, v in sums.items()}
+def hybrid_ce(rt, model, val, blocks=None):
+    """Val cross-entropy of the model with `blocks` ({(layer, target): student}) swapped in."""
+    with swapped(model, blocks or {}):
+        return evaluate(model, val, rt=rt)["ce"]
 
 
-def val_cross_entropy(rt, model, val_tokens, blocks=None):
-    return val_metrics(rt, model, val_tokens, blocks)["ce"]
-
-
-def val_windows(rt, data_dir):
-    """Fixed val sequences of SEQ_LEN+1 tokens for this rank (the x and y of the CE)."""
-    per_rank = VAL_TOKENS // rt.world_size
-    n_seq = per_rank // SEQ_LEN
-    if n_seq < 1:
-        fail(f"VAL_TOKENS={VAL_TOKENS} gives rank {rt.rank} less than one sequence of SEQ_LEN={SEQ_LEN}; raise VAL_TOKENS")
-    loader = TokenLoader(shard_files(data_dir, "val"), n_seq, SEQ_LEN, rt.rank, rt.world_size)
-    x, y = loader.next_batch()
-    return torch.cat([x, y[:, -1:]], dim=1)
+def val_inputs(val):
+    return torch.cat([x for x, _ in val])
 
 
 def make_students(model, layers):
@@ -308,9 +286,9 @@ def print_table(rows, columns):
         print("  ".join(v.rjust(w) for v, w in zip(cells, widths)))
 
 
-def fresh_errors(rt, model, students, val_tokens, where):
+def fresh_errors(rt, model, students, val, where):
     """Val error of every student, from one pass of the teacher's stream over the val tokens (O(L))."""
-    cache = LatentCache(rt, model, val_tokens[:, :-1], where, "val")
+    cache = LatentCache(rt, model, val_inputs(val), where, "val")
     errors = {}
     for i in sorted(students):
         cache.advance_to(i)
@@ -321,11 +299,11 @@ def fresh_errors(rt, model, students, val_tokens, where):
 
 
 # ---------------------------------------------------------------------------------------------- layer-wise phase
-def train_rotation(rt, model, log, visit, val_tokens, teacher_ce):
+def train_rotation(rt, model, log, visit, val, teacher_ce):
     """One layer at a time over a cached teacher stream; a checkpoint after each layer."""
     n_seq = STEPS_PER_LAYER * GRAD_ACCUM * BATCH_SIZE
     d = model.config.hidden_size
-    where = place_cache(rt, 2 * 4 * d * SEQ_LEN * (n_seq + len(val_tokens)))
+    where = place_cache(rt, 2 * 4 * d * SEQ_LEN * (n_seq + len(val) * BATCH_SIZE))
     loader = TokenLoader(shard_files(DATA_DIR, "train"), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size,
                          vocab_size=model.config.vocab_size)
     students = make_students(model, visit)
@@ -346,18 +324,21 @@ def train_rotation(rt, model, log, visit, val_tokens, teacher_ce):
         rotation_start = loader.state()
         t0 = time.time()
         cache = LatentCache(rt, model, read_tokens(loader, STEPS_PER_LAYER * GRAD_ACCUM), where, "train")
-        vcache = LatentCache(rt, model, val_tokens[:, :-1], where, "val")
+        vcache = LatentCache(rt, model, val_inputs(val), where, "val")
         for k in range(done, len(visit)):
             i = visit[k]
-            cache.advance_to(i)
             vcache.advance_to(i)
-            cache.split()
             vcache.split()
             teacher_block, student = get_block(model, i, TARGET), students[i]
             params = trainable_params(student, f"layer {i}")
             opt = new_optimizer(params, LR)
             start_err = layer_error(rt, student, teacher_block, vcache)
+            t_train = time.time()  # the rotation's teacher and student compute on training tokens
+            cache.advance_to(i)
+            cache.split()
             bar = tqdm(range(STEPS_PER_LAYER), desc=f"rot {rotation} layer {i}", disable=not rt.master, leave=False)
+            rt.synchronize()
+            t_steps = time.time()
             for s in bar:
                 lr = lr_at(s, STEPS_PER_LAYER, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
                 loss_sum = 0.0
@@ -380,18 +361,22 @@ def train_rotation(rt, model, log, visit, val_tokens, teacher_ce):
                 if VAL_EVERY and (s + 1) % VAL_EVERY == 0:
                     err = layer_error(rt, student, teacher_block, vcache)
                     log.log(phase="layerwise", rotation=rotation, layer=i, step=step, layer_step=s + 1, **err)
+            rt.synchronize()
+            step_ms = 1000 * (time.time() - t_steps) / STEPS_PER_LAYER
+            cache.finish()
+            rt.synchronize()
+            train_s = time.time() - t_train
             end_err = layer_error(rt, student, teacher_block, vcache)
             trained.add(i)
-            hybrid_ce = val_cross_entropy(rt, model, val_tokens, {(j, TARGET): students[j] for j in trained})
+            ce = hybrid_ce(rt, model, val, {(j, TARGET): students[j] for j in trained})
             row = {"rotation": rotation, "layer": i, "mse_start": start_err["val_mse"], "mse_end": end_err["val_mse"],
-                   "rel_err": end_err["val_rel_err"], "hybrid_ce": hybrid_ce, "hybrid_ppl": float(np.exp(hybrid_ce)),
-                   "teacher_ce": teacher_ce, "seconds": time.time() - t0}
+                   "rel_err": end_err["val_rel_err"], "hybrid_ce": ce, "hybrid_ppl": float(np.exp(ce)),
+                   "teacher_ce": teacher_ce, "step_ms": step_ms, "train_s": train_s, "seconds": time.time() - t0}
             rows.append(row)
             log.log(phase="layerwise", step=step, **row)
             rt.print(f"rot {rotation} layer {i:3d} | val mse {row['mse_start']:.4g} -> {row['mse_end']:.4g} "
-                     f"(rel {row['rel_err']:.4g}) | hybrid val ce {hybrid_ce:.4f} (teacher {teacher_ce:.4f}) "
-                     f"| {row['seconds']:.1f}s")
-            cache.finish()
+                     f"(rel {row['rel_err']:.4g}) | hybrid val ce {ce:.4f} (teacher {teacher_ce:.4f}) "
+                     f"| {step_ms:.0f} ms/step, {row['seconds']:.1f}s")
             vcache.finish()
             state = {"rotation": rotation, "done": k + 1, "step": step, "loader": rotation_start,
                      "rng": get_rng_state(), "rows": rows}
@@ -407,7 +392,7 @@ def train_rotation(rt, model, log, visit, val_tokens, teacher_ce):
     return students, rows, step, state
 
 
-def train_parallel(rt, model, log, visit, val_tokens, teacher_ce):
+def train_parallel(rt, model, log, visit, val, teacher_ce):
     """Every layer per teacher pass: each student trains on its own teacher input and target."""
     loader = TokenLoader(shard_files(DATA_DIR, "train"), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size,
                          vocab_size=model.config.vocab_size)
@@ -435,7 +420,7 @@ def train_parallel(rt, model, log, visit, val_tokens, teacher_ce):
         return {"step": done, "optimizer": opt.state_dict(), "loader": loader.state(), "rng": get_rng_state()}
 
     done = step
-    start_errors = fresh_errors(rt, model, students, val_tokens, "device")
+    start_errors = fresh_errors(rt, model, students, val, "device")
     bar = tqdm(range(step, total), desc="parallel", disable=not rt.master)
     for step in bar:
         lr = lr_at(step, total, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
@@ -464,18 +449,18 @@ def train_parallel(rt, model, log, visit, val_tokens, teacher_ce):
                     layer_loss={i: rt.all_mean(v) for i, v in zip(visit, losses.tolist())},
                     grad_norm={i: n.item() for i, n in zip(visit, norms)})
         if VAL_EVERY and done % VAL_EVERY == 0 and done < total:
-            errors = fresh_errors(rt, model, students, val_tokens, "device")
-            log.log(phase="layerwise", step=done, hybrid_ce=val_cross_entropy(rt, model, val_tokens, blocks),
+            errors = fresh_errors(rt, model, students, val, "device")
+            log.log(phase="layerwise", step=done, hybrid_ce=hybrid_ce(rt, model, val, blocks),
                     layer_val_mse={i: e["val_mse"] for i, e in errors.items()})
         if SAVE_EVERY and done % SAVE_EVERY == 0 and done < total:
             write_checkpoint(rt, f"parallel_step{done:06d}", model, blocks,
                              {"phase": "layerwise", "schedule": "parallel", "step": done}, state())
-    errors = fresh_errors(rt, model, students, val_tokens, "device")
-    hybrid_ce = val_cross_entropy(rt, model, val_tokens, blocks)
+    errors = fresh_errors(rt, model, students, val, "device")
+    ce = hybrid_ce(rt, model, val, blocks)
     rows = [{"rotation": "all", "layer": i, "mse_start": start_errors[i]["val_mse"], "mse_end": errors[i]["val_mse"], "rel_err": errors[i]["val_rel_err"],
-             "hybrid_ce": hybrid_ce, "hybrid_ppl": float(np.exp(hybrid_ce)), "teacher_ce": teacher_ce}
+             "hybrid_ce": ce, "hybrid_ppl": float(np.exp(ce)), "teacher_ce": teacher_ce}
             for i in visit]
-    log.log(phase="layerwise", step=total, hybrid_ce=hybrid_ce, layer_val_mse={r["layer"]: r["mse_end"] for r in rows})
+    log.log(phase="layerwise", step=total, hybrid_ce=ce, layer_val_mse={r["layer"]: r["mse_end"] for r in rows})
     return students, rows, total, state()
 
 
@@ -494,11 +479,12 @@ def layerwise_phase(rt, model, log):
     rt.print(f"tokens per step: {BATCH_SIZE} batch x {SEQ_LEN} seq x {GRAD_ACCUM} accum x {rt.world_size} ranks = "
              f"{tokens_per_step:,}; per layer per rotation: {STEPS_PER_LAYER} steps = "
              f"{tokens_per_step * STEPS_PER_LAYER:,} tokens; {ROTATIONS} rotation(s)")
-    val_tokens = val_windows(rt, DATA_DIR)
-    teacher_ce = val_cross_entropy(rt, model, val_tokens)
-    rt.print(f"teacher val ce {teacher_ce:.4f} (ppl {np.exp(teacher_ce):.2f}) on {val_tokens[:, 1:].numel() * rt.world_size:,} tokens")
+    val = val_batches(DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, model.config.vocab_size)
+    teacher_ce = hybrid_ce(rt, model, val)
+    rt.print(f"teacher val ce {teacher_ce:.4f} (ppl {np.exp(teacher_ce):.2f}) on "
+             f"{len(val) * BATCH_SIZE * SEQ_LEN * rt.world_size:,} tokens")
     train = train_rotation if SCHEDULE == "rotation" else train_parallel
-    students, rows, step, state = train(rt, model, log, visit, val_tokens, teacher_ce)
+    students, rows, step, state = train(rt, model, log, visit, val, teacher_ce)
     write_checkpoint(rt, "final", model, {(i, TARGET): students[i] for i in visit},
                      {"phase": "layerwise", "schedule": SCHEDULE, "step": step}, state)
     if rt.master:
@@ -563,7 +549,7 @@ def logits_phase(rt, log):
     rt.print(f"logits phase from {init}: trainable {KD_TRAINABLE} ({sum(p.numel() for p in params):,} parameters), "
              f"{KD_STEPS} steps x {tokens_per_step:,} tokens, lr {KD_LR} (warmup {KD_WARMUP_STEPS}, cosine), "
              f"temperature {KD_TEMPERATURE}, ce weight {KD_CE_WEIGHT}")
-    val_tokens = val_windows(rt, DATA_DIR)
+    val = val_batches(DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, model.config.vocab_size)
     results = []
 
     def state():
@@ -572,14 +558,21 @@ def logits_phase(rt, log):
     def meta():
         return {"phase": "logits", "step": step, "init": init, "kd_trainable": KD_TRAINABLE}
 
+    teacher_blocks = {key: get_block(model, *key) for key in blocks}
+
+    def teacher_hidden(ids):  # decoders mode: the shared backbone with the teacher's own blocks
+        with swapped(model, teacher_blocks):
+            return final_hidden(model, ids)
+
     def validate():
-        m = val_metrics(rt, model, val_tokens, blocks, teacher)
-        row = {"step": step, "val_ce": m["ce"], "val_ppl": float(np.exp(m["ce"])), "kl": m["kl"], "agree": m["agree"],
+        with swapped(model, blocks):
+            m = evaluate(model, val, teacher_hidden if blocks else teacher, rt)
+        row = {"step": step, "val_ce": m["ce"], "val_ppl": m["ppl"], "kl": m["kl"], "agree": m["agreement"],
                "teacher_ce": m["teacher_ce"]}
         results.append(row)
         log.log(phase="logits", **row)
         rt.print(f"step {step:5d} | val ce {m['ce']:.4f} (teacher {m['teacher_ce']:.4f}) | kl {m['kl']:.4g} "
-                 f"| top-1 agreement {m['agree']:.3f}")
+                 f"| top-1 agreement {m['agreement']:.3f}")
 
     if step == 0:
         validate()
