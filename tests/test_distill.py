@@ -99,10 +99,15 @@ def test_copy_student_is_exact_and_checkpoints_keep_the_backbone(teacher_dir, ti
 def test_student_mse_falls(teacher_dir, tiny_data_dir, tmp_path, kind, schedule):
     out = str(tmp_path / "run")
     run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, "--student-kind", kind,
-                "--schedule", schedule, "--steps-per-layer", "25", "--lr", "1e-3")
+                "--schedule", schedule, "--steps-per-layer", "25", "--lr", "1e-3", "--val-every", "10",
+                "--keep-last", "1")
     rows = layer_rows(out)
     assert [r["layer"] for r in rows] == [0, 1, 2]
     assert all(r["mse_end"] < r["mse_start"] for r in rows), rows
+    checkpoints = sorted(n for n in os.listdir(out) if os.path.isfile(os.path.join(out, n, "meta.json")))
+    assert checkpoints == (["final", "rot0_layer002"] if schedule == "rotation" else ["final"])
+    periodic = [r for r in metrics(out, phase="layerwise") if "val_mse" in r or "layer_val_mse" in r]
+    assert len(periodic) == (6 if schedule == "rotation" else 3)  # steps 10, 20 (and the end, parallel)
 
 
 def test_resume_after_kill_is_exact(teacher_dir, tiny_data_dir, tmp_path):
