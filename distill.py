@@ -162,7 +162,7 @@ def place_cache(rt, nbytes):
         fail(f"LATENT_CACHE must be auto, device, host or disk, got {LATENT_CACHE!r}")
     for where in options:
         if nbytes < 0.7 * free_bytes(where, rt):
-            rt.print(f"latent cache: {size} per rank on {where}")
+            rt.print(f"latent cache: {size} per rank on {where}" + (f" ({rt.device})" if where == "device" else ""))
             return where
     fail(f"the latent cache needs {size} per rank and fits in none of: {', '.join(options)}; "
          f"lower STEPS_PER_LAYER x GRAD_ACCUM x BATCH_SIZE x SEQ_LEN, or free memory/disk")

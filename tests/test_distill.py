@@ -205,3 +205,21 @@ def test_unsupported_model_is_refused(tiny_data_dir, tmp_path):
     GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2)).save_pretrained(folder)
     error = run_distill("--teacher", folder, "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"), check=False)
     assert "model type 'gpt2' is not supported" in error
+
+
+def test_attention_students_rotation_then_logits_then_evaluation(teacher_dir, tiny_data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    common = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out]
+    run_distill(*common, "--target", "attn", "--student-kind", "linear", "--steps-per-layer", "15",
+                "--keep-teacher-layers", "1", "--lr", "3e-3")
+    rows = layer_rows(out)
+    assert [r["layer"] for r in rows] == [0, 2] and all(r["mse_end"] < r["mse_start"] for r in rows)
+    run_distill(*common, "--phase", "logits", "--kd-steps", "6", "--kd-val-every", "6", "--kd-lr", "1e-3")
+
+    from common.checkpoint import load_model
+    from common.evaluate import evaluate, val_batches
+    model = load_model(os.path.join(out, "logits_final"))
+    assert [type(layer.self_attn).__name__ for layer in model.model.layers] == \
+           ["LinearAttention", "LlamaAttention", "LinearAttention"]
+    result = evaluate(model, val_batches(tiny_data_dir, 512, 2, 32), teacher=load_model(teacher_dir))
+    assert result["kl"] > 0 and 0 < result["agreement"] <= 1 and result["ce"] > 0
