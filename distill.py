@@ -99,16 +99,22 @@ def decoder_loss(student_out, teacher_out):
     return 1 - F.cosine_similarity(s, t, dim=-1).mean()
 
 
-def sync_grads(rt, params):
-    """Average gradients over ranks, once per optimizer step (only the students' few parameters)."""
+def sync_grads(rt, params, bucket_numel=2**24):
+    """Average gradients over ranks once per optimizer step, in flat buckets of ~64 MB (fp32)."""
     if not rt.ddp:
         return
     grads = [p.grad for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= rt.world_size
-    for g, f in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(f.view_as(g))
+    while grads:
+        n, size = 0, 0
+        while n < len(grads) and (n == 0 or size + grads[n].numel() <= bucket_numel):
+            size += grads[n].numel()
+            n += 1
+        bucket, grads = grads[:n], grads[n:]
+        flat = torch.cat([g.flatten() for g in bucket])
+        dist.all_reduce(flat)
+        flat /= rt.world_size
+        for g, f in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(f.view_as(g))
 
 
 def trainable_params(student, name):
