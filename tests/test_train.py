@@ -1,0 +1,238 @@
+"""train.py end to end on a tiny model (CPU, offline): the loss falls, resume after a kill is exact,
+two-process DDP equals one process with the same global batch, a distill checkpoint with student
+decoders loads and trains, and bad inputs get one-line errors."""
+import contextlib
+import io
+import json
+import os
+import runpy
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import ROOT
+from common.checkpoint import load_model, save_checkpoint
+from common.decoders import get_block, make_student, set_block
+from common.shards import TokenLoader, shard_files, write_shard
+
+TRAIN = os.path.join(ROOT, "train.py")
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun sets this too
+# 40 steps of 8 x 64 tokens: enough for the tiny model to learn much of the repeated phrase
+BASE = ["--batch-size", "8", "--seq-len", "64", "--grad-accum", "1", "--steps", "40", "--lr", "3e-3",
+        "--warmup-steps", "5", "--val-every", "20", "--val-tokens", "2048", "--log-every", "10",
+        "--save-every", "5", "--keep-last", "2"]
+
+
+def train_cmd(args, model, data, out, nproc=None):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
+        if nproc else [sys.executable]
+    return launcher + [TRAIN, "--init", model, "--data-dir", data, "--out-dir", out, *args]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny ops run fastest on one thread (on a shared machine by far); the subprocesses get the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_train(args, model, data, out):
+    """Run train.py in this process, as `python train.py ARGS` would (saves a torch/transformers import per
+    run); return what it printed. Its one-line errors arrive as SystemExit."""
+    argv, sys.argv = sys.argv, train_cmd(args, model, data, out)[1:]
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            runpy.run_path(TRAIN, run_name="__main__")
+    finally:
+        sys.argv = argv
+    return printed.getvalue()
+
+
+def train_error(args, model, data, out):
+    """The message train.py exits with: one line, no traceback."""
+    with pytest.raises(SystemExit) as e:
+        run_train(args, model, data, out)
+    message = str(e.value.code)
+    assert message and "\n" not in message
+    return message
+
+
+def metrics(out):
+    """{step: record} of the train lines and of the val lines in a run's metrics.jsonl (each step once)."""
+    train, val = {}, {}
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            for key, table in (("loss", train), ("val_loss", val)):
+                if key in r:
+                    assert r["step"] not in table, f"step {r['step']} logged twice"
+                    table[r["step"]] = r
+    return train, val
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    """One uninterrupted run that other tests compare against."""
+    out = str(tmp_path_factory.mktemp("ref") / "run")
+    run_train(BASE, tiny_model_dir, tiny_data_dir, out)
+    return out
+
+
+def test_loss_falls_and_run_folder_is_complete(reference):
+    train, val = metrics(reference)
+    assert sorted(train) == list(range(1, 41))
+    losses = [train[s]["loss"] for s in range(1, 41)]
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+    assert sorted(val) == [0, 20, 40] and val[40]["val_loss"] < 0.6 * val[0]["val_loss"]
+    assert all("tokens_per_s" in train[s] for s in (10, 20, 30, 40))
+    # KEEP_LAST=2 of the checkpoints every 5 steps; they load with the shared loader
+    assert sorted(n for n in os.listdir(reference) if n.startswith("step")) == ["step000035", "step000040"]
+    with open(os.path.join(reference, "run.json")) as f:
+        run = json.load(f)
+    assert run["script"] == "train.py" and run["config"]["tokens_per_step"] == 512
+    model = load_model(os.path.join(reference, "step000040"))
+    assert os.path.exists(os.path.join(reference, "step000040", "tokenizer.json"))
+    # the saved weights reproduce the logged final val loss
+    loader = TokenLoader(shard_files(run["config"]["DATA_DIR"], "val"), 8, 64)
+    with torch.no_grad():
+        loss = sum(F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten()).item()
+                   for x, y in (loader.next_batch() for _ in range(4))) / 4
+    assert abs(loss - val[40]["val_loss"]) < 1e-4
+
+
+def test_resume_after_kill_is_exact(reference, tiny_model_dir, tiny_data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen(train_cmd(BASE, tiny_model_dir, tiny_data_dir, out), cwd=ROOT, env=ONE_THREAD,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    path = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # kill once step 6 is logged (step 5 is saved)
+        if os.path.exists(path) and '"step": 6, "loss"' in open(path).read():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = max(metrics(out)[0])
+    assert 6 <= killed_at < 40
+
+    printed = run_train(BASE + ["--resume"], tiny_model_dir, tiny_data_dir, out)
+    assert "resuming at step" in printed
+    ref_train, ref_val = metrics(reference)
+    train, val = metrics(out)
+    assert sorted(train) == sorted(ref_train) and sorted(val) == sorted(ref_val)
+    for s in ref_train:
+        for key in ("loss", "grad_norm", "lr"):
+            assert train[s][key] == pytest.approx(ref_train[s][key], rel=1e-6, abs=1e-7), (s, key)
+    assert val[40]["val_loss"] == pytest.approx(ref_val[40]["val_loss"], rel=1e-6)
+    a = load_file(os.path.join(out, "step000040", "model.safetensors"))
+    b = load_file(os.path.join(reference, "step000040", "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in b)
+
+
+def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_model_dir, tiny_data_dir, tmp_path):
+    # 256 tokens per step: 2 ranks x 1 micro-step of 2 x 64, or 1 process x 2 micro-steps
+    args = ["--batch-size", "2", "--seq-len", "64", "--total-batch-tokens", "256", "--steps", "3", "--lr", "3e-3",
+            "--warmup-steps", "1", "--val-every", "3", "--val-tokens", "512", "--log-every", "1"]
+    ddp, single, rank0_only = (str(tmp_path / n) for n in ("ddp", "single", "rank0"))
+    proc = subprocess.run(train_cmd(args, tiny_model_dir, tiny_data_dir, ddp, nproc=2), cwd=ROOT,
+                          env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 1 micro-steps x 2 rank(s) = 256 tokens/step" in proc.stdout
+    assert "x 2 micro-steps x 1 rank(s) = 256 tokens/step" in run_train(args, tiny_model_dir, tiny_data_dir, single)
+    run_train(args + ["--total-batch-tokens", "128"], tiny_model_dir, tiny_data_dir, rank0_only)
+
+    (d_train, d_val), (s_train, s_val), (r_train, _) = metrics(ddp), metrics(single), metrics(rank0_only)
+    for s in (1, 2, 3):
+        assert d_train[s]["loss"] == pytest.approx(s_train[s]["loss"], rel=1e-5)
+        assert d_train[s]["grad_norm"] == pytest.approx(s_train[s]["grad_norm"], rel=1e-4)
+    for s in (0, 3):  # validation covers the same tokens split over ranks, averaged
+        assert d_val[s]["val_loss"] == pytest.approx(s_val[s]["val_loss"], rel=1e-5)
+    # rank 1 saw other tokens than rank 0: the DDP loss is not rank 0's loss alone
+    assert abs(d_train[1]["loss"] - r_train[1]["loss"]) > 1e-3
+    a = load_file(os.path.join(ddp, "step000003", "model.safetensors"))
+    b = load_file(os.path.join(single, "step000003", "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in b)
+
+
+def test_distill_checkpoint_with_students_loads_and_trains(tiny_model_dir, tiny_data_dir, tmp_path):
+    # what distill.py writes: the teacher backbone with student decoders swapped in
+    model = load_model(tiny_model_dir)
+    torch.manual_seed(0)
+    for i, kind, kwargs in ((0, "pruned", {"scale": 0.5}), (1, "prototype", {"scale": 0.5, "gated": True})):
+        set_block(model, i, "mlp", make_student("mlp", kind, get_block(model, i, "mlp"), model.config, **kwargs))
+    torch.nn.init.normal_(get_block(model, 1, "mlp").fc_out.weight, std=0.02)
+    ckpt = str(tmp_path / "distill" / "final")
+    save_checkpoint(ckpt, model, meta={"script": "distill.py", "phase": "final", "step": 0})
+
+    out = str(tmp_path / "run")
+    printed = run_train(["--batch-size", "4", "--seq-len", "32", "--grad-accum", "1", "--steps", "4",
+                         "--val-every", "0", "--log-every", "1", "--lr", "1e-3", "--warmup-steps", "1"],
+                        ckpt, tiny_data_dir, out)
+    assert "2 student decoders" in printed
+    train, _ = metrics(out)
+    # the first logged loss is the checkpoint model's own loss on the first batch: the students were in place
+    x, y = TokenLoader(shard_files(tiny_data_dir, "train"), 4, 32).next_batch()
+    with torch.no_grad():
+        expected = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten()).item()
+    assert train[1]["loss"] == pytest.approx(expected, rel=1e-5)
+    trained = load_model(os.path.join(out, "step000004"))
+    with open(os.path.join(out, "step000004", "students.json")) as f:
+        assert [(s["layer"], s["kind"]) for s in json.load(f)] == [(0, "pruned"), (1, "prototype")]
+    assert not torch.equal(get_block(trained, 1, "mlp").fc_out.weight, get_block(model, 1, "mlp").fc_out.weight)
+
+
+def test_from_scratch_uses_only_the_config(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    run_train(["--from-scratch", "--batch-size", "4", "--seq-len", "32", "--grad-accum", "1", "--steps", "1",
+               "--val-every", "0"], tiny_model_dir, tiny_data_dir, out)
+    fresh = load_file(os.path.join(out, "step000001", "model.safetensors"))
+    given = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    assert not torch.allclose(fresh["model.layers.0.mlp.up_proj.weight"], given["model.layers.0.mlp.up_proj.weight"],
+                              atol=1e-2)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    message = train_error(["--batch-size", "4", "--seq-len", "32", "--grad-accum", "1", "--steps", "6",
+                           "--val-every", "0", "--lr", "1e30", "--warmup-steps", "0", "--save-every", "1",
+                           "--keep-last", "0"], tiny_model_dir, tiny_data_dir, out)
+    assert "non-finite" in message
+    bad = int(message.split("at step ")[1].split(";")[0])
+    saved = sorted(n for n in os.listdir(out) if n.startswith("step"))
+    assert bad > 1 and saved == [f"step{s:06d}" for s in range(1, bad)] and f"step{bad - 1:06d}" in message
+
+
+def test_bad_inputs_give_one_line_errors(tiny_model_dir, tiny_data_dir, tmp_path):
+    wide = str(tmp_path / "wide")  # token ids beyond the tiny model's 320-token vocabulary
+    os.makedirs(wide)
+    for split in ("train", "val"):
+        write_shard(os.path.join(wide, f"{split}_000000.bin"), np.arange(5000) % 500)
+    torn = str(tmp_path / "torn")  # the second train shard cut short: found at start, not when reached
+    shutil.copytree(tiny_data_dir, torn)
+    with open(os.path.join(torn, "train_000001.bin"), "r+b") as f:
+        f.truncate(3000)
+    small = ["--batch-size", "2", "--seq-len", "32", "--grad-accum", "1", "--steps", "2", "--val-tokens", "64"]
+    out = str(tmp_path / "out")
+    for model, data, extra, expected in [
+        (tiny_model_dir, str(tmp_path / "nowhere"), [], "no train shards found"),
+        (tiny_model_dir, wide, [], "outside the model's vocabulary"),
+        (tiny_model_dir, torn, [], "train_000001.bin: truncated"),
+        (tiny_model_dir, tiny_data_dir, ["--batch-size", "1000"], "fewer than one step needs"),
+        (tiny_model_dir, tiny_data_dir, ["--grad-accum", "0", "--total-batch-tokens", "100"], "is not a multiple of"),
+        (tiny_model_dir, tiny_data_dir, ["--val-tokens", "10000000"], "VAL_TOKENS"),
+        (str(tmp_path / "no_model"), tiny_data_dir, [], "no config.json"),
+        (str(tmp_path / "no_model"), tiny_data_dir, ["--from-scratch"], "no config.json"),
+        (tiny_model_dir, tiny_data_dir, ["--resume"], "no run.json"),
+    ]:
+        assert expected in train_error(small + extra, model, data, out)
+        assert not os.path.exists(out), "a failed start must not leave a run folder behind"

@@ -1,0 +1,293 @@
+"""Next-token language-model training on the token shards that prepare.py writes.
+
+    torchrun --standalone --nproc_per_node 1 train.py                  # the README command
+    python train.py --init runs/distill_x/final --steps 200             # plain python works too
+    torchrun --standalone --nproc_per_node 8 train.py --resume --out-dir runs/train_x
+
+It starts from a Hugging Face model folder (default: the snapshot prepare.py downloads), from a
+checkpoint folder of distill.py or of this script (student decoders are rebuilt from the folder
+alone), or from INIT's config with fresh weights (--from-scratch). Every UPPER_CASE constant below
+can be set from the command line: --batch-size 8 sets BATCH_SIZE (common/config.py).
+Rank 0 writes the run folder OUT_DIR: run.json (the resolved config), metrics.jsonl (a line per
+step, per validation and per launch, with versions and device) and checkpoints OUT_DIR/step000500/
+from which --resume continues exactly as if the run had never stopped.
+"""
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import decoders
+from common.checkpoint import latest_checkpoint, list_checkpoints, load_model, load_state, save_checkpoint, start_run
+from common.config import override
+from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at, set_rng_state
+from common.shards import ShardError, TokenLoader, shard_files
+
+# ---------------------------------------------------------------------------------------------- run constants
+INIT = "models/smolllm2_135m"   # model folder, or checkpoint folder (distill.py's OUT/final, a train.py step folder)
+FROM_SCRATCH = False            # use only INIT's config.json, with freshly initialised weights (small experiments)
+DATA_DIR = "data/fineweb_edu"   # train_*/val_* shards and manifest.json from prepare.py
+OUT_DIR = ""                    # run folder; empty = runs/train_<date>_<time>
+RESUME = False                  # continue the run in OUT_DIR from its latest checkpoint
+# batch
+BATCH_SIZE = 8                  # sequences per micro-step on each rank: raise it until device memory is full
+SEQ_LEN = 2048                  # tokens per sequence (SmolLM2's context length)
+TOTAL_BATCH_TOKENS = 524288     # tokens per optimizer step over all ranks (0.5M, as GPT-2 small); gives GRAD_ACCUM
+GRAD_ACCUM = 0                  # micro-steps per optimizer step on each rank; 0 = TOTAL_BATCH_TOKENS / (B*T*ranks)
+# optimization
+STEPS = 2000                    # optimizer steps: ~1B tokens at 0.5M per step, about one pass over prepare.py's data
+LR = 3e-4                       # peak AdamW learning rate (continued pretraining of a trained model wants a low one)
+MIN_LR_RATIO = 0.1              # the schedule ends at LR * MIN_LR_RATIO
+WARMUP_STEPS = 100              # linear warmup to LR while Adam's moment estimates fill
+SCHEDULE = "cosine"             # cosine, wsd (hold LR, decay linearly over the last 20% of steps) or constant
+WEIGHT_DECAY = 0.1              # decoupled AdamW decay, on matrices only (not on norms and biases)
+BETAS = [0.9, 0.95]             # AdamW betas; beta2 0.95 is steadier than 0.999 for LM training
+GRAD_CLIP = 1.0                 # clip the global gradient norm to this; 0 = no clipping (the norm is still logged)
+# validation, logging, checkpoints
+VAL_EVERY = 250                 # validate at the start, every this many steps and at the end; 0 = never
+VAL_TOKENS = 2**20              # tokens per validation: the first VAL_TOKENS of the val split, the same every time
+LOG_EVERY = 10                  # print a step line every this many steps (metrics.jsonl gets all); 0 = at val/save only
+SAVE_EVERY = 500                # checkpoint every this many steps and at the end; 0 = only at the end
+KEEP_LAST = 3                   # keep the newest this many checkpoints; 0 = keep all
+# system
+COMPILE = True                  # torch.compile the model on GPUs (CPU stays eager: compiling costs more than it saves)
+DTYPE = "auto"                  # auto: bf16 autocast with fp32 master weights on GPUs, fp32 on CPU; float32, bfloat16
+SEED = 1337                     # weight initialisation (--from-scratch) and any randomness in the model
+
+config = override(globals())
+
+# ---------------------------------------------------------------------------------------------- setup
+rt = Runtime(dtype=DTYPE)
+cuda = rt.device.type == "cuda"
+if rt.dtype == torch.float16:
+    sys.exit("train.py: DTYPE float16 needs a gradient scaler, which train.py does not have; use bfloat16")
+if cuda:
+    torch.set_float32_matmul_precision("high")  # TF32 for whatever autocast leaves in fp32
+torch.manual_seed(SEED)
+if RESUME and not OUT_DIR:
+    sys.exit("train.py: --resume needs --out-dir RUN_FOLDER, the run to continue")
+if not OUT_DIR:
+    OUT_DIR = config["OUT_DIR"] = time.strftime("runs/train_%Y%m%d_%H%M%S")
+
+# the batch: derived numbers, computed once
+micro_tokens = BATCH_SIZE * SEQ_LEN * rt.world_size  # tokens per micro-step over all ranks
+grad_accum = GRAD_ACCUM or TOTAL_BATCH_TOKENS // micro_tokens
+if grad_accum < 1 or (not GRAD_ACCUM and grad_accum * micro_tokens != TOTAL_BATCH_TOKENS):
+    sys.exit(f"train.py: TOTAL_BATCH_TOKENS={TOTAL_BATCH_TOKENS:,} is not a multiple of BATCH_SIZE x SEQ_LEN x ranks "
+             f"= {BATCH_SIZE} x {SEQ_LEN} x {rt.world_size} = {micro_tokens:,}; change one of them or set --grad-accum")
+tokens_per_step = BATCH_SIZE * SEQ_LEN * grad_accum * rt.world_size
+assert GRAD_ACCUM or tokens_per_step == TOTAL_BATCH_TOKENS
+config["grad_accum"], config["tokens_per_step"] = grad_accum, tokens_per_step
+
+# the model: from the run's latest checkpoint when resuming, else INIT
+ckpt = latest_checkpoint(OUT_DIR, phase="train") if RESUME else None
+try:
+    if ckpt:
+        model = load_model(ckpt, device=rt.device)
+    elif FROM_SCRATCH:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        if not os.path.isfile(os.path.join(INIT, "config.json")):
+            raise FileNotFoundError(f"{INIT}: no config.json to build the model from; run prepare.py or point --init "
+                                    f"to a model folder")
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(INIT), dtype=torch.float32,
+                                                 attn_implementation="sdpa").to(rt.device)
+    else:
+        model = load_model(INIT, device=rt.device)
+except (OSError, ValueError) as e:
+    sys.exit(f"train.py: {e}")
+model.train()
+cfg = model.config
+n_params = sum(p.numel() for p in model.parameters())
+n_students = sum(isinstance(m, tuple(decoders.STUDENTS.values())) for m in model.modules())
+# FLOPs per trained token for MFU: 6 per matmul weight (forward + backward; the input embedding is a lookup,
+# not a matmul, unless tied to the head) plus attention's 12 * layers * width * context (PaLM, appendix B)
+embedding = model.get_input_embeddings().weight
+head = model.get_output_embeddings()
+matmul_params = n_params - (0 if head is not None and head.weight is embedding else embedding.numel())
+attn_width = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+flops_per_token = 6 * matmul_params + 12 * cfg.num_hidden_layers * attn_width * SEQ_LEN
+
+
+# the data: every shard is opened and checked now (header, size, token ids < vocab), not hours into the run
+def checked_loader(split):
+    loader = TokenLoader(shard_files(DATA_DIR, split), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, cfg.vocab_size)
+    total = 0
+    for i in range(len(loader.files)):
+        loader.load_state({"shard": i, "pos": 0})
+        total += len(loader.tokens)
+    loader.reset()
+    return loader, total
+
+
+try:
+    train_loader, train_total = checked_loader("train")
+    val_loader, val_total = checked_loader("val") if VAL_EVERY else (None, 0)
+except ShardError as e:
+    sys.exit(f"train.py: {e}")
+val_steps = VAL_TOKENS // micro_tokens if VAL_EVERY else 0
+if VAL_EVERY and not 1 <= val_steps <= val_total // micro_tokens:
+    sys.exit(f"train.py: VAL_TOKENS={VAL_TOKENS:,} must hold at least one micro-step ({micro_tokens:,} tokens) and "
+             f"at most the val split ({val_total:,} tokens); change --val-tokens")
+
+# the optimizer: AdamW with weight decay on matrices only; fused kernels on GPUs
+params = [p for p in model.parameters() if p.requires_grad]
+optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                              lr=LR, betas=tuple(BETAS), fused=True if cuda else None)
+
+# resume: optimizer moments, the step, the data position and RNG (the LR is a pure function of the step)
+start_step = 0
+if ckpt:
+    state = load_state(ckpt)
+    start_step = state["step"]
+    optimizer.load_state_dict(state["optimizer"])
+    train_loader.load_state(state["loader"])
+    set_rng_state(state["rng"])
+
+# the run folder (rank 0), written only now that the model and the data are known to be good
+run_id = None
+log = RunLog(rt, OUT_DIR)
+if rt.master:
+    run_id = start_run(OUT_DIR, RESUME, "train.py", config)
+    if RESUME:
+        with open(os.path.join(OUT_DIR, "run.json")) as f:
+            first = json.load(f)["config"]
+        changed = [f"{k} {first[k]!r} -> {v!r}" for k, v in config.items()
+                   if k not in ("RESUME", "OUT_DIR") and k in first and first[k] != v]
+        if changed:
+            print("train.py: resuming with changed constants (the run is no longer exact): " + ", ".join(changed))
+        for name in os.listdir(OUT_DIR):  # a checkpoint torn by a kill mid-write
+            if name.startswith(".tmp_"):
+                shutil.rmtree(os.path.join(OUT_DIR, name))
+        if os.path.exists(log.path):  # drop what the interrupted run logged after its checkpoint: it is redone
+            with open(log.path) as f:
+                kept = [line for line in f if ckpt and json.loads(line)["step"] <= start_step]
+            with open(log.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(log.path + ".tmp", log.path)
+    log.log(step=start_step, event="resume" if RESUME else "start", checkpoint=ckpt, config=config,
+            environment=environment(rt))
+
+raw_model = model
+if COMPILE and cuda:
+    model = torch.compile(model)
+if rt.ddp:
+    model = DDP(model, device_ids=[rt.local_rank] if cuda else None)
+    model.broadcast_buffers = False  # the only buffers, rotary tables, never change: no broadcast every forward
+
+rt.print(f"model: {ckpt or INIT}{' (fresh weights)' if FROM_SCRATCH and not ckpt else ''}: {n_params / 1e6:.1f}M "
+         f"parameters, {cfg.num_hidden_layers} layers, {n_students} student decoders; {rt.device} x {rt.world_size} "
+         f"rank(s), {str(rt.dtype).replace('torch.', '')}, compile {'on' if COMPILE and cuda else 'off'}")
+rt.print(f"batch: {BATCH_SIZE} seqs x {SEQ_LEN} tokens x {grad_accum} micro-steps x {rt.world_size} rank(s) = "
+         f"{tokens_per_step:,} tokens/step; {STEPS} steps = {STEPS * tokens_per_step:,} tokens "
+         f"= {STEPS * tokens_per_step / train_total:.2f} passes over {train_total:,} train tokens")
+rt.print(f"run folder: {OUT_DIR}" + (f" (resuming at step {start_step} from {ckpt})" if ckpt else
+                                       " (no checkpoint yet: from step 0)" if RESUME else ""))
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def get_batch(loader):
+    x, y = loader.next_batch()
+    if cuda:
+        x, y = x.pin_memory().to(rt.device, non_blocking=True), y.pin_memory().to(rt.device, non_blocking=True)
+    return x, y
+
+
+def loss_on(x, y):
+    with rt.autocast():
+        logits = model(input_ids=x, use_cache=False).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+
+@torch.no_grad()
+def evaluate(step):
+    """Mean loss over the first VAL_TOKENS val tokens (the loader restarts each time), over all ranks."""
+    model.eval()
+    val_loader.reset()
+    total = torch.zeros((), device=rt.device)
+    for _ in range(val_steps):
+        total += loss_on(*get_batch(val_loader))
+    model.train()
+    loss = rt.all_mean(total.item() / val_steps)
+    log.log(step=step, val_loss=loss, val_ppl=math.exp(loss))
+    rt.print(f"step {step:>6}/{STEPS} | val loss {loss:.4f} | val ppl {math.exp(loss):.2f}")
+
+
+def flush(pending, started):
+    """Read the pending steps' numbers back from the device (losses averaged over ranks), stop at a
+    non-finite one, write a metrics line per step and print the last. `started`: when the first began."""
+    losses = torch.stack([loss for _, _, loss, _ in pending])
+    if rt.ddp:
+        dist.all_reduce(losses)
+        losses /= rt.world_size
+    losses, norms = losses.tolist(), torch.stack([norm for _, _, _, norm in pending]).tolist()  # waits for the device
+    tok_s = len(pending) * tokens_per_step / (time.perf_counter() - started)
+    peak = rt.peak_flops()
+    speed = {"tokens_per_s": tok_s, **({"mfu": tok_s * flops_per_token / (peak * rt.world_size)} if peak else {})}
+    for i, ((step, lr, _, _), loss, norm) in enumerate(zip(pending, losses, norms)):
+        if not (math.isfinite(loss) and math.isfinite(norm)):
+            last = latest_checkpoint(OUT_DIR, phase="train") if rt.master else None
+            sys.exit(f"train.py: non-finite loss {loss} / grad norm {norm} at step {step}; stopped. Last good "
+                     f"checkpoint: {last or 'none yet'} (continue it with --resume --out-dir {OUT_DIR}, "
+                     f"perhaps with a lower --lr)" if rt.master else 1)
+        log.log(step=step, loss=loss, lr=lr, grad_norm=norm, tokens=step * tokens_per_step,
+                **(speed if i == len(pending) - 1 else {}))
+    rt.print(f"step {step:>6}/{STEPS} | loss {loss:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | {tok_s:,.0f} tok/s"
+             + (f" | mfu {speed['mfu']:.1%}" if peak else ""))
+
+
+def save(step):
+    folder = os.path.join(OUT_DIR, f"step{step:06d}")
+    state = {"step": step, "optimizer": optimizer.state_dict(), "loader": train_loader.state(),
+             "rng": get_rng_state()}
+    save_checkpoint(folder, raw_model, meta={"script": "train.py", "phase": "train", "step": step, "run_id": run_id,
+                                             "init": INIT}, state=state, keep_tokenizer_from=INIT)
+    for old in list_checkpoints(OUT_DIR, phase="train")[:-KEEP_LAST]:
+        shutil.rmtree(old)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- training
+if start_step >= STEPS:
+    rt.print(f"nothing to do: the run is at step {start_step} of STEPS={STEPS}")
+if VAL_EVERY and start_step == 0:
+    evaluate(0)
+pending = []  # (step, lr, loss, grad norm) of the steps whose numbers are still on the device
+t_last = time.perf_counter()
+for step in range(start_step, STEPS):
+    lr = lr_at(step, STEPS, LR, WARMUP_STEPS, SCHEDULE, MIN_LR_RATIO)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=rt.device)
+    for micro in range(grad_accum):
+        # DDP all-reduces the gradients on the last micro-step only
+        skip_sync = rt.ddp and micro < grad_accum - 1
+        with model.no_sync() if skip_sync else contextlib.nullcontext():
+            loss = loss_on(*get_batch(train_loader)) / grad_accum
+            loss.backward()
+        step_loss += loss.detach()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP or math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    done = step + 1  # optimizer steps taken: the step number in logs and checkpoint names
+    pending.append((done, lr, step_loss, norm))
+    validate = VAL_EVERY and (done % VAL_EVERY == 0 or done == STEPS)
+    checkpoint = (SAVE_EVERY and done % SAVE_EVERY == 0) or done == STEPS
+    if (LOG_EVERY and done % LOG_EVERY == 0) or validate or checkpoint:  # checked finite before anything is saved
+        flush(pending, t_last)
+        pending = []
+        if validate:
+            evaluate(done)
+        if checkpoint and rt.master:
+            folder = save(done)
+            rt.print(f"saved {folder}")
+        t_last = time.perf_counter()  # tokens/s counts training only, not validation or saving
+rt.close()
