@@ -174,12 +174,11 @@ def place_cache(rt, nbytes):
          f"lower STEPS_PER_LAYER x GRAD_ACCUM x BATCH_SIZE x SEQ_LEN, or free memory/disk")
 
 
-def cache_tensor(rt, where, shape, name):
+def cache_tensor(rt, where, shape, path):
     if where == "device":
         return torch.empty(shape, device=rt.device)
     if where == "host":
         return torch.empty(shape, pin_memory=rt.device.type == "cuda")
-    path = os.path.join(OUT_DIR, f".latent_{name}_rank{rt.rank}.npy")
     return torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape))
 
 
@@ -191,8 +190,8 @@ class LatentCache:
     def __init__(self, rt, model, tokens, where, name):
         self.rt, self.model = rt, model
         n, d = tokens.shape[0], model.config.hidden_size
-        self.h = cache_tensor(rt, where, (n, SEQ_LEN, d), name + "_h")
-        self.x = cache_tensor(rt, where, (n, SEQ_LEN, d), name + "_x")
+        self.paths = [os.path.join(OUT_DIR, f".latent_{name}_{part}_rank{rt.rank}.npy") for part in "hx"]
+        self.h, self.x = (cache_tensor(rt, where, (n, SEQ_LEN, d), path) for path in self.paths)
         self.layer = 0  # h is the input to this layer
         with torch.no_grad():
             for s in range(0, n, BATCH_SIZE):
@@ -230,6 +229,13 @@ class LatentCache:
         while self.layer < layer_index:
             self.split()
             self.finish()
+
+    def close(self):
+        """Free the buffers and delete their files when the cache lives on disk."""
+        del self.h, self.x
+        for path in self.paths:
+            if os.path.exists(path):
+                os.remove(path)
 
 
 def read_tokens(loader, n_batches):
@@ -284,12 +290,10 @@ def write_checkpoint(rt, name, model, blocks, meta, state):
 
 
 def print_table(rows, columns):
-    widths = [max(len(c), *(len(f"{r.get(c, ''):.4g}" if isinstance(r.get(c), float) else str(r.get(c, ''))) for r in rows))
-              for c in columns]
-    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
-    for r in rows:
-        cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns]
-        print("  ".join(v.rjust(w) for v, w in zip(cells, widths)))
+    cells = [[f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[k]) for row in cells)) for k, c in enumerate(columns)]
+    for row in [columns, *cells]:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
 
 
 def fresh_errors(rt, model, students, val, where):
@@ -301,6 +305,7 @@ def fresh_errors(rt, model, students, val, where):
         cache.split()
         errors[i] = layer_error(rt, students[i], get_block(model, i, TARGET), cache)
         cache.finish()
+    cache.close()
     return errors
 
 
@@ -393,7 +398,8 @@ def train_rotation(rt, model, log, visit, val, teacher_ce):
                              {"phase": "layerwise", "schedule": "rotation", "step": step, "rotation": rotation,
                               "layer": i}, state)
             t0 = time.time()
-        del cache, vcache
+        cache.close()
+        vcache.close()
         rotation, done = rotation + 1, 0
     return students, rows, step, state
 

@@ -114,7 +114,8 @@ def test_resume_after_kill_is_exact(teacher_dir, tiny_data_dir, tmp_path):
     args = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--student-kind", "prototype",
             "--steps-per-layer", "20", "--rotations", "2", "--layers", "0,2"]
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
-    run_distill("--out-dir", whole, *args)
+    run_distill("--out-dir", whole, "--latent-cache", "disk", *args)  # same numbers wherever the cache lives
+    assert not [n for n in os.listdir(whole) if n.startswith(".latent")]
 
     proc = subprocess.Popen(distill_command("--out-dir", cut, *args), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
