@@ -11,7 +11,6 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 MAGIC = 20240520
 VERSION = 1
@@ -177,6 +176,7 @@ class TokenLoader:
 
     def next_batch(self):
         """Return (x, y) int64 tensors of shape (B, T) on the CPU."""
+        import torch  # here, so that prepare.py (shard writing only) starts without loading torch
         if self.pos + self.step_tokens + 1 > len(self.tokens):
             self.shard = (self.shard + 1) % len(self.files)
             self.pos = 0
