@@ -224,3 +224,20 @@ def test_attention_students_rotation_then_logits_then_evaluation(teacher_dir, ti
            ["LinearAttention", "LlamaAttention", "LinearAttention"]
     result = evaluate(model, val_batches(tiny_data_dir, 512, 2, 32), teacher=load_model(teacher_dir))
     assert result["kl"] > 0 and 0 < result["agreement"] <= 1 and result["ce"] > 0
+
+
+def test_trainable_trains_only_the_named_parameters(teacher_dir, tiny_data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, "--student-kind", "prototype",
+                "--student-kwargs", '{"gated": true}', "--trainable", "fc_out", "--steps-per-layer", "5",
+                "--layers", "1")
+    from common.checkpoint import load_model
+    from common.decoders import make_student
+    trained = load_model(os.path.join(out, "final")).model.layers[1].mlp
+    teacher = load_model(teacher_dir)
+    torch.manual_seed(1337 + 1)  # distill.py seeds layer i's student with SEED + i
+    initial = make_student("mlp", "prototype", teacher.model.layers[1].mlp, teacher.config, gated=True)
+    assert torch.equal(trained.fc_in.weight, initial.fc_in.weight)
+    assert not torch.equal(trained.fc_out.weight, initial.fc_out.weight)
+    assert "matches no parameter" in run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir",
+                                                 str(tmp_path / "r2"), "--trainable", "nothing_like_this", check=False)
