@@ -36,8 +36,8 @@ from common.decoders import (check_layers, check_target, decoder_input, decoder_
                              make_student, position_embeddings, run_block, student_specs, swapped)
 from common.evaluate import evaluate, val_batches
 from common.kd import final_hidden, head_weight, kd_loss
-from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at, set_rng_state, write_json_atomic
-from common.shards import ShardError, TokenLoader, shard_files
+from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at, set_rng_state
+from common.shards import ShardError, TokenLoader, shard_files, write_json_atomic
 
 # ---------------------------------------------------------------------------------------------- run constants
 TEACHER = "models/smolllm2_135m"  # teacher model folder (prepare.py writes it); a checkpoint folder works too

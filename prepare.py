@@ -67,10 +67,6 @@ def die(message):
     sys.exit(f"prepare.py: {message}")
 
 
-def write_json(path, obj):
-    shards.atomic_write_bytes(path, [json.dumps(obj, indent=2).encode() + b"\n"])
-
-
 def is_local(source, suffixes):
     return os.path.exists(source) or source.startswith(("/", ".", "~")) or source.endswith(suffixes) or "*" in source
 
@@ -128,7 +124,7 @@ def fetch_model():
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    write_json(os.path.join(tmp, "prepare_source.json"), {"model": source})
+    shards.write_json_atomic(os.path.join(tmp, "prepare_source.json"), {"model": source})
     if os.path.isdir(MODEL_DIR):
         os.rmdir(MODEL_DIR)  # empty, checked above
     os.replace(tmp, MODEL_DIR)
@@ -414,7 +410,7 @@ class ShardWriter:
 
     def save(self):
         os.makedirs(OUT_DIR, exist_ok=True)
-        write_json(os.path.join(OUT_DIR, PROGRESS), self.progress)
+        shards.write_json_atomic(os.path.join(OUT_DIR, PROGRESS), self.progress)
 
 
 def tokenize_stream(progress, stream, log, tokenizer_json, eot_id):
@@ -500,7 +496,7 @@ def main():
     manifest = {k: v for k, v in progress.items() if k != "next_doc"}
     for split in manifest["splits"].values():
         del split["done"]
-    write_json(os.path.join(OUT_DIR, shards.MANIFEST), manifest)
+    shards.write_json_atomic(os.path.join(OUT_DIR, shards.MANIFEST), manifest)
     os.remove(os.path.join(OUT_DIR, PROGRESS))
     summary(manifest["splits"])
     if manifest["splits"]["train"]["text_bytes"] < TRAIN_BYTES:

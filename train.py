@@ -29,7 +29,7 @@ from common import decoders
 from common.checkpoint import latest_checkpoint, list_checkpoints, load_model, load_state, save_checkpoint, start_run
 from common.config import override
 from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at, set_rng_state
-from common.shards import ShardError, TokenLoader, shard_files
+from common.shards import ShardError, TokenLoader, atomic_write_bytes, shard_files
 
 # ---------------------------------------------------------------------------------------------- run constants
 INIT = "models/smolllm2_135m"   # model folder, or checkpoint folder (distill.py's OUT/final, a train.py step folder)
@@ -170,9 +170,7 @@ if rt.master:
         if os.path.exists(log.path):  # drop what the interrupted run logged after its checkpoint: it is redone
             with open(log.path) as f:
                 kept = [line for line in f if ckpt and json.loads(line)["step"] <= start_step]
-            with open(log.path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(log.path + ".tmp", log.path)
+            atomic_write_bytes(log.path, [line.encode() for line in kept])
     log.log(step=start_step, event="resume" if RESUME else "start", checkpoint=ckpt, config=config,
             environment=environment(rt))
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from common.decoders import decoder_layers, get_block, make_student, set_block, student_specs
-from common.runtime import write_json_atomic
+from common.shards import write_json_atomic
 
 
 def load_model(folder, device="cpu", trust_remote_code=False):

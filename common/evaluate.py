@@ -22,8 +22,8 @@ from tqdm import tqdm
 from common.checkpoint import load_model
 from common.config import override
 from common.kd import final_hidden, head_weight, kd_metrics
-from common.runtime import Runtime, write_json_atomic
-from common.shards import ShardError, TokenLoader, shard_files
+from common.runtime import Runtime
+from common.shards import ShardError, TokenLoader, shard_files, write_json_atomic
 
 TEACHER = "models/smolllm2_135m"  # the reference model (prepare.py writes it); '' = no teacher, CE and ppl only
 DATA_DIR = "data/fineweb_edu"     # prepare.py's output; its val split is read

@@ -101,19 +101,6 @@ class RunLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def write_json_atomic(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def lr_at(step, total, peak, warmup, schedule="cosine", min_lr_ratio=0.1, decay_frac=0.2):
     """Learning rate for optimizer step `step` (0-based) of `total`: linear warmup, then
     cosine decay to min_lr_ratio*peak ('cosine') or hold then linear decay over the last

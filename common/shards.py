@@ -42,6 +42,11 @@ def atomic_write_bytes(path, chunks):
     return h.hexdigest()
 
 
+def write_json_atomic(path, obj):
+    """Write obj as indented JSON through a temp file and rename."""
+    atomic_write_bytes(path, [(json.dumps(obj, indent=2, default=str) + "\n").encode()])
+
+
 def write_shard(path, tokens):
     """Write uint16 tokens as a shard, atomically. Returns {"ntok", "bytes", "sha256"}."""
     tokens = np.asarray(tokens)
