@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import decoders
 from common.checkpoint import latest_checkpoint, list_checkpoints, load_model, load_state, save_checkpoint, start_run
 from common.config import override
+from common.evaluate import evaluate
 from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at, set_rng_state
 from common.shards import ShardError, TokenLoader, atomic_write_bytes, shard_files
 
@@ -136,6 +137,7 @@ val_steps = VAL_TOKENS // micro_tokens if VAL_EVERY else 0
 if VAL_EVERY and not 1 <= val_steps <= val_total // micro_tokens:
     sys.exit(f"train.py: VAL_TOKENS={VAL_TOKENS:,} must hold at least one micro-step ({micro_tokens:,} tokens) and "
              f"at most the val split ({val_total:,} tokens); change --val-tokens")
+val_batches = [val_loader.next_batch() for _ in range(val_steps)]  # the same tokens at every validation
 
 # the optimizer: AdamW with weight decay on matrices only; fused kernels on GPUs
 params = [p for p in model.parameters() if p.requires_grad]
@@ -205,16 +207,9 @@ def loss_on(x, y):
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
-@torch.no_grad()
-def evaluate(step):
-    """Mean loss over the first VAL_TOKENS val tokens (the loader restarts each time), over all ranks."""
-    model.eval()
-    val_loader.reset()
-    total = torch.zeros((), device=rt.device)
-    for _ in range(val_steps):
-        total += loss_on(*get_batch(val_loader))
-    model.train()
-    loss = rt.all_mean(total.item() / val_steps)
+def log_validation(step):
+    """Mean loss over the first VAL_TOKENS val tokens (the same batches every time), over all ranks."""
+    loss = evaluate(raw_model, val_batches, rt=rt)["ce"]
     log.log(step=step, val_loss=loss, val_ppl=math.exp(loss))
     rt.print(f"step {step:>6}/{STEPS} | val loss {loss:.4f} | val ppl {math.exp(loss):.2f}")
 
@@ -257,7 +252,7 @@ def save(step):
 if start_step >= STEPS:
     rt.print(f"nothing to do: the run is at step {start_step} of STEPS={STEPS}")
 if VAL_EVERY and start_step == 0:
-    evaluate(0)
+    log_validation(0)
 pending = []  # (step, lr, loss, grad norm) of the steps whose numbers are still on the device
 t_last = time.perf_counter()
 for step in range(start_step, STEPS):
@@ -283,7 +278,7 @@ for step in range(start_step, STEPS):
         flush(pending, t_last)
         pending = []
         if validate:
-            evaluate(done)
+            log_validation(done)
         if checkpoint and rt.master:
             folder = save(done)
             rt.print(f"saved {folder}")
