@@ -163,9 +163,9 @@ def place_cache(rt, nbytes):
     """Choose where the latent cache lives: the device when it fits, else host memory, else a disk
     memory map in the run folder. Exits with a clear message when it fits nowhere."""
     size = f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
-    options = ["device", "host", "disk"] if LATENT_CACHE == "auto" else [LATENT_CACHE]
     if LATENT_CACHE not in ("auto", "device", "host", "disk"):
         fail(f"LATENT_CACHE must be auto, device, host or disk, got {LATENT_CACHE!r}")
+    options = ["device", "host", "disk"] if LATENT_CACHE == "auto" else [LATENT_CACHE]
     for where in options:
         if nbytes < 0.7 * free_bytes(where, rt):
             rt.print(f"latent cache: {size} per rank on {where}" + (f" ({rt.device})" if where == "device" else ""))
@@ -312,7 +312,7 @@ def fresh_errors(rt, model, students, val, where):
 # ---------------------------------------------------------------------------------------------- layer-wise phase
 def train_rotation(rt, model, log, visit, val, teacher_ce):
     """One layer at a time over a cached teacher stream; a checkpoint after each layer."""
-    n_seq = STEPS_PER_LAYER * GRAD_ACCUM * BATCH_SIZE
+    n_seq = STEPS_PER_LAYER * GRAD_ACCUM * BATCH_SIZE  # per rank: exactly one layer's steps, each token once
     d = model.config.hidden_size
     where = place_cache(rt, 2 * 4 * d * SEQ_LEN * (n_seq + len(val) * BATCH_SIZE))
     loader = TokenLoader(shard_files(DATA_DIR, "train"), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size,
@@ -334,7 +334,9 @@ def train_rotation(rt, model, log, visit, val, teacher_ce):
     while rotation < ROTATIONS:
         rotation_start = loader.state()
         t0 = time.time()
-        cache = LatentCache(rt, model, read_tokens(loader, STEPS_PER_LAYER * GRAD_ACCUM), where, "train")
+        tokens = read_tokens(loader, STEPS_PER_LAYER * GRAD_ACCUM)
+        assert tokens.shape == (n_seq, SEQ_LEN), tokens.shape
+        cache = LatentCache(rt, model, tokens, where, "train")
         vcache = LatentCache(rt, model, val_inputs(val), where, "val")
         for k in range(done, len(visit)):
             i = visit[k]
@@ -485,7 +487,6 @@ def layerwise_phase(rt, model, log):
     if not visit:
         fail(f"no layer left to distill: LAYERS={LAYERS or 'all'} minus KEEP_TEACHER_LAYERS={KEEP_TEACHER_LAYERS}")
     tokens_per_step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * rt.world_size
-    assert tokens_per_step == BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * rt.world_size > 0
     rt.print(f"layer-wise {SCHEDULE}: target {TARGET}, student {STUDENT_KIND} {STUDENT_KWARGS}, "
              f"layers {visit} (keep teacher: {KEEP_TEACHER_LAYERS or 'none'})")
     rt.print(f"tokens per step: {BATCH_SIZE} batch x {SEQ_LEN} seq x {GRAD_ACCUM} accum x {rt.world_size} ranks = "
