@@ -37,7 +37,7 @@ from common.decoders import (check_layers, check_target, decoder_input, decoder_
 from common.evaluate import evaluate, val_batches
 from common.kd import final_hidden, head_weight, kd_loss
 from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at, set_rng_state
-from common.shards import ShardError, TokenLoader, shard_files, write_json_atomic
+from common.shards import ShardError, TokenLoader, read_shard, shard_files, write_json_atomic
 
 # ---------------------------------------------------------------------------------------------- run constants
 TEACHER = "models/smolllm2_135m"  # teacher model folder (prepare.py writes it); a checkpoint folder works too
@@ -49,11 +49,13 @@ PHASE = "layerwise"               # layerwise: match each decoder's output; logi
 TARGET = "mlp"                    # the block each layer swaps: mlp (FFN) or attn (self-attention)
 STUDENT_KIND = "prototype"        # a registered student: mlp: copy/prototype/pruned; attn: linear/window
 STUDENT_KWARGS = {}               # the student's arguments, JSON: '{"scale": 0.5, "activation": "relu2"}'
+CALIB_TOKENS = 16384              # tokens (all ranks) each student calibrates on before its first step; 0 = off
+LATENT_STREAM = "teacher"         # what feeds layer i: the teacher's layers, or the students already trained
 LAYERS = []                       # layer indices to distill; empty = every layer
 KEEP_TEACHER_LAYERS = []          # layers that keep the teacher's block (hybrids); removed from LAYERS
 SCHEDULE = "rotation"             # rotation (one layer at a time) or parallel (all layers per teacher pass)
 ROTATIONS = 1                     # passes over LAYERS, each on fresh tokens
-STEPS_PER_LAYER = 100             # optimizer steps each layer gets per rotation
+STEPS_PER_LAYER = 100             # optimizer steps each layer gets per rotation; 0 = calibration only
 BATCH_SIZE = 8                    # sequences per micro-batch, per rank
 SEQ_LEN = 512                     # tokens per sequence
 GRAD_ACCUM = 1                    # micro-batches per optimizer step
@@ -214,10 +216,10 @@ class LatentCache:
             self.h[s:s + len(hb)].copy_(res)
 
     @torch.no_grad()
-    def finish(self):
-        """h <- this layer's output with the teacher's block; move to the next layer."""
+    def finish(self, block=None):
+        """h <- this layer's output with `block` (default: the teacher's); move to the next layer."""
         layer = decoder_layers(self.model)[self.layer]
-        block = get_block(self.model, self.layer, TARGET)
+        block = block or get_block(self.model, self.layer, TARGET)
         for s, xb in self.batches(self.x):
             hb = self.h[s:s + len(xb)].to(self.rt.device)
             with self.rt.autocast():
@@ -225,10 +227,11 @@ class LatentCache:
             self.h[s:s + len(xb)].copy_(out)
         self.layer += 1
 
-    def advance_to(self, layer_index):
+    def advance_to(self, layer_index, blocks=None):
+        """Advance to layer_index through the teacher's blocks, or those in `blocks` ({layer: block})."""
         while self.layer < layer_index:
             self.split()
-            self.finish()
+            self.finish((blocks or {}).get(self.layer))
 
     def close(self):
         """Free the buffers and delete their files when the cache lives on disk."""
@@ -239,7 +242,7 @@ class LatentCache:
 
 
 def read_tokens(loader, n_batches):
-    return torch.cat([loader.next_batch()[0] for _ in range(n_batches)])
+    return torch.cat([torch.empty(0, SEQ_LEN, dtype=torch.long)] + [loader.next_batch()[0] for _ in range(n_batches)])
 
 
 @torch.no_grad()
@@ -296,23 +299,55 @@ def print_table(rows, columns):
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
 
 
+def stream_blocks(students):
+    """The blocks that carry the latent stream past distilled layers: with LATENT_STREAM=student the
+    students ({layer: block}), so that later layers learn on (and correct) earlier students' outputs."""
+    return students if LATENT_STREAM == "student" else {}
+
+
 def fresh_errors(rt, model, students, val, where):
-    """Val error of every student, from one pass of the teacher's stream over the val tokens (O(L))."""
+    """Val error of every student, from one pass of the stream over the val tokens (O(L))."""
     cache = LatentCache(rt, model, val_inputs(val), where, "val")
     errors = {}
     for i in sorted(students):
-        cache.advance_to(i)
+        cache.advance_to(i, stream_blocks(students))
         cache.split()
         errors[i] = layer_error(rt, students[i], get_block(model, i, TARGET), cache)
-        cache.finish()
+        cache.finish(stream_blocks(students).get(i))
     cache.close()
     return errors
+
+
+def calib_batches(rt):
+    """Batches per rank that hold CALIB_TOKENS (all ranks together), rounded up to whole steps."""
+    return -(-CALIB_TOKENS // (BATCH_SIZE * SEQ_LEN * rt.world_size))
+
+
+@torch.no_grad()
+def calibrate(rt, student, teacher_block, cache, n_seq):
+    """Fit a student that defines calibrate() to the first n_seq sequences of `cache` (split at its
+    layer) and their teacher outputs, in fp32 with fp64 statistics summed over ranks: deterministic,
+    and the same student on every rank. Returns the seconds it took, or None when nothing ran."""
+    if not hasattr(student, "calibrate") or n_seq == 0:
+        return None
+    t0 = time.time()
+
+    def batches():
+        for s in range(0, n_seq, BATCH_SIZE):
+            xb = cache.x[s:min(s + BATCH_SIZE, n_seq)].to(rt.device)
+            yield xb, run_block(teacher_block, xb, TARGET, cache.pe)
+
+    student.calibrate(teacher_block, batches, rt.all_sum_, cache.pe)
+    rt.synchronize()
+    return time.time() - t0
 
 
 # ---------------------------------------------------------------------------------------------- layer-wise phase
 def train_rotation(rt, model, log, visit, val, teacher_ce):
     """One layer at a time over a cached teacher stream; a checkpoint after each layer."""
-    n_seq = STEPS_PER_LAYER * GRAD_ACCUM * BATCH_SIZE  # per rank: exactly one layer's steps, each token once
+    # per rank: one layer's steps, each token once, extended when calibration wants more tokens
+    n_seq = max(STEPS_PER_LAYER * GRAD_ACCUM, calib_batches(rt)) * BATCH_SIZE
+    n_calib = calib_batches(rt) * BATCH_SIZE
     d = model.config.hidden_size
     where = place_cache(rt, 2 * 4 * d * SEQ_LEN * (n_seq + len(val) * BATCH_SIZE))
     loader = TokenLoader(shard_files(DATA_DIR, "train"), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size,
@@ -334,21 +369,24 @@ def train_rotation(rt, model, log, visit, val, teacher_ce):
     while rotation < ROTATIONS:
         rotation_start = loader.state()
         t0 = time.time()
-        tokens = read_tokens(loader, STEPS_PER_LAYER * GRAD_ACCUM)
+        tokens = read_tokens(loader, n_seq // BATCH_SIZE)
         assert tokens.shape == (n_seq, SEQ_LEN), tokens.shape
         cache = LatentCache(rt, model, tokens, where, "train")
         vcache = LatentCache(rt, model, val_inputs(val), where, "val")
         for k in range(done, len(visit)):
             i = visit[k]
-            vcache.advance_to(i)
+            stream = stream_blocks({j: students[j] for j in trained})
+            vcache.advance_to(i, stream)
             vcache.split()
             teacher_block, student = get_block(model, i, TARGET), students[i]
-            params = trainable_params(student, f"layer {i}")
-            opt = new_optimizer(params, LR)
             start_err = layer_error(rt, student, teacher_block, vcache)
             t_train = time.time()  # the rotation's teacher and student compute on training tokens
-            cache.advance_to(i)
+            cache.advance_to(i, stream)
             cache.split()
+            calib_s = calibrate(rt, student, teacher_block, cache, n_calib) if rotation == 0 else None
+            calib_err = layer_error(rt, student, teacher_block, vcache) if calib_s is not None else start_err
+            params = trainable_params(student, f"layer {i}")
+            opt = new_optimizer(params, LR)
             bar = tqdm(range(STEPS_PER_LAYER), desc=f"rot {rotation} layer {i}", disable=not rt.master, leave=False)
             rt.synchronize()
             t_steps = time.time()
@@ -375,22 +413,25 @@ def train_rotation(rt, model, log, visit, val, teacher_ce):
                     err = layer_error(rt, student, teacher_block, vcache)
                     log.log(phase="layerwise", rotation=rotation, layer=i, step=step, layer_step=s + 1, **err)
             rt.synchronize()
-            step_ms = 1000 * (time.time() - t_steps) / STEPS_PER_LAYER
-            cache.finish()
+            step_ms = 1000 * (time.time() - t_steps) / max(1, STEPS_PER_LAYER)
+            cache.finish(stream_blocks({i: student}).get(i))
             rt.synchronize()
-            train_s = time.time() - t_train
+            train_s = time.time() - t_train - (calib_s or 0)
             end_err = layer_error(rt, student, teacher_block, vcache)
             trained.add(i)
             ce = hybrid_ce(rt, model, val, {(j, TARGET): students[j] for j in trained})
             row = {"rotation": rotation, "layer": i, "mse_start": start_err["val_mse"], "mse_end": end_err["val_mse"],
+                   "start_rel_err": start_err["val_rel_err"], "calib_rel_err": calib_err["val_rel_err"],
                    "rel_err": end_err["val_rel_err"], "hybrid_ce": ce, "hybrid_ppl": float(np.exp(ce)),
-                   "teacher_ce": teacher_ce, "step_ms": step_ms, "train_s": train_s, "seconds": time.time() - t0}
+                   "teacher_ce": teacher_ce, "step_ms": step_ms, "calib_s": calib_s or 0.0, "train_s": train_s,
+                   "seconds": time.time() - t0}
             rows.append(row)
             log.log(phase="layerwise", step=step, **row)
-            rt.print(f"rot {rotation} layer {i:3d} | val mse {row['mse_start']:.4g} -> {row['mse_end']:.4g} "
-                     f"(rel {row['rel_err']:.4g}) | hybrid val ce {ce:.4f} (teacher {teacher_ce:.4f}) "
+            calibrated = f"calibrated {row['calib_rel_err']:.4g}, " if calib_s is not None else ""
+            rt.print(f"rot {rotation} layer {i:3d} | val rel err {row['start_rel_err']:.4g} -> {calibrated}"
+                     f"trained {row['rel_err']:.4g} | hybrid val ce {ce:.4f} (teacher {teacher_ce:.4f}) "
                      f"| {step_ms:.0f} ms/step, {row['seconds']:.1f}s")
-            vcache.finish()
+            vcache.finish(stream_blocks({i: student}).get(i))
             state = {"rotation": rotation, "done": k + 1, "step": step, "loader": rotation_start,
                      "rng": get_rng_state(), "rows": rows}
             if k + 1 == len(visit):  # the next rotation starts after this one's tokens
@@ -404,6 +445,26 @@ def train_rotation(rt, model, log, visit, val, teacher_ce):
         vcache.close()
         rotation, done = rotation + 1, 0
     return students, rows, step, state
+
+
+def calibrate_all(rt, model, students):
+    """Parallel schedule: calibrate every student, layer by layer, on the first CALIB_TOKENS of the
+    training stream (the tokens the first steps train on), through a latent cache of those tokens.
+    Returns whether any student calibrated."""
+    if not CALIB_TOKENS or not any(hasattr(s, "calibrate") for s in students.values()):
+        return False
+    loader = TokenLoader(shard_files(DATA_DIR, "train"), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size,
+                         vocab_size=model.config.vocab_size)
+    tokens = read_tokens(loader, calib_batches(rt))
+    where = place_cache(rt, 2 * 4 * model.config.hidden_size * tokens.numel())
+    cache = LatentCache(rt, model, tokens, where, "calib")
+    for i in tqdm(sorted(students), desc="calibrate", disable=not rt.master, leave=False):
+        cache.advance_to(i, stream_blocks(students))
+        cache.split()
+        calibrate(rt, students[i], get_block(model, i, TARGET), cache, len(tokens))
+        cache.finish(stream_blocks(students).get(i))
+    cache.close()
+    return True
 
 
 def train_parallel(rt, model, log, visit, val, teacher_ce):
@@ -434,7 +495,9 @@ def train_parallel(rt, model, log, visit, val, teacher_ce):
         return {"step": done, "optimizer": opt.state_dict(), "loader": loader.state(), "rng": get_rng_state()}
 
     done = step
-    start_errors = fresh_errors(rt, model, students, val, "device")
+    start_errors = calib_errors = fresh_errors(rt, model, students, val, "device")
+    if step == 0 and calibrate_all(rt, model, students):
+        calib_errors = fresh_errors(rt, model, students, val, "device")
     bar = tqdm(range(step, total), desc="parallel", disable=not rt.master)
     for step in bar:
         lr = lr_at(step, total, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
@@ -447,13 +510,17 @@ def train_parallel(rt, model, log, visit, val, teacher_ce):
                 with torch.no_grad(), rt.autocast():
                     lat, res = decoder_input(layers[i], h, TARGET, pe)
                     target = run_block(get_block(model, i, TARGET), lat, TARGET, pe)
+                out = target
                 if i in students:
                     with rt.autocast():
-                        loss = decoder_loss(run_block(students[i], lat, TARGET, pe), target) / GRAD_ACCUM
+                        student_out = run_block(students[i], lat, TARGET, pe)
+                        loss = decoder_loss(student_out, target) / GRAD_ACCUM
                     loss.backward()
                     losses[visit.index(i)] += loss.detach()
+                    if LATENT_STREAM == "student":
+                        out = student_out.detach()
                 with torch.no_grad(), rt.autocast():
-                    h = finish_layer(layers[i], res, target, TARGET)
+                    h = finish_layer(layers[i], res, out, TARGET)
         norms = step_optimizer(rt, opt, groups, lr)
         done = step + 1
         if step % LOG_EVERY == 0 or done == total:
@@ -471,8 +538,10 @@ def train_parallel(rt, model, log, visit, val, teacher_ce):
                              {"phase": "layerwise", "schedule": "parallel", "step": done}, state())
     errors = fresh_errors(rt, model, students, val, "device")
     ce = hybrid_ce(rt, model, val, blocks)
-    rows = [{"rotation": "all", "layer": i, "mse_start": start_errors[i]["val_mse"], "mse_end": errors[i]["val_mse"], "rel_err": errors[i]["val_rel_err"],
-             "hybrid_ce": ce, "hybrid_ppl": float(np.exp(ce)), "teacher_ce": teacher_ce}
+    rows = [{"rotation": "all", "layer": i, "mse_start": start_errors[i]["val_mse"], "mse_end": errors[i]["val_mse"],
+             "start_rel_err": start_errors[i]["val_rel_err"], "calib_rel_err": calib_errors[i]["val_rel_err"],
+             "rel_err": errors[i]["val_rel_err"], "hybrid_ce": ce, "hybrid_ppl": float(np.exp(ce)),
+             "teacher_ce": teacher_ce}
             for i in visit]
     log.log(phase="layerwise", step=total, hybrid_ce=ce, layer_val_mse={r["layer"]: r["mse_end"] for r in rows})
     return students, rows, total, state()
@@ -493,6 +562,14 @@ def layerwise_phase(rt, model, log):
              f"{tokens_per_step:,}; per layer per rotation: {STEPS_PER_LAYER} steps = "
              f"{tokens_per_step * STEPS_PER_LAYER:,} tokens; {ROTATIONS} rotation(s)")
     val = val_batches(DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, model.config.vocab_size)
+    if CALIB_TOKENS:
+        calib = calib_batches(rt) * BATCH_SIZE * SEQ_LEN * rt.world_size
+        train_tokens = sum(len(read_shard(f)) for f in shard_files(DATA_DIR, "train"))
+        if calib > train_tokens:
+            fail(f"CALIB_TOKENS={CALIB_TOKENS:,} (rounded up to whole batches: {calib:,}) is more than the "
+                 f"{train_tokens:,} tokens of {DATA_DIR}'s train split; lower --calib-tokens or prepare more data")
+        rt.print(f"calibration: {calib:,} tokens per student (CALIB_TOKENS rounded up to whole batches), "
+                 f"{LATENT_STREAM} stream")
     teacher_ce = hybrid_ce(rt, model, val)
     rt.print(f"teacher val ce {teacher_ce:.4f} (ppl {np.exp(teacher_ce):.2f}) on "
              f"{len(val) * BATCH_SIZE * SEQ_LEN * rt.world_size:,} tokens")
@@ -502,7 +579,8 @@ def layerwise_phase(rt, model, log):
                      {"phase": "layerwise", "schedule": SCHEDULE, "step": step}, state)
     if rt.master:
         print(f"\nper-layer validation ({TARGET} -> {STUDENT_KIND}); teacher val ce {teacher_ce:.4f}")
-        print_table(rows, ["rotation", "layer", "mse_start", "mse_end", "rel_err", "hybrid_ce", "hybrid_ppl"])
+        print_table(rows, ["rotation", "layer", "start_rel_err", "calib_rel_err", "rel_err", "mse_end", "hybrid_ce",
+                           "hybrid_ppl"])
         write_json_atomic(os.path.join(OUT_DIR, "layers.json"), rows)
         print(f"final model: {os.path.join(OUT_DIR, 'final')}")
 
@@ -633,6 +711,10 @@ def main():
         fail(f"SCHEDULE must be rotation or parallel, got {SCHEDULE!r}")
     if DECODER_LOSS not in ("mse", "nmse", "cosine"):
         fail(f"DECODER_LOSS must be mse, nmse or cosine, got {DECODER_LOSS!r}")
+    if LATENT_STREAM not in ("teacher", "student"):
+        fail(f"LATENT_STREAM must be teacher or student, got {LATENT_STREAM!r}")
+    if CALIB_TOKENS < 0:
+        fail(f"CALIB_TOKENS must be >= 0 (0 turns calibration off), got {CALIB_TOKENS}")
     if KD_TRAINABLE not in ("decoders", "all"):
         fail(f"KD_TRAINABLE must be decoders or all, got {KD_TRAINABLE!r}")
     rt = Runtime(dtype=DTYPE)
@@ -642,8 +724,10 @@ def main():
         box = [OUT_DIR]
         dist.broadcast_object_list(box)
         OUT_DIR = config["OUT_DIR"] = box[0]
-    if ROTATIONS < 1 or STEPS_PER_LAYER < 1 or KD_STEPS < 1 or BATCH_SIZE < 1 or GRAD_ACCUM < 1:
-        fail("ROTATIONS, STEPS_PER_LAYER, KD_STEPS, BATCH_SIZE and GRAD_ACCUM must be at least 1")
+    if ROTATIONS < 1 or KD_STEPS < 1 or BATCH_SIZE < 1 or GRAD_ACCUM < 1:
+        fail("ROTATIONS, KD_STEPS, BATCH_SIZE and GRAD_ACCUM must be at least 1")
+    if STEPS_PER_LAYER < 0:
+        fail(f"STEPS_PER_LAYER must be >= 0 (0: calibration only), got {STEPS_PER_LAYER}")
     continuing = PHASE == "logits" and not INIT and not RESUME  # phase 2 of the layer-wise run in OUT_DIR
     if rt.master:
         if continuing and not os.path.exists(os.path.join(OUT_DIR, "run.json")):

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from common.decoders import register
+from common.decoders import register, ridge_solve
 
 # Log decay per step is bounded to [-MAX_LOG_DECAY, 0], RWKV-7's bound (decay >= exp(-e^-0.5) = 0.545
 # per token). It keeps exp(-cumulative log decay) inside a chunk finite in fp32: chunk_size x 0.61
@@ -43,6 +43,10 @@ OUT_NORM_EPS = 1e-5  # per-head RMSNorm of the linear-attention output (GLA's ep
 # per-channel gain starting here. Softmax attention outputs a convex combination of values: on
 # SmolLM2-135M its per-head output RMS is 0.16-0.8x the value RMS (layers 0-29).
 OUT_GAIN_INIT = 0.25
+# Calibration (LinearAttention.calibrate) tries the initial decay rates times each of these, with the
+# output gain fit by least squares for each; GAIN_RIDGE is that fit's ridge (relative to the Gram's diagonal).
+DECAY_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
+GAIN_RIDGE = 1e-4
 
 
 def gla_step(q, k, v, g, state, scale):
@@ -185,24 +189,56 @@ class LinearAttention(nn.Module):
         g = -MAX_LOG_DECAY * torch.sigmoid(w.float())
         return q, k, v, g.view(shape).transpose(1, 2)
 
-    def output(self, o, v):
-        """o normalised per head to the RMS of v, times the gain, then o_proj; o, v: (B, H, T, head_dim)."""
+    @staticmethod
+    def normalised(o, v):
+        """o normalised per head to the RMS of v, heads flattened: (B, H, T, head_dim) -> (B, T, H * head_dim)."""
         o, v = o.float(), v.float()
         o = o * ((v.pow(2).mean(-1, keepdim=True) + OUT_NORM_EPS) / (o.pow(2).mean(-1, keepdim=True) + OUT_NORM_EPS)).sqrt()
-        o = o.transpose(1, 2).flatten(2) * self.out_gain
-        return self.o_proj(o.to(self.o_proj.weight.dtype))
+        return o.transpose(1, 2).flatten(2)
+
+    def output(self, o, v):
+        """The normalised o times the gain, then o_proj; o, v: (B, H, T, head_dim)."""
+        return self.o_proj((self.normalised(o, v) * self.out_gain).to(self.o_proj.weight.dtype))
+
+    def mix(self, q, k, v, g):
+        """The recurrence's outputs o (B, H, T, head_dim) over whole sequences."""
+        kernel = fla_chunk_gla() if q.is_cuda else None
+        if kernel is not None:
+            return kernel(*(t.transpose(1, 2).contiguous() for t in (q, k, v, g)), scale=self.scale)[0].transpose(1, 2)
+        with torch.autocast(q.device.type, enabled=False):
+            f32 = torch.promote_types(q.dtype, torch.float32)
+            return gla_chunked(q.to(f32), k.to(f32), v.to(f32), g.to(f32), self.scale, self.chunk_size)[0]
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
         _refuse_incremental(self, past_key_values)
         q, k, v, g = self.features(hidden_states, position_embeddings)
-        kernel = fla_chunk_gla() if q.is_cuda else None
-        if kernel is not None:
-            o = kernel(*(t.transpose(1, 2).contiguous() for t in (q, k, v, g)), scale=self.scale)[0].transpose(1, 2)
-        else:
-            with torch.autocast(q.device.type, enabled=False):
-                f32 = torch.promote_types(q.dtype, torch.float32)
-                o = gla_chunked(q.to(f32), k.to(f32), v.to(f32), g.to(f32), self.scale, self.chunk_size)[0]
-        return self.output(o, v), None
+        return self.output(self.mix(q, k, v, g), v), None
+
+    @torch.no_grad()
+    def calibrate(self, teacher, batches, all_reduce, pos_emb):
+        """A start fit to data: the initial decay rates scaled by each of DECAY_SCALES, each with the
+        output gain that best maps the normalised output z to the teacher's (y = o_proj(z * gain) is
+        linear in the gain: a least-squares fit from fp64 statistics); keeps the pair of least error."""
+        rate = MAX_LOG_DECAY * torch.sigmoid(self.decay_base.double())
+        w_out = self.o_proj.weight.double()  # (d, width)
+        best = None
+        for decay_scale in DECAY_SCALES:
+            self.decay_base.copy_(torch.logit((rate * decay_scale / MAX_LOG_DECAY).clamp(max=0.999)))
+            zz = zy = yy = 0
+            for x, y in batches():
+                q, k, v, g = self.features(x, pos_emb)
+                z = self.normalised(self.mix(q, k, v, g), v).flatten(0, 1).double()
+                y = y.flatten(0, 1).double() - (0 if self.o_proj.bias is None else self.o_proj.bias.double())
+                zz, zy, yy = zz + z.T @ z, zy + (z * (y @ w_out)).sum(0), yy + y.square().sum()
+            for t in (zz, zy, yy):
+                all_reduce(t)
+            gram = (w_out.T @ w_out) * zz
+            gain = ridge_solve(gram, zy[:, None], GAIN_RIDGE)[:, 0]
+            error = yy - 2 * gain @ zy + gain @ gram @ gain
+            if best is None or error < best[0]:
+                best = (error, self.decay_base.clone(), gain)
+        self.decay_base.copy_(best[1])
+        self.out_gain.copy_(best[2])
 
     def step(self, hidden_states, position_embeddings, state=None):
         """The recurrent path: continue from `state` (None at the start) over the given tokens, one

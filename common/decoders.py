@@ -10,9 +10,15 @@ teacher's residual stream one layer at a time without the model's own forward.
 A student kind is one small nn.Module class registered with `@register(target, kind)`. Its
 constructor takes (teacher_block, config, **kwargs) and starts from the teacher block it
 replaces (a copy, a pruned copy, or fresh weights); it records `kwargs` so a checkpoint can
-rebuild it from its folder alone.
+rebuild it from its folder alone. A kind may also define
+    calibrate(teacher_block, batches, all_reduce, pos_emb)
+to fit itself to data before training: batches() iterates (latent x, teacher output y) pairs of
+shape (B, T, d); all_reduce(t) sums a tensor over ranks in place. Calibration accumulates fixed-size
+statistics in fp64 (Gram matrices, second moments) over the batches, never all activations, so its
+memory does not grow with the number of tokens.
 """
 import copy
+import functools
 import math
 
 import torch
@@ -112,6 +118,33 @@ class swapped:
             set_block(self.model, *key, b)
 
 
+def ridge_solve(gram, cross, ridge):
+    """argmin_W ||A W - Y||^2 + lam ||W||^2 from gram = A^T A (n, n) and cross = A^T Y (n, d), in fp64,
+    with lam = ridge x the mean of gram's diagonal (so `ridge` does not depend on scale or token count)."""
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-30)
+    return torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), cross)
+
+
+def fit_linear(linear, features, batches, all_reduce, ridge):
+    """Refit `linear` (weight and bias) by ridge least squares so that linear(features(x)) matches y,
+    from the Gram statistics of the features accumulated in fp64 over the batches."""
+    gram = cross = None
+    for x, y in batches():
+        a = features(x).flatten(0, -2).double()
+        if linear.bias is not None:  # an all-ones feature carries the bias
+            a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+        y = y.flatten(0, -2).double()
+        gram = a.T @ a if gram is None else gram.addmm_(a.T, a)
+        cross = a.T @ y if cross is None else cross.addmm_(a.T, y)
+    all_reduce(gram)
+    all_reduce(cross)
+    w = ridge_solve(gram, cross, ridge).T.to(linear.weight.dtype)
+    if linear.bias is not None:
+        w, b = w[:, :-1], w[:, -1]
+        linear.bias.copy_(b)
+    linear.weight.copy_(w)
+
+
 def position_embeddings(model, h):
     """Rotary (cos, sin) for positions 0..T-1 of h (B, T, d), as the model's forward makes them."""
     pos = torch.arange(h.shape[1], device=h.device)[None]
@@ -166,12 +199,17 @@ ACTIVATIONS = {"relu2": lambda x: F.relu(x).square(), "gelu": F.gelu, "silu": F.
 @register("mlp", "prototype")
 class PrototypeMLP(nn.Module):
     """Two matrices: d -> width (x2 when gated) -> d, width = scale x the teacher's intermediate
-    size. The output projection starts at zero, so the student starts as the zero function."""
+    size. The output projection starts at zero, so the student starts as the zero function;
+    calibration fits it by ridge least squares on the student's random features (an extreme
+    learning machine), so that it starts near the teacher."""
 
-    def __init__(self, teacher, config, scale=1.0, activation="relu2", gated=False, bias=False):
+    def __init__(self, teacher, config, scale=1.0, activation="relu2", gated=False, bias=False, ridge=1e-3):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} unknown; use {', '.join(ACTIVATIONS)}")
+        if ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        self.ridge = ridge
         d = config.hidden_size
         self.width = max(1, int(round(scale * _intermediate_size(teacher, config))))
         self.activation, self.gated = activation, gated
@@ -183,44 +221,82 @@ class PrototypeMLP(nn.Module):
             nn.init.zeros_(self.fc_in.bias)
             nn.init.zeros_(self.fc_out.bias)
 
-    def forward(self, x):
+    def hidden(self, x):
         h = self.fc_in(x)
         if self.gated:
             g, h = h.chunk(2, dim=-1)
-            h = ACTIVATIONS[self.activation](g) * h
-        else:
-            h = ACTIVATIONS[self.activation](h)
-        return self.fc_out(h)
+            return ACTIVATIONS[self.activation](g) * h
+        return ACTIVATIONS[self.activation](h)
+
+    def forward(self, x):
+        return self.fc_out(self.hidden(x))
+
+    @torch.no_grad()
+    def calibrate(self, teacher, batches, all_reduce, pos_emb=None):
+        fit_linear(self.fc_out, self.hidden, batches, all_reduce, self.ridge)
 
 
 @register("mlp", "pruned")
 class PrunedMLP(nn.Module):
-    """A narrower FFN of the teacher's own class (SwiGLU for Llama), keeping the `scale` fraction
-    of intermediate channels with the largest weight-norm importance
-    ||gate_j|| * ||up_j|| * ||down_:,j||, copied from the teacher: it starts close to the teacher."""
+    """A narrower FFN of the teacher's own class (SwiGLU for Llama): the `scale` fraction of the
+    teacher's intermediate channels, copied from it, so it starts close to the teacher.
 
-    def __init__(self, teacher, config, scale=0.5):
+    importance  which channels to keep. 'weight': the largest ||gate_j|| * ||up_j|| * ||down_:,j||
+                (data-blind; also the choice before calibration). 'activation': the largest
+                RMS over calibration tokens of act_j = act(gate_j x) * (up_j x), times ||down_:,j||:
+                the size of channel j's contribution to the output on real latents.
+    refit       calibration refits the down projection by ridge least squares on the kept
+                channels' activations against the teacher's output (ridge: lam = ridge x mean
+                diagonal of the Gram matrix), which takes over much of the dropped channels' work.
+    With importance='weight' and refit=False calibration changes nothing."""
+
+    def __init__(self, teacher, config, scale=0.5, importance="activation", refit=True, ridge=1e-3):
         super().__init__()
+        if importance not in ("activation", "weight"):
+            raise ValueError(f"importance must be 'activation' or 'weight', got {importance!r}")
+        if ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {ridge}")
+        self.importance, self.refit, self.ridge = importance, refit, ridge
         full = _intermediate_size(teacher, config)
         width = max(1, min(full, int(round(scale * full))))
         narrow = copy.deepcopy(config)
         narrow.intermediate_size = width
         self.block = type(teacher)(narrow)
-        with torch.no_grad():
-            g, u, d = teacher.gate_proj.weight, teacher.up_proj.weight, teacher.down_proj.weight
-            importance = g.float().norm(dim=1) * u.float().norm(dim=1) * d.float().norm(dim=0)
-            keep = importance.topk(width).indices.sort().values
-            self.block.gate_proj.weight.copy_(g[keep])
-            self.block.up_proj.weight.copy_(u[keep])
-            self.block.down_proj.weight.copy_(d[:, keep])
-            for name in ("gate_proj", "up_proj"):
-                if getattr(teacher, name).bias is not None:
-                    getattr(self.block, name).bias.copy_(getattr(teacher, name).bias[keep])
-            if teacher.down_proj.bias is not None:
-                self.block.down_proj.bias.copy_(teacher.down_proj.bias)
+        g, u, d = teacher.gate_proj.weight, teacher.up_proj.weight, teacher.down_proj.weight
+        self.keep_channels(teacher, g.float().norm(dim=1) * u.float().norm(dim=1) * d.float().norm(dim=0))
+
+    @torch.no_grad()
+    def keep_channels(self, teacher, importance):
+        """Copy the teacher's channels of largest importance (in the teacher's order)."""
+        keep = importance.topk(self.block.down_proj.in_features).indices.sort().values
+        for name in ("gate_proj", "up_proj"):
+            mine, theirs = getattr(self.block, name), getattr(teacher, name)
+            mine.weight.copy_(theirs.weight[keep])
+            if theirs.bias is not None:
+                mine.bias.copy_(theirs.bias[keep])
+        self.block.down_proj.weight.copy_(teacher.down_proj.weight[:, keep])
+        if teacher.down_proj.bias is not None:
+            self.block.down_proj.bias.copy_(teacher.down_proj.bias)
+
+    @torch.no_grad()
+    def calibrate(self, teacher, batches, all_reduce, pos_emb=None):
+        if self.importance == "activation":
+            square_sum = 0
+            for x, _ in batches():
+                square_sum = square_sum + _swiglu_hidden(teacher, x).flatten(0, -2).double().square().sum(0)
+            all_reduce(square_sum)
+            self.keep_channels(teacher, square_sum.sqrt() * teacher.down_proj.weight.double().norm(dim=0))
+        if self.refit:
+            fit_linear(self.block.down_proj, functools.partial(_swiglu_hidden, self.block), batches, all_reduce,
+                       self.ridge)
 
     def forward(self, x):
         return self.block(x)
+
+
+def _swiglu_hidden(mlp, x):
+    """The intermediate activations act(gate x) * (up x) of a Llama-family MLP (what down_proj sees)."""
+    return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
 
 
 from common import attention  # noqa: E402,F401  (registers the 'attn' students)

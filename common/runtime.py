@@ -53,6 +53,12 @@ class Runtime:
         dist.all_reduce(t)
         return t.item() / self.world_size
 
+    def all_sum_(self, tensor):
+        """Sum a tensor over ranks in place (nothing without DDP)."""
+        if self.ddp:
+            dist.all_reduce(tensor)
+        return tensor
+
     def barrier(self):
         if self.ddp:
             dist.barrier()

@@ -111,6 +111,7 @@ def test_student_mse_falls(teacher_dir, tiny_data_dir, tmp_path, kind, schedule)
 
 
 def test_resume_after_kill_is_exact(teacher_dir, tiny_data_dir, tmp_path):
+    """Killed after the first (calibrated) layer: the resumed run calibrates the next one the same way."""
     args = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--student-kind", "prototype",
             "--steps-per-layer", "20", "--rotations", "2", "--layers", "0,2"]
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
@@ -131,7 +132,7 @@ def test_resume_after_kill_is_exact(teacher_dir, tiny_data_dir, tmp_path):
     a = load_file(os.path.join(whole, "final", "model.safetensors"))
     b = load_file(os.path.join(cut, "final", "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    timing = ("seconds", "train_s", "step_ms")
+    timing = ("seconds", "train_s", "step_ms", "calib_s")
     assert [{k: v for k, v in r.items() if k not in timing} for r in layer_rows(whole)] == \
            [{k: v for k, v in r.items() if k not in timing} for r in layer_rows(cut)]
 
@@ -153,8 +154,9 @@ def test_parallel_resume_is_exact(teacher_dir, tiny_data_dir, tmp_path):
 
 
 def test_two_process_ddp_matches_one_process(teacher_dir, tiny_data_dir, tmp_path):
-    args = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--student-kind", "prototype",
-            "--steps-per-layer", "4", "--layers", "1", "--seq-len", "32"]
+    """Same global batch: the same calibration (statistics summed over ranks) and the same training."""
+    args = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--student-kind", "pruned",
+            "--steps-per-layer", "4", "--layers", "1", "--seq-len", "32", "--calib-tokens", "2048"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     ddp, single = str(tmp_path / "ddp"), str(tmp_path / "single")
     proc = subprocess.run(distill_command("--out-dir", ddp, *args, launcher=torchrun), cwd=ROOT,
@@ -165,7 +167,8 @@ def test_two_process_ddp_matches_one_process(teacher_dir, tiny_data_dir, tmp_pat
     b = load_file(os.path.join(single, "final", "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
-    assert layer_rows(ddp)[0]["hybrid_ce"] == pytest.approx(layer_rows(single)[0]["hybrid_ce"], rel=1e-5)
+    for key in ("calib_rel_err", "hybrid_ce"):
+        assert layer_rows(ddp)[0][key] == pytest.approx(layer_rows(single)[0][key], rel=1e-5)
 
 
 def test_logits_phase_has_its_own_lr_and_kl_falls(teacher_dir, tiny_data_dir, tmp_path):
