@@ -49,7 +49,7 @@ PHASE = "layerwise"               # layerwise: match each decoder's output; logi
 TARGET = "mlp"                    # the block each layer swaps: mlp (FFN) or attn (self-attention)
 STUDENT_KIND = "prototype"        # a registered student: mlp: copy/prototype/pruned; attn: linear/window
 STUDENT_KWARGS = {}               # the student's arguments, JSON: '{"scale": 0.5, "activation": "relu2"}'
-CALIB_TOKENS = 16384              # tokens (all ranks) each student calibrates on before its first step; 0 = off
+CALIB_TOKENS = 32768              # tokens (all ranks) each student calibrates on before its first step; 0 = off
 LATENT_STREAM = "teacher"         # what feeds layer i: the teacher's layers, or the students already trained
 LAYERS = []                       # layer indices to distill; empty = every layer
 KEEP_TEACHER_LAYERS = []          # layers that keep the teacher's block (hybrids); removed from LAYERS

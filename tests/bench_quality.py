@@ -6,8 +6,8 @@ distill.py runs as a user runs it (subprocesses writing run folders under OUT_DI
 stage's model is evaluated beside the teacher on the same val tokens (common.evaluate):
   weight-norm start   students from the data-blind channel choice (no calibration, no steps)
   calibrated start    the same students after calibration alone (STEPS_PER_LAYER=0)
-  layer-wise          calibration, then STEPS_PER_LAYER steps per layer
-  logits              then KD_STEPS of the logits phase (KL to the teacher, only the students train)
+  layer-wise          calibration, then STEPS_PER_LAYER steps per layer (skipped when 0)
+  logits              then KD_STEPS of the logits phase (KL to the teacher)
 Each row: val CE, perplexity, its ratio to the teacher's, KL(teacher || model), top-1 agreement,
 parameters, and the wall time of the stage. The defaults (all 30 FFNs of SmolLM2-135M at half
 width) take about 30 minutes on a 2-core CPU; on a GPU raise the budgets (see the README).
@@ -33,9 +33,10 @@ STUDENT_KWARGS = '{"scale": 0.5}'
 CALIB_TOKENS = 32768                  # calibration tokens per student
 STEPS_PER_LAYER = 0                   # layer-wise steps: after calibration the per-layer MSE barely moves
 LR = 1e-4                             # their peak LR (small: the calibrated start is already close)
-KD_STEPS = 60                         # logits-phase steps: where the remaining gap closes
+KD_STEPS = 100                        # logits-phase steps: where the remaining gap closes
 KD_LR = 1e-3
-BATCH_SIZE = 4                        # sequences per step, both phases
+KD_TRAINABLE = "decoders"             # decoders: only the students train; all: the whole model does
+BATCH_SIZE = 2                        # sequences per step, both phases
 SEQ_LEN = 512
 EVAL_TOKENS = 16384                   # val tokens of the final table (the same for every model)
 DISTILL_VAL_TOKENS = 2048             # distill.py's own per-layer validation (kept small: it runs per layer)
@@ -45,7 +46,8 @@ def distill(out_dir, *args):
     """Run distill.py; returns its wall time in seconds."""
     cmd = [sys.executable, os.path.join(ROOT, "distill.py"), "--teacher", TEACHER, "--data-dir", DATA_DIR,
            "--out-dir", out_dir, "--batch-size", str(BATCH_SIZE), "--seq-len", str(SEQ_LEN),
-           "--val-tokens", str(DISTILL_VAL_TOKENS), "--layers", LAYERS, "--student-kind", STUDENT_KIND, *args]
+           "--val-tokens", str(DISTILL_VAL_TOKENS), "--layers", LAYERS, "--student-kind", STUDENT_KIND,
+           "--keep-last", "1", *args]  # keep-last: a checkpoint per layer is a whole model
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -65,22 +67,25 @@ def main():
     from common.evaluate import evaluate_models, val_batches
     if os.path.isdir(OUT_DIR):
         shutil.rmtree(OUT_DIR)
-    runs = {name: os.path.join(OUT_DIR, name) for name in ("weight", "calibrated", "recipe")}
+    runs = {name: os.path.join(OUT_DIR, name) for name in ("weight", "calibrated", "layerwise")}
     seconds = {
         "weight-norm start": distill(runs["weight"], "--steps-per-layer", "0", "--calib-tokens", "0",
                                      "--student-kwargs", with_kwargs(importance="weight", refit=False)),
         "calibrated start": distill(runs["calibrated"], "--steps-per-layer", "0", "--calib-tokens", str(CALIB_TOKENS),
                                     "--student-kwargs", STUDENT_KWARGS),
     }
-    seconds["layer-wise"] = distill(runs["recipe"], "--steps-per-layer", str(STEPS_PER_LAYER), "--lr", str(LR),
-                                    "--calib-tokens", str(CALIB_TOKENS), "--student-kwargs", STUDENT_KWARGS)
-    seconds["logits"] = distill(runs["recipe"], "--phase", "logits", "--kd-steps", str(KD_STEPS), "--kd-lr", str(KD_LR),
-                                "--kd-warmup-steps", str(max(1, KD_STEPS // 10)), "--kd-val-every", str(KD_STEPS),
-                                "--kd-save-every", str(KD_STEPS))
     folders = {"weight-norm start": os.path.join(runs["weight"], "final"),
-               "calibrated start": os.path.join(runs["calibrated"], "final"),
-               "layer-wise": os.path.join(runs["recipe"], "final"),
-               "logits": os.path.join(runs["recipe"], "logits_final")}
+               "calibrated start": os.path.join(runs["calibrated"], "final")}
+    recipe = runs["calibrated"]  # with no layer-wise steps the logits phase starts from the calibrated start
+    if STEPS_PER_LAYER:
+        recipe = runs["layerwise"]
+        seconds["layer-wise"] = distill(recipe, "--steps-per-layer", str(STEPS_PER_LAYER), "--lr", str(LR),
+                                        "--calib-tokens", str(CALIB_TOKENS), "--student-kwargs", STUDENT_KWARGS)
+        folders["layer-wise"] = os.path.join(recipe, "final")
+    seconds["logits"] = distill(recipe, "--phase", "logits", "--kd-steps", str(KD_STEPS), "--kd-lr", str(KD_LR),
+                                "--kd-warmup-steps", str(max(1, KD_STEPS // 10)), "--kd-val-every", str(KD_STEPS),
+                                "--kd-save-every", str(KD_STEPS), "--kd-trainable", KD_TRAINABLE)
+    folders["logits"] = os.path.join(recipe, "logits_final")
     torch.manual_seed(0)
     teacher = load_model(TEACHER).eval()
     models = {stage: load_model(folder).eval() for stage, folder in folders.items()}

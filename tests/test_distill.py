@@ -244,3 +244,15 @@ def test_trainable_trains_only_the_named_parameters(teacher_dir, tiny_data_dir, 
     assert not torch.equal(trained.fc_out.weight, initial.fc_out.weight)
     assert "matches no parameter" in run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir",
                                                  str(tmp_path / "r2"), "--trainable", "nothing_like_this", check=False)
+
+
+def test_distill_sh_runs_both_phases(teacher_dir, tiny_data_dir, tmp_path):
+    """./distill.sh: calibrated layer-wise phase, then the logits phase in the same run folder."""
+    out = str(tmp_path / "run")
+    proc = subprocess.run([os.path.join(ROOT, "distill.sh"), "--teacher", teacher_dir, "--data-dir", tiny_data_dir,
+                           "--out-dir", out, *TINY, "--steps-per-layer", "2", "--calib-tokens", "1024", "--kd-steps", "2",
+                           "--warmup-steps", "1", "--kd-warmup-steps", "1", "--kd-val-every", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(r["calib_rel_err"] < r["start_rel_err"] for r in layer_rows(out))
+    assert os.path.isdir(os.path.join(out, "final")) and os.path.isdir(os.path.join(out, "logits_final"))
