@@ -332,10 +332,10 @@ def calibrate(rt, student, teacher_block, cache, n_seq):
         return None
     t0 = time.time()
 
-    def batches():
+    def batches(targets=True):
         for s in range(0, n_seq, BATCH_SIZE):
             xb = cache.x[s:min(s + BATCH_SIZE, n_seq)].to(rt.device)
-            yield xb, run_block(teacher_block, xb, TARGET, cache.pe)
+            yield xb, run_block(teacher_block, xb, TARGET, cache.pe) if targets else None
 
     student.calibrate(teacher_block, batches, rt.all_sum_, cache.pe)
     rt.synchronize()

@@ -13,7 +13,8 @@ replaces (a copy, a pruned copy, or fresh weights); it records `kwargs` so a che
 rebuild it from its folder alone. A kind may also define
     calibrate(teacher_block, batches, all_reduce, pos_emb)
 to fit itself to data before training: batches() iterates (latent x, teacher output y) pairs of
-shape (B, T, d); all_reduce(t) sums a tensor over ranks in place. Calibration accumulates fixed-size
+shape (B, T, d), batches(targets=False) the latents alone (y is None: no teacher forward);
+all_reduce(t) sums a tensor over ranks in place. Calibration accumulates fixed-size
 statistics in fp64 (Gram matrices, second moments) over the batches, never all activations, so its
 memory does not grow with the number of tokens.
 """
@@ -250,7 +251,7 @@ class PrunedMLP(nn.Module):
                 diagonal of the Gram matrix), which takes over much of the dropped channels' work.
     With importance='weight' and refit=False calibration changes nothing."""
 
-    def __init__(self, teacher, config, scale=0.5, importance="activation", refit=True, ridge=1e-3):
+    def __init__(self, teacher, config, scale=0.5, importance="activation", refit=True, ridge=1e-4):
         super().__init__()
         if importance not in ("activation", "weight"):
             raise ValueError(f"importance must be 'activation' or 'weight', got {importance!r}")
@@ -282,7 +283,7 @@ class PrunedMLP(nn.Module):
     def calibrate(self, teacher, batches, all_reduce, pos_emb=None):
         if self.importance == "activation":
             square_sum = 0
-            for x, _ in batches():
+            for x, _ in batches(targets=False):
                 square_sum = square_sum + _swiglu_hidden(teacher, x).flatten(0, -2).double().square().sum(0)
             all_reduce(square_sum)
             self.keep_channels(teacher, square_sum.sqrt() * teacher.down_proj.weight.double().norm(dim=0))
