@@ -16,11 +16,12 @@ import sys
 import uuid
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from common.decoders import decoder_layers, get_block, make_student, set_block, student_specs
-from common.shards import write_json_atomic
+from common.shards import read_json, write_json_atomic
 
 
 def load_model(folder, device="cpu", trust_remote_code=False):
@@ -29,6 +30,7 @@ def load_model(folder, device="cpu", trust_remote_code=False):
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"{folder}: no config.json, so not a model or checkpoint folder; "
                                 f"run prepare.py to fetch the model, or point to a checkpoint folder (OUT/final)")
+    check_weights(folder)
     students_path = os.path.join(folder, "students.json")
     if not os.path.exists(students_path):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa",
@@ -38,8 +40,7 @@ def load_model(folder, device="cpu", trust_remote_code=False):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa",
                                              trust_remote_code=trust_remote_code)
     decoder_layers(model)
-    with open(students_path) as f:
-        specs = json.load(f)
+    specs = read_json(students_path, "the checkpoint is damaged; use another one")
     for s in specs:
         teacher = get_block(model, s["layer"], s["target"])
         set_block(model, s["layer"], s["target"], make_student(s["target"], s["kind"], teacher, config, **s["kwargs"]))
@@ -50,17 +51,30 @@ def load_model(folder, device="cpu", trust_remote_code=False):
     return model.to(device)
 
 
+def check_weights(folder):
+    """Raise ValueError naming a safetensors file of the folder that is truncated or not safetensors at all.
+    Reads only each file's header: it must describe tensors that exactly fill the file."""
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            path = os.path.join(folder, name)
+            try:
+                with safe_open(path, "pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{path}: not a complete safetensors file ({str(e).splitlines()[0]}); "
+                                 f"it was cut short or damaged: copy it again, or use another checkpoint") from None
+
+
 def load_state(folder):
     """The training state saved with a checkpoint (weights_only: tensors and plain types)."""
     path = os.path.join(folder, "state.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no training state in this checkpoint; it can initialise a run but not resume one")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_meta(folder):
-    with open(os.path.join(folder, "meta.json")) as f:
-        return json.load(f)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged zip or pickle surfaces as any of several types
+        raise ValueError(f"{path}: unreadable training state ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         f"delete {folder} to resume from the checkpoint before it") from None
 
 
 def save_checkpoint(folder, model, meta, state=None, keep_tokenizer_from=None):
@@ -116,19 +130,31 @@ def start_run(out_dir, resume, script, config):
     return run_id
 
 
-def list_checkpoints(out_dir, phase=None):
-    """Complete checkpoint folders of a run, oldest first by their recorded step."""
+def list_checkpoints(out_dir, phase=None, damaged=None):
+    """Complete checkpoint folders of a run, oldest first by their recorded step. A folder whose meta.json cannot
+    be read is left out (and appended to the list `damaged`, when given)."""
     found = []
     for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
         path = os.path.join(out_dir, name)
         if name.startswith(".") or not os.path.isfile(os.path.join(path, "meta.json")):
             continue
-        meta = read_meta(path)
+        try:
+            meta = read_json(os.path.join(path, "meta.json"), "damaged")
+            step = int(meta["step"])
+        except (ValueError, TypeError, KeyError):
+            if damaged is not None:
+                damaged.append(path)
+            continue
         if phase is None or meta.get("phase") == phase:
-            found.append((meta["step"], path))
+            found.append((step, path))
     return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(out_dir, phase=None):
-    found = list_checkpoints(out_dir, phase)
+    """The newest complete checkpoint of the phase, passing over (and naming on stderr) damaged ones."""
+    damaged = []
+    found = list_checkpoints(out_dir, phase, damaged)
+    for path in damaged:
+        print(f"{path}: unreadable meta.json, so this checkpoint is passed over (delete it); "
+              f"using the newest good one", file=sys.stderr)
     return found[-1] if found else None
