@@ -163,8 +163,6 @@ def place_cache(rt, nbytes):
     """Choose where the latent cache lives: the device when it fits, else host memory, else a disk
     memory map in the run folder. Exits with a clear message when it fits nowhere."""
     size = f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
-    if LATENT_CACHE not in ("auto", "device", "host", "disk"):
-        fail(f"LATENT_CACHE must be auto, device, host or disk, got {LATENT_CACHE!r}")
     options = ["device", "host", "disk"] if LATENT_CACHE == "auto" else [LATENT_CACHE]
     for where in options:
         if nbytes < 0.7 * free_bytes(where, rt):
@@ -478,21 +476,35 @@ def train_parallel(rt, model, log, visit, val, teacher_ce):
     return students, rows, total, state()
 
 
-def layerwise_phase(rt, model, log):
+def check_data(rt, vocab_size):
+    """Open the first train shard (header, size, ids inside the vocabulary) and return the val batches."""
+    TokenLoader(shard_files(DATA_DIR, "train"), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, vocab_size=vocab_size)
+    return val_batches(DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, vocab_size)
+
+
+def layerwise_inputs(rt):
+    """The teacher, the layers to distill and the val batches, with a student of the kind asked for built once
+    and the data opened: everything the phase needs, checked before the run folder exists."""
+    model = load_model(TEACHER, rt.device).eval().requires_grad_(False)
     check_target(model, TARGET)
-    n_layers = len(decoder_layers(model))
-    layers = LAYERS if LAYERS else list(range(n_layers))
-    check_layers(model, layers + KEEP_TEACHER_LAYERS)
+    layers = LAYERS if LAYERS else list(range(len(decoder_layers(model))))
+    check_layers(model, layers)
+    check_layers(model, KEEP_TEACHER_LAYERS, "KEEP_TEACHER_LAYERS")
     visit = sorted(set(layers) - set(KEEP_TEACHER_LAYERS))
     if not visit:
         fail(f"no layer left to distill: LAYERS={LAYERS or 'all'} minus KEEP_TEACHER_LAYERS={KEEP_TEACHER_LAYERS}")
+    with torch.random.fork_rng(devices=[]):  # STUDENT_KIND, STUDENT_KWARGS and TRAINABLE; the RNG is left as it was
+        trainable_params(make_students(model, visit[:1])[visit[0]], f"layer {visit[0]}")
+    return model, visit, check_data(rt, model.config.vocab_size)
+
+
+def layerwise_phase(rt, model, log, visit, val):
     tokens_per_step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * rt.world_size
     rt.print(f"layer-wise {SCHEDULE}: target {TARGET}, student {STUDENT_KIND} {STUDENT_KWARGS}, "
              f"layers {visit} (keep teacher: {KEEP_TEACHER_LAYERS or 'none'})")
     rt.print(f"tokens per step: {BATCH_SIZE} batch x {SEQ_LEN} seq x {GRAD_ACCUM} accum x {rt.world_size} ranks = "
              f"{tokens_per_step:,}; per layer per rotation: {STEPS_PER_LAYER} steps = "
              f"{tokens_per_step * STEPS_PER_LAYER:,} tokens; {ROTATIONS} rotation(s)")
-    val = val_batches(DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, model.config.vocab_size)
     teacher_ce = hybrid_ce(rt, model, val)
     rt.print(f"teacher val ce {teacher_ce:.4f} (ppl {np.exp(teacher_ce):.2f}) on "
              f"{len(val) * BATCH_SIZE * SEQ_LEN * rt.world_size:,} tokens")
@@ -516,8 +528,10 @@ def backbone_differs(teacher, model, blocks):
             if not k.startswith(prefixes) and (k not in theirs or not torch.equal(v, theirs[k]))]
 
 
-def logits_phase(rt, log):
-    """KL(teacher || student) on next-token distributions, with its own optimizer and LR schedule."""
+def logits_models(rt):
+    """The logits phase's init checkpoint, the checkpoint it resumes from (None: it starts at step 0), the teacher,
+    the model to train, its student blocks and the parameters to train: loaded and checked before the run folder
+    exists."""
     init = INIT or os.path.join(OUT_DIR, "final")
     if not INIT and not os.path.isdir(init):
         init = latest_checkpoint(OUT_DIR, "layerwise")
@@ -544,6 +558,12 @@ def logits_phase(rt, log):
     del source
     for p in params:
         p.requires_grad_(True)
+    return init, resume_from, teacher, model, blocks, params
+
+
+def logits_phase(rt, log, val, models):
+    """KL(teacher || student) on next-token distributions, with its own optimizer and LR schedule."""
+    init, resume_from, teacher, model, blocks, params = models
     loader = TokenLoader(shard_files(DATA_DIR, "train"), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size,
                          vocab_size=model.config.vocab_size)
     opt = new_optimizer(params, KD_LR)
@@ -562,7 +582,6 @@ def logits_phase(rt, log):
     rt.print(f"logits phase from {init}: trainable {KD_TRAINABLE} ({sum(p.numel() for p in params):,} parameters), "
              f"{KD_STEPS} steps x {tokens_per_step:,} tokens, lr {KD_LR} (warmup {KD_WARMUP_STEPS}, cosine), "
              f"temperature {KD_TEMPERATURE}, ce weight {KD_CE_WEIGHT}")
-    val = val_batches(DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, model.config.vocab_size)
     results = []
 
     def state():
@@ -635,6 +654,8 @@ def main():
         fail(f"DECODER_LOSS must be mse, nmse or cosine, got {DECODER_LOSS!r}")
     if KD_TRAINABLE not in ("decoders", "all"):
         fail(f"KD_TRAINABLE must be decoders or all, got {KD_TRAINABLE!r}")
+    if LATENT_CACHE not in ("auto", "device", "host", "disk"):
+        fail(f"LATENT_CACHE must be auto, device, host or disk, got {LATENT_CACHE!r}")
     rt = Runtime(dtype=DTYPE)
     if not OUT_DIR:
         OUT_DIR = os.path.join("runs", time.strftime("distill_%Y%m%d_%H%M%S"))
@@ -645,7 +666,16 @@ def main():
     if ROTATIONS < 1 or STEPS_PER_LAYER < 1 or KD_STEPS < 1 or BATCH_SIZE < 1 or GRAD_ACCUM < 1:
         fail("ROTATIONS, STEPS_PER_LAYER, KD_STEPS, BATCH_SIZE and GRAD_ACCUM must be at least 1")
     continuing = PHASE == "logits" and not INIT and not RESUME  # phase 2 of the layer-wise run in OUT_DIR
-    if rt.master:
+    torch.manual_seed(SEED)
+    try:
+        if PHASE == "layerwise":
+            model, visit, val = layerwise_inputs(rt)
+        else:
+            models = logits_models(rt)
+            val = check_data(rt, models[3].config.vocab_size)
+    except (ShardError, ValueError, OSError) as e:
+        fail(str(e))
+    if rt.master:  # the run folder appears only once everything the run needs has been checked
         if continuing and not os.path.exists(os.path.join(OUT_DIR, "run.json")):
             fail(f"{OUT_DIR}: no distill run here to continue; run the layer-wise phase into it first, "
                  f"or pass --init CHECKPOINT")
@@ -657,13 +687,11 @@ def main():
     log = RunLog(rt, OUT_DIR)
     rt.print(f"run folder {OUT_DIR} | device {rt.device} | dtype {str(rt.dtype).replace('torch.', '')} | "
              f"world size {rt.world_size}")
-    torch.manual_seed(SEED)
     try:
         if PHASE == "layerwise":
-            model = load_model(TEACHER, rt.device).eval().requires_grad_(False)
-            layerwise_phase(rt, model, log)
+            layerwise_phase(rt, model, log, visit, val)
         else:
-            logits_phase(rt, log)
+            logits_phase(rt, log, val, models)
     except (ShardError, ValueError, FileNotFoundError) as e:
         fail(str(e))
     rt.close()

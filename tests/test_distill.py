@@ -187,17 +187,35 @@ def test_logits_phase_has_its_own_lr_and_kl_falls(teacher_dir, tiny_data_dir, tm
 @pytest.mark.parametrize("args,message", [
     (["--student-kind", "nope"], "unknown STUDENT_KIND 'nope'"),
     (["--layers", "0,7"], "LAYERS [7] out of range"),
+    (["--keep-teacher-layers", "9"], "KEEP_TEACHER_LAYERS [9] out of range"),
     (["--target", "ffn"], "unknown TARGET 'ffn'"),
     (["--student-kwargs", '{"width": 3}'], "do not fit student"),
+    (["--trainable", "nothing_like_this"], "matches no parameter"),
+    (["--latent-cache", "gpu"], "LATENT_CACHE must be auto, device, host or disk"),
     (["--steps-per-layr", "3"], "unknown option --steps-per-layr"),
-    (["--data-dir", "/nonexistent"], "/nonexistent: no val shards found; run `python prepare.py"),
+    (["--data-dir", "/nonexistent"], "/nonexistent: no train shards found; run `python prepare.py"),
     (["--teacher", "/nonexistent"], "/nonexistent: no config.json"),
+    (["--phase", "logits", "--init", "/nonexistent"], "/nonexistent: no config.json"),
 ])
 def test_bad_input_is_one_clear_line(teacher_dir, tiny_data_dir, tmp_path, args, message):
-    """Each mistake ends the run with one line that says what to do (a SystemExit, not a traceback)."""
-    error = run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"),
+    """Each mistake ends the run with one line that says what to do (a SystemExit, not a traceback), before the
+    run folder exists: the corrected command is not refused for a folder that "already holds files"."""
+    out = tmp_path / "r"
+    error = run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(out),
                         "--student-kind", "prototype", *args, check=False)
     assert error is not None and message in error and "\n" not in error, error
+    assert not out.exists()
+
+
+def test_truncated_teacher_is_one_line_and_no_run_folder(teacher_dir, tiny_data_dir, tmp_path):
+    cut = shutil.copytree(teacher_dir, tmp_path / "teacher")
+    weights = cut / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    error = run_distill("--teacher", str(cut), "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"),
+                        check=False)
+    assert f"{weights}: not a complete safetensors file" in error and "\n" not in error, error
+    assert not (tmp_path / "r").exists()
 
 
 def test_unsupported_model_is_refused(tiny_data_dir, tmp_path):
