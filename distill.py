@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.checkpoint import (latest_checkpoint, list_checkpoints, load_model, load_state,
+from common.checkpoint import (check_unchanged, latest_checkpoint, list_checkpoints, load_model, load_state,
                                save_checkpoint, start_run)
 from common.config import override
 from common.decoders import (check_layers, check_target, decoder_input, decoder_layers, finish_layer, get_block,
@@ -37,7 +37,7 @@ from common.decoders import (check_layers, check_target, decoder_input, decoder_
 from common.evaluate import evaluate, val_batches
 from common.kd import final_hidden, head_weight, kd_loss
 from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at, set_rng_state
-from common.shards import ShardError, TokenLoader, shard_files, write_json_atomic
+from common.shards import ShardError, TokenLoader, read_json, shard_files, write_json_atomic
 
 # ---------------------------------------------------------------------------------------------- run constants
 TEACHER = "models/smolllm2_135m"  # teacher model folder (prepare.py writes it); a checkpoint folder works too
@@ -643,6 +643,38 @@ def logits_phase(rt, log, val, models):
 
 
 # ---------------------------------------------------------------------------------------------- main
+def may_change_on_resume():
+    """Constants a resumed phase may change: where and how often it reports and saves, and the other phase's own
+    constants. Every other constant (one added later too, until it is listed here) defines the phase's result,
+    so a resume that changes it is refused."""
+    reporting = {"OUT_DIR", "RESUME", "LOG_EVERY", "VAL_EVERY", "SAVE_EVERY", "KEEP_LAST", "LATENT_CACHE",
+                 "KD_VAL_EVERY", "KD_SAVE_EVERY"}
+    layerwise_only = {"TARGET", "STUDENT_KIND", "STUDENT_KWARGS", "LAYERS", "KEEP_TEACHER_LAYERS", "SCHEDULE",
+                      "ROTATIONS", "STEPS_PER_LAYER", "LR", "WARMUP_STEPS", "DECODER_LOSS", "TRAINABLE"}
+    logits_only = {"INIT", "KD_TRAINABLE", "KD_STEPS", "KD_LR", "KD_WARMUP_STEPS", "KD_TEMPERATURE", "KD_CE_WEIGHT",
+                   "KD_FRESH_TOKENS"}
+    return reporting | (logits_only if PHASE == "layerwise" else layerwise_only)
+
+
+def open_run(rt, config, reopen):
+    """Rank 0 creates the run folder, or reopens it (reopen: --resume, or the logits phase after the layer-wise
+    one), locked for the life of this process; a resumed phase must keep the constants its checkpoints were made
+    with (config_PHASE.json). Raises ValueError on every rank when rank 0 refuses."""
+    def start():
+        if PHASE == "logits" and not INIT and not RESUME:  # phase 2 of the layer-wise run in OUT_DIR
+            if not os.path.exists(os.path.join(OUT_DIR, "run.json")):
+                raise ValueError(f"{OUT_DIR}: no distill run here to continue; run the layer-wise phase into it "
+                                 f"first, or pass --init CHECKPOINT")
+            if list_checkpoints(OUT_DIR, "logits"):
+                raise ValueError(f"{OUT_DIR} already holds logits-phase checkpoints; pass --resume to continue them")
+        start_run(OUT_DIR, reopen, "distill.py", config)
+        saved = os.path.join(OUT_DIR, f"config_{PHASE}.json")
+        if RESUME and os.path.exists(saved):
+            first = read_json(saved, "the run folder is damaged; start a new run in another --out-dir")["config"]
+            check_unchanged(first, config, may_change_on_resume(), saved)
+    rt.master_only(start)
+
+
 def main():
     global OUT_DIR
     config = override(globals())
@@ -665,25 +697,22 @@ def main():
         OUT_DIR = config["OUT_DIR"] = box[0]
     if ROTATIONS < 1 or STEPS_PER_LAYER < 1 or KD_STEPS < 1 or BATCH_SIZE < 1 or GRAD_ACCUM < 1:
         fail("ROTATIONS, STEPS_PER_LAYER, KD_STEPS, BATCH_SIZE and GRAD_ACCUM must be at least 1")
-    continuing = PHASE == "logits" and not INIT and not RESUME  # phase 2 of the layer-wise run in OUT_DIR
+    reopen = RESUME or (PHASE == "logits" and not INIT)
     torch.manual_seed(SEED)
     try:
+        if reopen:  # lock the run before reading its checkpoints: a run still going in it would change them
+            open_run(rt, config, reopen)
         if PHASE == "layerwise":
             model, visit, val = layerwise_inputs(rt)
         else:
             models = logits_models(rt)
             val = check_data(rt, models[3].config.vocab_size)
+        if not reopen:  # a new run's folder appears only once everything it needs has been checked
+            open_run(rt, config, reopen)
     except (ShardError, ValueError, OSError) as e:
         fail(str(e))
-    if rt.master:  # the run folder appears only once everything the run needs has been checked
-        if continuing and not os.path.exists(os.path.join(OUT_DIR, "run.json")):
-            fail(f"{OUT_DIR}: no distill run here to continue; run the layer-wise phase into it first, "
-                 f"or pass --init CHECKPOINT")
-        if continuing and list_checkpoints(OUT_DIR, "logits"):
-            fail(f"{OUT_DIR} already holds logits-phase checkpoints; pass --resume to continue them")
-        start_run(OUT_DIR, RESUME or continuing, "distill.py", config)
+    if rt.master:
         write_json_atomic(os.path.join(OUT_DIR, f"config_{PHASE}.json"), {"config": config, "environment": environment(rt)})
-    rt.barrier()
     log = RunLog(rt, OUT_DIR)
     rt.print(f"run folder {OUT_DIR} | device {rt.device} | dtype {str(rt.dtype).replace('torch.', '')} | "
              f"world size {rt.world_size}")
