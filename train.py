@@ -257,6 +257,17 @@ def flush(pending, started):
              + (f" | mfu {speed['mfu']:.1%}" if peak else ""))
 
 
+def out_of_memory(step):
+    """One line for running out of device memory. A new run with no checkpoint yet leaves no run folder behind, so
+    that the same command with a smaller batch starts cleanly."""
+    fresh = not RESUME and rt.master and not list_checkpoints(OUT_DIR, phase="train")
+    if fresh:
+        shutil.rmtree(OUT_DIR)
+    again = "run again" if fresh else f"continue with --resume --out-dir {OUT_DIR}"
+    sys.exit(f"train.py: out of memory at step {step} ({BATCH_SIZE} x {SEQ_LEN} tokens per micro-step on {rt.device}); "
+             f"{again} and a lower --batch-size (more micro-steps then make up TOTAL_BATCH_TOKENS)")
+
+
 def save(step):
     folder = os.path.join(OUT_DIR, f"step{step:06d}")
     state = {"step": step, "optimizer": optimizer.state_dict(), "loader": train_loader.state(),
@@ -279,16 +290,19 @@ for step in range(start_step, STEPS):
     lr = lr_at(step, STEPS, LR, WARMUP_STEPS, SCHEDULE, MIN_LR_RATIO)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    step_loss = torch.zeros((), device=rt.device)
-    for micro in range(grad_accum):
-        # DDP all-reduces the gradients on the last micro-step only
-        skip_sync = rt.ddp and micro < grad_accum - 1
-        with model.no_sync() if skip_sync else contextlib.nullcontext():
-            loss = loss_on(*get_batch(train_loader)) / grad_accum
-            loss.backward()
-        step_loss += loss.detach()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP or math.inf)
-    optimizer.step()
+    try:
+        step_loss = torch.zeros((), device=rt.device)
+        for micro in range(grad_accum):
+            # DDP all-reduces the gradients on the last micro-step only
+            skip_sync = rt.ddp and micro < grad_accum - 1
+            with model.no_sync() if skip_sync else contextlib.nullcontext():
+                loss = loss_on(*get_batch(train_loader)) / grad_accum
+                loss.backward()
+            step_loss += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP or math.inf)
+        optimizer.step()
+    except torch.OutOfMemoryError:
+        out_of_memory(step + 1)
     optimizer.zero_grad(set_to_none=True)
     done = step + 1  # optimizer steps taken: the step number in logs and checkpoint names
     pending.append((done, lr, step_loss, norm))

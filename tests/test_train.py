@@ -293,3 +293,18 @@ def test_truncated_training_state_is_one_line(reference, tiny_model_dir, tiny_da
         f.truncate(1000)
     error = train_error(BASE + ["--resume"], tiny_model_dir, tiny_data_dir, out)
     assert f"{state}: unreadable training state" in error and "delete" in error
+
+
+def test_out_of_memory_at_the_first_step_leaves_no_run_folder(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    args = ["--batch-size", "4", "--seq-len", "32", "--total-batch-tokens", "128", "--steps", "1", "--val-every", "0"]
+
+    def out_of_memory(*args, **kwargs):  # as the device would at the first forward of a batch too large for it
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 GiB")
+
+    with monkeypatch.context() as m:
+        m.setattr(F, "cross_entropy", out_of_memory)
+        error = train_error(args, tiny_model_dir, tiny_data_dir, out)
+    assert "out of memory at step 1 (4 x 32 tokens per micro-step" in error and "run again" in error
+    assert not os.path.exists(out)
+    assert "x 2 micro-steps" in run_train(args + ["--batch-size", "2"], tiny_model_dir, tiny_data_dir, out)
