@@ -73,7 +73,7 @@ def write_shard(path, tokens):
 
 def read_shard(path):
     """Validate a shard's header and size and return its tokens as a read-only uint16 memory map."""
-    hint = "re-run prepare.py (it resumes and rewrites bad shards) or run `python -m common.shards verify DIR`"
+    hint = "re-run the prepare.py command that wrote it (it redoes damaged shards)"
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -158,7 +158,7 @@ def verify(data_dir):
             if len(tokens) != s["ntok"]:
                 problems.append(f"{path}: {len(tokens)} tokens, manifest says {s['ntok']}")
             elif file_sha256(path) != s["sha256"]:
-                problems.append(f"{path}: sha256 differs from the manifest (corrupted or replaced); re-run prepare.py")
+                problems.append(f"{path}: sha256 differs from the manifest (corrupted or replaced)")
     return problems
 
 
@@ -225,7 +225,8 @@ def main(argv):
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
-        sys.exit(f"{argv[1]}: {len(problems)} problem(s) with the shards; re-run prepare.py with --out-dir {argv[1]}")
+        sys.exit(f"{argv[1]}: {len(problems)} problem(s) with the shards; re-run the prepare.py command that wrote "
+                 f"them: it re-hashes every shard and redoes the damaged ones")
     manifest = load_manifest(argv[1])
     counts = ", ".join(f"{k}: {len(v['shards'])} shards, {sum(s['ntok'] for s in v['shards']):,} tokens"
                        for k, v in manifest["splits"].items())
