@@ -80,8 +80,8 @@ def load_state(folder):
         raise FileNotFoundError(f"{path}: no training state in this checkpoint; it can initialise a run but not resume one")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged zip or pickle surfaces as any of several types
-        raise ValueError(f"{path}: unreadable training state ({type(e).__name__}: {str(e).splitlines()[0]}); "
+    except Exception as e:  # a damaged zip or pickle surfaces as any of several types, with paragraphs of advice
+        raise ValueError(f"{path}: unreadable training state ({type(e).__name__}: {str(e).split('. ')[0]}); "
                          f"delete {folder} to resume from the checkpoint before it") from None
 
 
