@@ -13,6 +13,8 @@ document is in both splits. manifest.json lists the shards with their sha256; wh
 going progress.json records finished shards, so an interrupted run resumes where it stopped and
 ends byte-identical to an uninterrupted one.
 """
+import collections
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -56,6 +58,7 @@ TEXT_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": 
 OFFLINE_HINT = ("offline, pass --model with a local snapshot folder or .gguf file and --dataset with local "
                 ".txt/.jsonl/.parquet files (a file, a folder or a glob)")
 PROGRESS = "progress.json"
+JSON_CHUNK_BYTES = 2**20  # .jsonl text per parse: datasets' default, 10 MB, delays the first batch to the workers
 SPLITS = ("val", "train")
 
 
@@ -241,6 +244,8 @@ def open_stream(source):
         args, kwargs = (source["builder"],), {"data_files": source["files"]}
         if source["builder"] == "text":
             kwargs["sample_by"] = "document"
+        if source["builder"] == "json":
+            kwargs["chunksize"] = JSON_CHUNK_BYTES
     else:
         args, kwargs = (source["dataset"],), {"name": source["config"]}
     try:
@@ -314,7 +319,7 @@ def tasks(docs, split_bytes):
             texts, sizes, task_bytes = [], [], 0
         if not texts:
             split, first = to, index
-        size = len(text.encode("utf-8"))
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))  # isascii() is O(1) in CPython
         split_bytes[to] += size
         task_bytes += size
         texts.append(text)
@@ -337,7 +342,9 @@ def init_worker(tokenizer_json, eot_id):
 
 
 def tokenize(texts):
-    """[EOT, tokens of doc 0, EOT, tokens of doc 1, ...] as uint16, and each document's length in tokens."""
+    """[EOT, tokens of doc 0, EOT, tokens of doc 1, ...] as uint16, each document's length in tokens, and the
+    seconds it took."""
+    t0 = time.perf_counter()
     ids = [e.ids for e in _TOKENIZER.encode_batch_fast(texts, add_special_tokens=False)]
     lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
     tokens = np.empty(int(lengths.sum()), dtype=np.uint16)
@@ -346,7 +353,7 @@ def tokenize(texts):
         tokens[pos] = _EOT
         tokens[pos + 1:pos + 1 + len(x)] = x
         pos += len(x) + 1
-    return tokens, lengths
+    return tokens, lengths, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- output
@@ -464,38 +471,74 @@ class ShardWriter:
         shards.write_json_atomic(os.path.join(OUT_DIR, PROGRESS), self.progress)
 
 
-def tokenize_stream(progress, source, stream, log, tokenizer_json, eot_id):
-    """Tokenize the stream in WORKERS processes, in order, into shards; return the text bytes and tokens done
-    and the CPU seconds it took (this process and its workers)."""
+def tokenize_stream(progress, source, tokenizer_json, eot_id, started, clock):
+    """Tokenize the text in WORKERS processes, in order, into shards. The workers start first and load the tokenizer
+    while this process opens the stream. Returns the text bytes and tokens done, and the seconds and CPU seconds
+    (this process and its workers) from the stream's opening on. `clock` gets the seconds from `started` to the
+    stream's opening ("start-up"), this process's seconds of reading the stream, waiting for the workers and
+    writing shards, and the workers' seconds of tokenizing."""
     writer = ShardWriter(progress)
     split_bytes = {s: progress["splits"][s]["text_bytes"] for s in SPLITS}  # documents before next_doc
-    t0, cpu0, nbytes, tokens = time.time(), cpu_seconds(), 0, 0
-    with tqdm(total=VAL_BYTES + TRAIN_BYTES, initial=sum(split_bytes.values()), unit="B", unit_scale=True,
-              unit_divisor=1024, desc="tokenizing", dynamic_ncols=True) as bar, \
-            mp.get_context().Pool(WORKERS, init_worker, (tokenizer_json, eot_id)) as pool:
-        inflight = deque()
+    nbytes, tokens = 0, 0
+    with mp.get_context().Pool(WORKERS, init_worker, (tokenizer_json, eot_id)) as pool:
+        stream, log = open_stream(source)
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
+        clock["start-up"] = t0 - started
+        with tqdm(total=VAL_BYTES + TRAIN_BYTES, initial=sum(split_bytes.values()), unit="B", unit_scale=True,
+                  unit_divisor=1024, desc="tokenizing", dynamic_ncols=True) as bar:
+            inflight = deque()
 
-        def collect():
-            nonlocal nbytes, tokens
-            split, first, sizes, result = inflight.popleft()
-            out, lengths = result.get()
-            writer.add(split, first, out, lengths, sizes)
-            nbytes, tokens = nbytes + sum(sizes), tokens + len(out)
-            bar.update(sum(sizes))
-            bar.set_postfix_str(f"{tokens:,} tokens, {tokens / (time.time() - t0):,.0f} tok/s", refresh=False)
+            def collect():
+                nonlocal nbytes, tokens
+                split, first, sizes, result = inflight.popleft()
+                with timed(clock, "wait"):
+                    out, lengths, seconds = result.get()
+                clock["tokenize"] += seconds
+                with timed(clock, "write"):
+                    writer.add(split, first, out, lengths, sizes)
+                nbytes, tokens = nbytes + sum(sizes), tokens + len(out)
+                bar.update(sum(sizes))
+                bar.set_postfix_str(f"{tokens:,} tokens, {tokens / (time.perf_counter() - t0):,.0f} tok/s",
+                                    refresh=False)
 
-        txt_files = source["files"] if source.get("builder") == "text" else []
-        for split, first, texts, sizes in tasks(documents(stream, log, progress["next_doc"], txt_files), split_bytes):
-            inflight.append((split, first, sizes, pool.apply_async(tokenize, (texts,))))
-            if len(inflight) > 4 * WORKERS:  # bounded read-ahead: enough to keep every worker busy, no more
+            txt_files = source["files"] if source.get("builder") == "text" else []
+            work = tasks(documents(stream, log, progress["next_doc"], txt_files), split_bytes)
+            while True:
+                with timed(clock, "read"):
+                    task = next(work, None)
+                if task is None:
+                    break
+                split, first, texts, sizes = task
+                inflight.append((split, first, sizes, pool.apply_async(tokenize, (texts,))))
+                if len(inflight) > 4 * WORKERS:  # bounded read-ahead: enough to keep every worker busy, no more
+                    collect()
+            while inflight:
                 collect()
-        while inflight:
-            collect()
-    writer.end_split()
+    with timed(clock, "write"):
+        writer.end_split()
     if not progress["splits"]["train"]["shards"]:
         raise InputError(f"{DATASET} ran out after {split_bytes['val']:,} bytes of text, leaving none for train; "
                          f"lower --val-bytes or add text")
-    return nbytes, tokens, cpu_seconds() - cpu0  # the pool's processes have ended and been reaped by now
+    # the pool's processes have ended and been reaped by now
+    return nbytes, tokens, time.perf_counter() - t0, cpu_seconds() - cpu0
+
+
+@contextlib.contextmanager
+def timed(clock, part):
+    t = time.perf_counter()
+    yield
+    clock[part] += time.perf_counter() - t
+
+
+def breakdown(clock, seconds):
+    """One line: where the time went, and the part that limits the run."""
+    busy = clock["tokenize"] / (WORKERS * seconds)
+    limit = ("tokenizing: more cores (--workers) would help" if busy > 0.85 else
+             "reading the stream in one process" if clock["read"] > clock["write"] else "writing the shards")
+    return (f"time: start-up {clock['start-up']:.2f} s; then {seconds:.2f} s in which this process read the stream for "
+            f"{clock['read']:.2f} s, wrote shards for {clock['write']:.2f} s and waited for the tokenizers for "
+            f"{clock['wait']:.2f} s, and {WORKERS} workers tokenized for {clock['tokenize']:.2f} s "
+            f"({busy:.0%} busy); limited by {limit}")
 
 
 def cpu_seconds():
@@ -512,6 +555,7 @@ def summary(splits):
 
 
 def main():
+    started = time.perf_counter()
     if min(TRAIN_BYTES, VAL_BYTES, SHARD_TOKENS, WORKERS, TASK_BYTES) <= 0:
         die("--train-bytes, --val-bytes, --shard-tokens, --workers and --task-bytes must be positive")
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
@@ -538,11 +582,10 @@ def main():
     for name in os.listdir(OUT_DIR) if os.path.isdir(OUT_DIR) else []:
         if re.fullmatch(r"((train|val)_\d+\.bin|progress\.json|manifest\.json)\.tmp\d+", name):
             os.remove(os.path.join(OUT_DIR, name))  # a temp file of a killed run; its shard is redone
-    stream, log = open_stream(source)
+    clock = collections.Counter()
     try:
-        t0 = time.time()
-        nbytes, tokens, cpu = tokenize_stream(progress, source, stream, log, tokenizer_json, tokenizer["eos_id"])
-        seconds = time.time() - t0
+        nbytes, tokens, seconds, cpu = tokenize_stream(progress, source, tokenizer_json, tokenizer["eos_id"], started,
+                                                       clock)
     except InputError as e:
         kept = sum(len(s["shards"]) for s in progress["splits"].values())
         die(f"{e}" + (f" ({kept} finished shards kept in {OUT_DIR}: fix the input and re-run to resume)"
@@ -558,6 +601,7 @@ def main():
     print(f"wrote {os.path.join(OUT_DIR, shards.MANIFEST)}; this run tokenized {nbytes / 1e6:.2f} MB of text into "
           f"{tokens:,} tokens in {seconds:.2f} s ({cpu:.2f} CPU s) with {WORKERS} workers: "
           f"{nbytes / 1e6 / seconds:.3f} MB/s, {tokens / seconds:,.0f} tokens/s")
+    print(breakdown(clock, seconds))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ folder, shards checked by a reader written only from the README's format, resume
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -133,6 +134,9 @@ def test_prepare_parquet_and_txt_through_the_same_path(kind, model, tmp_path):
     result = prepare("--model", model, "--model-dir", model, "--dataset", source, "--out-dir", tmp_path / "data",
                      "--val-bytes", 5000, "--workers", 1)
     assert result.returncode == 0, result.stderr
+    assert re.search(r"^time: start-up [\d.]+ s; then [\d.]+ s in which this process read the stream for [\d.]+ s, "
+                     r"wrote shards for [\d.]+ s .* 1 workers tokenized for [\d.]+ s \(\d+% busy\); limited by ",
+                     result.stdout, re.M), result.stdout
     tokenizer = Tokenizer.from_file(os.path.join(model, "tokenizer.json"))
     data = tmp_path / "data"
     assert split_documents(data, tokenizer, "val") + split_documents(data, tokenizer, "train") == docs
