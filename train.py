@@ -190,9 +190,9 @@ if not RESUME:
 log = RunLog(rt, OUT_DIR)
 if rt.master:
     if RESUME and os.path.exists(log.path):  # drop what the interrupted run logged after its checkpoint: it is redone
-        with open(log.path) as f:
+        with open(log.path) as f:  # (so is a last line torn by a kill: it has no newline)
             kept = [line for line in f if ckpt and line.endswith("\n") and json.loads(line)["step"] <= start_step]
-        atomic_write_bytes(log.path, [line.encode() for line in kept])  # a line torn by a kill ends without \n
+        atomic_write_bytes(log.path, [line.encode() for line in kept])
     log.log(step=start_step, event="resume" if RESUME else "start", checkpoint=ckpt, config=config,
             environment=environment(rt))
 

@@ -122,9 +122,11 @@ _held = {}  # real path of each run folder this process holds -> its lock file d
 def lock_run(out_dir):
     """Hold an exclusive lock on a run folder for the rest of this process's life (flock on OUT/run.lock: a
     killed holder releases it at once). Raises ValueError naming the holder's pid when another process holds it."""
-    if os.path.realpath(out_dir) in _held:
-        return
-    fd = os.open(os.path.join(out_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    path = os.path.join(out_dir, LOCK)
+    held = _held.get(os.path.realpath(out_dir))
+    if held is not None and os.path.exists(path) and os.path.samestat(os.fstat(held), os.stat(path)):
+        return  # this process holds it already (a folder deleted and made anew needs a new lock)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -215,7 +217,7 @@ def list_checkpoints(out_dir, phase=None, damaged=None):
         if name.startswith(".") or not os.path.isfile(os.path.join(path, "meta.json")):
             continue
         try:
-            meta = read_json(os.path.join(path, "meta.json"), "damaged")
+            meta = read_json(os.path.join(path, "meta.json"), "")
             step = int(meta["step"])
         except (ValueError, TypeError, KeyError):
             if damaged is not None:

@@ -58,13 +58,14 @@ class Runtime:
             dist.barrier()
 
     def master_only(self, fn, *args):
-        """fn(*args) on rank 0 alone, the other ranks waiting for it. A ValueError there is raised on every rank,
-        so that no rank is left waiting for one that has stopped. Returns fn's result on rank 0, None elsewhere."""
+        """fn(*args) on rank 0 alone, the other ranks waiting for it. A ValueError or OSError there is raised on
+        every rank as a ValueError, so that no rank is left waiting for one that has stopped. Returns fn's result
+        on rank 0, None elsewhere."""
         result = error = None
         if self.master:
             try:
                 result = fn(*args)
-            except ValueError as e:
+            except (ValueError, OSError) as e:
                 error = str(e)
         if self.ddp:
             box = [error]

@@ -278,9 +278,12 @@ def test_resume_passes_over_a_checkpoint_with_unreadable_meta(reference, tiny_mo
     bad = os.path.join(out, "step000040")
     with open(os.path.join(bad, "meta.json"), "w") as f:
         f.write('{"script": "train.py", "ph')
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:  # and a last line torn by a kill mid-append
+        f.write('{"step": 41, "loss": 0.')
     printed = run_train(BASE + ["--resume"], tiny_model_dir, tiny_data_dir, out)
     assert f"{bad}: unreadable meta.json, so this checkpoint is passed over" in capsys.readouterr().err
     assert "resuming at step 35" in printed
+    assert sorted(metrics(out)[0]) == list(range(1, 41))  # every line parses; steps 36-40 were logged once, again
     a = load_file(os.path.join(out, "step000040", "model.safetensors"))
     b = load_file(os.path.join(reference, "step000040", "model.safetensors"))
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in b)
