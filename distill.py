@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.checkpoint import (latest_checkpoint, list_checkpoints, load_model, load_state,
+from common.checkpoint import (check_unchanged, latest_checkpoint, list_checkpoints, load_model, load_state,
                                save_checkpoint, start_run)
 from common.config import override
 from common.decoders import (check_layers, check_target, decoder_input, decoder_layers, finish_layer, get_block,
@@ -37,7 +37,7 @@ from common.decoders import (check_layers, check_target, decoder_input, decoder_
 from common.evaluate import evaluate, val_batches
 from common.kd import final_hidden, head_weight, kd_loss
 from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at, set_rng_state
-from common.shards import ShardError, TokenLoader, read_shard, shard_files, write_json_atomic
+from common.shards import ShardError, TokenLoader, read_json, read_shard, shard_files, write_json_atomic
 
 # ---------------------------------------------------------------------------------------------- run constants
 TEACHER = "models/smolllm2_135m"  # teacher model folder (prepare.py writes it); a checkpoint folder works too
@@ -165,8 +165,6 @@ def place_cache(rt, nbytes):
     """Choose where the latent cache lives: the device when it fits, else host memory, else a disk
     memory map in the run folder. Exits with a clear message when it fits nowhere."""
     size = f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
-    if LATENT_CACHE not in ("auto", "device", "host", "disk"):
-        fail(f"LATENT_CACHE must be auto, device, host or disk, got {LATENT_CACHE!r}")
     options = ["device", "host", "disk"] if LATENT_CACHE == "auto" else [LATENT_CACHE]
     for where in options:
         if nbytes < 0.7 * free_bytes(where, rt):
@@ -547,29 +545,45 @@ def train_parallel(rt, model, log, visit, val, teacher_ce):
     return students, rows, total, state()
 
 
-def layerwise_phase(rt, model, log):
+def check_data(rt, vocab_size):
+    """Open the first train shard (header, size, ids inside the vocabulary), check that the train split holds
+    the calibration tokens, and return the val batches."""
+    TokenLoader(shard_files(DATA_DIR, "train"), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, vocab_size=vocab_size)
+    val = val_batches(DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, vocab_size)
+    calib = calib_batches(rt) * BATCH_SIZE * SEQ_LEN * rt.world_size
+    train_tokens = sum(len(read_shard(f)) for f in shard_files(DATA_DIR, "train"))
+    if PHASE == "layerwise" and calib > train_tokens:
+        raise ValueError(f"CALIB_TOKENS={CALIB_TOKENS:,} (rounded up to whole batches: {calib:,}) is more than the "
+                         f"{train_tokens:,} tokens of {DATA_DIR}'s train split; lower --calib-tokens or prepare more data")
+    return val
+
+
+def layerwise_inputs(rt):
+    """The teacher, the layers to distill and the val batches, with a student of the kind asked for built once
+    and the data opened: everything the phase needs, checked before the run folder exists."""
+    model = load_model(TEACHER, rt.device).eval().requires_grad_(False)
     check_target(model, TARGET)
-    n_layers = len(decoder_layers(model))
-    layers = LAYERS if LAYERS else list(range(n_layers))
-    check_layers(model, layers + KEEP_TEACHER_LAYERS)
+    layers = LAYERS if LAYERS else list(range(len(decoder_layers(model))))
+    check_layers(model, layers)
+    check_layers(model, KEEP_TEACHER_LAYERS, "KEEP_TEACHER_LAYERS")
     visit = sorted(set(layers) - set(KEEP_TEACHER_LAYERS))
     if not visit:
         fail(f"no layer left to distill: LAYERS={LAYERS or 'all'} minus KEEP_TEACHER_LAYERS={KEEP_TEACHER_LAYERS}")
+    with torch.random.fork_rng(devices=[]):  # STUDENT_KIND, STUDENT_KWARGS and TRAINABLE; the RNG is left as it was
+        trainable_params(make_students(model, visit[:1])[visit[0]], f"layer {visit[0]}")
+    return model, visit, check_data(rt, model.config.vocab_size)
+
+
+def layerwise_phase(rt, model, log, visit, val):
     tokens_per_step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * rt.world_size
     rt.print(f"layer-wise {SCHEDULE}: target {TARGET}, student {STUDENT_KIND} {STUDENT_KWARGS}, "
              f"layers {visit} (keep teacher: {KEEP_TEACHER_LAYERS or 'none'})")
     rt.print(f"tokens per step: {BATCH_SIZE} batch x {SEQ_LEN} seq x {GRAD_ACCUM} accum x {rt.world_size} ranks = "
              f"{tokens_per_step:,}; per layer per rotation: {STEPS_PER_LAYER} steps = "
              f"{tokens_per_step * STEPS_PER_LAYER:,} tokens; {ROTATIONS} rotation(s)")
-    val = val_batches(DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, model.config.vocab_size)
     if CALIB_TOKENS:
-        calib = calib_batches(rt) * BATCH_SIZE * SEQ_LEN * rt.world_size
-        train_tokens = sum(len(read_shard(f)) for f in shard_files(DATA_DIR, "train"))
-        if calib > train_tokens:
-            fail(f"CALIB_TOKENS={CALIB_TOKENS:,} (rounded up to whole batches: {calib:,}) is more than the "
-                 f"{train_tokens:,} tokens of {DATA_DIR}'s train split; lower --calib-tokens or prepare more data")
-        rt.print(f"calibration: {calib:,} tokens per student (CALIB_TOKENS rounded up to whole batches), "
-                 f"{LATENT_STREAM} stream")
+        rt.print(f"calibration: {calib_batches(rt) * BATCH_SIZE * SEQ_LEN * rt.world_size:,} tokens per student "
+                 f"(CALIB_TOKENS rounded up to whole batches), {LATENT_STREAM} stream")
     teacher_ce = hybrid_ce(rt, model, val)
     rt.print(f"teacher val ce {teacher_ce:.4f} (ppl {np.exp(teacher_ce):.2f}) on "
              f"{len(val) * BATCH_SIZE * SEQ_LEN * rt.world_size:,} tokens")
@@ -594,8 +608,10 @@ def backbone_differs(teacher, model, blocks):
             if not k.startswith(prefixes) and (k not in theirs or not torch.equal(v, theirs[k]))]
 
 
-def logits_phase(rt, log):
-    """KL(teacher || student) on next-token distributions, with its own optimizer and LR schedule."""
+def logits_models(rt):
+    """The logits phase's init checkpoint, the checkpoint it resumes from (None: it starts at step 0), the teacher,
+    the model to train, its student blocks and the parameters to train: loaded and checked before the run folder
+    exists."""
     init = INIT or os.path.join(OUT_DIR, "final")
     if not INIT and not os.path.isdir(init):
         init = latest_checkpoint(OUT_DIR, "layerwise")
@@ -622,6 +638,12 @@ def logits_phase(rt, log):
     del source
     for p in params:
         p.requires_grad_(True)
+    return init, resume_from, teacher, model, blocks, params
+
+
+def logits_phase(rt, log, val, models):
+    """KL(teacher || student) on next-token distributions, with its own optimizer and LR schedule."""
+    init, resume_from, teacher, model, blocks, params = models
     loader = TokenLoader(shard_files(DATA_DIR, "train"), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size,
                          vocab_size=model.config.vocab_size)
     opt = new_optimizer(params, KD_LR)
@@ -640,7 +662,6 @@ def logits_phase(rt, log):
     rt.print(f"logits phase from {init}: trainable {KD_TRAINABLE} ({sum(p.numel() for p in params):,} parameters), "
              f"{KD_STEPS} steps x {tokens_per_step:,} tokens, lr {KD_LR} (warmup {KD_WARMUP_STEPS}, cosine), "
              f"temperature {KD_TEMPERATURE}, ce weight {KD_CE_WEIGHT}")
-    val = val_batches(DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, model.config.vocab_size)
     results = []
 
     def state():
@@ -702,6 +723,39 @@ def logits_phase(rt, log):
 
 
 # ---------------------------------------------------------------------------------------------- main
+def may_change_on_resume():
+    """Constants a resumed phase may change: where and how often it reports and saves, and the other phase's own
+    constants. Every other constant (one added later too, until it is listed here) defines the phase's result,
+    so a resume that changes it is refused."""
+    reporting = {"OUT_DIR", "RESUME", "LOG_EVERY", "VAL_EVERY", "SAVE_EVERY", "KEEP_LAST", "LATENT_CACHE",
+                 "KD_VAL_EVERY", "KD_SAVE_EVERY"}
+    layerwise_only = {"TARGET", "STUDENT_KIND", "STUDENT_KWARGS", "LAYERS", "KEEP_TEACHER_LAYERS", "SCHEDULE",
+                      "ROTATIONS", "STEPS_PER_LAYER", "LR", "WARMUP_STEPS", "DECODER_LOSS", "TRAINABLE",
+                      "CALIB_TOKENS", "LATENT_STREAM"}
+    logits_only = {"INIT", "KD_TRAINABLE", "KD_STEPS", "KD_LR", "KD_WARMUP_STEPS", "KD_TEMPERATURE", "KD_CE_WEIGHT",
+                   "KD_FRESH_TOKENS"}
+    return reporting | (logits_only if PHASE == "layerwise" else layerwise_only)
+
+
+def open_run(rt, config, reopen):
+    """Rank 0 creates the run folder, or reopens it (reopen: --resume, or the logits phase after the layer-wise
+    one), locked for the life of this process; a resumed phase must keep the constants its checkpoints were made
+    with (config_PHASE.json). Raises ValueError on every rank when rank 0 refuses."""
+    def start():
+        if PHASE == "logits" and not INIT and not RESUME:  # phase 2 of the layer-wise run in OUT_DIR
+            if not os.path.exists(os.path.join(OUT_DIR, "run.json")):
+                raise ValueError(f"{OUT_DIR}: no distill run here to continue; run the layer-wise phase into it "
+                                 f"first, or pass --init CHECKPOINT")
+            if list_checkpoints(OUT_DIR, "logits"):
+                raise ValueError(f"{OUT_DIR} already holds logits-phase checkpoints; pass --resume to continue them")
+        start_run(OUT_DIR, reopen, "distill.py", config)
+        saved = os.path.join(OUT_DIR, f"config_{PHASE}.json")
+        if RESUME and os.path.exists(saved):
+            first = read_json(saved, "the run folder is damaged; start a new run in another --out-dir")["config"]
+            check_unchanged(first, config, may_change_on_resume(), saved)
+    rt.master_only(start)
+
+
 def main():
     global OUT_DIR
     config = override(globals())
@@ -717,6 +771,8 @@ def main():
         fail(f"CALIB_TOKENS must be >= 0 (0 turns calibration off), got {CALIB_TOKENS}")
     if KD_TRAINABLE not in ("decoders", "all"):
         fail(f"KD_TRAINABLE must be decoders or all, got {KD_TRAINABLE!r}")
+    if LATENT_CACHE not in ("auto", "device", "host", "disk"):
+        fail(f"LATENT_CACHE must be auto, device, host or disk, got {LATENT_CACHE!r}")
     rt = Runtime(dtype=DTYPE)
     if not OUT_DIR:
         OUT_DIR = os.path.join("runs", time.strftime("distill_%Y%m%d_%H%M%S"))
@@ -728,26 +784,30 @@ def main():
         fail("ROTATIONS, KD_STEPS, BATCH_SIZE and GRAD_ACCUM must be at least 1")
     if STEPS_PER_LAYER < 0:
         fail(f"STEPS_PER_LAYER must be >= 0 (0: calibration only), got {STEPS_PER_LAYER}")
-    continuing = PHASE == "logits" and not INIT and not RESUME  # phase 2 of the layer-wise run in OUT_DIR
+    reopen = RESUME or (PHASE == "logits" and not INIT)
+    torch.manual_seed(SEED)
+    try:
+        if reopen:  # lock the run before reading its checkpoints: a run still going in it would change them
+            open_run(rt, config, reopen)
+        if PHASE == "layerwise":
+            model, visit, val = layerwise_inputs(rt)
+        else:
+            models = logits_models(rt)
+            val = check_data(rt, models[3].config.vocab_size)
+        if not reopen:  # a new run's folder appears only once everything it needs has been checked
+            open_run(rt, config, reopen)
+    except (ShardError, ValueError, OSError) as e:
+        fail(str(e))
     if rt.master:
-        if continuing and not os.path.exists(os.path.join(OUT_DIR, "run.json")):
-            fail(f"{OUT_DIR}: no distill run here to continue; run the layer-wise phase into it first, "
-                 f"or pass --init CHECKPOINT")
-        if continuing and list_checkpoints(OUT_DIR, "logits"):
-            fail(f"{OUT_DIR} already holds logits-phase checkpoints; pass --resume to continue them")
-        start_run(OUT_DIR, RESUME or continuing, "distill.py", config)
         write_json_atomic(os.path.join(OUT_DIR, f"config_{PHASE}.json"), {"config": config, "environment": environment(rt)})
-    rt.barrier()
     log = RunLog(rt, OUT_DIR)
     rt.print(f"run folder {OUT_DIR} | device {rt.device} | dtype {str(rt.dtype).replace('torch.', '')} | "
              f"world size {rt.world_size}")
-    torch.manual_seed(SEED)
     try:
         if PHASE == "layerwise":
-            model = load_model(TEACHER, rt.device).eval().requires_grad_(False)
-            layerwise_phase(rt, model, log)
+            layerwise_phase(rt, model, log, visit, val)
         else:
-            logits_phase(rt, log)
+            logits_phase(rt, log, val, models)
     except (ShardError, ValueError, FileNotFoundError) as e:
         fail(str(e))
     rt.close()

@@ -13,6 +13,8 @@ document is in both splits. manifest.json lists the shards with their sha256; wh
 going progress.json records finished shards, so an interrupted run resumes where it stopped and
 ends byte-identical to an uninterrupted one.
 """
+import collections
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -56,6 +58,7 @@ TEXT_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": 
 OFFLINE_HINT = ("offline, pass --model with a local snapshot folder or .gguf file and --dataset with local "
                 ".txt/.jsonl/.parquet files (a file, a folder or a glob)")
 PROGRESS = "progress.json"
+JSON_CHUNK_BYTES = 2**20  # .jsonl text per parse: datasets' default, 10 MB, delays the first batch to the workers
 SPLITS = ("val", "train")
 
 
@@ -85,20 +88,21 @@ def hub_call(what, fn, *args, **kwargs):
 # ----------------------------------------------------------------------------- model
 
 def fetch_model():
-    """Put the teacher in MODEL_DIR (once; a marker file records its source) and return that source."""
+    """Put the teacher in MODEL_DIR (once; a marker file records its source). Returns that source and its tokenizer
+    (load_tokenizer), which is checked before a new MODEL_DIR takes its name."""
     local = is_local(MODEL, (".gguf",))
     source = os.path.abspath(os.path.expanduser(MODEL)) if local else MODEL
     if local and not (os.path.isdir(source) or os.path.isfile(source) and source.endswith(".gguf")):
         die(f"--model {MODEL}: not a folder or a .gguf file; give a hub id, a snapshot folder or a .gguf file")
     if local and os.path.isdir(source) and os.path.isdir(MODEL_DIR) and os.path.samefile(source, MODEL_DIR):
         check_model_folder(MODEL_DIR)
-        return source
+        return source, load_tokenizer(MODEL_DIR, MODEL_DIR)
     marker = os.path.join(MODEL_DIR, "prepare_source.json")
     if os.path.exists(marker):
         with open(marker) as f:
             if json.load(f)["model"] == source:
                 print(f"model: {MODEL_DIR} already holds {source}")
-                return source
+                return source, load_tokenizer(MODEL_DIR, MODEL_DIR)
     if os.path.isdir(MODEL_DIR) and os.listdir(MODEL_DIR):
         die(f"{MODEL_DIR} holds another model; delete it or choose another --model-dir")
     tmp = MODEL_DIR.rstrip("/") + ".partial"  # a hub download resumes here; local sources start it afresh
@@ -108,6 +112,7 @@ def fetch_model():
         hub_call(f"model {MODEL}", snapshot_download, MODEL, local_dir=tmp, allow_patterns=list(MODEL_FILES))
         shutil.rmtree(os.path.join(tmp, ".cache"), ignore_errors=True)
         check_model_folder(tmp, MODEL)
+        tokenizer = load_tokenizer(tmp, MODEL)
     else:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -121,6 +126,7 @@ def fetch_model():
                     if os.path.isfile(path) and any(fnmatch.fnmatch(os.path.basename(path), p) for p in MODEL_FILES):
                         shutil.copy(path, tmp)
             check_model_folder(tmp, MODEL)
+            tokenizer = load_tokenizer(tmp, MODEL)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -128,7 +134,7 @@ def fetch_model():
     if os.path.isdir(MODEL_DIR):
         os.rmdir(MODEL_DIR)  # empty, checked above
     os.replace(tmp, MODEL_DIR)
-    return source
+    return source, tokenizer
 
 
 def convert_gguf(path, out):
@@ -161,22 +167,27 @@ def check_model_folder(folder, source=None):
             f"safetensors weights and a tokenizer (re-save it with save_pretrained)")
 
 
-def load_tokenizer():
-    """The fast tokenizer of MODEL_DIR as JSON (what the workers rebuild it from), checked for uint16 shards."""
+def load_tokenizer(folder, name):
+    """The fast tokenizer of a model folder as JSON (what the workers rebuild it from) and its manifest entry,
+    checked to load and to fit uint16 shards; `name` is what messages call the model."""
     from tokenizers import Tokenizer
-    path = os.path.join(MODEL_DIR, "tokenizer.json")
-    if os.path.exists(path):
-        tokenizer = Tokenizer.from_file(path)
-    else:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR).backend_tokenizer
+    path = os.path.join(folder, "tokenizer.json")
+    try:
+        if os.path.exists(path):
+            tokenizer = Tokenizer.from_file(path)
+        else:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(folder).backend_tokenizer
+    except Exception as e:  # a damaged file fails in the Rust parser or in transformers, with many error types
+        die(f"{name}: its tokenizer does not load ({error_line(e)}); replace the damaged tokenizer files with good "
+            f"ones (save_pretrained writes them)")
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     top = max(vocab.values())
     if top > 65535:
-        die(f"{MODEL_DIR}: the tokenizer has ids up to {top:,}, but shards store uint16 (at most 65,535); "
+        die(f"{name}: the tokenizer has ids up to {top:,}, but shards store uint16 (at most 65,535); "
             f"use a model whose vocabulary has at most 65,536 tokens")
     if EOT_TOKEN not in vocab:
-        die(f"{MODEL_DIR}: the tokenizer has no {EOT_TOKEN!r}; pass --eot-token with its end-of-text token")
+        die(f"{name}: the tokenizer has no {EOT_TOKEN!r}; pass --eot-token with its end-of-text token")
     text = tokenizer.to_str()
     return text, {"name_or_path": MODEL_DIR, "vocab_size": top + 1, "eos_id": vocab[EOT_TOKEN],
                   "eos_token": EOT_TOKEN, "sha256": hashlib.sha256(text.encode()).hexdigest()}
@@ -233,6 +244,8 @@ def open_stream(source):
         args, kwargs = (source["builder"],), {"data_files": source["files"]}
         if source["builder"] == "text":
             kwargs["sample_by"] = "document"
+        if source["builder"] == "json":
+            kwargs["chunksize"] = JSON_CHUNK_BYTES
     else:
         args, kwargs = (source["dataset"],), {"name": source["config"]}
     try:
@@ -256,14 +269,23 @@ class LastLogError(logging.Handler):
         self.message = record.getMessage()
 
 
-def documents(stream, log, skip):
-    """Yield (index, text) for each document of the stream from index `skip` on, validated."""
+def documents(stream, log, skip, txt_files):
+    """Yield (index, text) for each document of the stream from index `skip` on, validated. `txt_files`: the
+    files of a .txt dataset (a file is a document), to name the one that is not UTF-8."""
     index = 0
     batches = stream.iter(batch_size=1024)
     while True:
         try:
             batch = next(batches, None)
         except Exception as e:
+            if isinstance(e, UnicodeDecodeError) and txt_files:
+                for path in txt_files[index:]:  # the batch that failed starts at document `index`
+                    try:
+                        with open(path, encoding="utf-8") as f:
+                            f.read()
+                    except UnicodeDecodeError as bad:
+                        raise InputError(f"{path}: not UTF-8 text ({bad.reason} at byte {bad.start:,}); convert it "
+                                         f"to UTF-8 or remove it from the dataset") from None
             raise InputError(f"cannot read {DATASET} after document {index}: {log.message or error_line(e)}") from None
         if batch is None:
             return
@@ -297,7 +319,7 @@ def tasks(docs, split_bytes):
             texts, sizes, task_bytes = [], [], 0
         if not texts:
             split, first = to, index
-        size = len(text.encode("utf-8"))
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))  # isascii() is O(1) in CPython
         split_bytes[to] += size
         task_bytes += size
         texts.append(text)
@@ -320,7 +342,9 @@ def init_worker(tokenizer_json, eot_id):
 
 
 def tokenize(texts):
-    """[EOT, tokens of doc 0, EOT, tokens of doc 1, ...] as uint16, and each document's length in tokens."""
+    """[EOT, tokens of doc 0, EOT, tokens of doc 1, ...] as uint16, each document's length in tokens, and the
+    seconds it took."""
+    t0 = time.perf_counter()
     ids = [e.ids for e in _TOKENIZER.encode_batch_fast(texts, add_special_tokens=False)]
     lengths = np.array([len(x) + 1 for x in ids], dtype=np.int64)
     tokens = np.empty(int(lengths.sum()), dtype=np.uint16)
@@ -329,34 +353,68 @@ def tokenize(texts):
         tokens[pos] = _EOT
         tokens[pos + 1:pos + 1 + len(x)] = x
         pos += len(x) + 1
-    return tokens, lengths
+    return tokens, lengths, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- output
 
 def start_output(head):
-    """The run's progress: fresh, resumed from progress.json, or None when OUT_DIR already holds this dataset.
-    Refuses a folder holding shards of a different run (other source, tokenizer or sizes)."""
+    """The run's progress, and whether it is a finished one: fresh, resumed from progress.json, or manifest.json's
+    when OUT_DIR already holds this dataset. Refuses a folder holding shards of a different run (other source,
+    tokenizer or sizes)."""
     for name in (shards.MANIFEST, PROGRESS):
         path = os.path.join(OUT_DIR, name)
         if not os.path.exists(path):
             continue
-        with open(path) as f:
-            old = json.load(f)
+        try:
+            old = shards.load_manifest(OUT_DIR) if name == shards.MANIFEST else \
+                shards.read_json(path, f"delete {OUT_DIR} and run again")
+        except ValueError as e:
+            die(str(e))
         diff = [f"{k}.{kk}: {old.get(k, {}).get(kk)!r} -> {head[k].get(kk)!r}" for k in head
                 for kk in sorted(set(head[k]) | set(old.get(k, {}))) if old.get(k, {}).get(kk) != head[k].get(kk)]
         if diff:
             die(f"{OUT_DIR} holds shards of a different run ({name}: {'; '.join(diff)}); "
                 f"choose another --out-dir or delete that folder")
-        if name == shards.MANIFEST:
-            return None
+        if name == shards.MANIFEST:  # as the progress of a run whose splits are all done
+            splits = {k: {**v, "done": True} for k, v in old["splits"].items()}
+            return {**old, "splits": splits, "next_doc": sum(v["documents"] for v in splits.values())}, True
         print(f"resuming: {sum(len(s['shards']) for s in old['splits'].values())} finished shards in {OUT_DIR}")
-        return old
+        return old, False
     if os.path.isdir(OUT_DIR) and any(n.endswith(".bin") for n in os.listdir(OUT_DIR)):
         die(f"{OUT_DIR} holds .bin shards but no {shards.MANIFEST} or {PROGRESS}, so from a different run; "
             f"choose another --out-dir or delete them")
     empty = {"shards": [], "documents": 0, "text_bytes": 0, "tokens": 0, "done": False}
-    return {**head, "splits": {s: dict(empty, shards=[]) for s in SPLITS}, "next_doc": 0}
+    return {**head, "splits": {s: dict(empty, shards=[]) for s in SPLITS}, "next_doc": 0}, False
+
+
+def damaged_shards(progress):
+    """(split, index, problem) of every finished shard whose file is missing or differs from its recorded size
+    or sha256, in stream order."""
+    found = []
+    for split in SPLITS:
+        for k, shard in enumerate(progress["splits"][split]["shards"]):
+            path = os.path.join(OUT_DIR, shard["file"])
+            if not os.path.isfile(path):
+                found.append((split, k, f"{path}: missing"))
+            elif os.path.getsize(path) != shard["bytes"] or shards.file_sha256(path) != shard["sha256"]:
+                found.append((split, k, f"{path}: differs from its recorded size or sha256"))
+    return found
+
+
+def redo_from(progress, split, index):
+    """The progress as it was when shard `index` of `split` began: that shard and all after it are redone,
+    byte-identical to the first time since the text, tokenizer and settings are the same."""
+    if any("documents" not in s for info in progress["splits"].values() for s in info["shards"]):
+        die(f"{OUT_DIR}: an older prepare.py wrote it, without the document counts needed to redo single shards; "
+            f"delete {OUT_DIR} and run again")
+    for name in SPLITS[SPLITS.index(split):]:
+        info = progress["splits"][name]
+        kept = info["shards"][:index] if name == split else []
+        info.update(shards=kept, documents=sum(s["documents"] for s in kept), tokens=sum(s["ntok"] for s in kept),
+                    text_bytes=sum(s["text_bytes"] for s in kept), done=False)
+    progress["next_doc"] = sum(info["documents"] for info in progress["splits"].values())
+    return progress
 
 
 class ShardWriter:
@@ -393,7 +451,7 @@ class ShardWriter:
         name = f"{self.split}_{len(info['shards']):06d}.bin"
         os.makedirs(OUT_DIR, exist_ok=True)
         shard = shards.write_shard(os.path.join(OUT_DIR, name), np.concatenate(self.parts))
-        info["shards"].append({"file": name, **shard})
+        info["shards"].append({"file": name, **shard, "documents": self.docs, "text_bytes": self.bytes})
         info["documents"] += self.docs
         info["text_bytes"] += self.bytes
         info["tokens"] += self.ntok
@@ -413,37 +471,74 @@ class ShardWriter:
         shards.write_json_atomic(os.path.join(OUT_DIR, PROGRESS), self.progress)
 
 
-def tokenize_stream(progress, stream, log, tokenizer_json, eot_id):
-    """Tokenize the stream in WORKERS processes, in order, into shards; return the text bytes and tokens done
-    and the CPU seconds it took (this process and its workers)."""
+def tokenize_stream(progress, source, tokenizer_json, eot_id, started, clock):
+    """Tokenize the text in WORKERS processes, in order, into shards. The workers start first and load the tokenizer
+    while this process opens the stream. Returns the text bytes and tokens done, and the seconds and CPU seconds
+    (this process and its workers) from the stream's opening on. `clock` gets the seconds from `started` to the
+    stream's opening ("start-up"), this process's seconds of reading the stream, waiting for the workers and
+    writing shards, and the workers' seconds of tokenizing."""
     writer = ShardWriter(progress)
     split_bytes = {s: progress["splits"][s]["text_bytes"] for s in SPLITS}  # documents before next_doc
-    t0, cpu0, nbytes, tokens = time.time(), cpu_seconds(), 0, 0
-    with tqdm(total=VAL_BYTES + TRAIN_BYTES, initial=sum(split_bytes.values()), unit="B", unit_scale=True,
-              unit_divisor=1024, desc="tokenizing", dynamic_ncols=True) as bar, \
-            mp.get_context().Pool(WORKERS, init_worker, (tokenizer_json, eot_id)) as pool:
-        inflight = deque()
+    nbytes, tokens = 0, 0
+    with mp.get_context().Pool(WORKERS, init_worker, (tokenizer_json, eot_id)) as pool:
+        stream, log = open_stream(source)
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
+        clock["start-up"] = t0 - started
+        with tqdm(total=VAL_BYTES + TRAIN_BYTES, initial=sum(split_bytes.values()), unit="B", unit_scale=True,
+                  unit_divisor=1024, desc="tokenizing", dynamic_ncols=True) as bar:
+            inflight = deque()
 
-        def collect():
-            nonlocal nbytes, tokens
-            split, first, sizes, result = inflight.popleft()
-            out, lengths = result.get()
-            writer.add(split, first, out, lengths, sizes)
-            nbytes, tokens = nbytes + sum(sizes), tokens + len(out)
-            bar.update(sum(sizes))
-            bar.set_postfix_str(f"{tokens:,} tokens, {tokens / (time.time() - t0):,.0f} tok/s", refresh=False)
+            def collect():
+                nonlocal nbytes, tokens
+                split, first, sizes, result = inflight.popleft()
+                with timed(clock, "wait"):
+                    out, lengths, seconds = result.get()
+                clock["tokenize"] += seconds
+                with timed(clock, "write"):
+                    writer.add(split, first, out, lengths, sizes)
+                nbytes, tokens = nbytes + sum(sizes), tokens + len(out)
+                bar.update(sum(sizes))
+                bar.set_postfix_str(f"{tokens:,} tokens, {tokens / (time.perf_counter() - t0):,.0f} tok/s",
+                                    refresh=False)
 
-        for split, first, texts, sizes in tasks(documents(stream, log, progress["next_doc"]), split_bytes):
-            inflight.append((split, first, sizes, pool.apply_async(tokenize, (texts,))))
-            if len(inflight) > 4 * WORKERS:  # bounded read-ahead: enough to keep every worker busy, no more
+            txt_files = source["files"] if source.get("builder") == "text" else []
+            work = tasks(documents(stream, log, progress["next_doc"], txt_files), split_bytes)
+            while True:
+                with timed(clock, "read"):
+                    task = next(work, None)
+                if task is None:
+                    break
+                split, first, texts, sizes = task
+                inflight.append((split, first, sizes, pool.apply_async(tokenize, (texts,))))
+                if len(inflight) > 4 * WORKERS:  # bounded read-ahead: enough to keep every worker busy, no more
+                    collect()
+            while inflight:
                 collect()
-        while inflight:
-            collect()
-    writer.end_split()
+    with timed(clock, "write"):
+        writer.end_split()
     if not progress["splits"]["train"]["shards"]:
         raise InputError(f"{DATASET} ran out after {split_bytes['val']:,} bytes of text, leaving none for train; "
                          f"lower --val-bytes or add text")
-    return nbytes, tokens, cpu_seconds() - cpu0  # the pool's processes have ended and been reaped by now
+    # the pool's processes have ended and been reaped by now
+    return nbytes, tokens, time.perf_counter() - t0, cpu_seconds() - cpu0
+
+
+@contextlib.contextmanager
+def timed(clock, part):
+    t = time.perf_counter()
+    yield
+    clock[part] += time.perf_counter() - t
+
+
+def breakdown(clock, seconds):
+    """One line: where the time went, and the part that limits the run."""
+    busy = clock["tokenize"] / (WORKERS * seconds)
+    limit = ("tokenizing: more cores (--workers) would help" if busy > 0.85 else
+             "reading the stream in one process" if clock["read"] > clock["write"] else "writing the shards")
+    return (f"time: start-up {clock['start-up']:.2f} s; then {seconds:.2f} s in which this process read the stream for "
+            f"{clock['read']:.2f} s, wrote shards for {clock['write']:.2f} s and waited for the tokenizers for "
+            f"{clock['wait']:.2f} s, and {WORKERS} workers tokenized for {clock['tokenize']:.2f} s "
+            f"({busy:.0%} busy); limited by {limit}")
 
 
 def cpu_seconds():
@@ -460,35 +555,37 @@ def summary(splits):
 
 
 def main():
+    started = time.perf_counter()
     if min(TRAIN_BYTES, VAL_BYTES, SHARD_TOKENS, WORKERS, TASK_BYTES) <= 0:
         die("--train-bytes, --val-bytes, --shard-tokens, --workers and --task-bytes must be positive")
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
     source = dataset_source()
-    source = {"model": fetch_model(), **source}
-    tokenizer_json, tokenizer = load_tokenizer()
+    model_source, (tokenizer_json, tokenizer) = fetch_model()
+    source = {"model": model_source, **source}
     head = {"format": {"magic": shards.MAGIC, "version": shards.VERSION, "header_int32": shards.HEADER_INTS,
                        "token_dtype": "uint16"},
             "source": source, "tokenizer": tokenizer,
             "settings": {"train_bytes": TRAIN_BYTES, "val_bytes": VAL_BYTES, "shard_tokens": SHARD_TOKENS}}
-    progress = start_output(head)
-    if progress is None:
-        with open(os.path.join(OUT_DIR, shards.MANIFEST)) as f:
-            splits = json.load(f)["splits"]
-        for shard in (shard for s in splits.values() for shard in s["shards"]):
-            path = os.path.join(OUT_DIR, shard["file"])
-            if not os.path.isfile(path) or os.path.getsize(path) != shard["bytes"]:
-                die(f"{path}: missing or of the wrong size; delete {OUT_DIR} and run again")
-        summary(splits)
-        print(f"{OUT_DIR}: already complete; `python -m common.shards verify {OUT_DIR}` re-hashes every shard")
+    progress, finished = start_output(head)
+    damaged = damaged_shards(progress)
+    if finished and not damaged:
+        summary(progress["splits"])
+        print(f"{OUT_DIR}: already complete; every shard matches its sha256 in {shards.MANIFEST}")
         return
+    if damaged:
+        split, index, problem = damaged[0]
+        print(f"{problem}" + (f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else "")
+              + f"; redoing the {split} shards from {index} on")
+        shards.write_json_atomic(os.path.join(OUT_DIR, PROGRESS), redo_from(progress, split, index))
+        if finished:  # the same command resumes from progress.json if this one is stopped too
+            os.remove(os.path.join(OUT_DIR, shards.MANIFEST))
     for name in os.listdir(OUT_DIR) if os.path.isdir(OUT_DIR) else []:
         if re.fullmatch(r"((train|val)_\d+\.bin|progress\.json|manifest\.json)\.tmp\d+", name):
             os.remove(os.path.join(OUT_DIR, name))  # a temp file of a killed run; its shard is redone
-    stream, log = open_stream(source)
+    clock = collections.Counter()
     try:
-        t0 = time.time()
-        nbytes, tokens, cpu = tokenize_stream(progress, stream, log, tokenizer_json, tokenizer["eos_id"])
-        seconds = time.time() - t0
+        nbytes, tokens, seconds, cpu = tokenize_stream(progress, source, tokenizer_json, tokenizer["eos_id"], started,
+                                                       clock)
     except InputError as e:
         kept = sum(len(s["shards"]) for s in progress["splits"].values())
         die(f"{e}" + (f" ({kept} finished shards kept in {OUT_DIR}: fix the input and re-run to resume)"
@@ -504,6 +601,7 @@ def main():
     print(f"wrote {os.path.join(OUT_DIR, shards.MANIFEST)}; this run tokenized {nbytes / 1e6:.2f} MB of text into "
           f"{tokens:,} tokens in {seconds:.2f} s ({cpu:.2f} CPU s) with {WORKERS} workers: "
           f"{nbytes / 1e6 / seconds:.3f} MB/s, {tokens / seconds:,.0f} tokens/s")
+    print(breakdown(clock, seconds))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import decoders
-from common.checkpoint import latest_checkpoint, list_checkpoints, load_model, load_state, save_checkpoint, start_run
+from common.checkpoint import (check_unchanged, latest_checkpoint, list_checkpoints, load_model, load_state,
+                               save_checkpoint, start_run)
 from common.config import override
 from common.evaluate import evaluate
 from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at, set_rng_state
@@ -88,11 +89,41 @@ tokens_per_step = BATCH_SIZE * SEQ_LEN * grad_accum * rt.world_size
 assert GRAD_ACCUM or tokens_per_step == TOTAL_BATCH_TOKENS
 config["grad_accum"], config["tokens_per_step"] = grad_accum, tokens_per_step
 
+# the run folder. Constants a resumed run may change (listed when they do): the optimisation schedule (steering a
+# run, e.g. a lower LR after a loss spike, or more steps), how a step's tokens are split into micro-steps, how it
+# runs, and when it validates, logs and saves. A change to any other (INIT, DATA_DIR, SEQ_LEN, the tokens per step,
+# SEED) would not continue this run, so it is refused.
+may_change = {"OUT_DIR", "RESUME", "STEPS", "LR", "MIN_LR_RATIO", "WARMUP_STEPS", "SCHEDULE", "WEIGHT_DECAY", "BETAS",
+              "GRAD_CLIP", "BATCH_SIZE", "GRAD_ACCUM", "grad_accum", "COMPILE", "DTYPE", "VAL_EVERY", "VAL_TOKENS",
+              "LOG_EVERY", "SAVE_EVERY", "KEEP_LAST"}
+
+
+def open_run():
+    """Rank 0 creates or reopens OUT_DIR (locked for the life of this process) and checks a resumed run's constants
+    against those it started with; a refusal ends every rank with one line. Returns the run id on rank 0."""
+    def start():
+        run = start_run(OUT_DIR, RESUME, "train.py", config)
+        if RESUME:
+            changed = check_unchanged(run["config"], config, may_change, os.path.join(OUT_DIR, "run.json"))
+            changed = [c for c in changed if c.split()[0] not in ("RESUME", "OUT_DIR")]
+            if changed:
+                print("train.py: resuming with changed constants (the run is no longer exact): " + ", ".join(changed))
+        return run["run_id"]
+    try:
+        return rt.master_only(start)
+    except ValueError as e:
+        sys.exit(f"train.py: {e}" if rt.master else 1)
+
+
+# a resumed run locks its folder before reading its checkpoints: a run still going there would change them
+run_id = open_run() if RESUME else None
+
 # the model: from the run's latest checkpoint when resuming, else INIT
 ckpt = latest_checkpoint(OUT_DIR, phase="train") if RESUME else None
 try:
     if ckpt:
         model = load_model(ckpt, device=rt.device)
+        state = load_state(ckpt)
     elif FROM_SCRATCH:
         from transformers import AutoConfig, AutoModelForCausalLM
         if not os.path.isfile(os.path.join(INIT, "config.json")):
@@ -148,31 +179,20 @@ optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "
 # resume: optimizer moments, the step, the data position and RNG (the LR is a pure function of the step)
 start_step = 0
 if ckpt:
-    state = load_state(ckpt)
     start_step = state["step"]
     optimizer.load_state_dict(state["optimizer"])
     train_loader.load_state(state["loader"])
     set_rng_state(state["rng"])
 
-# the run folder (rank 0), written only now that the model and the data are known to be good
-run_id = None
+# a new run's folder is created only now that the model and the data are known to be good
+if not RESUME:
+    run_id = open_run()
 log = RunLog(rt, OUT_DIR)
 if rt.master:
-    run_id = start_run(OUT_DIR, RESUME, "train.py", config)
-    if RESUME:
-        with open(os.path.join(OUT_DIR, "run.json")) as f:
-            first = json.load(f)["config"]
-        changed = [f"{k} {first[k]!r} -> {v!r}" for k, v in config.items()
-                   if k not in ("RESUME", "OUT_DIR") and k in first and first[k] != v]
-        if changed:
-            print("train.py: resuming with changed constants (the run is no longer exact): " + ", ".join(changed))
-        for name in os.listdir(OUT_DIR):  # a checkpoint torn by a kill mid-write
-            if name.startswith(".tmp_"):
-                shutil.rmtree(os.path.join(OUT_DIR, name))
-        if os.path.exists(log.path):  # drop what the interrupted run logged after its checkpoint: it is redone
-            with open(log.path) as f:
-                kept = [line for line in f if ckpt and json.loads(line)["step"] <= start_step]
-            atomic_write_bytes(log.path, [line.encode() for line in kept])
+    if RESUME and os.path.exists(log.path):  # drop what the interrupted run logged after its checkpoint: it is redone
+        with open(log.path) as f:  # (so is a last line torn by a kill: it has no newline)
+            kept = [line for line in f if ckpt and line.endswith("\n") and json.loads(line)["step"] <= start_step]
+        atomic_write_bytes(log.path, [line.encode() for line in kept])
     log.log(step=start_step, event="resume" if RESUME else "start", checkpoint=ckpt, config=config,
             environment=environment(rt))
 
@@ -237,6 +257,17 @@ def flush(pending, started):
              + (f" | mfu {speed['mfu']:.1%}" if peak else ""))
 
 
+def out_of_memory(step):
+    """One line for running out of device memory. A new run with no checkpoint yet leaves no run folder behind, so
+    that the same command with a smaller batch starts cleanly."""
+    fresh = not RESUME and rt.master and not list_checkpoints(OUT_DIR, phase="train")
+    if fresh:
+        shutil.rmtree(OUT_DIR)
+    again = "run again" if fresh else f"continue with --resume --out-dir {OUT_DIR}"
+    sys.exit(f"train.py: out of memory at step {step} ({BATCH_SIZE} x {SEQ_LEN} tokens per micro-step on {rt.device}); "
+             f"{again} and a lower --batch-size (more micro-steps then make up TOTAL_BATCH_TOKENS)")
+
+
 def save(step):
     folder = os.path.join(OUT_DIR, f"step{step:06d}")
     state = {"step": step, "optimizer": optimizer.state_dict(), "loader": train_loader.state(),
@@ -259,16 +290,19 @@ for step in range(start_step, STEPS):
     lr = lr_at(step, STEPS, LR, WARMUP_STEPS, SCHEDULE, MIN_LR_RATIO)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    step_loss = torch.zeros((), device=rt.device)
-    for micro in range(grad_accum):
-        # DDP all-reduces the gradients on the last micro-step only
-        skip_sync = rt.ddp and micro < grad_accum - 1
-        with model.no_sync() if skip_sync else contextlib.nullcontext():
-            loss = loss_on(*get_batch(train_loader)) / grad_accum
-            loss.backward()
-        step_loss += loss.detach()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP or math.inf)
-    optimizer.step()
+    try:
+        step_loss = torch.zeros((), device=rt.device)
+        for micro in range(grad_accum):
+            # DDP all-reduces the gradients on the last micro-step only
+            skip_sync = rt.ddp and micro < grad_accum - 1
+            with model.no_sync() if skip_sync else contextlib.nullcontext():
+                loss = loss_on(*get_batch(train_loader)) / grad_accum
+                loss.backward()
+            step_loss += loss.detach()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP or math.inf)
+        optimizer.step()
+    except torch.OutOfMemoryError:
+        out_of_memory(step + 1)
     optimizer.zero_grad(set_to_none=True)
     done = step + 1  # optimizer steps taken: the step number in logs and checkpoint names
     pending.append((done, lr, step_loss, norm))

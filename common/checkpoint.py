@@ -8,19 +8,28 @@ A checkpoint folder holds:
   state.pt           training state (optimizer, step, data position, RNG), tensors and plain types only
 A Hugging Face model folder (no students.json) loads too. Folders are written to a temp name
 and renamed, so a folder with its final name is always complete.
+
+A run folder holds run.json (run id, script, resolved config) and the run's checkpoints. The run
+that uses it holds an flock on its run.lock for the whole of its life, so a second run on the same
+folder is refused; a killed holder releases it.
 """
+import fcntl
 import json
 import os
+import re
 import shutil
 import sys
 import uuid
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from common.decoders import decoder_layers, get_block, make_student, set_block, student_specs
-from common.shards import write_json_atomic
+from common.shards import read_json, write_json_atomic
+
+LOCK = "run.lock"  # in a run folder: flock'ed by the process running it, holds that process's pid
 
 
 def load_model(folder, device="cpu", trust_remote_code=False):
@@ -29,6 +38,7 @@ def load_model(folder, device="cpu", trust_remote_code=False):
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"{folder}: no config.json, so not a model or checkpoint folder; "
                                 f"run prepare.py to fetch the model, or point to a checkpoint folder (OUT/final)")
+    check_weights(folder)
     students_path = os.path.join(folder, "students.json")
     if not os.path.exists(students_path):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa",
@@ -38,8 +48,7 @@ def load_model(folder, device="cpu", trust_remote_code=False):
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa",
                                              trust_remote_code=trust_remote_code)
     decoder_layers(model)
-    with open(students_path) as f:
-        specs = json.load(f)
+    specs = read_json(students_path, "the checkpoint is damaged; use another one")
     for s in specs:
         teacher = get_block(model, s["layer"], s["target"])
         set_block(model, s["layer"], s["target"], make_student(s["target"], s["kind"], teacher, config, **s["kwargs"]))
@@ -50,17 +59,30 @@ def load_model(folder, device="cpu", trust_remote_code=False):
     return model.to(device)
 
 
+def check_weights(folder):
+    """Raise ValueError naming a safetensors file of the folder that is truncated or not safetensors at all.
+    Reads only each file's header: it must describe tensors that exactly fill the file."""
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            path = os.path.join(folder, name)
+            try:
+                with safe_open(path, "pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{path}: not a complete safetensors file ({str(e).splitlines()[0]}); "
+                                 f"it was cut short or damaged: copy it again, or use another checkpoint") from None
+
+
 def load_state(folder):
     """The training state saved with a checkpoint (weights_only: tensors and plain types)."""
     path = os.path.join(folder, "state.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no training state in this checkpoint; it can initialise a run but not resume one")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_meta(folder):
-    with open(os.path.join(folder, "meta.json")) as f:
-        return json.load(f)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged zip or pickle surfaces as any of several types, with paragraphs of advice
+        raise ValueError(f"{path}: unreadable training state ({type(e).__name__}: {str(e).split('. ')[0]}); "
+                         f"delete {folder} to resume from the checkpoint before it") from None
 
 
 def save_checkpoint(folder, model, meta, state=None, keep_tokenizer_from=None):
@@ -94,41 +116,123 @@ def save_checkpoint(folder, model, meta, state=None, keep_tokenizer_from=None):
         raise
 
 
+_held = {}  # real path of each run folder this process holds -> its lock file descriptor
+
+
+def lock_run(out_dir):
+    """Hold an exclusive lock on a run folder for the rest of this process's life (flock on OUT/run.lock: a
+    killed holder releases it at once). Raises ValueError naming the holder's pid when another process holds it."""
+    path = os.path.join(out_dir, LOCK)
+    held = _held.get(os.path.realpath(out_dir))
+    if held is not None and os.path.exists(path) and os.path.samestat(os.fstat(held), os.stat(path)):
+        return  # this process holds it already (a folder deleted and made anew needs a new lock)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ValueError(f"{out_dir}: in use by another run (pid {holder}); wait for it to end or stop it, "
+                         f"or choose another --out-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[os.path.realpath(out_dir)] = fd  # never closed: closing would release the lock
+
+
 def start_run(out_dir, resume, script, config):
-    """Create or reopen a run folder. A new run refuses a folder that already holds files; --resume
-    refuses a folder written by another script. Returns the run id."""
+    """Create or reopen a run folder and lock it (lock_run). A new run creates the folder atomically, refusing
+    one that holds files, and writes run.json (run id, script, config); a resumed run needs a run.json written
+    by the same script and has what a killed run left half-written cleared (clear_torn). Returns run.json's
+    contents; raises ValueError with a one-line message."""
     run_file = os.path.join(out_dir, "run.json")
     if resume:
         if not os.path.exists(run_file):
-            sys.exit(f"{out_dir}: no run.json, so there is no run to resume here; drop --resume to start a new run")
-        with open(run_file) as f:
-            run = json.load(f)
+            raise ValueError(f"{out_dir}: no run.json, so there is no run to resume here; "
+                             f"drop --resume to start a new run")
+        lock_run(out_dir)
+        run = read_json(run_file, "the run folder is damaged; start a new run in another --out-dir")
         if run.get("script") != script:
-            sys.exit(f"{out_dir}: this run was written by {run.get('script')}, not {script}; "
-                     f"resume it with that script or choose another --out-dir")
-        return run["run_id"]
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        sys.exit(f"{out_dir}: already holds files of another run; pass --resume to continue it, "
-                 f"or choose a new --out-dir")
-    os.makedirs(out_dir, exist_ok=True)
-    run_id = uuid.uuid4().hex[:12]
-    write_json_atomic(run_file, {"run_id": run_id, "script": script, "config": config})
-    return run_id
+            raise ValueError(f"{out_dir}: this run was written by {run.get('script')}, not {script}; "
+                             f"resume it with that script or choose another --out-dir")
+        clear_torn(out_dir)
+        return run
+    if os.path.exists(os.path.join(out_dir, LOCK)):
+        lock_run(out_dir)  # a run going on in it is refused with its pid
+    if holds_files(out_dir):  # checked before the lock too, so that a folder of other files is left untouched
+        raise ValueError(f"{out_dir}: already holds files of another run; pass --resume to continue it, "
+                         f"or choose a new --out-dir")
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    try:
+        os.mkdir(out_dir)  # atomic: of two runs starting at once, at most one creates it
+    except FileExistsError:
+        pass
+    lock_run(out_dir)
+    if holds_files(out_dir):  # another run took it between the check above and the lock
+        raise ValueError(f"{out_dir}: another run started in it just now; choose a new --out-dir")
+    run = {"run_id": uuid.uuid4().hex[:12], "script": script, "config": config}
+    write_json_atomic(run_file, run)
+    return run
 
 
-def list_checkpoints(out_dir, phase=None):
-    """Complete checkpoint folders of a run, oldest first by their recorded step."""
+def holds_files(out_dir):
+    return os.path.isdir(out_dir) and any(name != LOCK for name in os.listdir(out_dir))
+
+
+def clear_torn(out_dir):
+    """Clear what a run killed mid-write leaves in its folder: temp checkpoint folders (a whole model each),
+    temp files of atomic writes and disk latent caches. A checkpoint moved aside to be replaced
+    (.old_NAME_PID) goes back to its name when the kill came before its replacement took that name."""
+    for name in os.listdir(out_dir):
+        path = os.path.join(out_dir, name)
+        old = re.fullmatch(r"\.old_(.+)_\d+", name)
+        if old and not os.path.exists(os.path.join(out_dir, old.group(1))):
+            os.replace(path, os.path.join(out_dir, old.group(1)))
+        elif old or name.startswith(".tmp_"):
+            shutil.rmtree(path)
+        elif name.startswith(".latent_") or re.search(r"\.tmp\d+$", name):
+            os.remove(path)
+
+
+def check_unchanged(saved, config, may_change, source):
+    """Refuse (ValueError) to resume a run with constants that differ from those it was started with (`saved`,
+    read from `source`), except those named in `may_change`: one line naming each changed constant with its old
+    and new value. Constants the run did not record (added to the script later) are not compared.
+    Returns the changes it allows, as 'NAME old -> new'."""
+    config = json.loads(json.dumps(config, default=str))  # compare as stored: tuples as lists, and so on
+    changed = [(k, saved[k], v) for k, v in config.items() if k in saved and saved[k] != v]
+    refused = [f"{k} {old!r} -> {new!r}" for k, old, new in changed if k not in may_change]
+    if refused:
+        raise ValueError(f"{source}: this run's result depends on constants changed since it started "
+                         f"({'; '.join(refused)}); resume with the run's values, or start a new run in another "
+                         f"--out-dir")
+    return [f"{k} {old!r} -> {new!r}" for k, old, new in changed]
+
+
+def list_checkpoints(out_dir, phase=None, damaged=None):
+    """Complete checkpoint folders of a run, oldest first by their recorded step. A folder whose meta.json cannot
+    be read is left out (and appended to the list `damaged`, when given)."""
     found = []
     for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
         path = os.path.join(out_dir, name)
         if name.startswith(".") or not os.path.isfile(os.path.join(path, "meta.json")):
             continue
-        meta = read_meta(path)
+        try:
+            meta = read_json(os.path.join(path, "meta.json"), "")
+            step = int(meta["step"])
+        except (ValueError, TypeError, KeyError):
+            if damaged is not None:
+                damaged.append(path)
+            continue
         if phase is None or meta.get("phase") == phase:
-            found.append((meta["step"], path))
+            found.append((step, path))
     return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(out_dir, phase=None):
-    found = list_checkpoints(out_dir, phase)
+    """The newest complete checkpoint of the phase, passing over (and naming on stderr) damaged ones."""
+    damaged = []
+    found = list_checkpoints(out_dir, phase, damaged)
+    for path in damaged:
+        print(f"{path}: unreadable meta.json, so this checkpoint is passed over (delete it); "
+              f"using the newest good one", file=sys.stderr)
     return found[-1] if found else None

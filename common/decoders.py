@@ -61,11 +61,11 @@ def check_target(model, target):
         raise ValueError(f"{type(layer).__name__} has no '{TARGET_ATTRS[target]}' block, so TARGET={target!r} cannot be swapped")
 
 
-def check_layers(model, layers):
+def check_layers(model, layers, name="LAYERS"):
     n = len(decoder_layers(model))
     bad = [i for i in layers if not 0 <= i < n]
     if bad:
-        raise ValueError(f"LAYERS {bad} out of range: this model has layers 0..{n - 1}")
+        raise ValueError(f"{name} {bad} out of range: this model has layers 0..{n - 1}")
 
 
 def get_block(model, i, target):

@@ -70,6 +70,8 @@ def main(argv):
                  f"runs/NAME/final, or the model folder prepare.py wrote")
     if TEMPERATURE < 0 or not 0 < TOP_P <= 1:
         sys.exit(f"--temperature must be >= 0 (0 = greedy) and --top-p in (0, 1]; got {TEMPERATURE} and {TOP_P}")
+    if MAX_NEW_TOKENS < 1:
+        sys.exit(f"--max-new-tokens must be at least 1, got {MAX_NEW_TOKENS}")
     tok_dir = folder if has_tokenizer(folder) else TOKENIZER
     if not has_tokenizer(tok_dir):
         sys.exit(f"{folder} has no tokenizer files and neither has {tok_dir}; pass --tokenizer with the teacher's "

@@ -63,6 +63,24 @@ class Runtime:
         if self.ddp:
             dist.barrier()
 
+    def master_only(self, fn, *args):
+        """fn(*args) on rank 0 alone, the other ranks waiting for it. A ValueError or OSError there is raised on
+        every rank as a ValueError, so that no rank is left waiting for one that has stopped. Returns fn's result
+        on rank 0, None elsewhere."""
+        result = error = None
+        if self.master:
+            try:
+                result = fn(*args)
+            except (ValueError, OSError) as e:
+                error = str(e)
+        if self.ddp:
+            box = [error]
+            dist.broadcast_object_list(box)
+            error = box[0]
+        if error is not None:
+            raise ValueError(error)
+        return result
+
     def close(self):
         if self.ddp:
             dist.destroy_process_group()

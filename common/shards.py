@@ -47,6 +47,18 @@ def write_json_atomic(path, obj):
     atomic_write_bytes(path, [(json.dumps(obj, indent=2, default=str) + "\n").encode()])
 
 
+def read_json(path, remedy, error=ValueError):
+    """The JSON in path; a file that cannot be read or parsed raises `error`, one line naming it and the remedy."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as e:
+        reason = e.strerror
+    except ValueError as e:  # not UTF-8, or not JSON
+        reason = f"not JSON: {e}"
+    raise error(f"{path}: unreadable ({reason}); {remedy}")
+
+
 def write_shard(path, tokens):
     """Write uint16 tokens as a shard, atomically. Returns {"ntok", "bytes", "sha256"}."""
     tokens = np.asarray(tokens)
@@ -61,7 +73,7 @@ def write_shard(path, tokens):
 
 def read_shard(path):
     """Validate a shard's header and size and return its tokens as a read-only uint16 memory map."""
-    hint = "re-run prepare.py (it resumes and rewrites bad shards) or run `python -m common.shards verify DIR`"
+    hint = "re-run the prepare.py command that wrote it (it redoes damaged shards)"
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -93,14 +105,25 @@ def file_sha256(path, block=1 << 24):
 
 
 def load_manifest(data_dir):
+    """DATA_DIR/manifest.json, checked to have the structure prepare.py writes; None when there is none."""
     path = os.path.join(data_dir, MANIFEST)
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
+    if not os.path.exists(path):
         return None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ShardError(f"{path}: unreadable manifest ({e}); re-run prepare.py with --out-dir {data_dir}") from None
+    remedy = f"the manifest is damaged: delete {data_dir} and run prepare.py again"
+    manifest = read_json(path, remedy, ShardError)
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    if not isinstance(splits, dict):
+        raise ShardError(f"{path}: no 'splits' object; {remedy}")
+    for name, split in splits.items():
+        entries = split.get("shards") if isinstance(split, dict) else None
+        if not isinstance(entries, list):
+            raise ShardError(f"{path}: split {name!r} has no 'shards' list; {remedy}")
+        for k, s in enumerate(entries):
+            if not (isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("sha256"), str)
+                    and isinstance(s.get("ntok"), int) and isinstance(s.get("bytes"), int)):
+                raise ShardError(f"{path}: shard {k} of split {name!r} is not a {{file, ntok, bytes, sha256}} "
+                                 f"entry; {remedy}")
+    return manifest
 
 
 def shard_files(data_dir, split):
@@ -135,7 +158,7 @@ def verify(data_dir):
             if len(tokens) != s["ntok"]:
                 problems.append(f"{path}: {len(tokens)} tokens, manifest says {s['ntok']}")
             elif file_sha256(path) != s["sha256"]:
-                problems.append(f"{path}: sha256 differs from the manifest (corrupted or replaced); re-run prepare.py")
+                problems.append(f"{path}: sha256 differs from the manifest (corrupted or replaced)")
     return problems
 
 
@@ -195,11 +218,15 @@ class TokenLoader:
 def main(argv):
     if len(argv) != 2 or argv[0] != "verify":
         sys.exit("usage: python -m common.shards verify DATA_DIR")
-    problems = verify(argv[1])
+    try:
+        problems = verify(argv[1])
+    except ShardError as e:
+        sys.exit(str(e))
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
-        sys.exit(f"{argv[1]}: {len(problems)} problem(s) with the shards; re-run prepare.py with --out-dir {argv[1]}")
+        sys.exit(f"{argv[1]}: {len(problems)} problem(s) with the shards; re-run the prepare.py command that wrote "
+                 f"them: it re-hashes every shard and redoes the damaged ones")
     manifest = load_manifest(argv[1])
     counts = ", ".join(f"{k}: {len(v['shards'])} shards, {sum(s['ntok'] for s in v['shards']):,} tokens"
                        for k, v in manifest["splits"].items())

@@ -1,6 +1,8 @@
 """Tiny offline fixtures: a Llama-shaped model with its own small tokenizer, and token shards."""
+import contextlib
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -87,3 +89,19 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
     return make_data_dir(str(tmp_path_factory.mktemp("tiny_data")))
+
+
+@contextlib.contextmanager
+def another_run_in(folder):
+    """A separate process holding the run folder's lock (common.checkpoint.lock_run), as a run still going there
+    would; yields it. Leaving the block kills it with SIGKILL, as a crash would."""
+    code = "import sys; from common.checkpoint import lock_run; lock_run(sys.argv[1]); print('locked', flush=True); " \
+           "sys.stdin.read()"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "locked\n"  # blocks until the lock is held: no polling
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

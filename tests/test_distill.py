@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, make_model_folder
+from conftest import ROOT, another_run_in, make_model_folder
 
-TINY = ["--batch-size", "2", "--seq-len", "32", "--val-tokens", "512", "--log-every", "1"]
+TINY = ["--batch-size", "2", "--seq-len", "32", "--val-tokens", "512", "--log-every", "1", "--calib-tokens", "1024"]
 
 
 def run_distill(*args, check=True):
@@ -190,17 +190,126 @@ def test_logits_phase_has_its_own_lr_and_kl_falls(teacher_dir, tiny_data_dir, tm
 @pytest.mark.parametrize("args,message", [
     (["--student-kind", "nope"], "unknown STUDENT_KIND 'nope'"),
     (["--layers", "0,7"], "LAYERS [7] out of range"),
+    (["--keep-teacher-layers", "9"], "KEEP_TEACHER_LAYERS [9] out of range"),
     (["--target", "ffn"], "unknown TARGET 'ffn'"),
     (["--student-kwargs", '{"width": 3}'], "do not fit student"),
+    (["--trainable", "nothing_like_this"], "matches no parameter"),
+    (["--latent-cache", "gpu"], "LATENT_CACHE must be auto, device, host or disk"),
     (["--steps-per-layr", "3"], "unknown option --steps-per-layr"),
-    (["--data-dir", "/nonexistent"], "/nonexistent: no val shards found; run `python prepare.py"),
+    (["--data-dir", "/nonexistent"], "/nonexistent: no train shards found; run `python prepare.py"),
     (["--teacher", "/nonexistent"], "/nonexistent: no config.json"),
+    (["--phase", "logits", "--init", "/nonexistent"], "/nonexistent: no config.json"),
 ])
 def test_bad_input_is_one_clear_line(teacher_dir, tiny_data_dir, tmp_path, args, message):
-    """Each mistake ends the run with one line that says what to do (a SystemExit, not a traceback)."""
-    error = run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"),
+    """Each mistake ends the run with one line that says what to do (a SystemExit, not a traceback), before the
+    run folder exists: the corrected command is not refused for a folder that "already holds files"."""
+    out = tmp_path / "r"
+    error = run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(out),
                         "--student-kind", "prototype", *args, check=False)
     assert error is not None and message in error and "\n" not in error, error
+    assert not out.exists()
+
+
+def test_truncated_teacher_is_one_line_and_no_run_folder(teacher_dir, tiny_data_dir, tmp_path):
+    cut = shutil.copytree(teacher_dir, tmp_path / "teacher")
+    weights = cut / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    error = run_distill("--teacher", str(cut), "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"),
+                        check=False)
+    assert f"{weights}: not a complete safetensors file" in error and "\n" not in error, error
+    assert not (tmp_path / "r").exists()
+
+
+RUN = ["--student-kind", "prototype", "--steps-per-layer", "2", "--layers", "0,1,2"]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(teacher_dir, tiny_data_dir, tmp_path_factory):
+    """A rotation run over layers 0, 1, 2 as if killed after its checkpoint of layer 1, and the final weights of
+    the same run uninterrupted. Tests resume copies of it."""
+    base = tmp_path_factory.mktemp("stopped")
+    out = str(base / "run")
+    run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, *RUN)
+    whole = load_file(os.path.join(out, "final", "model.safetensors"))
+    for name in ("final", "rot0_layer002"):
+        shutil.rmtree(os.path.join(out, name))
+    return out, whole
+
+
+@pytest.mark.parametrize("change,message", [
+    (["--layers", "2"], "LAYERS [0, 1, 2] -> [2]"),
+    (["--student-kind", "pruned"], "STUDENT_KIND 'prototype' -> 'pruned'"),
+    (["--student-kwargs", '{"scale": 0.5}'], "STUDENT_KWARGS {} -> {'scale': 0.5}"),
+    (["--steps-per-layer", "3", "--seq-len", "16"], "SEQ_LEN 32 -> 16; STEPS_PER_LAYER 2 -> 3"),
+    (["--data-dir", "ELSEWHERE"], "DATA_DIR"),
+])
+def test_resume_refuses_changed_constants(stopped_run, teacher_dir, tiny_data_dir, tmp_path, change, message):
+    """Resuming with another layer list, student or schedule would mix two runs in one model: refused, naming
+    each changed constant with its old and new value, before anything is loaded or written."""
+    out = shutil.copytree(stopped_run[0], tmp_path / "run")
+    before = sorted(os.listdir(out))
+    change = [str(tmp_path) if c == "ELSEWHERE" else c for c in change]
+    error = run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(out), "--resume",
+                        *RUN, *change, check=False)
+    assert error and message in error and "config_layerwise.json" in error and "\n" not in error, error
+    assert sorted(os.listdir(out)) == before
+
+
+def test_resume_clears_torn_files_and_may_change_reporting(stopped_run, teacher_dir, tiny_data_dir, tmp_path):
+    """What a kill mid-write leaves is cleared at resume; constants that only say where and how often the run
+    reports and saves may change, and the result is that of the uninterrupted run."""
+    out = shutil.copytree(stopped_run[0], tmp_path / "run")
+    os.makedirs(out / ".tmp_rot0_layer002_4242")  # a checkpoint being written (a whole model on a real run)
+    (out / ".tmp_rot0_layer002_4242" / "model.safetensors").write_bytes(b"torn")
+    (out / ".latent_train_h_rank0.npy").write_bytes(b"a disk latent cache")
+    (out / "layers.json.tmp4242").write_bytes(b"[")
+    os.rename(out / "rot0_layer001", out / ".old_rot0_layer001_4242")  # killed while replacing it: put back
+    run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(out), "--resume", *RUN,
+                "--log-every", "5", "--keep-last", "0", "--latent-cache", "disk", "--val-every", "1")
+    assert sorted(n for n in os.listdir(out) if n.startswith(".") or "tmp" in n) == []
+    assert os.path.isdir(out / "rot0_layer001")
+    resumed = load_file(os.path.join(out, "final", "model.safetensors"))
+    whole = stopped_run[1]
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_a_run_in_use_is_refused_until_its_holder_dies(stopped_run, teacher_dir, tiny_data_dir, tmp_path):
+    """Two runs on one folder: the second is refused with one line naming the first's pid, whether it resumes
+    (with the same or other constants) or starts in a folder the first has just created. A killed holder's lock
+    is gone with it."""
+    out = shutil.copytree(stopped_run[0], tmp_path / "run")
+    fresh = tmp_path / "fresh"
+    os.mkdir(fresh)
+    common = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, *RUN]
+    with another_run_in(out) as holder, another_run_in(fresh) as starting:
+        for folder, extra, pid in ((out, ["--resume"], holder.pid), (out, ["--resume", "--student-kind", "pruned"],
+                                   holder.pid), (fresh, [], starting.pid)):
+            error = run_distill(*common, "--out-dir", str(folder), *extra, check=False)
+            assert error and f"{folder}: in use by another run (pid {pid})" in error and "\n" not in error, error
+    assert not os.path.exists(out / "final") and sorted(os.listdir(fresh)) == ["run.lock"]
+    run_distill(*common, "--out-dir", str(out), "--resume")
+    run_distill(*common, "--out-dir", str(fresh))
+    assert os.path.isdir(out / "final") and os.path.isdir(fresh / "final")
+
+
+def test_parallel_and_logits_resumes_refuse_changed_constants(teacher_dir, tiny_data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    common = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, "--student-kind", "prototype"]
+    parallel = ["--schedule", "parallel", "--steps-per-layer", "2", "--save-every", "1"]
+    run_distill(*common, *parallel)
+    shutil.rmtree(os.path.join(out, "final"))  # as if killed after the step-1 checkpoint
+    error = run_distill(*common, *parallel, "--resume", "--rotations", "2", check=False)
+    assert error and "ROTATIONS 1 -> 2" in error, error
+    run_distill(*common, *parallel, "--resume")
+    logits = ["--phase", "logits", "--kd-steps", "2", "--kd-save-every", "1", "--kd-val-every", "2"]
+    run_distill(*common, *logits)
+    shutil.rmtree(os.path.join(out, "logits_final"))
+    error = run_distill(*common, *logits, "--resume", "--kd-lr", "0.5", check=False)
+    assert error and "KD_LR 0.0001 -> 0.5" in error and "config_logits.json" in error, error
+    # the layer-wise phase's own constants do not bear on the logits phase
+    run_distill(*common, *logits, "--resume", "--student-kind", "pruned", "--steps-per-layer", "7")
+    assert os.path.isdir(os.path.join(out, "logits_final"))
 
 
 def test_unsupported_model_is_refused(tiny_data_dir, tmp_path):

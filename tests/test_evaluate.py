@@ -1,6 +1,7 @@
 """common/evaluate.py and common/generate.py on the tiny model: metrics, the CLI table and JSON, generation."""
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -86,6 +87,27 @@ def test_cli_bad_checkpoint_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         evaluate_main([str(tmp_path / "missing")])
     assert "missing: not a model or checkpoint folder" in str(e.value) and "\n" not in str(e.value)
+
+
+def cli_error(main, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert isinstance(e.value.code, str) and "\n" not in e.value.code, e.value.code
+    return e.value.code
+
+
+def test_cli_truncated_weights_and_bad_lengths_are_one_line(student_dir, tiny_model_dir, tiny_data_dir, tmp_path,
+                                                           monkeypatch):
+    keep_constants(common.evaluate, monkeypatch)
+    keep_constants(common.generate, monkeypatch)
+    cut = shutil.copytree(student_dir, tmp_path / "cut")
+    with open(cut / "model.safetensors", "r+b") as f:
+        f.truncate(f.seek(0, 2) - 100)
+    message = f"{cut / 'model.safetensors'}: not a complete safetensors file"
+    assert message in cli_error(evaluate_main, [str(cut), "--teacher", tiny_model_dir, "--data-dir", tiny_data_dir])
+    assert message in cli_error(generate_main, [str(cut), "--tokenizer", tiny_model_dir])
+    assert "--max-new-tokens must be at least 1, got -3" in \
+        cli_error(generate_main, [student_dir, "--tokenizer", tiny_model_dir, "--max-new-tokens", "-3"])
 
 
 def test_greedy_generation_is_the_step_by_step_argmax(teacher):

@@ -3,6 +3,8 @@ folder, shards checked by a reader written only from the README's format, resume
 import hashlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +134,9 @@ def test_prepare_parquet_and_txt_through_the_same_path(kind, model, tmp_path):
     result = prepare("--model", model, "--model-dir", model, "--dataset", source, "--out-dir", tmp_path / "data",
                      "--val-bytes", 5000, "--workers", 1)
     assert result.returncode == 0, result.stderr
+    assert re.search(r"^time: start-up [\d.]+ s; then [\d.]+ s in which this process read the stream for [\d.]+ s, "
+                     r"wrote shards for [\d.]+ s .* 1 workers tokenized for [\d.]+ s \(\d+% busy\); limited by ",
+                     result.stdout, re.M), result.stdout
     tokenizer = Tokenizer.from_file(os.path.join(model, "tokenizer.json"))
     data = tmp_path / "data"
     assert split_documents(data, tokenizer, "val") + split_documents(data, tokenizer, "train") == docs
@@ -212,6 +217,56 @@ def test_tokenizer_beyond_uint16_is_refused_before_writing(model, tmp_path, corp
     Tokenizer(models.WordLevel({f"w{i}": i for i in range(70000)}, unk_token="w0")).save(str(big / "tokenizer.json"))
     fails(prepare("--model", big, "--model-dir", big, "--dataset", corpus, "--out-dir", tmp_path / "out"),
           "69,999", "65,535")
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_damaged_shards_are_redone_by_the_same_command(reference, model, corpus, tmp_path):
+    """verify's advice holds: after a flipped byte (or a lost shard), the command that wrote the folder re-hashes
+    every shard and redoes the damaged ones, and the folder is byte-identical to a clean run again."""
+    data = shutil.copytree(reference / "data", tmp_path / "data")
+    flipped = data / "train_000010.bin"
+    body = bytearray(flipped.read_bytes())
+    body[2000] ^= 1
+    flipped.write_bytes(bytes(body))
+    os.remove(data / "train_000020.bin")
+    check = subprocess.run([sys.executable, "-m", "common.shards", "verify", str(data)], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert check.returncode == 1 and "re-run the prepare.py command that wrote them" in check.stderr
+    older = shutil.copytree(data, tmp_path / "older")  # as an older prepare.py wrote it: no per-shard counts
+    manifest = json.loads((older / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            del shard["documents"], shard["text_bytes"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+
+    def same_command(out):
+        return prepare("--model", model, "--model-dir", reference / "model", "--dataset", corpus, "--out-dir", out,
+                       *SIZES)
+
+    fails(same_command(older), f"delete {older} and run again")
+    result = same_command(data)
+    assert result.returncode == 0, result.stderr
+    assert f"{flipped}: differs from its recorded size or sha256 (and 1 more); redoing the train shards from 10 on" \
+        in result.stdout
+    assert file_hashes(data) == file_hashes(reference / "data")
+    assert "already complete; every shard matches its sha256" in same_command(data).stdout
+
+
+def test_damaged_tokenizer_is_refused_before_the_model_folder_is_written(model, corpus, tmp_path):
+    source = shutil.copytree(model, tmp_path / "source")
+    (source / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": ')
+    fails(prepare("--model", source, "--model-dir", tmp_path / "model", "--dataset", corpus,
+                  "--out-dir", tmp_path / "out"), f"{source}: its tokenizer does not load")
+    assert sorted(os.listdir(tmp_path)) == ["source"]  # no model folder, no .partial, no data
+
+
+def test_undecodable_txt_is_named(model, tmp_path):
+    os.makedirs(tmp_path / "txt")
+    (tmp_path / "txt" / "a.txt").write_text("a fine document. " * 20)
+    (tmp_path / "txt" / "b.txt").write_bytes(b"caf\xe9 in Latin-1, not UTF-8")
+    (tmp_path / "txt" / "c.txt").write_text("another fine document. " * 20)
+    fails(prepare("--model", model, "--model-dir", model, "--dataset", tmp_path / "txt", "--out-dir", tmp_path / "out",
+                  "--val-bytes", 10), f"{tmp_path / 'txt' / 'b.txt'}: not UTF-8 text (invalid continuation byte")
     assert not os.path.exists(tmp_path / "out")
 
 

@@ -11,6 +11,7 @@ import torch
 from conftest import ROOT, make_data_dir
 
 from common.shards import HEADER_BYTES, ShardError, TokenLoader, read_shard, shard_files, verify, write_shard
+from common.shards import main as shards_main
 
 
 def test_round_trip(tmp_path):
@@ -142,3 +143,21 @@ def test_verify_detects_a_corrupted_shard(tmp_path):
     assert bad.returncode == 1 and "sha256" in bad.stderr and "1 problem" in bad.stderr
     os.remove(os.path.join(data, "val_000000.bin"))
     assert any("val_000000.bin" in p for p in verify(data))
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"splits": {"train": {"shards": [', "manifest.json: unreadable (not JSON"),
+    ("[1, 2]", "manifest.json: no 'splits' object"),
+    ('{"splits": {"val": []}}', "split 'val' has no 'shards' list"),
+    ('{"splits": {"val": {"shards": [{"file": "val_000000.bin"}]}}}', "shard 0 of split 'val' is not a"),
+])
+def test_a_damaged_manifest_is_one_line(tmp_path, text, message):
+    data = make_data_dir(str(tmp_path / "data"), train_tokens=4000, val_tokens=1000)
+    with open(os.path.join(data, "manifest.json"), "w") as f:
+        f.write(text)
+    with pytest.raises(SystemExit) as e:
+        shards_main(["verify", data])
+    error = str(e.value.code)
+    assert message in error and f"delete {data} and run prepare.py again" in error and "\n" not in error, error
+    with pytest.raises(ShardError, match="manifest is damaged"):
+        shard_files(data, "train")

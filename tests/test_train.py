@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import ROOT
+from conftest import ROOT, another_run_in
 from common.checkpoint import load_model, save_checkpoint
 from common.decoders import get_block, make_student, set_block
 from common.shards import TokenLoader, shard_files, write_shard
@@ -221,9 +221,13 @@ def test_bad_inputs_give_one_line_errors(tiny_model_dir, tiny_data_dir, tmp_path
     shutil.copytree(tiny_data_dir, torn)
     with open(os.path.join(torn, "train_000001.bin"), "r+b") as f:
         f.truncate(3000)
+    cut = shutil.copytree(tiny_model_dir, tmp_path / "cut_model")  # its weights cut short
+    with open(cut / "model.safetensors", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
     small = ["--batch-size", "2", "--seq-len", "32", "--grad-accum", "1", "--steps", "2", "--val-tokens", "64"]
     out = str(tmp_path / "out")
     for model, data, extra, expected in [
+        (str(cut), tiny_data_dir, [], "model.safetensors: not a complete safetensors file"),
         (tiny_model_dir, str(tmp_path / "nowhere"), [], "no train shards found"),
         (tiny_model_dir, wide, [], "outside the model's vocabulary"),
         (tiny_model_dir, torn, [], "train_000001.bin: truncated"),
@@ -236,3 +240,74 @@ def test_bad_inputs_give_one_line_errors(tiny_model_dir, tiny_data_dir, tmp_path
     ]:
         assert expected in train_error(small + extra, model, data, out)
         assert not os.path.exists(out), "a failed start must not leave a run folder behind"
+
+
+def copy_of(reference, tmp_path):
+    """A copy of the finished reference run (its own folder: this process holds no lock on it)."""
+    return str(shutil.copytree(reference, tmp_path / "run"))
+
+
+def test_resume_refuses_changed_defining_constants_and_lists_the_others(reference, tiny_model_dir, tiny_data_dir,
+                                                                         tmp_path):
+    out = copy_of(reference, tmp_path)
+    for extra, model, message in ((["--seq-len", "32"], tiny_model_dir, "SEQ_LEN 64 -> 32"),
+                                  ([], str(tmp_path), f"INIT {tiny_model_dir!r} -> {str(tmp_path)!r}")):
+        error = train_error(BASE + ["--resume"] + extra, model, tiny_data_dir, out)
+        assert "run.json: this run's result depends on constants changed since it started" in error and message in error
+    printed = run_train(BASE + ["--resume", "--lr", "1e-3", "--log-every", "5"], tiny_model_dir, tiny_data_dir, out)
+    assert "resuming with changed constants (the run is no longer exact): LOG_EVERY 10 -> 5, LR 0.003 -> 0.001" \
+        in printed and "nothing to do" in printed
+
+
+def test_a_run_in_use_is_refused_until_its_holder_dies(reference, tiny_model_dir, tiny_data_dir, tmp_path):
+    out = copy_of(reference, tmp_path)
+    with another_run_in(out) as holder:
+        error = train_error(BASE + ["--resume"], tiny_model_dir, tiny_data_dir, out)
+        assert f"{out}: in use by another run (pid {holder.pid})" in error
+        os.mkdir(tmp_path / "new")
+        with another_run_in(tmp_path / "new") as starting:  # a new run that has just created its folder
+            error = train_error(BASE, tiny_model_dir, tiny_data_dir, str(tmp_path / "new"))
+            assert f"in use by another run (pid {starting.pid})" in error
+    assert not [n for n in os.listdir(out) if n.startswith(".")]  # nothing moved aside or half-written
+    assert "nothing to do" in run_train(BASE + ["--resume"], tiny_model_dir, tiny_data_dir, out)
+
+
+def test_resume_passes_over_a_checkpoint_with_unreadable_meta(reference, tiny_model_dir, tiny_data_dir, tmp_path,
+                                                              capsys):
+    out = copy_of(reference, tmp_path)
+    bad = os.path.join(out, "step000040")
+    with open(os.path.join(bad, "meta.json"), "w") as f:
+        f.write('{"script": "train.py", "ph')
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:  # and a last line torn by a kill mid-append
+        f.write('{"step": 41, "loss": 0.')
+    printed = run_train(BASE + ["--resume"], tiny_model_dir, tiny_data_dir, out)
+    assert f"{bad}: unreadable meta.json, so this checkpoint is passed over" in capsys.readouterr().err
+    assert "resuming at step 35" in printed
+    assert sorted(metrics(out)[0]) == list(range(1, 41))  # every line parses; steps 36-40 were logged once, again
+    a = load_file(os.path.join(out, "step000040", "model.safetensors"))
+    b = load_file(os.path.join(reference, "step000040", "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in b)
+
+
+def test_truncated_training_state_is_one_line(reference, tiny_model_dir, tiny_data_dir, tmp_path):
+    out = copy_of(reference, tmp_path)
+    state = os.path.join(out, "step000040", "state.pt")
+    with open(state, "r+b") as f:
+        f.truncate(1000)
+    error = train_error(BASE + ["--resume"], tiny_model_dir, tiny_data_dir, out)
+    assert f"{state}: unreadable training state" in error and "delete" in error
+
+
+def test_out_of_memory_at_the_first_step_leaves_no_run_folder(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    args = ["--batch-size", "4", "--seq-len", "32", "--total-batch-tokens", "128", "--steps", "1", "--val-every", "0"]
+
+    def out_of_memory(*args, **kwargs):  # as the device would at the first forward of a batch too large for it
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 GiB")
+
+    with monkeypatch.context() as m:
+        m.setattr(F, "cross_entropy", out_of_memory)
+        error = train_error(args, tiny_model_dir, tiny_data_dir, out)
+    assert "out of memory at step 1 (4 x 32 tokens per micro-step" in error and "run again" in error
+    assert not os.path.exists(out)
+    assert "x 2 micro-steps" in run_train(args + ["--batch-size", "2"], tiny_model_dir, tiny_data_dir, out)
