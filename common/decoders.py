@@ -20,6 +20,7 @@ memory does not grow with the number of tokens.
 """
 import copy
 import functools
+import inspect
 import math
 
 import torch
@@ -89,7 +90,8 @@ def make_student(target, kind, teacher_block, config, **kwargs):
         student = cls(teacher_block, config, **kwargs)
     except TypeError as e:
         raise ValueError(f"STUDENT_KWARGS {kwargs} do not fit student {kind!r}: {e}") from None
-    student.kwargs = dict(kwargs)
+    defaults = {n: p.default for n, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+    student.kwargs = {**defaults, **kwargs}  # every argument, defaults too: the checkpoint says what was used
     return student.to(next(teacher_block.parameters()).device)
 
 
