@@ -1,0 +1,99 @@
+"""PNG pictures of distill runs and evaluations, drawn on matplotlib's Agg canvas (no display needed) and
+written atomically (temp file, then rename), so a running job can be watched.
+
+  run_png(out_dir, layer_rows, logits_rows)   OUT/layers.png of a distill.py run
+  comparison_png(path, rows, names, ...)      common.evaluate's comparison table as bars
+"""
+import io
+import json
+import math
+import os
+
+from matplotlib.figure import Figure
+
+from common.shards import atomic_write_bytes
+
+DPI = 100  # pixels per inch: the figures are 12 x 4 inches per row of panels
+
+
+def save_png(fig, path):
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=DPI)
+    atomic_write_bytes(path, [buffer.getvalue()])
+
+
+def relative_error_before(row):
+    """A layer row's relative error before training. Rows record val MSE before and after and the relative
+    error after; both errors share the teacher's mean square, so rel_before = rel_after * mse_start / mse_end."""
+    if row["mse_end"] > 0:
+        return row["rel_err"] * row["mse_start"] / row["mse_end"]
+    return 0.0 if row["mse_start"] == 0 else math.nan
+
+
+def run_png(out_dir, layer_rows=None, logits_rows=None):
+    """OUT/layers.png. Layer-wise phase (layer_rows; None = OUT/layers.json when there is one): per layer, in
+    the order they were replaced, its student's relative error before and after training (and after
+    calibration when the rows have calib_rel_err), and the hybrid model's val perplexity with the students
+    so far, beside the teacher's. Logits phase (logits_rows): KL to the teacher and val CE over steps."""
+    if layer_rows is None and os.path.exists(os.path.join(out_dir, "layers.json")):
+        with open(os.path.join(out_dir, "layers.json")) as f:
+            layer_rows = json.load(f)
+    sections = [rows for rows in (layer_rows, logits_rows) if rows]
+    if not sections:
+        return
+    fig = Figure(figsize=(12, 4 * len(sections)), layout="constrained")
+    axes = fig.subplots(len(sections), 2, squeeze=False)
+    if layer_rows:
+        err, ppl = axes[0]
+        x = range(len(layer_rows))
+        rotations = len({r["rotation"] for r in layer_rows})
+        ticks = [f"{r['layer']}" if rotations == 1 else f"r{r['rotation']}:{r['layer']}" for r in layer_rows]
+        err.plot(x, [relative_error_before(r) for r in layer_rows], "o--", color="tab:gray", label="before training")
+        err.plot(x, [r["rel_err"] for r in layer_rows], "o-", color="tab:blue", label="after training")
+        if any("calib_rel_err" in r for r in layer_rows):
+            err.plot(x, [r.get("calib_rel_err", math.nan) for r in layer_rows], "s:", color="tab:green",
+                     label="after calibration")
+        err.set(yscale="log", ylabel="relative error ||s - t||² / ||t||²", title="student against the teacher block (val)")
+        ppl.plot(x, [r["hybrid_ppl"] for r in layer_rows], "o-", color="tab:red", label="hybrid (students so far)")
+        ppl.axhline(math.exp(layer_rows[0]["teacher_ce"]), color="black", ls="--", label="teacher")
+        ppl.set(ylabel="val perplexity", title="the model as layers are replaced")
+        for ax in (err, ppl):
+            ax.set_xticks(list(x), ticks, rotation=90 if len(ticks) > 40 else 0, fontsize=8)
+            ax.set_xlabel("layer, in the order replaced")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    if logits_rows:
+        kl, ce = axes[-1]
+        steps = [r["step"] for r in logits_rows]
+        kl.plot(steps, [r["kl"] for r in logits_rows], "o-", color="tab:purple")
+        kl.set(yscale="log", xlabel="logits-phase step", ylabel="KL(teacher || student) per token", title="logits phase: KL")
+        ce.plot(steps, [r["val_ce"] for r in logits_rows], "o-", color="tab:red", label="student")
+        ce.plot(steps, [r["teacher_ce"] for r in logits_rows], "--", color="black", label="teacher")
+        ce.set(xlabel="logits-phase step", ylabel="val cross-entropy", title="logits phase: val CE")
+        ce.legend()
+        for ax in (kl, ce):
+            ax.grid(alpha=0.3)
+    save_png(fig, os.path.join(out_dir, "layers.png"))
+
+
+def comparison_png(path, rows, names, has_teacher):
+    """common.evaluate's comparison table as horizontal bars: for each metric, each checkpoint's value as a
+    ratio to the teacher's (the first name; without a teacher, to the first model), the value written beside."""
+    reference, compared = names[0], names[1:] or names
+    rows = [r for r in rows if r["values"].get(reference)]
+    fig = Figure(figsize=(12, 1 + 0.3 * len(rows) * len(compared)), layout="constrained")
+    ax = fig.subplots()
+    height = 0.8 / len(compared)
+    for k, name in enumerate(compared):
+        ys = [i + k * height for i, r in enumerate(rows) if name in r["values"]]
+        ratios = [r["values"][name] / r["values"][reference] for r in rows if name in r["values"]]
+        bars = ax.barh(ys, ratios, height=height, label=name)
+        ax.bar_label(bars, [f"{r['values'][name]:.4g} {r['unit']}" for r in rows if name in r["values"]], fontsize=7,
+                     padding=2)
+    ax.axvline(1, color="black", lw=1)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(rows))], [r["metric"] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"ratio to {'the teacher' if has_teacher else reference}")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    save_png(fig, path)
