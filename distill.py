@@ -36,6 +36,7 @@ from common.decoders import (check_layers, check_target, decoder_input, decoder_
                              make_student, position_embeddings, run_block, student_specs, swapped)
 from common.evaluate import evaluate, val_batches
 from common.kd import final_hidden, head_weight, kd_loss
+from common.plots import run_png
 from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at, set_rng_state
 from common.shards import ShardError, TokenLoader, shard_files, write_json_atomic
 
@@ -386,6 +387,8 @@ def train_rotation(rt, model, log, visit, val, teacher_ce):
                    "rel_err": end_err["val_rel_err"], "hybrid_ce": ce, "hybrid_ppl": float(np.exp(ce)),
                    "teacher_ce": teacher_ce, "step_ms": step_ms, "train_s": train_s, "seconds": time.time() - t0}
             rows.append(row)
+            if rt.master:
+                run_png(OUT_DIR, rows)
             log.log(phase="layerwise", step=step, **row)
             rt.print(f"rot {rotation} layer {i:3d} | val mse {row['mse_start']:.4g} -> {row['mse_end']:.4g} "
                      f"(rel {row['rel_err']:.4g}) | hybrid val ce {ce:.4f} (teacher {teacher_ce:.4f}) "
@@ -474,6 +477,8 @@ def train_parallel(rt, model, log, visit, val, teacher_ce):
     rows = [{"rotation": "all", "layer": i, "mse_start": start_errors[i]["val_mse"], "mse_end": errors[i]["val_mse"], "rel_err": errors[i]["val_rel_err"],
              "hybrid_ce": ce, "hybrid_ppl": float(np.exp(ce)), "teacher_ce": teacher_ce}
             for i in visit]
+    if rt.master:
+        run_png(OUT_DIR, rows)
     log.log(phase="layerwise", step=total, hybrid_ce=ce, layer_val_mse={r["layer"]: r["mse_end"] for r in rows})
     return students, rows, total, state()
 
@@ -583,6 +588,8 @@ def logits_phase(rt, log):
         row = {"step": step, "val_ce": m["ce"], "val_ppl": m["ppl"], "kl": m["kl"], "agree": m["agreement"],
                "teacher_ce": m["teacher_ce"]}
         results.append(row)
+        if rt.master:
+            run_png(OUT_DIR, logits_rows=results)
         log.log(phase="logits", **row)
         rt.print(f"step {step:5d} | val ce {m['ce']:.4f} (teacher {m['teacher_ce']:.4f}) | kl {m['kl']:.4g} "
                  f"| top-1 agreement {m['agreement']:.3f}")

@@ -10,6 +10,7 @@ import math
 import os
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import StrMethodFormatter
 
 from common.shards import atomic_write_bytes
 
@@ -20,6 +21,12 @@ def save_png(fig, path):
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     atomic_write_bytes(path, [buffer.getvalue()])
+
+
+def log_scale(ax):
+    ax.set_yscale("log")
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 0.35, not 3.5 x 10^-1
+        axis(StrMethodFormatter("{x:.4g}"))
 
 
 def relative_error_before(row):
@@ -53,7 +60,8 @@ def run_png(out_dir, layer_rows=None, logits_rows=None):
         if any("calib_rel_err" in r for r in layer_rows):
             err.plot(x, [r.get("calib_rel_err", math.nan) for r in layer_rows], "s:", color="tab:green",
                      label="after calibration")
-        err.set(yscale="log", ylabel="relative error ||s - t||² / ||t||²", title="student against the teacher block (val)")
+        log_scale(err)
+        err.set(ylabel="relative error ||s - t||² / ||t||²", title="student against the teacher block (val)")
         ppl.plot(x, [r["hybrid_ppl"] for r in layer_rows], "o-", color="tab:red", label="hybrid (students so far)")
         ppl.axhline(math.exp(layer_rows[0]["teacher_ce"]), color="black", ls="--", label="teacher")
         ppl.set(ylabel="val perplexity", title="the model as layers are replaced")
@@ -66,7 +74,8 @@ def run_png(out_dir, layer_rows=None, logits_rows=None):
         kl, ce = axes[-1]
         steps = [r["step"] for r in logits_rows]
         kl.plot(steps, [r["kl"] for r in logits_rows], "o-", color="tab:purple")
-        kl.set(yscale="log", xlabel="logits-phase step", ylabel="KL(teacher || student) per token", title="logits phase: KL")
+        log_scale(kl)
+        kl.set(xlabel="logits-phase step", ylabel="KL(teacher || student) per token", title="logits phase: KL")
         ce.plot(steps, [r["val_ce"] for r in logits_rows], "o-", color="tab:red", label="student")
         ce.plot(steps, [r["teacher_ce"] for r in logits_rows], "--", color="black", label="teacher")
         ce.set(xlabel="logits-phase step", ylabel="val cross-entropy", title="logits phase: val CE")
