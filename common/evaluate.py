@@ -22,6 +22,7 @@ at a time (common.kd.kd_metrics) and never held for a whole batch.
 import contextlib
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -47,7 +48,7 @@ DEVICE = "auto"                   # auto: cuda when there is one, else cpu
 DTYPE = "auto"                    # auto: bf16 autocast on GPUs, fp32 on CPU (bf16 is emulated there)
 SPEED = False                     # also measure parameters, prefill/decode speed and decoding state (one process)
 CONTEXTS = [512, 2048, 8192]      # --speed: context lengths in tokens (val tokens), each measured for every model
-DECODE_STEPS = 8                  # --speed: tokens decoded one at a time after a prefill of context - DECODE_STEPS
+DECODE_STEPS = 16                 # --speed: tokens decoded one at a time after a prefill of context - DECODE_STEPS
 TASKS = []                        # lm-evaluation-harness tasks (names, or paths of task YAML files); empty = none
 TASK_DIR = ""                     # a folder of your own task YAML files (lm_eval's include_path), e.g. local data
 LIMIT = 0                         # --tasks: examples per task (quick runs); 0 = all
@@ -146,37 +147,52 @@ def parameter_counts(model):
     return counts
 
 
+def timed(rt, fn, *args):
+    """(seconds, result) of fn(*args), the device synchronized before and after."""
+    rt.synchronize()
+    t0 = time.perf_counter()
+    out = fn(*args)
+    rt.synchronize()
+    return time.perf_counter() - t0, out
+
+
 @torch.no_grad()
-def decode_speed(model, ids, decode_steps, rt):
-    """Prefill ids (1, n) into a fresh decoding cache, then decode `decode_steps` greedy tokens one at a time.
-    Returns prefill and decode tokens/s and the bytes of decoding state the cache holds at the end."""
-    cache, n = decoding_cache(model), ids.shape[1]
-    with rt.autocast():
-        rt.synchronize()
-        t0 = time.perf_counter()
-        logits = forward_cached(model, ids, torch.arange(n, device=ids.device)[None], cache)
-        rt.synchronize()
-        t1 = time.perf_counter()
-        for t in range(n, n + decode_steps):
-            logits = forward_cached(model, logits.argmax(-1, keepdim=True), torch.tensor([[t]], device=ids.device), cache)
-        rt.synchronize()
-        t2 = time.perf_counter()
-    held = state_bytes(cache)
-    return {"prefill_tok_s": n / (t1 - t0), "decode_tok_s": decode_steps / (t2 - t1), "state_bytes": sum(held.values()),
-            "kv_bytes": held["kv"], "recurrent_bytes": held["recurrent"]}
+def speed_at(models, prompt, decode_steps, rt):
+    """One context, side by side: each model prefills `prompt` (1, n) into a fresh decoding cache, one model
+    after another; then they decode `decode_steps` greedy tokens in turns, one token each per turn, so that
+    a change in the machine's load hits them alike. Returns {name: {prefill_tok_s, decode_tok_s (1 / the
+    median step time), state_bytes, kv_bytes, recurrent_bytes}} (bytes held by the cache at the end)."""
+    n = prompt.shape[1]
+    caches = {name: decoding_cache(model) for name, model in models.items()}
+    prefill_s, step_s, nxt = {}, {name: [] for name in models}, {}
+    for name, model in models.items():
+        with rt.autocast():
+            prefill_s[name], logits = timed(rt, forward_cached, model, prompt,
+                                            torch.arange(n, device=prompt.device)[None], caches[name])
+        nxt[name] = logits.argmax(-1, keepdim=True)
+    for t in range(n, n + decode_steps):
+        for name, model in models.items():
+            with rt.autocast():
+                seconds, logits = timed(rt, forward_cached, model, nxt[name], torch.tensor([[t]], device=prompt.device),
+                                        caches[name])
+            step_s[name].append(seconds)
+            nxt[name] = logits.argmax(-1, keepdim=True)
+    out = {}
+    for name in models:
+        held = state_bytes(caches[name])
+        out[name] = {"prefill_tok_s": n / prefill_s[name], "decode_tok_s": 1 / statistics.median(step_s[name]),
+                     "state_bytes": sum(held.values()), "kv_bytes": held["kv"], "recurrent_bytes": held["recurrent"]}
+    return out
 
 
 def speed_rows(models, tokens, rt):
-    """decode_speed of every model at every context in CONTEXTS, the models side by side at each context
-    (a warm-up run first): [{context, model, prefill_tok_s, decode_tok_s, state_bytes, ...}]."""
-    for model in models.values():
-        decode_speed(model, tokens[:, :16], 2, rt)
+    """speed_at every context n in CONTEXTS (a prefill of n - DECODE_STEPS tokens: the context ends at n),
+    after a warm-up: [{context, model, prefill_tok_s, ...}]."""
+    speed_at(models, tokens[:, :16], 2, rt)
     rows = []
-    bar = tqdm([(n, name) for n in CONTEXTS for name in models], desc="speed", disable=not rt.master)
-    for n, name in bar:
-        bar.set_postfix(context=n, model=name)
-        rows.append({"context": n, "model": name, **decode_speed(models[name], tokens[:, :n - DECODE_STEPS],
-                                                               DECODE_STEPS, rt)})
+    for n in tqdm(CONTEXTS, desc="speed", disable=not rt.master):
+        at = speed_at(models, tokens[:, :n - DECODE_STEPS], DECODE_STEPS, rt)
+        rows += [{"context": n, "model": name, **r} for name, r in at.items()]
     return rows
 
 
@@ -338,8 +354,8 @@ def main(argv):
                       comparison=comparison(list(every), quality, params, speed, tasks))
         where = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"{torch.get_num_threads()} threads"
         rt.print(f"\ncomparison on {rt.device} ({where})"
-                 + (f"; speed at each context: a prefill of context - {DECODE_STEPS} tokens, then {DECODE_STEPS} "
-                    f"tokens decoded one at a time; state = decoding cache per sequence" if SPEED else ""))
+                 + (f"; at each context: a prefill of context - {DECODE_STEPS} tokens, then {DECODE_STEPS} tokens "
+                    f"decoded one at a time (median step); state = decoding cache per sequence" if SPEED else ""))
         for line in format_comparison(report["comparison"], list(every), teacher is not None):
             rt.print(line)
     if OUT and rt.master:

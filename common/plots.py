@@ -86,23 +86,27 @@ def run_png(out_dir, layer_rows=None, logits_rows=None):
 
 
 def comparison_png(path, rows, names, has_teacher):
-    """common.evaluate's comparison table as horizontal bars: for each metric, each checkpoint's value as a
-    ratio to the teacher's (the first name; without a teacher, to the first model), the value written beside."""
+    """common.evaluate's comparison table as bars: for each metric, each checkpoint's value as a ratio to
+    the teacher's (the first name; without a teacher, to the first model), on a log axis so that 2x and
+    0.5x stand equally far from 1; the value beside each bar, the reference value beside the metric."""
     reference, compared = names[0], names[1:] or names
     rows = [r for r in rows if r["values"].get(reference)]
     fig = Figure(figsize=(12, 1 + 0.3 * len(rows) * len(compared)), layout="constrained")
     ax = fig.subplots()
-    height = 0.8 / len(compared)
+    height, extremes = 0.8 / len(compared), [1.0]
     for k, name in enumerate(compared):
-        ys = [i + k * height for i, r in enumerate(rows) if name in r["values"]]
-        ratios = [r["values"][name] / r["values"][reference] for r in rows if name in r["values"]]
-        bars = ax.barh(ys, ratios, height=height, label=name)
-        ax.bar_label(bars, [f"{r['values'][name]:.4g} {r['unit']}" for r in rows if name in r["values"]], fontsize=7,
-                     padding=2)
+        shown = [(i, r) for i, r in enumerate(rows) if r["values"].get(name)]
+        ratios = [r["values"][name] / r["values"][reference] for _, r in shown]
+        bars = ax.barh([i + k * height for i, _ in shown], [q - 1 for q in ratios], left=1, height=height, label=name)
+        ax.bar_label(bars, [f"{r['values'][name]:.4g} {r['unit']}" for _, r in shown], fontsize=7, padding=2)
+        extremes += ratios
     ax.axvline(1, color="black", lw=1)
-    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(rows))], [r["metric"] for r in rows], fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlim(min(extremes) / 1.5, max(extremes) * 3)  # room for the labels
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(rows))],
+                  [f"{r['metric']} ({r['values'][reference]:.4g})" for r in rows], fontsize=8)
     ax.invert_yaxis()
-    ax.set_xlabel(f"ratio to {'the teacher' if has_teacher else reference}")
+    ax.set_xlabel(f"ratio to {'the teacher' if has_teacher else reference} (its value in brackets), log scale")
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     save_png(fig, path)
