@@ -23,7 +23,10 @@ def save_png(fig, path):
     atomic_write_bytes(path, [buffer.getvalue()])
 
 
-def log_scale(ax):
+def log_scale(ax, values):
+    """A log y axis, when there is a positive value to show (a copy student's error is 0)."""
+    if not any(v > 0 for v in values):
+        return
     ax.set_yscale("log")
     for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 0.35, not 3.5 x 10^-1
         axis(StrMethodFormatter("{x:.4g}"))
@@ -60,7 +63,7 @@ def run_png(out_dir, layer_rows=None, logits_rows=None):
         if any("calib_rel_err" in r for r in layer_rows):
             err.plot(x, [r.get("calib_rel_err", math.nan) for r in layer_rows], "s:", color="tab:green",
                      label="after calibration")
-        log_scale(err)
+        log_scale(err, [r["rel_err"] for r in layer_rows] + [relative_error_before(r) for r in layer_rows])
         err.set(ylabel="relative error ||s - t||² / ||t||²", title="student against the teacher block (val)")
         ppl.plot(x, [r["hybrid_ppl"] for r in layer_rows], "o-", color="tab:red", label="hybrid (students so far)")
         ppl.axhline(math.exp(layer_rows[0]["teacher_ce"]), color="black", ls="--", label="teacher")
@@ -74,7 +77,7 @@ def run_png(out_dir, layer_rows=None, logits_rows=None):
         kl, ce = axes[-1]
         steps = [r["step"] for r in logits_rows]
         kl.plot(steps, [r["kl"] for r in logits_rows], "o-", color="tab:purple")
-        log_scale(kl)
+        log_scale(kl, [r["kl"] for r in logits_rows])
         kl.set(xlabel="logits-phase step", ylabel="KL(teacher || student) per token", title="logits phase: KL")
         ce.plot(steps, [r["val_ce"] for r in logits_rows], "o-", color="tab:red", label="student")
         ce.plot(steps, [r["teacher_ce"] for r in logits_rows], "--", color="black", label="teacher")
