@@ -199,9 +199,10 @@ def speed_rows(models, tokens, rt):
 # ---------------------------------------------------------------------------------------------- --tasks
 def harness_scores(models, tokenizer, rt):
     """Each model's accuracy on TASKS through lm-evaluation-harness: {name: {task: {metric, value}}}, the
-    metric being acc_norm where the task reports it, else acc, else exact_match (generation tasks). The already loaded models are wrapped as
-    lm_eval's HFLM, so students of every kind run as they do here; text generation (generate_until
-    tasks) goes through common.generate, which decodes every student kind incrementally."""
+    metric being acc_norm where the task reports it, else acc, else exact_match (generation tasks).
+    The loaded models are wrapped as lm_eval's HFLM, so students of every kind run as they do here;
+    text generation (generate_until tasks) goes through common.generate, which decodes every student
+    kind incrementally."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -242,14 +243,17 @@ def harness_scores(models, tokenizer, rt):
 def comparison(names, quality, params, speed, tasks):
     """The comparison table as rows {metric, unit, values: {model: value}}, models in `names` order
     (the teacher first); sections that were not measured are left out."""
-    rows = [{"metric": "val ppl", "unit": "ppl", "values": {n: quality[n]["ppl"] for n in names}}]
+    def row(metric, unit, value_of):
+        return {"metric": metric, "unit": unit, "values": {n: value_of(n) for n in names}}
+
+    rows = [row("val ppl", "ppl", lambda n: quality[n]["ppl"])]
     for part in ("total", "embedding", "attention", "ffn", "other") if params else ():
-        rows.append({"metric": f"parameters (M): {part}", "unit": "M", "values": {n: params[n][part] / 1e6 for n in names}})
+        rows.append(row(f"parameters (M): {part}", "M", lambda n: params[n][part] / 1e6))
     for n_ctx in sorted({r["context"] for r in speed}):
         at = {r["model"]: r for r in speed if r["context"] == n_ctx}
-        rows += [{"metric": f"prefill tok/s @{n_ctx}", "unit": "tok/s", "values": {n: at[n]["prefill_tok_s"] for n in names}},
-                 {"metric": f"decode tok/s @{n_ctx}", "unit": "tok/s", "values": {n: at[n]["decode_tok_s"] for n in names}},
-                 {"metric": f"state MiB @{n_ctx}", "unit": "MiB", "values": {n: at[n]["state_bytes"] / 2**20 for n in names}}]
+        rows += [row(f"prefill tok/s @{n_ctx}", "tok/s", lambda n: at[n]["prefill_tok_s"]),
+                 row(f"decode tok/s @{n_ctx}", "tok/s", lambda n: at[n]["decode_tok_s"]),
+                 row(f"state MiB @{n_ctx}", "MiB", lambda n: at[n]["state_bytes"] / 2**20)]
     for task in sorted({t for n in names for t in tasks.get(n, {})}):
         metric = next(tasks[n][task]["metric"] for n in names if task in tasks.get(n, {}))
         rows.append({"metric": f"{task} ({metric})", "unit": "acc",
@@ -279,9 +283,10 @@ def format_comparison(rows, names, has_teacher, markdown=False):
         cells.append(line)
     if has_teacher and any(task_ratios.values()):
         means = {n: sum(v) / len(v) for n, v in task_ratios.items() if v}
-        cells.append(["mean task ratio", ""] + [c for n in names[1:] for c in ("", f"{means[n]:.2f}x" if n in means else "-")])
+        cells.append(["mean task ratio", ""] + [c for n in names[1:]
+                                                 for c in ("", f"{means[n]:.2f}x" if n in means else "-")])
     if markdown:
-        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c) + " |" for c in cells]
+        return ["| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *cells]]
     widths = [max(len(line[k]) for line in [header, *cells]) for k in range(len(header))]
     return ["  ".join(v.ljust(w) if k == 0 else v.rjust(w) for k, (v, w) in enumerate(zip(line, widths)))
             for line in [header, *cells]]

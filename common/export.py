@@ -184,9 +184,6 @@ def main(argv):
                  "[--pad-to-widest]")
     checkpoint = argv.pop(0)
     override(globals(), argv)
-    if not os.path.isfile(os.path.join(checkpoint, "config.json")):
-        sys.exit(f"{checkpoint}: not a model or checkpoint folder (no config.json); pass a checkpoint folder such as "
-                 f"runs/NAME/final")
     if not OUT:
         sys.exit("--out DIR is needed: the folder to write the exported model to")
     if os.path.exists(OUT):

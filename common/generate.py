@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from common.attention import RecurrentState
 from common.checkpoint import load_model
 from common.config import override
 from common.decoders import decoder_layers
@@ -73,7 +74,7 @@ def state_bytes(cache):
     held = {"kv": 0, "recurrent": 0}
     for entry in cache.layers:
         tensors = [t for t in vars(entry).values() if isinstance(t, torch.Tensor)]
-        held["recurrent" if hasattr(entry, "state") else "kv"] += sum(t.numel() * t.element_size() for t in tensors)
+        held["recurrent" if isinstance(entry, RecurrentState) else "kv"] += sum(t.numel() * t.element_size() for t in tensors)
     return held
 
 
