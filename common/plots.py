@@ -10,7 +10,7 @@ import math
 import os
 
 from matplotlib.figure import Figure
-from matplotlib.ticker import StrMethodFormatter
+from matplotlib.ticker import NullFormatter, StrMethodFormatter
 
 from common.shards import atomic_write_bytes
 
@@ -24,12 +24,15 @@ def save_png(fig, path):
 
 
 def log_scale(ax, values):
-    """A log y axis, when there is a positive value to show (a copy student's error is 0)."""
-    if not any(v > 0 for v in values):
+    """A log y axis, when there is a positive value to show (a copy student's error is 0). Ticks read 0.35,
+    not 3.5 x 10^-1; the minor ones are labelled only when the values span less than a decade."""
+    positive = [v for v in values if v > 0]
+    if not positive:
         return
     ax.set_yscale("log")
-    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 0.35, not 3.5 x 10^-1
-        axis(StrMethodFormatter("{x:.4g}"))
+    ax.yaxis.set_major_formatter(StrMethodFormatter("{x:.4g}"))
+    narrow = max(positive) < 10 * min(positive)
+    ax.yaxis.set_minor_formatter(StrMethodFormatter("{x:.4g}") if narrow else NullFormatter())
 
 
 def relative_error_before(row):
@@ -67,6 +70,7 @@ def run_png(out_dir, layer_rows=None, logits_rows=None):
         err.set(ylabel="relative error ||s - t||² / ||t||²", title="student against the teacher block (val)")
         ppl.plot(x, [r["hybrid_ppl"] for r in layer_rows], "o-", color="tab:red", label="hybrid (students so far)")
         ppl.axhline(math.exp(layer_rows[0]["teacher_ce"]), color="black", ls="--", label="teacher")
+        log_scale(ppl, [r["hybrid_ppl"] for r in layer_rows] + [math.exp(layer_rows[0]["teacher_ce"])])
         ppl.set(ylabel="val perplexity", title="the model as layers are replaced")
         for ax in (err, ppl):
             ax.set_xticks(list(x), ticks, rotation=90 if len(ticks) > 40 else 0, fontsize=8)
