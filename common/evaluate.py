@@ -3,7 +3,7 @@ every model and, for each checkpoint, KL(teacher || checkpoint) and top-1 agreem
 
     python -m common.evaluate CHECKPOINT [CHECKPOINT ...] [--teacher DIR] [--data-dir DIR]
         [--val-tokens N] [--batch-size B] [--seq-len T] [--out FILE.json]
-        [--speed [--contexts 512,2048,8192] [--decode-steps 8]]
+        [--speed [--contexts 512,2048,8192] [--decode-steps 16]]
         [--tasks lambada_openai,hellaswag,arc_easy,arc_challenge,piqa,winogrande [--limit N] [--task-dir DIR]]
     torchrun --standalone --nproc_per_node N -m common.evaluate CHECKPOINT ... (ranks split the tokens)
 
