@@ -344,10 +344,10 @@ def main(argv):
     rows = ([{"model": TEACHER, "role": "teacher", **teacher_result}] if teacher_result else [])
     rows += [{"model": p, "role": "checkpoint", **r} for p, r in results.items()]
     width = max(len(r["model"]) for r in rows) + 2
-    rt.print(f"\n{'model':<{width}}{'role':<12}{'val CE':>10}{'ppl':>10}{'KL to teacher':>15}{'top-1 agree':>13}")
+    rt.print(f"\n{'model':<{width}}{'role':<12}{'val CE':>10}{'ppl':>12}{'KL to teacher':>15}{'top-1 agree':>13}")
     for r in rows:
         kl = f"{r['kl']:>15.5f}{r['agreement']:>13.4f}" if "kl" in r else f"{'-':>15}{'-':>13}"
-        rt.print(f"{r['model']:<{width}}{r['role']:<12}{r['ce']:>10.4f}{r['ppl']:>10.2f}{kl}")
+        rt.print(f"{r['model']:<{width}}{r['role']:<12}{r['ce']:>10.4f}{r['ppl']:>12.6g}{kl}")
     report = {"val_tokens": n_tok, "config": config, "results": rows}
     if SPEED or TASKS:
         from transformers import AutoTokenizer
