@@ -24,20 +24,22 @@ def save_png(fig, path):
 
 
 def log_scale(ax, values):
-    """A log y axis, when there is a positive value to show (a copy student's error is 0). Ticks read 0.35,
-    not 3.5 x 10^-1; the minor ones are labelled only when the values span less than a decade."""
+    """A log y axis when the positive values span more than a decade (relative errors often do; a copy
+    student's is 0), its ticks reading 0.35 rather than 3.5 x 10^-1; else the linear axis stays."""
     positive = [v for v in values if v > 0]
-    if not positive:
+    if not positive or max(positive) < 10 * min(positive):
         return
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(StrMethodFormatter("{x:.4g}"))
-    narrow = max(positive) < 10 * min(positive)
-    ax.yaxis.set_minor_formatter(StrMethodFormatter("{x:.4g}") if narrow else NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def relative_error_before(row):
-    """A layer row's relative error before training. Rows record val MSE before and after and the relative
-    error after; both errors share the teacher's mean square, so rel_before = rel_after * mse_start / mse_end."""
+    """A layer row's relative error before training: start_rel_err when the row records it; else from the
+    val MSE before and after and the relative error after, which share the teacher's mean square, so
+    rel_before = rel_after * mse_start / mse_end."""
+    if "start_rel_err" in row:
+        return row["start_rel_err"]
     if row["mse_end"] > 0:
         return row["rel_err"] * row["mse_start"] / row["mse_end"]
     return 0.0 if row["mse_start"] == 0 else math.nan
@@ -84,7 +86,7 @@ def run_png(out_dir, layer_rows=None, logits_rows=None):
         log_scale(kl, [r["kl"] for r in logits_rows])
         kl.set(xlabel="logits-phase step", ylabel="KL(teacher || student) per token", title="logits phase: KL")
         ce.plot(steps, [r["val_ce"] for r in logits_rows], "o-", color="tab:red", label="student")
-        ce.plot(steps, [r["teacher_ce"] for r in logits_rows], "--", color="black", label="teacher")
+        ce.axhline(logits_rows[0]["teacher_ce"], color="black", ls="--", label="teacher")
         ce.set(xlabel="logits-phase step", ylabel="val cross-entropy", title="logits phase: val CE")
         ce.legend()
         for ax in (kl, ce):

@@ -44,3 +44,4 @@ def test_relative_error_before_training_from_the_row():
     # both relative errors divide by the teacher's mean square: rel = mse / mean(t^2)
     assert relative_error_before({"mse_start": 0.6, "mse_end": 0.2, "rel_err": 0.05}) == pytest.approx(0.15)
     assert relative_error_before({"mse_start": 0.0, "mse_end": 0.0, "rel_err": 0.0}) == 0.0  # copy students
+    assert relative_error_before({"mse_start": 0.6, "mse_end": 0.2, "rel_err": 0.05, "start_rel_err": 0.2}) == 0.2
