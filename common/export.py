@@ -112,7 +112,7 @@ def export_state(model):
 def model_card(checkpoint, config, described, n_params, max_diff):
     """README.md: where the model comes from (checkpoint, run, teacher, students) and, with --eval, its table."""
     meta = read_meta(checkpoint) if os.path.exists(os.path.join(checkpoint, "meta.json")) else {}
-    run_file = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "run.json")
+    run_file = os.path.join(os.path.dirname(os.path.realpath(checkpoint)), "run.json")  # the run the checkpoint is in
     run = {}
     if os.path.exists(run_file):
         with open(run_file) as f:
