@@ -112,6 +112,9 @@ def comparison_png(path, rows, names, has_teacher):
     ax.axvline(1, color="black", lw=1)
     ax.set_xscale("log")
     ax.set_xlim(min(extremes) / 1.5, max(extremes) * 3)  # room for the labels
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:.3g}"))  # 0.4, not 4 x 10^-1
+    narrow = max(extremes) < 10 * min(extremes)  # within a decade the minor ticks need labels too
+    ax.xaxis.set_minor_formatter(StrMethodFormatter("{x:.3g}") if narrow else NullFormatter())
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(rows))],
                   [f"{r['metric']} ({r['values'][reference]:.4g})" for r in rows], fontsize=8)
     ax.invert_yaxis()
