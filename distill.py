@@ -36,6 +36,7 @@ from common.decoders import (check_layers, check_target, decoder_input, decoder_
                              make_student, position_embeddings, run_block, student_specs, swapped)
 from common.evaluate import evaluate, val_batches
 from common.kd import final_hidden, head_weight, kd_loss
+from common.plots import run_png
 from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at, set_rng_state
 from common.shards import ShardError, TokenLoader, read_json, read_shard, shard_files, write_json_atomic
 
@@ -424,6 +425,8 @@ def train_rotation(rt, model, log, visit, val, teacher_ce):
                    "teacher_ce": teacher_ce, "step_ms": step_ms, "calib_s": calib_s or 0.0, "train_s": train_s,
                    "seconds": time.time() - t0}
             rows.append(row)
+            if rt.master:
+                run_png(OUT_DIR, rows)
             log.log(phase="layerwise", step=step, **row)
             calibrated = f"calibrated {row['calib_rel_err']:.4g}, " if calib_s is not None else ""
             rt.print(f"rot {rotation} layer {i:3d} | val rel err {row['start_rel_err']:.4g} -> {calibrated}"
@@ -541,6 +544,8 @@ def train_parallel(rt, model, log, visit, val, teacher_ce):
              "rel_err": errors[i]["val_rel_err"], "hybrid_ce": ce, "hybrid_ppl": float(np.exp(ce)),
              "teacher_ce": teacher_ce}
             for i in visit]
+    if rt.master:
+        run_png(OUT_DIR, rows)
     log.log(phase="layerwise", step=total, hybrid_ce=ce, layer_val_mse={r["layer"]: r["mse_end"] for r in rows})
     return students, rows, total, state()
 
@@ -682,6 +687,8 @@ def logits_phase(rt, log, val, models):
         row = {"step": step, "val_ce": m["ce"], "val_ppl": m["ppl"], "kl": m["kl"], "agree": m["agreement"],
                "teacher_ce": m["teacher_ce"]}
         results.append(row)
+        if rt.master:
+            run_png(OUT_DIR, logits_rows=results)
         log.log(phase="logits", **row)
         rt.print(f"step {step:5d} | val ce {m['ce']:.4f} (teacher {m['teacher_ce']:.4f}) | kl {m['kl']:.4g} "
                  f"| top-1 agreement {m['agreement']:.3f}")

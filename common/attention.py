@@ -16,6 +16,12 @@ The GLA recurrence, per head, with S the (K x V) state and g_t <= 0 the log deca
 `gla_step` is one step of it, `gla_recurrent` the naive loop over steps, `gla_chunked` the same
 numbers computed chunk-parallel (pure PyTorch, any device), and on a GPU with
 flash-linear-attention installed its Triton `chunk_gla` (same recurrence) is used instead.
+
+Incremental decoding (common/generate.py): each student makes its own layer of the decoding cache
+(`new_cache`): a `RecurrentState` for `linear` (the (head_dim x head_dim) state per head, whatever the
+context), a `WindowCache` for `window` (keys and values of the sinks and the last window - 1 tokens).
+Given such a cache, forward continues it over the new tokens; tokens at negative `position_ids` are
+left padding (several prompts of different lengths in one batch), which no state or later token sees.
 """
 import copy
 import functools
@@ -127,9 +133,60 @@ def _refuse_incremental(student, past_key_values):
         return
     seen = vars(past_key_values).setdefault("_attention_students_seen", set())
     if id(student) in seen:
-        raise RuntimeError(f"{type(student).__name__} keeps no KV cache: generate by re-running the whole "
-                           f"sequence with use_cache=False (common/generate.py does)")
+        raise RuntimeError(f"{type(student).__name__} keeps no KV cache: decode with common.generate (it gives "
+                           f"students their own decoding cache), or re-run the whole sequence with use_cache=False")
     seen.add(id(student))
+
+
+def _decoding_cache(past_key_values, layer_idx):
+    """This layer's entry of a decoding cache (common.generate.decoding_cache), or None."""
+    layers = getattr(past_key_values, "layers", None)
+    return layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+
+
+def window_mask(q_pos, k_pos, window, sink):
+    """Which keys each query sees: causal, within the last `window` positions or among the first `sink`."""
+    return (k_pos <= q_pos) & ((k_pos > q_pos - window) | (k_pos < sink))
+
+
+class RecurrentState:
+    """A linear student's decoding cache (one entry of a transformers Cache's `layers`): the recurrent
+    state (B, H, head_dim, head_dim) in fp32, None before the first token."""
+
+    def __init__(self):
+        self.state = None
+
+
+class WindowCache:
+    """A window student's decoding cache: keys and values (B, kv_heads, S, head_dim) and their positions
+    (B, S; -1 = empty). Slot p < sink holds position p (an attention sink); the last window - 1 columns
+    hold the latest tokens, so S <= sink + window - 1 whatever the context."""
+
+    def __init__(self, window, sink):
+        self.window, self.sink = window, sink
+        self.keys = self.values = self.positions = None
+
+    def update(self, keys, values, positions):
+        """Add the new tokens' keys and values at `positions` (B, T; negative = left padding). Returns the
+        keys and values to attend over and the mask (B, 1, T, S) of what each new token sees; then keeps
+        only what later tokens can see."""
+        q_pos = positions
+        if self.keys is not None:
+            keys, values = torch.cat([self.keys, keys], 2), torch.cat([self.values, values], 2)
+            positions = torch.cat([self.positions, positions], 1)
+        mask = (positions >= 0)[:, None, None] & window_mask(q_pos[:, None, :, None], positions[:, None, None],
+                                                             self.window, self.sink)
+        mask = mask | ~mask.any(-1, keepdim=True)  # padding sees no key: let it see all (never used) rather than NaN
+        (B, H, S, D), keep = keys.shape, max(0, keys.shape[2] - (self.window - 1))
+        is_sink = (positions >= 0) & (positions < self.sink)
+        slot = torch.where(is_sink, positions, self.sink)  # slot `sink` takes everything else and is dropped
+        sink_pos = positions.new_full((B, self.sink + 1), -1).scatter(1, slot, torch.where(is_sink, positions, -1))
+        index = slot[:, None, :, None].expand(B, H, S, D)
+        sinks = [t.new_zeros(B, H, self.sink + 1, D).scatter(2, index, t)[:, :, :self.sink] for t in (keys, values)]
+        recent = positions[:, keep:]
+        self.keys, self.values = (torch.cat([s, t[:, :, keep:]], 2) for s, t in zip(sinks, (keys, values)))
+        self.positions = torch.cat([sink_pos[:, :self.sink], recent.masked_fill(recent < self.sink, -1)], 1)
+        return keys, values, mask
 
 
 @register("attn", "linear")
@@ -175,6 +232,7 @@ class LinearAttention(nn.Module):
         nn.init.zeros_(self.decay_down.weight)
         nn.init.normal_(self.decay_up.weight, std=0.1 / math.sqrt(decay_rank))
         self.out_gain = nn.Parameter(torch.full((width,), OUT_GAIN_INIT))
+        self.layer_idx = teacher.layer_idx  # its entry in a decoding cache
         self.to(teacher.q_proj.weight.dtype)
 
     def features(self, x, position_embeddings):
@@ -210,6 +268,9 @@ class LinearAttention(nn.Module):
             return gla_chunked(q.to(f32), k.to(f32), v.to(f32), g.to(f32), self.scale, self.chunk_size)[0]
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+        cache = _decoding_cache(past_key_values, self.layer_idx)
+        if isinstance(cache, RecurrentState):
+            return self.decode(hidden_states, position_embeddings, cache, kwargs["position_ids"]), None
         _refuse_incremental(self, past_key_values)
         q, k, v, g = self.features(hidden_states, position_embeddings)
         return self.output(self.mix(q, k, v, g), v), None
@@ -247,6 +308,22 @@ class LinearAttention(nn.Module):
         o, state = gla_recurrent(q, k, v, g, self.scale, state)
         return self.output(o, v), state
 
+    def new_cache(self):
+        return RecurrentState()
+
+    def decode(self, hidden_states, position_embeddings, cache, position_ids):
+        """Incremental decoding: continue cache.state over the new tokens, one token by the recurrence
+        (as `step`), a prompt chunk-parallel (the same numbers). Left padding (negative positions) gets
+        zero values, so the state, which starts at zero, never sees it."""
+        q, k, v, g = (t.float() for t in self.features(hidden_states, position_embeddings))
+        v = v * (position_ids >= 0)[:, None, :, None]
+        with torch.autocast(q.device.type, enabled=False):
+            if q.shape[2] == 1:
+                o, cache.state = gla_recurrent(q, k, v, g, self.scale, cache.state)
+            else:
+                o, cache.state = gla_chunked(q, k, v, g, self.scale, self.chunk_size, cache.state)
+        return self.output(o, v)
+
 
 @register("attn", "window")
 class WindowAttention(nn.Module):
@@ -254,7 +331,8 @@ class WindowAttention(nn.Module):
     the first `sink` ones: causal softmax attention through SDPA with an explicit boolean mask.
     Trained LMs park much of their attention on the first tokens ("attention sinks", StreamingLLM,
     arXiv:2309.17453); a window without them is far off the teacher in middle layers. Equal to the
-    teacher when window >= sequence length. Uses the KV cache like the teacher when one is passed."""
+    teacher when window >= sequence length. With a transformers KV cache it keeps every key, like the
+    teacher; common.generate gives it a WindowCache instead, bounded by the window."""
 
     def __init__(self, teacher, config, window=256, sink=4):
         super().__init__()
@@ -272,13 +350,20 @@ class WindowAttention(nn.Module):
             q, k = a.q_norm(q), a.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), a.v_proj(hidden_states).view(shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, a.layer_idx)
-        L = k.shape[2]
-        q_pos = torch.arange(L - T, L, device=q.device)[:, None]
-        k_pos = torch.arange(L, device=q.device)[None]
-        mask = (k_pos <= q_pos) & ((k_pos > q_pos - self.window) | (k_pos < self.sink))
+        cache = _decoding_cache(past_key_values, a.layer_idx)
+        if isinstance(cache, WindowCache):
+            k, v, mask = cache.update(k, v, kwargs["position_ids"])
+        else:
+            if past_key_values is not None:
+                k, v = past_key_values.update(k, v, a.layer_idx)
+            L = k.shape[2]
+            q_pos = torch.arange(L - T, L, device=q.device)[:, None]
+            k_pos = torch.arange(L, device=q.device)[None]
+            mask = window_mask(q_pos, k_pos, self.window, self.sink)
         groups = self.heads // k.shape[1]
         o = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask,
                                            scale=getattr(a, "scaling", self.head_dim ** -0.5))
         return a.o_proj(o.transpose(1, 2).reshape(B, T, -1)), None
+
+    def new_cache(self):
+        return WindowCache(self.window, self.sink)

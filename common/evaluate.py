@@ -3,7 +3,15 @@ every model and, for each checkpoint, KL(teacher || checkpoint) and top-1 agreem
 
     python -m common.evaluate CHECKPOINT [CHECKPOINT ...] [--teacher DIR] [--data-dir DIR]
         [--val-tokens N] [--batch-size B] [--seq-len T] [--out FILE.json]
+        [--speed [--contexts 512,2048,8192] [--decode-steps 16]]
+        [--tasks lambada_openai,hellaswag,arc_easy,arc_challenge,piqa,winogrande [--limit N] [--task-dir DIR]]
     torchrun --standalone --nproc_per_node N -m common.evaluate CHECKPOINT ... (ranks split the tokens)
+
+--speed adds, measured side by side in this run: parameters (total and per block kind), prefill and
+decode tokens/s at each context length (decoding incrementally, common.generate) and the bytes of
+decoding state per sequence (KV cache against linear-attention state). --tasks runs lm-evaluation-
+harness tasks (the optional `lm_eval` package) on the loaded models. Either prints one comparison
+table, each checkpoint beside the teacher with its ratio; --out FILE.json also writes it as FILE.png.
 
 A checkpoint is any folder common.checkpoint.load_model accepts (a distill.py or train.py
 checkpoint, or a Hugging Face model folder). Every model sees the same tokens: the first
@@ -14,14 +22,19 @@ at a time (common.kd.kd_metrics) and never held for a whole batch.
 import contextlib
 import math
 import os
+import statistics
 import sys
+import time
 
 import torch
 from tqdm import tqdm
 
 from common.checkpoint import load_model
 from common.config import override
+from common.decoders import TARGET_ATTRS
+from common.generate import decoding_cache, forward_cached, generate, has_tokenizer, state_bytes
 from common.kd import final_hidden, head_weight, kd_metrics
+from common.plots import comparison_png
 from common.runtime import Runtime
 from common.shards import ShardError, TokenLoader, shard_files, write_json_atomic
 
@@ -33,6 +46,13 @@ SEQ_LEN = 512                     # tokens per sequence; distill.py's default, s
 OUT = ""                          # JSON file for the results (written atomically); '' = print the table only
 DEVICE = "auto"                   # auto: cuda when there is one, else cpu
 DTYPE = "auto"                    # auto: bf16 autocast on GPUs, fp32 on CPU (bf16 is emulated there)
+SPEED = False                     # also measure parameters, prefill/decode speed and decoding state (one process)
+CONTEXTS = [512, 2048, 8192]      # --speed: context lengths in tokens (val tokens), each measured for every model
+DECODE_STEPS = 16                 # --speed: tokens decoded one at a time after a prefill of context - DECODE_STEPS
+TASKS = []                        # lm-evaluation-harness tasks (names, or paths of task YAML files); empty = none
+TASK_DIR = ""                     # a folder of your own task YAML files (lm_eval's include_path), e.g. local data
+LIMIT = 0                         # --tasks: examples per task (quick runs); 0 = all
+TASK_BATCH_SIZE = 8               # --tasks: lm_eval's batch size
 
 
 def val_batches(data_dir, val_tokens, batch_size, seq_len, rank=0, world_size=1, vocab_size=None):
@@ -114,6 +134,164 @@ def _finish(sums, rt):
     return out
 
 
+# ---------------------------------------------------------------------------------------------- --speed
+def parameter_counts(model):
+    """Parameters by where they sit: total, embedding (input embeddings, and the head when untied),
+    attention, ffn and other (norms). Tied weights count once."""
+    counts = dict.fromkeys(("total", "embedding", "attention", "ffn", "other"), 0)
+    for name, p in model.named_parameters():
+        part = ("attention" if f".{TARGET_ATTRS['attn']}." in name else "ffn" if f".{TARGET_ATTRS['mlp']}." in name
+                else "embedding" if "embed" in name or "lm_head" in name else "other")
+        counts[part] += p.numel()
+        counts["total"] += p.numel()
+    return counts
+
+
+def timed(rt, fn, *args):
+    """(seconds, result) of fn(*args), the device synchronized before and after."""
+    rt.synchronize()
+    t0 = time.perf_counter()
+    out = fn(*args)
+    rt.synchronize()
+    return time.perf_counter() - t0, out
+
+
+@torch.no_grad()
+def speed_at(models, prompt, decode_steps, rt):
+    """One context, side by side: each model prefills `prompt` (1, n) into a fresh decoding cache, one model
+    after another; then they decode `decode_steps` greedy tokens in turns, one token each per turn, so that
+    a change in the machine's load hits them alike. Returns {name: {prefill_tok_s, decode_tok_s (1 / the
+    median step time), state_bytes, kv_bytes, recurrent_bytes}} (bytes held by the cache at the end)."""
+    n = prompt.shape[1]
+    caches = {name: decoding_cache(model) for name, model in models.items()}
+    prefill_s, step_s, nxt = {}, {name: [] for name in models}, {}
+    for name, model in models.items():
+        with rt.autocast():
+            prefill_s[name], logits = timed(rt, forward_cached, model, prompt,
+                                            torch.arange(n, device=prompt.device)[None], caches[name])
+        nxt[name] = logits.argmax(-1, keepdim=True)
+    for t in range(n, n + decode_steps):
+        for name, model in models.items():
+            with rt.autocast():
+                seconds, logits = timed(rt, forward_cached, model, nxt[name], torch.tensor([[t]], device=prompt.device),
+                                        caches[name])
+            step_s[name].append(seconds)
+            nxt[name] = logits.argmax(-1, keepdim=True)
+    out = {}
+    for name in models:
+        held = state_bytes(caches[name])
+        out[name] = {"prefill_tok_s": n / prefill_s[name], "decode_tok_s": 1 / statistics.median(step_s[name]),
+                     "state_bytes": sum(held.values()), "kv_bytes": held["kv"], "recurrent_bytes": held["recurrent"]}
+    return out
+
+
+def speed_rows(models, tokens, rt):
+    """speed_at every context n in CONTEXTS (a prefill of n - DECODE_STEPS tokens: the context ends at n),
+    after a warm-up: [{context, model, prefill_tok_s, ...}]."""
+    speed_at(models, tokens[:, :16], 2, rt)
+    rows = []
+    for n in tqdm(CONTEXTS, desc="speed", disable=not rt.master):
+        at = speed_at(models, tokens[:, :n - DECODE_STEPS], DECODE_STEPS, rt)
+        rows += [{"context": n, "model": name, **r} for name, r in at.items()]
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- --tasks
+def harness_scores(models, tokenizer, rt):
+    """Each model's accuracy on TASKS through lm-evaluation-harness: {name: {task: {metric, value}}}, the
+    metric being acc_norm where the task reports it, else acc, else exact_match (generation tasks).
+    The loaded models are wrapped as lm_eval's HFLM, so students of every kind run as they do here;
+    text generation (generate_until tasks) goes through common.generate, which decodes every student
+    kind incrementally."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        sys.exit("--tasks needs lm-evaluation-harness: ./.venv/bin/python -m pip install lm_eval==0.4.13 "
+                 "(./setup_amd.sh installs it from requirements-extra.txt)")
+
+    class CheckpointLM(HFLM):
+        def _model_generate(self, context, max_length, stop, **kwargs):
+            temperature = kwargs.get("temperature", 0.0) if kwargs.get("do_sample") else 0.0
+            return generate(self.model, context, max_length - context.shape[1], temperature, kwargs.get("top_p", 1.0),
+                            eos_id=self.tokenizer.eos_token_id, real=kwargs["attention_mask"])
+
+    manager = TaskManager(include_path=TASK_DIR, include_defaults=False) if TASK_DIR else None
+    if manager is None or not set(TASKS) <= set(manager.all_tasks):  # lm_eval's own tasks: a slower index
+        manager = TaskManager(include_path=TASK_DIR or None)
+    unknown = [t for t in TASKS if t not in manager.all_tasks and not os.path.isfile(t)]
+    if unknown:
+        sys.exit(f"unknown lm-eval task(s) {', '.join(unknown)}: use lm_eval's task names, a task YAML file, or "
+                 f"--task-dir with a folder of your own task YAML files")
+    mixed = None if rt.dtype == torch.float32 else rt.dtype
+    scores = {}
+    for name, model in models.items():
+        lm = CheckpointLM(pretrained=model, backend="causal", tokenizer=tokenizer, batch_size=TASK_BATCH_SIZE,
+                          mixed_precision_dtype=mixed)
+        results = lm_eval.simple_evaluate(model=lm, tasks=TASKS, limit=LIMIT or None, task_manager=manager,
+                                          bootstrap_iters=0, log_samples=False)["results"]
+        scores[name] = {}
+        for task, metrics in results.items():
+            key = next((k for m in ("acc_norm", "acc", "exact_match") for k in metrics if k.split(",")[0] == m), None)
+            if key:
+                scores[name][task] = {"metric": key.replace(",none", ""), "value": metrics[key]}
+    return scores
+
+
+# ---------------------------------------------------------------------------------------------- comparison table
+def comparison(names, quality, params, speed, tasks):
+    """The comparison table as rows {metric, unit, values: {model: value}}, models in `names` order
+    (the teacher first); sections that were not measured are left out."""
+    def row(metric, unit, value_of):
+        return {"metric": metric, "unit": unit, "values": {n: value_of(n) for n in names}}
+
+    rows = [row("val ppl", "ppl", lambda n: quality[n]["ppl"])]
+    for part in ("total", "embedding", "attention", "ffn", "other") if params else ():
+        rows.append(row(f"parameters (M): {part}", "M", lambda n: params[n][part] / 1e6))
+    for n_ctx in sorted({r["context"] for r in speed}):
+        at = {r["model"]: r for r in speed if r["context"] == n_ctx}
+        rows += [row(f"prefill tok/s @{n_ctx}", "tok/s", lambda n: at[n]["prefill_tok_s"]),
+                 row(f"decode tok/s @{n_ctx}", "tok/s", lambda n: at[n]["decode_tok_s"]),
+                 row(f"state MiB @{n_ctx}", "MiB", lambda n: at[n]["state_bytes"] / 2**20)]
+    for task in sorted({t for n in names for t in tasks.get(n, {})}):
+        metric = next(tasks[n][task]["metric"] for n in names if task in tasks.get(n, {}))
+        rows.append({"metric": f"{task} ({metric})", "unit": "acc",
+                     "values": {n: tasks[n][task]["value"] for n in names if task in tasks.get(n, {})}})
+    return rows
+
+
+def format_comparison(rows, names, has_teacher, markdown=False):
+    """The comparison table as text lines: a column per model and, with a teacher (the first name), each
+    checkpoint's ratio to it; a last row with the mean task-accuracy ratio. markdown=True: a Markdown table."""
+    digits = {"ppl": ".2f", "M": ".4g", "tok/s": ".1f", "MiB": ".2f", "acc": ".4f"}
+    header = ["metric"] + [h for k, n in enumerate(names) for h in ([n] if k == 0 or not has_teacher else [n, "ratio"])]
+    cells, task_ratios = [], {n: [] for n in names[1:]}
+
+    def ratio(value, reference):
+        return f"{value / reference:.2f}x" if value is not None and reference else "-"
+
+    for r in rows:
+        line = [r["metric"]]
+        for k, n in enumerate(names):
+            value = r["values"].get(n)
+            line.append("-" if value is None else f"{value:{digits[r['unit']]}}")
+            if k and has_teacher:
+                line.append(ratio(value, r["values"].get(names[0])))
+                if r["unit"] == "acc" and value is not None and r["values"].get(names[0]):
+                    task_ratios[n].append(value / r["values"][names[0]])
+        cells.append(line)
+    if has_teacher and any(task_ratios.values()):
+        means = {n: sum(v) / len(v) for n, v in task_ratios.items() if v}
+        cells.append(["mean task ratio", ""] + [c for n in names[1:]
+                                                 for c in ("", f"{means[n]:.2f}x" if n in means else "-")])
+    if markdown:
+        return ["| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *cells]]
+    widths = [max(len(line[k]) for line in [header, *cells]) for k in range(len(header))]
+    return ["  ".join(v.ljust(w) if k == 0 else v.rjust(w) for k, (v, w) in enumerate(zip(line, widths)))
+            for line in [header, *cells]]
+
+
 def _check_folder(path):
     if not os.path.isfile(os.path.join(path, "config.json")):
         sys.exit(f"{path}: not a model or checkpoint folder (no config.json); pass a checkpoint folder such as "
@@ -136,14 +314,27 @@ def main(argv):
         sys.exit("usage: python -m common.evaluate CHECKPOINT [CHECKPOINT ...] [--teacher DIR] [--data-dir DIR] ...")
     for path in paths + ([TEACHER] if TEACHER else []):  # every folder, before loading any model
         _check_folder(path)
+    if SPEED and (not CONTEXTS or min(CONTEXTS) <= DECODE_STEPS or DECODE_STEPS < 1):
+        sys.exit(f"--contexts {CONTEXTS} must each exceed --decode-steps {DECODE_STEPS} (>= 1): each context is a "
+                 f"prefill of context - decode-steps tokens, then the decoded ones")
+    tok_dir = next((p for p in [TEACHER, *paths] if p and has_tokenizer(p)), None)
+    if TASKS and tok_dir is None:
+        sys.exit("--tasks needs a tokenizer: neither the teacher nor any checkpoint folder has tokenizer files")
     rt = Runtime(DEVICE, DTYPE)
+    if (SPEED or TASKS) and rt.ddp:
+        sys.exit("--speed and --tasks measure models in one process: run them with python, not torchrun")
     models = {path: _load(path, rt.device) for path in paths}
     teacher = _load(TEACHER, rt.device) if TEACHER else None
     vocab = {p: m.config.vocab_size for p, m in [*models.items(), *([(TEACHER, teacher)] if teacher else [])]}
     if len(set(vocab.values())) > 1:
         sys.exit(f"the models have different vocabularies ({vocab}); compare checkpoints of one teacher")
+    every = {**({"teacher": teacher} if teacher else {}), **models}  # the comparison's columns, teacher first
+    limit = min(getattr(m.config, "max_position_embeddings", math.inf) for m in every.values())
+    if SPEED and max(CONTEXTS) > limit:
+        sys.exit(f"--contexts {CONTEXTS} go beyond the models' {limit} positions; lower them")
     try:
         batches = val_batches(DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, next(iter(vocab.values())))
+        tokens = val_batches(DATA_DIR, max(CONTEXTS), 1, max(CONTEXTS))[0][0].to(rt.device) if SPEED else None
     except (ShardError, ValueError) as e:
         sys.exit(str(e))
     n_tok = len(batches) * BATCH_SIZE * SEQ_LEN * rt.world_size
@@ -153,16 +344,34 @@ def main(argv):
     rows = ([{"model": TEACHER, "role": "teacher", **teacher_result}] if teacher_result else [])
     rows += [{"model": p, "role": "checkpoint", **r} for p, r in results.items()]
     width = max(len(r["model"]) for r in rows) + 2
-    rt.print(f"\n{'model':<{width}}{'role':<12}{'val CE':>10}{'ppl':>10}{'KL to teacher':>15}{'top-1 agree':>13}")
+    rt.print(f"\n{'model':<{width}}{'role':<12}{'val CE':>10}{'ppl':>12}{'KL to teacher':>15}{'top-1 agree':>13}")
     for r in rows:
         kl = f"{r['kl']:>15.5f}{r['agreement']:>13.4f}" if "kl" in r else f"{'-':>15}{'-':>13}"
-        rt.print(f"{r['model']:<{width}}{r['role']:<12}{r['ce']:>10.4f}{r['ppl']:>10.2f}{kl}")
+        rt.print(f"{r['model']:<{width}}{r['role']:<12}{r['ce']:>10.4f}{r['ppl']:>12.6g}{kl}")
+    report = {"val_tokens": n_tok, "config": config, "results": rows}
+    if SPEED or TASKS:
+        from transformers import AutoTokenizer
+        params = {name: parameter_counts(m) for name, m in every.items()} if SPEED else {}
+        speed = speed_rows(every, tokens, rt) if SPEED else []
+        tasks = harness_scores(every, AutoTokenizer.from_pretrained(tok_dir), rt) if TASKS else {}
+        quality = {**({"teacher": teacher_result} if teacher_result else {}), **results}
+        report.update(parameters=params, speed=speed, tasks=tasks, models=list(every),
+                      comparison=comparison(list(every), quality, params, speed, tasks))
+        where = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"{torch.get_num_threads()} threads"
+        rt.print(f"\ncomparison on {rt.device} ({where})"
+                 + (f"; at each context: a prefill of context - {DECODE_STEPS} tokens, then {DECODE_STEPS} tokens "
+                    f"decoded one at a time (median step); state = decoding cache per sequence" if SPEED else ""))
+        for line in format_comparison(report["comparison"], list(every), teacher is not None):
+            rt.print(line)
     if OUT and rt.master:
         os.makedirs(os.path.dirname(os.path.abspath(OUT)), exist_ok=True)
-        write_json_atomic(OUT, {"val_tokens": n_tok, "config": config, "results": rows})
+        write_json_atomic(OUT, report)
         rt.print(f"\nwrote {OUT}")
+        if "comparison" in report:
+            png = os.path.splitext(OUT)[0] + ".png"
+            comparison_png(png, report["comparison"], report["models"], teacher is not None)
+            rt.print(f"wrote {png}")
     rt.close()
-
 
 if __name__ == "__main__":
     main(sys.argv[1:])

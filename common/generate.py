@@ -1,10 +1,12 @@
 """Generate text from a checkpoint: greedy (temperature 0) or sampling with temperature and top-p.
 
     python -m common.generate CHECKPOINT --prompt "Once upon a time" [--max-new-tokens 64]
-        [--temperature 0.8] [--top-p 0.95] [--seed 0] [--tokenizer DIR]
+        [--temperature 0.8] [--top-p 0.95] [--seed 0] [--tokenizer DIR] [--prompts-file FILE]
 
 A checkpoint is any folder common.checkpoint.load_model accepts. The tokenizer comes from the
 checkpoint folder when it holds tokenizer files, else from --tokenizer (the prepared model folder).
+Decoding is incremental: the prompt runs once, then each new token alone, with transformers' KV cache
+for the teacher's attention layers and the students' own decoding state (common/attention.py).
 """
 import os
 import sys
@@ -12,11 +14,14 @@ import time
 
 import torch
 
+from common.attention import RecurrentState
 from common.checkpoint import load_model
 from common.config import override
+from common.decoders import decoder_layers
 from common.runtime import Runtime
 
 PROMPT = "Once upon a time"            # text to continue; a default so a bare run shows something
+PROMPTS_FILE = ""                      # a text file of prompts, one per line, generated as one batch (replaces PROMPT)
 MAX_NEW_TOKENS = 64                    # tokens to add (fewer when the model ends the text)
 TEMPERATURE = 0.0                      # 0 = greedy (deterministic: best for comparing checkpoints)
 TOP_P = 0.95                           # nucleus sampling: sample from the smallest set of tokens holding this mass
@@ -40,29 +45,100 @@ def sample_top_p(logits, top_p, generator=None):
     return order.gather(-1, choice)[:, 0]
 
 
+def left_pad(prompts, pad_id):
+    """Token-id lists of different lengths as one left-padded batch: ids (B, n) and real (B, n), False on the padding."""
+    n = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (n - len(p)) + list(p) for p in prompts])
+    real = torch.tensor([[False] * (n - len(p)) + [True] * len(p) for p in prompts])
+    return ids, real
+
+
+def decoding_cache(model):
+    """A transformers Cache for incremental decoding, one entry per decoder layer: transformers' own KV
+    cache (DynamicLayer) where the attention is the teacher's, whatever the FFN; the student's own cache
+    where the attention is a student (common/attention.py: a recurrent state for `linear`, a KV cache
+    bounded by the window for `window`)."""
+    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+    layers = DynamicCache(config=model.config).layers
+    for i, layer in enumerate(decoder_layers(model)):
+        if hasattr(layer.self_attn, "new_cache"):
+            layers[i] = layer.self_attn.new_cache()
+        elif type(layers[i]) is not DynamicLayer:
+            raise ValueError(f"layer {i}'s attention needs a {type(layers[i]).__name__} (not full attention), which "
+                             f"incremental decoding does not handle; generate with rerun=True")
+    return Cache(layers=layers)
+
+
+def state_bytes(cache):
+    """{'kv': bytes of keys and values, 'recurrent': bytes of linear-attention states} held by a decoding cache."""
+    held = {"kv": 0, "recurrent": 0}
+    for entry in cache.layers:
+        tensors = [t for t in vars(entry).values() if isinstance(t, torch.Tensor)]
+        held["recurrent" if isinstance(entry, RecurrentState) else "kv"] += sum(t.numel() * t.element_size() for t in tensors)
+    return held
+
+
+def padding_mask(real, new):
+    """The teacher attention's mask (B, 1, new, L) when rows are left-padded: the last `new` of the L tokens
+    see earlier real tokens and themselves."""
+    L = real.shape[1]
+    causal = torch.arange(L, device=real.device) <= torch.arange(L - new, L, device=real.device)[:, None]
+    mask = (real[:, None, :] & causal)[:, None]
+    return mask | ~mask.any(-1, keepdim=True)  # padding sees no token: let it see all (never used) rather than NaN
+
+
 @torch.no_grad()
-def generate(model, ids, max_new_tokens, temperature=0.0, top_p=1.0, generator=None, eos_id=None):
-    """Continue ids (B, n) by up to max_new_tokens tokens; returns (B, n + new). Each step re-runs the
-    whole sequence with use_cache=False: this project's attention students may have no KV cache, and
-    this is for inspecting checkpoints, not for speed. Stops once every row has produced eos_id
-    (rows that ended are padded with it)."""
+def forward_cached(model, ids, positions, cache, mask=None):
+    """Next-token logits (B, V) after ids (B, T), continuing `cache`. The decoder layers run one after
+    another as the model's forward runs them, each given the cache and the tokens' positions (B, T;
+    negative = left padding). mask: padding_mask(...) when rows are padded, else None (causal)."""
+    h = model.model.embed_tokens(ids)
+    pos_emb = model.model.rotary_emb(h, positions)
+    for layer in decoder_layers(model):
+        h = layer(h, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                  position_embeddings=pos_emb)
+    return model.lm_head(model.model.norm(h[:, -1:]))[:, 0]
+
+
+@torch.no_grad()
+def generate(model, ids, max_new_tokens, temperature=0.0, top_p=1.0, generator=None, eos_id=None, real=None,
+             rerun=False, return_logits=False):
+    """Continue ids (B, n) by up to max_new_tokens tokens; returns (B, n + new), and with return_logits also the
+    logits each new token was chosen from (B, new, V). Prompts of different lengths come left-padded, with
+    real (B, n) False on the padding (left_pad makes both). Stops once every row has produced eos_id (rows
+    that ended are padded with it).
+    Incremental: the prompt runs once and fills decoding_cache(model), then each new token runs alone.
+    rerun=True re-runs the whole sequence for every token (use_cache=False), the reference that tests
+    compare the incremental path against; it takes prompts of one length only."""
+    real = torch.ones_like(ids, dtype=torch.bool) if real is None else real.to(ids.device, torch.bool)
+    if rerun and not real.all():
+        raise ValueError("rerun=True takes prompts of one length: re-running does not handle padding")
+    cache = None if rerun else decoding_cache(model)
+    positions = real.long().cumsum(1) - 1  # -1 on the left padding
+    new, steps = ids, []
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
-        logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+        if rerun:
+            logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+        else:
+            mask = None if real.all() else padding_mask(real, new.shape[1])
+            logits = forward_cached(model, new, positions, cache, mask)
+        steps.append(logits)
         nxt = logits.argmax(-1) if temperature == 0 else sample_top_p(logits / temperature, top_p, generator)
         if eos_id is not None:
             nxt = nxt.masked_fill(done, eos_id)
             done |= nxt == eos_id
-        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        new, positions = nxt[:, None], positions[:, -1:] + 1
+        ids, real = torch.cat([ids, new], 1), torch.cat([real, torch.ones_like(new, dtype=torch.bool)], 1)
         if done.all():
             break
-    return ids
+    return (ids, torch.stack(steps, 1)) if return_logits else ids
 
 
 def main(argv):
     if not argv or argv[0].startswith("--"):
         sys.exit('usage: python -m common.generate CHECKPOINT --prompt "..." [--max-new-tokens N] [--temperature T] '
-                 '[--top-p P] [--seed S] [--tokenizer DIR]')
+                 '[--top-p P] [--seed S] [--tokenizer DIR] [--prompts-file FILE]')
     folder = argv.pop(0)
     override(globals(), argv)
     if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -86,22 +162,34 @@ def main(argv):
     if len(tokenizer) > model.config.vocab_size:
         sys.exit(f"the tokenizer from {tok_dir} has {len(tokenizer)} ids but the model only {model.config.vocab_size}; "
                  f"pass the --tokenizer of the model this checkpoint was distilled from")
-    prompt_ids = tokenizer(PROMPT)["input_ids"] or [tokenizer.bos_token_id or tokenizer.eos_token_id]
+    prompts = [PROMPT]
+    if PROMPTS_FILE:
+        try:
+            with open(PROMPTS_FILE) as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            sys.exit(f"--prompts-file {PROMPTS_FILE}: {e.strerror}")
+        if not prompts:
+            sys.exit(f"--prompts-file {PROMPTS_FILE} holds no prompt; write one prompt per line")
+    prompt_ids = [tokenizer(p)["input_ids"] or [tokenizer.bos_token_id or tokenizer.eos_token_id] for p in prompts]
+    longest = max(len(p) for p in prompt_ids)
     limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and len(prompt_ids) + MAX_NEW_TOKENS > limit:
-        sys.exit(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens {MAX_NEW_TOKENS} exceeds the model's "
+    if limit and longest + MAX_NEW_TOKENS > limit:
+        sys.exit(f"prompt ({longest} tokens) + --max-new-tokens {MAX_NEW_TOKENS} exceeds the model's "
                  f"{limit} positions; shorten the prompt or lower --max-new-tokens")
-    ids = torch.tensor([prompt_ids], device=rt.device)
+    ids, real = left_pad(prompt_ids, pad_id=0)  # the padding is never attended to, so any id will do
+    ids, real = ids.to(rt.device), real.to(rt.device)
     generator = torch.Generator(rt.device).manual_seed(SEED)
     t0 = time.perf_counter()
     with rt.autocast():
-        out = generate(model, ids, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, generator, tokenizer.eos_token_id)
+        out = generate(model, ids, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, generator, tokenizer.eos_token_id, real)
     seconds = time.perf_counter() - t0
     new = out.shape[1] - ids.shape[1]
     mode = "greedy" if TEMPERATURE == 0 else f"temperature {TEMPERATURE}, top-p {TOP_P}, seed {SEED}"
-    print(PROMPT + tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
-    print(f"\n[{folder}: {new} new tokens, {mode}, {new / seconds:.1f} tokens/s on {rt.device}]", file=sys.stderr)
-
+    print("\n\n".join(p + tokenizer.decode(row[ids.shape[1]:].tolist(), skip_special_tokens=True)
+                      for p, row in zip(prompts, out)))
+    print(f"\n[{folder}: {len(prompts)} x {new} new tokens, {mode}, {len(prompts) * new / seconds:.1f} tokens/s "
+          f"on {rt.device}]", file=sys.stderr)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

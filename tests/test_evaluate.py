@@ -2,6 +2,7 @@
 import copy
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -130,3 +131,92 @@ def test_generate_cli_from_checkpoint(student_dir, tiny_model_dir, capsys, monke
     text = capsys.readouterr()
     assert text.out.startswith("the cat sat") and len(text.out.strip()) > len("the cat sat")
     assert "new tokens" in text.err
+
+
+# --- --speed and --tasks: the comparison table ---------------------------------------------------
+
+MC_DOCS = [{"context": "the cat sat on a", "choices": ["mat", "sea", "park"], "label": 0},
+           {"context": "water flows down hills into", "choices": ["birds", "rivers", "the"], "label": 1},
+           {"context": "the dog ran to the", "choices": ["sun", "trees", "park"], "label": 2},
+           {"context": "birds sang in", "choices": ["trees", "water", "a"], "label": 0},
+           {"context": "rivers that reach the", "choices": ["cat", "sea", "dog"], "label": 1},
+           {"context": "under a bright", "choices": ["mat", "hills", "sun"], "label": 2}]
+
+
+def write_mc_task(folder):
+    """A multiple-choice lm-eval task of our own, from a local JSON-lines file: no hub, no network."""
+    folder.mkdir()
+    (folder / "tiny_mc.jsonl").write_text("".join(json.dumps(d) + "\n" for d in MC_DOCS))
+    (folder / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'tiny_mc.jsonl'}\n  cache_dir: {folder / 'cache'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\n"
+        "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
+
+
+@torch.no_grad()
+def direct_accuracy(model, tokenizer, docs):
+    """The task's accuracy computed here: the choice with the highest log-likelihood after its context
+    (' ' + choice, its tokens split off the tokenized whole as lm_eval does) must be the label."""
+    correct = 0
+    for d in docs:
+        n_ctx = len(tokenizer(d["context"])["input_ids"])
+        scores = []
+        for choice in d["choices"]:
+            whole = tokenizer(d["context"] + " " + choice)["input_ids"]
+            logp = model(torch.tensor([whole])).logits[0].log_softmax(-1)
+            scores.append(sum(logp[j - 1, whole[j]].item() for j in range(n_ctx, len(whole))))
+        correct += max(range(len(scores)), key=scores.__getitem__) == d["label"]
+    return correct / len(docs)
+
+
+def test_cli_speed_and_local_lm_eval_task(tiny_model_dir, tiny_data_dir, teacher, tmp_path, capsys, monkeypatch):
+    from transformers import AutoTokenizer
+    keep_constants(common.evaluate, monkeypatch)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    model = copy.deepcopy(teacher)  # linear attention in layer 0, a window in layer 1, pruned FFNs everywhere
+    set_block(model, 0, "attn", make_student("attn", "linear", get_block(model, 0, "attn"), model.config))
+    set_block(model, 1, "attn", make_student("attn", "window", get_block(model, 1, "attn"), model.config, window=8))
+    for i in range(3):
+        set_block(model, i, "mlp", make_student("mlp", "pruned", get_block(model, i, "mlp"), model.config, scale=0.5))
+    ckpt = str(tmp_path / "hybrid")
+    save_checkpoint(ckpt, model, meta={"script": "test", "phase": "layerwise", "step": 0})
+    write_mc_task(tmp_path / "tasks")
+    out = tmp_path / "eval" / "report.json"
+    evaluate_main([ckpt, "--teacher", tiny_model_dir, "--data-dir", tiny_data_dir, "--val-tokens", "256",
+                   "--batch-size", "2", "--seq-len", "64", "--speed", "--contexts", "24,48", "--decode-steps", "4",
+                   "--tasks", "tiny_mc", "--task-dir", str(tmp_path / "tasks"), "--limit", "0", "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert "decode tok/s @48" in stdout and "tiny_mc (acc)" in stdout and "mean task ratio" in stdout
+    report = json.loads(out.read_text())
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # parameters: the blocks add up, the pruned FFNs hold half the teacher's
+    params = report["parameters"]
+    assert params["teacher"]["total"] == sum(p.numel() for p in teacher.parameters())
+    assert sum(v for k, v in params[ckpt].items() if k != "total") == params[ckpt]["total"]
+    assert params[ckpt]["ffn"] == params["teacher"]["ffn"] // 2
+    # decoding state, measured from the caches: the teacher's KV cache doubles with the context; the hybrid
+    # keeps KV only in layer 2 (teacher) and layer 1 (bounded by its window: 8 + 4 sinks - 1 slots, plus
+    # their positions), and layer 0's recurrent state has one size at every context
+    speed = {(r["model"], r["context"]): r for r in report["speed"]}
+    assert set(speed) == {(m, n) for m in ("teacher", ckpt) for n in (24, 48)}
+    kv_token = 2 * 4 * teacher.config.num_key_value_heads * get_block(teacher, 0, "attn").head_dim
+    assert [speed["teacher", n]["kv_bytes"] for n in (24, 48)] == [3 * 24 * kv_token, 3 * 48 * kv_token]
+    assert [speed[ckpt, n]["kv_bytes"] for n in (24, 48)] == [(n + 11) * kv_token + 11 * 8 for n in (24, 48)]
+    heads = teacher.config.num_attention_heads
+    assert speed[ckpt, 24]["recurrent_bytes"] == speed[ckpt, 48]["recurrent_bytes"] == 4 * heads * 16 * 16
+    assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in report["speed"])
+    # lm-eval on the loaded models: the accuracies are the ones computed directly, for the teacher and the hybrid
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    task_row = next(r for r in report["comparison"] if r["metric"] == "tiny_mc (acc)")
+    assert task_row["values"] == {"teacher": direct_accuracy(teacher, tokenizer, MC_DOCS),
+                                  ckpt: direct_accuracy(load_model(ckpt).eval(), tokenizer, MC_DOCS)}
+
+
+def test_tasks_without_lm_eval_is_one_line(tiny_model_dir, tiny_data_dir, monkeypatch):
+    keep_constants(common.evaluate, monkeypatch)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the package were not installed
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["--teacher", tiny_model_dir, "--data-dir", tiny_data_dir, "--val-tokens", "128",
+                       "--batch-size", "2", "--seq-len", "64", "--tasks", "hellaswag"])
+    assert "pip install lm_eval" in str(e.value) and "\n" not in str(e.value)
