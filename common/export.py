@@ -27,9 +27,10 @@ import sys
 
 import torch
 
-from common.checkpoint import load_model, read_meta
+from common.checkpoint import load_model
 from common.config import override
 from common.decoders import decoder_layers, get_block, student_specs
+from common.shards import read_json
 from common.evaluate import format_comparison
 from common.generate import has_tokenizer
 
@@ -111,12 +112,10 @@ def export_state(model):
 
 def model_card(checkpoint, config, described, n_params, max_diff):
     """README.md: where the model comes from (checkpoint, run, teacher, students) and, with --eval, its table."""
-    meta = read_meta(checkpoint) if os.path.exists(os.path.join(checkpoint, "meta.json")) else {}
+    meta_file = os.path.join(checkpoint, "meta.json")
+    meta = read_json(meta_file, "the checkpoint is damaged; use another one") if os.path.exists(meta_file) else {}
     run_file = os.path.join(os.path.dirname(os.path.realpath(checkpoint)), "run.json")  # the run the checkpoint is in
-    run = {}
-    if os.path.exists(run_file):
-        with open(run_file) as f:
-            run = json.load(f)
+    run = read_json(run_file, "the run folder is damaged") if os.path.exists(run_file) else {}
     teacher = run.get("config", {}).get("TEACHER", "unknown")
     lines = ["---", "library_name: transformers", "tags: [distillation, layerwise-decoder-distillation]", "---", "",
              f"# {os.path.basename(os.path.abspath(OUT))}", "",
