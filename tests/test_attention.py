@@ -91,7 +91,7 @@ def logits(model, ids):
 def test_linear_student_starts_from_teacher_projections(model):
     teacher = get_block(model, 1, "attn")
     student = make_student("attn", "linear", teacher, model.config)
-    assert student.kwargs == {} and student.kind == "linear"
+    assert student.kwargs == {"rope": True, "decay_rank": 32, "chunk_size": 64} and student.kind == "linear"
     assert torch.equal(student.q_proj.weight, teacher.q_proj.weight)
     assert torch.equal(student.o_proj.weight, teacher.o_proj.weight)
     groups = teacher.num_key_value_groups
@@ -197,8 +197,8 @@ def test_checkpoint_round_trip_evaluates_and_generates(model, tmp_path):
     save_checkpoint(str(tmp_path / "final"), model, meta={"phase": "test", "step": 0})
     loaded = load_model(str(tmp_path / "final")).eval()
     assert student_specs(loaded) == student_specs(model) == [
-        {"layer": 0, "target": "attn", "kind": "linear", "kwargs": {"decay_rank": 8, "chunk_size": 16}},
-        {"layer": 1, "target": "attn", "kind": "window", "kwargs": {"window": 8}}]
+        {"layer": 0, "target": "attn", "kind": "linear", "kwargs": {"rope": True, "decay_rank": 8, "chunk_size": 16}},
+        {"layer": 1, "target": "attn", "kind": "window", "kwargs": {"window": 8, "sink": 4}}]
     assert type(get_block(loaded, 2, "attn")) is type(get_block(model, 2, "attn"))
     ids = tokens(n=30, batch=1)
     assert torch.equal(logits(loaded, ids), logits(model, ids))
