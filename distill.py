@@ -555,9 +555,11 @@ def check_data(rt, vocab_size):
     the calibration tokens, and return the val batches."""
     TokenLoader(shard_files(DATA_DIR, "train"), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, vocab_size=vocab_size)
     val = val_batches(DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, vocab_size)
+    if PHASE != "layerwise" or not CALIB_TOKENS:
+        return val
     calib = calib_batches(rt) * BATCH_SIZE * SEQ_LEN * rt.world_size
     train_tokens = sum(len(read_shard(f)) for f in shard_files(DATA_DIR, "train"))
-    if PHASE == "layerwise" and calib > train_tokens:
+    if calib > train_tokens:
         raise ValueError(f"CALIB_TOKENS={CALIB_TOKENS:,} (rounded up to whole batches: {calib:,}) is more than the "
                          f"{train_tokens:,} tokens of {DATA_DIR}'s train split; lower --calib-tokens or prepare more data")
     return val
