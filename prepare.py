@@ -32,7 +32,7 @@ from collections import deque
 import numpy as np
 from tqdm import tqdm
 
-from common import shards
+from common import files, shards
 from common.config import override
 
 MODEL = "HuggingFaceTB/SmolLM2-135M"     # teacher: a hub id, a local snapshot folder or a local .gguf file
@@ -130,7 +130,7 @@ def fetch_model():
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    shards.write_json_atomic(os.path.join(tmp, "prepare_source.json"), {"model": source})
+    files.write_json_atomic(os.path.join(tmp, "prepare_source.json"), {"model": source})
     if os.path.isdir(MODEL_DIR):
         os.rmdir(MODEL_DIR)  # empty, checked above
     os.replace(tmp, MODEL_DIR)
@@ -368,7 +368,7 @@ def start_output(head):
             continue
         try:
             old = shards.load_manifest(OUT_DIR) if name == shards.MANIFEST else \
-                shards.read_json(path, f"delete {OUT_DIR} and run again")
+                files.read_json(path, f"delete {OUT_DIR} and run again")
         except ValueError as e:
             die(str(e))
         diff = [f"{k}.{kk}: {old.get(k, {}).get(kk)!r} -> {head[k].get(kk)!r}" for k in head
@@ -468,7 +468,7 @@ class ShardWriter:
 
     def save(self):
         os.makedirs(OUT_DIR, exist_ok=True)
-        shards.write_json_atomic(os.path.join(OUT_DIR, PROGRESS), self.progress)
+        files.write_json_atomic(os.path.join(OUT_DIR, PROGRESS), self.progress)
 
 
 def tokenize_stream(progress, source, tokenizer_json, eot_id, started, clock):
@@ -576,7 +576,7 @@ def main():
         split, index, problem = damaged[0]
         print(f"{problem}" + (f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else "")
               + f"; redoing the {split} shards from {index} on")
-        shards.write_json_atomic(os.path.join(OUT_DIR, PROGRESS), redo_from(progress, split, index))
+        files.write_json_atomic(os.path.join(OUT_DIR, PROGRESS), redo_from(progress, split, index))
         if finished:  # the same command resumes from progress.json if this one is stopped too
             os.remove(os.path.join(OUT_DIR, shards.MANIFEST))
     for name in os.listdir(OUT_DIR) if os.path.isdir(OUT_DIR) else []:
@@ -593,7 +593,7 @@ def main():
     manifest = {k: v for k, v in progress.items() if k != "next_doc"}
     for split in manifest["splits"].values():
         del split["done"]
-    shards.write_json_atomic(os.path.join(OUT_DIR, shards.MANIFEST), manifest)
+    files.write_json_atomic(os.path.join(OUT_DIR, shards.MANIFEST), manifest)
     os.remove(os.path.join(OUT_DIR, PROGRESS))
     summary(manifest["splits"])
     if manifest["splits"]["train"]["text_bytes"] < TRAIN_BYTES:

@@ -25,13 +25,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import decoders
 from common.checkpoint import (check_unchanged, latest_checkpoint, list_checkpoints, load_model, load_state,
                                save_checkpoint, start_run)
 from common.config import override
 from common.evaluate import evaluate
 from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at, set_rng_state
-from common.shards import ShardError, TokenLoader, atomic_write_bytes, shard_files
+from common.files import atomic_write_bytes
+from common.shards import ShardError, TokenLoader, shard_files
+from common import students
 
 # ---------------------------------------------------------------------------------------------- run constants
 INIT = "models/smolllm2_135m"   # model folder, or checkpoint folder (distill.py's OUT/final, a train.py step folder)
@@ -138,7 +139,7 @@ except (OSError, ValueError) as e:
 model.train()
 cfg = model.config
 n_params = sum(p.numel() for p in model.parameters())
-n_students = sum(isinstance(m, tuple(decoders.STUDENTS.values())) for m in model.modules())
+n_students = sum(isinstance(m, tuple(students.STUDENTS.values())) for m in model.modules())
 # FLOPs per trained token for MFU: 6 per matmul weight (forward + backward; the input embedding is a lookup,
 # not a matmul, unless tied to the head) plus attention's 12 * layers * width * context (PaLM, appendix B)
 embedding = model.get_input_embeddings().weight

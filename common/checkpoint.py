@@ -26,8 +26,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
-from common.decoders import decoder_layers, get_block, make_student, set_block, student_specs
-from common.shards import read_json, write_json_atomic
+from common.files import read_json, write_json_atomic
+from common.runtime import set_rng_state
+from common.students import make_student
+from common.swap import get_block, set_block, student_specs, transformer_layers
 
 LOCK = "run.lock"  # in a run folder: flock'ed by the process running it, holds that process's pid
 
@@ -47,7 +49,7 @@ def load_model(folder, device="cpu", trust_remote_code=False):
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa",
                                              trust_remote_code=trust_remote_code)
-    decoder_layers(model)
+    transformer_layers(model)
     specs = read_json(students_path, "the checkpoint is damaged; use another one")
     for s in specs:
         teacher = get_block(model, s["layer"], s["target"])
@@ -83,6 +85,16 @@ def load_state(folder):
     except Exception as e:  # a damaged zip or pickle surfaces as any of several types, with paragraphs of advice
         raise ValueError(f"{path}: unreadable training state ({type(e).__name__}: {str(e).split('. ')[0]}); "
                          f"delete {folder} to resume from the checkpoint before it") from None
+
+
+def restore_training(state: dict, loader, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Continue where a checkpoint's state.pt left off: the data position, the RNG and, when given, the optimizer's
+    moments. Returns the step it was saved at (the LR schedule is a pure function of the step)."""
+    loader.load_state(state["loader"])
+    set_rng_state(state["rng"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return state["step"]
 
 
 def save_checkpoint(folder, model, meta, state=None, keep_tokenizer_from=None):

@@ -31,12 +31,13 @@ from tqdm import tqdm
 
 from common.checkpoint import load_model
 from common.config import override
-from common.decoders import TARGET_ATTRS
+from common.files import write_json_atomic
 from common.generate import decoding_cache, forward_cached, generate, has_tokenizer, state_bytes
 from common.kd import final_hidden, head_weight, kd_metrics
 from common.plots import comparison_png
 from common.runtime import Runtime
-from common.shards import ShardError, TokenLoader, shard_files, write_json_atomic
+from common.shards import ShardError, val_batches
+from common import swap
 
 TEACHER = "models/smolllm2_135m"  # the reference model (prepare.py writes it); '' = no teacher, CE and ppl only
 DATA_DIR = "data/fineweb_edu"     # prepare.py's output; its val split is read
@@ -53,16 +54,6 @@ TASKS = []                        # lm-evaluation-harness tasks (names, or paths
 TASK_DIR = ""                     # a folder of your own task YAML files (lm_eval's include_path), e.g. local data
 LIMIT = 0                         # --tasks: examples per task (quick runs); 0 = all
 TASK_BATCH_SIZE = 8               # --tasks: lm_eval's batch size
-
-
-def val_batches(data_dir, val_tokens, batch_size, seq_len, rank=0, world_size=1, vocab_size=None):
-    """The first `val_tokens` of the val shards as this rank's (x, y) batches, on the CPU."""
-    per_step = batch_size * seq_len * world_size
-    if val_tokens < per_step:
-        raise ValueError(f"VAL_TOKENS={val_tokens} is less than one batch ({batch_size} x {seq_len} x {world_size} "
-                         f"rank(s) = {per_step} tokens); raise --val-tokens or lower --batch-size/--seq-len")
-    loader = TokenLoader(shard_files(data_dir, "val"), batch_size, seq_len, rank, world_size, vocab_size)
-    return [loader.next_batch() for _ in range(val_tokens // per_step)]
 
 
 @torch.no_grad()
@@ -140,7 +131,7 @@ def parameter_counts(model):
     attention, ffn and other (norms). Tied weights count once."""
     counts = dict.fromkeys(("total", "embedding", "attention", "ffn", "other"), 0)
     for name, p in model.named_parameters():
-        part = ("attention" if f".{TARGET_ATTRS['attn']}." in name else "ffn" if f".{TARGET_ATTRS['mlp']}." in name
+        part = ("attention" if f".{swap.TARGET_ATTRS['attn']}." in name else "ffn" if f".{swap.TARGET_ATTRS['mlp']}." in name
                 else "embedding" if "embed" in name or "lm_head" in name else "other")
         counts[part] += p.numel()
         counts["total"] += p.numel()
@@ -208,7 +199,7 @@ def harness_scores(models, tokenizer, rt):
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        sys.exit("--tasks needs lm-evaluation-harness: ./.venv/bin/python -m pip install lm_eval==0.4.13 "
+        raise ValueError("--tasks needs lm-evaluation-harness: ./.venv/bin/python -m pip install lm_eval==0.4.13 "
                  "(./setup_amd.sh installs it from requirements-extra.txt)")
 
     class CheckpointLM(HFLM):
@@ -222,7 +213,7 @@ def harness_scores(models, tokenizer, rt):
         manager = TaskManager(include_path=TASK_DIR or None)
     unknown = [t for t in TASKS if t not in manager.all_tasks and not os.path.isfile(t)]
     if unknown:
-        sys.exit(f"unknown lm-eval task(s) {', '.join(unknown)}: use lm_eval's task names, a task YAML file, or "
+        raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}: use lm_eval's task names, a task YAML file, or "
                  f"--task-dir with a folder of your own task YAML files")
     mixed = None if rt.dtype == torch.float32 else rt.dtype
     scores = {}
@@ -320,7 +311,10 @@ def main(argv):
     tok_dir = next((p for p in [TEACHER, *paths] if p and has_tokenizer(p)), None)
     if TASKS and tok_dir is None:
         sys.exit("--tasks needs a tokenizer: neither the teacher nor any checkpoint folder has tokenizer files")
-    rt = Runtime(DEVICE, DTYPE)
+    try:
+        rt = Runtime(DEVICE, DTYPE)
+    except ValueError as e:
+        sys.exit(str(e))
     if (SPEED or TASKS) and rt.ddp:
         sys.exit("--speed and --tasks measure models in one process: run them with python, not torchrun")
     models = {path: _load(path, rt.device) for path in paths}
@@ -353,7 +347,10 @@ def main(argv):
         from transformers import AutoTokenizer
         params = {name: parameter_counts(m) for name, m in every.items()} if SPEED else {}
         speed = speed_rows(every, tokens, rt) if SPEED else []
-        tasks = harness_scores(every, AutoTokenizer.from_pretrained(tok_dir), rt) if TASKS else {}
+        try:
+            tasks = harness_scores(every, AutoTokenizer.from_pretrained(tok_dir), rt) if TASKS else {}
+        except ValueError as e:
+            sys.exit(str(e))
         quality = {**({"teacher": teacher_result} if teacher_result else {}), **results}
         report.update(parameters=params, speed=speed, tasks=tasks, models=list(every),
                       comparison=comparison(list(every), quality, params, speed, tasks))

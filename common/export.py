@@ -29,8 +29,8 @@ import torch
 
 from common.checkpoint import load_model
 from common.config import override
-from common.decoders import decoder_layers, get_block, student_specs
-from common.shards import read_json
+from common.swap import get_block, student_specs, transformer_layers
+from common.files import read_json
 from common.evaluate import format_comparison
 from common.generate import has_tokenizer
 
@@ -80,7 +80,7 @@ def export_state(model):
                       f"no transformers class mixes gated linear or sink-and-window attention with the teacher's "
                       f"softmax layers; export needs the teacher's attention in every layer")
     ffns = []
-    for i in range(len(decoder_layers(model))):
+    for i in range(len(transformer_layers(model))):
         try:
             ffns.append(ffn_weights(get_block(model, i, "mlp"), config))
         except ValueError as e:

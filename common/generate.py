@@ -6,7 +6,7 @@
 A checkpoint is any folder common.checkpoint.load_model accepts. The tokenizer comes from the
 checkpoint folder when it holds tokenizer files, else from --tokenizer (the prepared model folder).
 Decoding is incremental: the prompt runs once, then each new token alone, with transformers' KV cache
-for the teacher's attention layers and the students' own decoding state (common/attention.py).
+for the teacher's attention layers and the students' own decoding state (common/students/attention.py).
 """
 import os
 import sys
@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from common.attention import RecurrentState
+from common.students.attention import RecurrentState
 from common.checkpoint import load_model
 from common.config import override
-from common.decoders import decoder_layers
+from common.swap import transformer_layers
 from common.runtime import Runtime
 
 PROMPT = "Once upon a time"            # text to continue; a default so a bare run shows something
@@ -56,11 +56,11 @@ def left_pad(prompts, pad_id):
 def decoding_cache(model):
     """A transformers Cache for incremental decoding, one entry per decoder layer: transformers' own KV
     cache (DynamicLayer) where the attention is the teacher's, whatever the FFN; the student's own cache
-    where the attention is a student (common/attention.py: a recurrent state for `linear`, a KV cache
+    where the attention is a student (common/students/attention.py: a recurrent state for `linear`, a KV cache
     bounded by the window for `window`)."""
     from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
     layers = DynamicCache(config=model.config).layers
-    for i, layer in enumerate(decoder_layers(model)):
+    for i, layer in enumerate(transformer_layers(model)):
         if hasattr(layer.self_attn, "new_cache"):
             layers[i] = layer.self_attn.new_cache()
         elif type(layers[i]) is not DynamicLayer:
@@ -94,7 +94,7 @@ def forward_cached(model, ids, positions, cache, mask=None):
     negative = left padding). mask: padding_mask(...) when rows are padded, else None (causal)."""
     h = model.model.embed_tokens(ids)
     pos_emb = model.model.rotary_emb(h, positions)
-    for layer in decoder_layers(model):
+    for layer in transformer_layers(model):
         h = layer(h, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
                   position_embeddings=pos_emb)
     return model.lm_head(model.model.norm(h[:, -1:]))[:, 0]
@@ -154,7 +154,10 @@ def main(argv):
                  f"model folder (run prepare.py to write models/smolllm2_135m)")
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    rt = Runtime(DEVICE, DTYPE)
+    try:
+        rt = Runtime(DEVICE, DTYPE)
+    except ValueError as e:
+        sys.exit(str(e))
     try:
         model = load_model(folder, rt.device).eval()
     except (OSError, ValueError, RuntimeError) as e:

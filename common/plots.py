@@ -12,7 +12,7 @@ import os
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, StrMethodFormatter
 
-from common.shards import atomic_write_bytes
+from common.files import atomic_write_bytes
 
 DPI = 100  # pixels per inch: the figures are 12 x 4 inches per row of panels
 

@@ -32,7 +32,7 @@ class Runtime:
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         if dtype not in ("float32", "bfloat16", "float16"):
-            sys.exit(f"DTYPE must be float32, bfloat16 or float16, got {dtype!r}")
+            raise ValueError(f"DTYPE must be float32, bfloat16 or float16, got {dtype!r}")
         self.dtype = getattr(torch, dtype)
         self.master = self.rank == 0
 

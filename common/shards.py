@@ -6,11 +6,12 @@ shard against DIR/manifest.json.
 """
 import glob
 import hashlib
-import json
 import os
 import sys
 
 import numpy as np
+
+from common.files import atomic_write_bytes, read_json
 
 MAGIC = 20240520
 VERSION = 1
@@ -21,42 +22,6 @@ MANIFEST = "manifest.json"
 
 class ShardError(ValueError):
     """A shard or manifest that cannot be used; the message names the file and the fix."""
-
-
-def atomic_write_bytes(path, chunks):
-    """Write an iterable of byte chunks to path through a temp file and rename; return sha256 hex."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    h = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as f:
-            for chunk in chunks:
-                h.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return h.hexdigest()
-
-
-def write_json_atomic(path, obj):
-    """Write obj as indented JSON through a temp file and rename."""
-    atomic_write_bytes(path, [(json.dumps(obj, indent=2, default=str) + "\n").encode()])
-
-
-def read_json(path, remedy, error=ValueError):
-    """The JSON in path; a file that cannot be read or parsed raises `error`, one line naming it and the remedy."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as e:
-        reason = e.strerror
-    except ValueError as e:  # not UTF-8, or not JSON
-        reason = f"not JSON: {e}"
-    raise error(f"{path}: unreadable ({reason}); {remedy}")
 
 
 def write_shard(path, tokens):
@@ -213,6 +178,16 @@ class TokenLoader:
         buf = torch.from_numpy(self.tokens[start:start + self.B * self.T + 1].astype(np.int64))
         self.pos += self.step_tokens
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+
+
+def val_batches(data_dir, val_tokens, batch_size, seq_len, rank=0, world_size=1, vocab_size=None):
+    """The first `val_tokens` of the val shards as this rank's (x, y) batches, on the CPU."""
+    per_step = batch_size * seq_len * world_size
+    if val_tokens < per_step:
+        raise ValueError(f"VAL_TOKENS={val_tokens} is less than one batch ({batch_size} x {seq_len} x {world_size} "
+                         f"rank(s) = {per_step} tokens); raise --val-tokens or lower --batch-size/--seq-len")
+    loader = TokenLoader(shard_files(data_dir, "val"), batch_size, seq_len, rank, world_size, vocab_size)
+    return [loader.next_batch() for _ in range(val_tokens // per_step)]
 
 
 def main(argv):

@@ -1,4 +1,4 @@
-"""Benchmark: the chunked GLA (common.attention.gla_chunked) against the naive step-by-step recurrence
+"""Benchmark: the chunked GLA (common.students.attention.gla_chunked) against the naive step-by-step recurrence
 it must equal, on the same inputs in one run, forward and forward+backward. Not collected by pytest.
 
     ./.venv/bin/python tests/bench_attention.py [--seq-len 2048 --chunk-sizes 16,32,64,128]
@@ -10,7 +10,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.attention import MAX_LOG_DECAY, gla_chunked, gla_recurrent  # noqa: E402
+from common.students.attention import MAX_LOG_DECAY, gla_chunked, gla_recurrent  # noqa: E402
 from common.config import override  # noqa: E402
 
 BATCH = 1                      # one sequence, as in a single-stream CPU run

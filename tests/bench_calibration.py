@@ -32,7 +32,8 @@ from bench_distill import ideal_step_ms, smollm2_shaped  # noqa: E402
 def layer_and_student(kind, kwargs, device):
     from transformers import AutoModelForCausalLM
 
-    from common.decoders import get_block, make_student
+    from common.students import make_student
+    from common.swap import get_block
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(smollm2_shaped(1), attn_implementation="sdpa").to(device)
     teacher = get_block(model, 0, "mlp").requires_grad_(False)

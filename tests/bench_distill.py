@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common.decoders import get_block, make_student, run_block  # noqa: E402
+from common.students import make_student  # noqa: E402
+from common.swap import get_block, run_block  # noqa: E402
 from conftest import make_tokenizer  # noqa: E402
 from common.shards import write_shard  # noqa: E402
 

@@ -64,7 +64,8 @@ def main():
     import torch
 
     from common.checkpoint import load_model
-    from common.evaluate import evaluate_models, val_batches
+    from common.evaluate import evaluate_models
+    from common.shards import val_batches
     if os.path.isdir(OUT_DIR):
         shutil.rmtree(OUT_DIR)
     runs = {name: os.path.join(OUT_DIR, name) for name in ("weight", "calibrated", "layerwise")}

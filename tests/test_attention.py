@@ -3,10 +3,11 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from common.attention import MAX_LOG_DECAY, LinearAttention, fla_chunk_gla, gla_chunked, gla_recurrent
+from common.students.attention import MAX_LOG_DECAY, LinearAttention, fla_chunk_gla, gla_chunked, gla_recurrent
 from common.checkpoint import load_model, save_checkpoint
-from common.decoders import (decoder_input, decoder_layers, finish_layer, get_block, make_student,
-                             position_embeddings, run_block, set_block, student_specs, swapped)
+from common.students import make_student
+from common.swap import (decoder_input, finish_layer, get_block, position_embeddings, run_block, set_block,
+                         student_specs, swapped, transformer_layers)
 
 
 def gla_inputs(B=2, H=3, T=37, K=8, V=6, seed=0):
@@ -74,7 +75,7 @@ def tokens(n=64, batch=2, seed=0):
 @torch.no_grad()
 def attn_latent(model, ids, i):
     """The input to layer i's attention (after its norm), advancing the teacher one layer at a time."""
-    layers = decoder_layers(model)
+    layers = transformer_layers(model)
     h = model.model.embed_tokens(ids)
     pos = position_embeddings(model, h)
     for layer in layers[:i]:
@@ -111,7 +112,7 @@ def test_linear_student_starts_from_teacher_projections(model):
 
 def test_swap_keeps_every_other_weight_bit_identical(model):
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    for i in range(len(decoder_layers(model))):
+    for i in range(len(transformer_layers(model))):
         set_block(model, i, "attn", make_student("attn", "linear", get_block(model, i, "attn"), model.config))
     after = model.state_dict()
     others = [n for n in before if ".self_attn." not in n]
@@ -176,7 +177,7 @@ def test_hybrid_keeps_teacher_attention_where_asked(model, tiny_model_dir):
         h = model.model.embed_tokens(ids)
         pos = position_embeddings(model, h)
         with torch.no_grad():
-            for i, layer in enumerate(decoder_layers(model)):
+            for i, layer in enumerate(transformer_layers(model)):
                 x, r = decoder_input(layer, h, "attn", pos)
                 block = get_block(reference, 1, "attn") if i == 1 else students[i]
                 h = finish_layer(layer, r, run_block(block, x, "attn", pos), "attn")
@@ -211,15 +212,15 @@ def test_checkpoint_round_trip_evaluates_and_generates(model, tmp_path):
 
 
 def test_recurrent_decoding_matches_parallel_logits(model):
-    for i in range(len(decoder_layers(model))):
+    for i in range(len(transformer_layers(model))):
         set_block(model, i, "attn", make_student("attn", "linear", get_block(model, i, "attn"), model.config))
     ids = tokens(n=24, batch=2)
-    states, out = [None] * len(decoder_layers(model)), []
+    states, out = [None] * len(transformer_layers(model)), []
     with torch.no_grad():
         for t in range(ids.shape[1]):  # one token at a time, each layer carrying its recurrent state
             h = model.model.embed_tokens(ids[:, t:t + 1])
             pos = model.model.rotary_emb(h, torch.tensor([[t]]))
-            for i, layer in enumerate(decoder_layers(model)):
+            for i, layer in enumerate(transformer_layers(model)):
                 x, r = decoder_input(layer, h, "attn", pos)
                 y, states[i] = layer.self_attn.step(x, pos, states[i])
                 h = finish_layer(layer, r, y, "attn")

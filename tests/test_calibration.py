@@ -32,7 +32,7 @@ def no_reduce(t):
 
 
 def student(kind, teacher, **kwargs):
-    from common.decoders import make_student
+    from common.students import make_student
     torch.manual_seed(0)
     return make_student("mlp", kind, teacher, tiny_config(), **kwargs)
 
@@ -54,7 +54,7 @@ def test_statistics_in_chunks_equal_one_shot(kind, kwargs):
 
 def test_refit_solves_least_squares():
     """With ridge 0 the refit down projection is the least-squares solution on the kept channels."""
-    from common.decoders import _swiglu_hidden
+    from common.students.ffn import _swiglu_hidden
     teacher, xs = teacher_mlp(), latents()
     s = student("pruned", teacher, scale=0.5, ridge=0.0)
     s.calibrate(teacher, data(teacher, xs), no_reduce)
@@ -108,7 +108,7 @@ def test_weight_importance_without_refit_is_todays_student():
 def test_linear_attention_calibration_lowers_error():
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
-    from common.decoders import make_student
+    from common.students import make_student
     config = tiny_config()
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)

@@ -53,27 +53,28 @@ def teacher_dir(tmp_path_factory):
     return make_model_folder(str(tmp_path_factory.mktemp("teacher")), initializer_range=0.2)
 
 
-def test_latent_cache_is_the_teachers_hidden_state(teacher_dir, tiny_data_dir):
-    import distill
+def test_latent_cache_is_the_teachers_hidden_state(teacher_dir, tiny_data_dir, tmp_path):
     from common.checkpoint import load_model
-    from common.decoders import decoder_layers
+    from common.latent_cache import LatentCache
     from common.runtime import Runtime
     from common.shards import TokenLoader, shard_files
+    from common.swap import transformer_layers
     model = load_model(teacher_dir).eval()
-    distill.BATCH_SIZE, distill.SEQ_LEN = 2, 16
     tokens = TokenLoader(shard_files(tiny_data_dir, "train"), 5, 16).next_batch()[0]
     with torch.no_grad():
         hidden = model(tokens, output_hidden_states=True).hidden_states
-    for target in ("mlp", "attn"):
-        distill.TARGET = target
-        cache = distill.LatentCache(Runtime(), model, tokens, "host", "train")
-        for i, layer in enumerate(decoder_layers(model)):
+    for target, where in (("mlp", "host"), ("attn", "disk")):
+        cache = LatentCache(Runtime(), model, tokens, target, 2, where, str(tmp_path / f".latent_{target}"))
+        for i, layer in enumerate(transformer_layers(model)):
             assert cache.layer == i
             torch.testing.assert_close(cache.h, hidden[i], rtol=0, atol=1e-5)
             cache.split()
             if target == "attn":
                 torch.testing.assert_close(cache.x, layer.input_layernorm(hidden[i]), rtol=0, atol=1e-5)
             cache.finish()
+        assert (where == "disk") == bool(list(tmp_path.glob(f".latent_{target}_*.npy")))
+        cache.close()
+        assert not list(tmp_path.glob("*.npy"))
 
 
 def test_copy_student_is_exact_and_checkpoints_keep_the_backbone(teacher_dir, tiny_data_dir, tmp_path):
@@ -330,7 +331,8 @@ def test_attention_students_rotation_then_logits_then_evaluation(teacher_dir, ti
     run_distill(*common, "--phase", "logits", "--kd-steps", "6", "--kd-val-every", "6", "--kd-lr", "1e-3")
 
     from common.checkpoint import load_model
-    from common.evaluate import evaluate, val_batches
+    from common.evaluate import evaluate
+    from common.shards import val_batches
     model = load_model(os.path.join(out, "logits_final"))
     assert [type(layer.self_attn).__name__ for layer in model.model.layers] == \
            ["LinearAttention", "LlamaAttention", "LinearAttention"]
@@ -344,7 +346,7 @@ def test_trainable_trains_only_the_named_parameters(teacher_dir, tiny_data_dir, 
                 "--student-kwargs", '{"gated": true}', "--trainable", "fc_out", "--steps-per-layer", "5",
                 "--layers", "1")
     from common.checkpoint import load_model
-    from common.decoders import make_student
+    from common.students import make_student
     trained = load_model(os.path.join(out, "final")).model.layers[1].mlp
     teacher = load_model(teacher_dir)
     torch.manual_seed(1337 + 1)  # distill.py seeds layer i's student with SEED + i

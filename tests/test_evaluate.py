@@ -11,8 +11,10 @@ import torch.nn.functional as F
 import common.evaluate
 import common.generate
 from common.checkpoint import load_model, save_checkpoint
-from common.decoders import get_block, make_student, set_block
-from common.evaluate import evaluate, evaluate_models, main as evaluate_main, val_batches
+from common.students import make_student
+from common.swap import get_block, set_block
+from common.evaluate import evaluate, evaluate_models, main as evaluate_main
+from common.shards import val_batches
 from common.generate import generate, main as generate_main
 from common.kd import final_hidden
 

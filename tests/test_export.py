@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from common.checkpoint import load_model, save_checkpoint
-from common.decoders import get_block, make_student, set_block
+from common.students import make_student
+from common.swap import get_block, set_block
 from common.export import main as export_main
 from common.generate import generate
 from conftest import make_model_folder

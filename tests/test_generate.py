@@ -4,9 +4,10 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from common.attention import RecurrentState, WindowCache
+from common.students.attention import RecurrentState, WindowCache
 from common.checkpoint import load_model
-from common.decoders import decoder_layers, get_block, make_student, set_block
+from common.students import make_student
+from common.swap import get_block, set_block, transformer_layers
 from common.generate import decoding_cache, forward_cached, generate, left_pad, state_bytes
 from conftest import make_model_folder
 
@@ -25,7 +26,7 @@ def model_with(folder, setup):
     (pruned FFNs in layers 0 and 2, linear attention in 1, window in 2, the teacher's attention in 0 and 3)."""
     model = load_model(folder).eval()
     torch.manual_seed(0)
-    for i in range(len(decoder_layers(model))):
+    for i in range(len(transformer_layers(model))):
         if setup == "pruned" or (setup == "hybrid" and i in (0, 2)):
             set_block(model, i, "mlp", make_student("mlp", "pruned", get_block(model, i, "mlp"), model.config, scale=0.5))
         if setup == "linear" or (setup == "hybrid" and i == 1):

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 
 from conftest import ROOT, another_run_in
 from common.checkpoint import load_model, save_checkpoint
-from common.decoders import get_block, make_student, set_block
+from common.students import make_student
+from common.swap import get_block, set_block
 from common.shards import TokenLoader, shard_files, write_shard
 
 TRAIN = os.path.join(ROOT, "train.py")

@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from common.decoders import register, ridge_solve
+from common.students.fit import ridge_solve
+from common.students.registry import register
 
 # Log decay per step is bounded to [-MAX_LOG_DECAY, 0], RWKV-7's bound (decay >= exp(-e^-0.5) = 0.545
 # per token). It keeps exp(-cumulative log decay) inside a chunk finite in fp32: chunk_size x 0.61

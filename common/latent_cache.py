@@ -1,0 +1,113 @@
+"""The teacher's residual stream for a fixed set of sequences, advanced one layer at a time: what makes
+distill.py's rotation cost O(L) teacher layer-forwards per token (it never reruns earlier layers, and never
+runs later layers or the head). The cache lives on the device, in host memory or in a disk memory map;
+batches move to the device as they are used."""
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from common.runtime import Runtime
+from common.swap import decoder_input, finish_layer, get_block, position_embeddings, run_block, transformer_layers
+
+PLACES = ("device", "host", "disk")
+
+
+def free_bytes(where: str, rt: Runtime, disk_dir: str) -> int:
+    """Bytes free on the device, in host memory (MemAvailable), or on the disk holding disk_dir."""
+    if where == "device" and rt.device.type == "cuda":
+        return torch.cuda.mem_get_info(rt.device)[0]
+    if where in ("device", "host"):
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    st = os.statvfs(disk_dir)
+    return st.f_bavail * st.f_frsize
+
+
+def place_cache(rt: Runtime, nbytes: int, choice: str, disk_dir: str) -> str:
+    """Where a cache of nbytes (per rank) lives: `choice` (device, host or disk), or with choice 'auto' the
+    device when it fits, else host memory, else a disk memory map in disk_dir. Raises ValueError when it fits
+    nowhere."""
+    size = f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+    options = PLACES if choice == "auto" else (choice,)
+    for where in options:
+        if nbytes < 0.7 * free_bytes(where, rt, disk_dir):
+            rt.print(f"latent cache: {size} per rank on {where}" + (f" ({rt.device})" if where == "device" else ""))
+            return where
+    raise ValueError(f"the latent cache needs {size} per rank and fits in none of: {', '.join(options)}; "
+                     f"lower STEPS_PER_LAYER x GRAD_ACCUM x BATCH_SIZE x SEQ_LEN, or free memory/disk")
+
+
+def _buffer(rt: Runtime, where: str, shape: tuple, path: str) -> torch.Tensor:
+    if where == "device":
+        return torch.empty(shape, device=rt.device)
+    if where == "host":
+        return torch.empty(shape, pin_memory=rt.device.type == "cuda")
+    return torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape))
+
+
+class LatentCache:
+    """h: the teacher's residual stream for `tokens` (n, T) at the input of layer `self.layer`; after split(),
+    x: the latent that layer's `target` block sees. Batches of `batch_size` sequences go to the device as they
+    are used. With where='disk' both live in memory maps at `{file_prefix}_{h|x}_rank{rank}.npy`."""
+
+    def __init__(self, rt: Runtime, model: nn.Module, tokens: torch.Tensor, target: str, batch_size: int,
+                 where: str, file_prefix: str):
+        self.rt, self.model, self.target, self.batch_size = rt, model, target, batch_size
+        n, seq_len = tokens.shape
+        shape = (n, seq_len, model.config.hidden_size)
+        self.paths = [f"{file_prefix}_{part}_rank{rt.rank}.npy" for part in "hx"]
+        self.h, self.x = (_buffer(rt, where, shape, path) for path in self.paths)
+        self.layer = 0  # h is the input to this layer
+        with torch.no_grad():
+            for s in range(0, n, batch_size):
+                self.h[s:s + batch_size].copy_(model.model.embed_tokens(tokens[s:s + batch_size].to(rt.device)))
+        self.pe = position_embeddings(model, self.h[:1].to(rt.device))
+
+    def batches(self, buffer: torch.Tensor, n: int | None = None):
+        """(start, batch on the device) over the first n sequences (default all) of a cache buffer."""
+        n = len(buffer) if n is None else n
+        for s in range(0, n, self.batch_size):
+            yield s, buffer[s:min(s + self.batch_size, n)].to(self.rt.device, non_blocking=True)
+
+    @torch.no_grad()
+    def split(self) -> None:
+        """x <- latent into this layer's target block; h <- the residual beside it."""
+        layer = transformer_layers(self.model)[self.layer]
+        for s, hb in self.batches(self.h):
+            with self.rt.autocast():
+                lat, res = decoder_input(layer, hb, self.target, self.pe)
+            self.x[s:s + len(hb)].copy_(lat)
+            self.h[s:s + len(hb)].copy_(res)
+
+    @torch.no_grad()
+    def finish(self, block: nn.Module | None = None) -> None:
+        """h <- this layer's output with `block` (default: the teacher's); move to the next layer."""
+        layer = transformer_layers(self.model)[self.layer]
+        block = block or get_block(self.model, self.layer, self.target)
+        for s, xb in self.batches(self.x):
+            hb = self.h[s:s + len(xb)].to(self.rt.device)
+            with self.rt.autocast():
+                out = finish_layer(layer, hb, run_block(block, xb, self.target, self.pe), self.target)
+            self.h[s:s + len(xb)].copy_(out)
+        self.layer += 1
+
+    def advance_to(self, layer_index: int, blocks: dict | None = None) -> None:
+        """Advance to layer_index through the teacher's blocks, or those in `blocks` ({layer: block})."""
+        while self.layer < layer_index:
+            self.split()
+            self.finish((blocks or {}).get(self.layer))
+
+    def split_at(self, layer_index: int, blocks: dict | None = None) -> None:
+        """advance_to(layer_index, blocks), then split: x is that layer's latent."""
+        self.advance_to(layer_index, blocks)
+        self.split()
+
+    def close(self) -> None:
+        """Free the buffers and delete their files when the cache lives on disk."""
+        del self.h, self.x
+        for path in self.paths:
+            if os.path.exists(path):
+                os.remove(path)

@@ -1,0 +1,31 @@
+"""Least squares for calibration: ridge solves from fp64 Gram statistics accumulated batch by batch,
+so their memory does not grow with the number of tokens."""
+import torch
+import torch.nn as nn
+
+
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
+    """argmin_W ||A W - Y||^2 + lam ||W||^2 from gram = A^T A (n, n) and cross = A^T Y (n, d), in fp64,
+    with lam = ridge x the mean of gram's diagonal (so `ridge` does not depend on scale or token count)."""
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-30)
+    return torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), cross)
+
+
+def fit_linear(linear: nn.Linear, features, batches, all_reduce, ridge: float) -> None:
+    """Refit `linear` (weight and bias) by ridge least squares so that linear(features(x)) matches y,
+    from the Gram statistics of the features accumulated in fp64 over the batches."""
+    gram = cross = None
+    for x, y in batches():
+        a = features(x).flatten(0, -2).double()
+        if linear.bias is not None:  # an all-ones feature carries the bias
+            a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+        y = y.flatten(0, -2).double()
+        gram = a.T @ a if gram is None else gram.addmm_(a.T, a)
+        cross = a.T @ y if cross is None else cross.addmm_(a.T, y)
+    all_reduce(gram)
+    all_reduce(cross)
+    w = ridge_solve(gram, cross, ridge).T.to(linear.weight.dtype)
+    if linear.bias is not None:
+        w, b = w[:, :-1], w[:, -1]
+        linear.bias.copy_(b)
+    linear.weight.copy_(w)

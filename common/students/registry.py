@@ -1,0 +1,34 @@
+"""The student registry: a kind is one nn.Module class registered with `@register(target, kind)`;
+`make_student` builds one by name, and a checkpoint rebuilds its students from their names and arguments."""
+import inspect
+
+import torch.nn as nn
+
+STUDENTS = {}  # (target, kind) -> class
+
+
+def register(target: str, kind: str):
+    """Class decorator: make the class the student `kind` for `target` ('mlp' or 'attn')."""
+
+    def add(cls):
+        cls.target, cls.kind = target, kind
+        STUDENTS[(target, kind)] = cls
+        return cls
+
+    return add
+
+
+def make_student(target: str, kind: str, teacher_block: nn.Module, config, **kwargs) -> nn.Module:
+    """A new student of `kind` for `teacher_block`, on its device; it records every argument (defaults too)
+    in `.kwargs`, so that a checkpoint says what was used. Raises ValueError for an unknown kind or bad kwargs."""
+    cls = STUDENTS.get((target, kind))
+    if cls is None:
+        known = ", ".join(k for t, k in STUDENTS if t == target)
+        raise ValueError(f"unknown STUDENT_KIND {kind!r} for target {target!r}; known: {known}")
+    try:
+        student = cls(teacher_block, config, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"STUDENT_KWARGS {kwargs} do not fit student {kind!r}: {e}") from None
+    defaults = {n: p.default for n, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
+    student.kwargs = {**defaults, **kwargs}  # every argument, defaults too: the checkpoint says what was used
+    return student.to(next(teacher_block.parameters()).device)
