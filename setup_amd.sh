@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Python environment for this repo: PyTorch, then requirements.txt and requirements-extra.txt (optional
-# packages the tests use), in .venv (or the active virtualenv).
+# Python environment for this repo: PyTorch, then requirements.txt, requirements-extra.txt (optional
+# packages the tests use) and requirements-dev.txt (pytest, the linters), in .venv (or the active virtualenv).
 #
 #   ./setup_amd.sh             ROCm PyTorch from the PyTorch ROCm wheel index (AMD GPUs)
 #   ./setup_amd.sh --gfx942    the same, plus a GPU architecture override (see below; rarely needed)
@@ -74,7 +74,7 @@ else
     "${pip[@]}" "torch==$TORCH_VERSION" ${index[@]+"${index[@]}"}
   fi
 fi
-"${pip[@]}" --quiet -r requirements.txt -r requirements-extra.txt
+"${pip[@]}" --quiet -r requirements.txt -r requirements-extra.txt -r requirements-dev.txt
 
 # the --gfxNNN override, rewritten on every run (removed when no --gfxNNN is given)
 site=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')

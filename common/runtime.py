@@ -5,11 +5,14 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 
 import torch
 import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo: the scripts' folder, common/..
 
 
 class Runtime:
@@ -101,10 +104,24 @@ class Runtime:
         return None
 
 
+def git_state(root=None):
+    """(HEAD's commit, whether tracked files differ from it) of the repo at root (this one by default), the code a
+    run ran; (None, None) without git or outside a git repo."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root or ROOT, capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+    try:
+        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):  # no git (FileNotFoundError), not a repo, a timeout
+        return None, None
+
+
 def environment(rt):
-    """Versions and hardware, for the run folder."""
+    """Versions, hardware and the code's commit, for the run folder."""
     import transformers
+    commit, dirty = git_state()
     info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "git_commit": commit, "git_dirty": dirty,
             "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None), "device": str(rt.device),
             "world_size": rt.world_size, "dtype": str(rt.dtype).replace("torch.", ""), "host": platform.node(),
             "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
