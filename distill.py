@@ -25,7 +25,6 @@ logits_phase() -> logits_step(). The pieces both phases share follow them.
 """
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -38,7 +37,7 @@ from tqdm import tqdm
 
 from common.checkpoint import (check_unchanged, latest_checkpoint, list_checkpoints, load_model, load_state,
                                restore_training, save_checkpoint, start_run)
-from common.config import override
+from common.config import fail, override
 from common.evaluate import evaluate
 from common.files import read_json, write_json_atomic
 from common.kd import final_hidden, head_weight, kd_loss
@@ -144,10 +143,6 @@ def main():
     except (ShardError, ValueError, FileNotFoundError) as e:
         fail(str(e))
     rt.close()
-
-
-def fail(message):
-    sys.exit(f"distill.py: {message}")
 
 
 def check_constants():

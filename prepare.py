@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import files, shards
-from common.config import override
+from common.config import fail, override
 
 MODEL = "HuggingFaceTB/SmolLM2-135M"     # teacher: a hub id, a local snapshot folder or a local .gguf file
 MODEL_DIR = "models/smolllm2_135m"        # where the teacher is saved (safetensors + tokenizer)
@@ -66,10 +66,6 @@ class InputError(Exception):
     """Bad input found while reading the stream; the message says what and where."""
 
 
-def die(message):
-    sys.exit(f"prepare.py: {message}")
-
-
 def is_local(source, suffixes):
     return os.path.exists(source) or source.startswith(("/", ".", "~")) or source.endswith(suffixes) or "*" in source
 
@@ -80,9 +76,9 @@ def hub_call(what, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except HfHubHTTPError as e:
-        die(f"the hub refused {what} ({str(e).splitlines()[0]}); check the name, or {OFFLINE_HINT}")
+        fail(f"the hub refused {what} ({str(e).splitlines()[0]}); check the name, or {OFFLINE_HINT}")
     except Exception as e:  # connection errors come in many types (httpx, OSError, hub wrappers)
-        die(f"cannot reach the Hugging Face hub for {what} ({type(e).__name__}); {OFFLINE_HINT}")
+        fail(f"cannot reach the Hugging Face hub for {what} ({type(e).__name__}); {OFFLINE_HINT}")
 
 
 # ----------------------------------------------------------------------------- model
@@ -93,7 +89,7 @@ def fetch_model():
     local = is_local(MODEL, (".gguf",))
     source = os.path.abspath(os.path.expanduser(MODEL)) if local else MODEL
     if local and not (os.path.isdir(source) or os.path.isfile(source) and source.endswith(".gguf")):
-        die(f"--model {MODEL}: not a folder or a .gguf file; give a hub id, a snapshot folder or a .gguf file")
+        fail(f"--model {MODEL}: not a folder or a .gguf file; give a hub id, a snapshot folder or a .gguf file")
     if local and os.path.isdir(source) and os.path.isdir(MODEL_DIR) and os.path.samefile(source, MODEL_DIR):
         check_model_folder(MODEL_DIR)
         return source, load_tokenizer(MODEL_DIR, MODEL_DIR)
@@ -104,7 +100,7 @@ def fetch_model():
                 print(f"model: {MODEL_DIR} already holds {source}")
                 return source, load_tokenizer(MODEL_DIR, MODEL_DIR)
     if os.path.isdir(MODEL_DIR) and os.listdir(MODEL_DIR):
-        die(f"{MODEL_DIR} holds another model; delete it or choose another --model-dir")
+        fail(f"{MODEL_DIR} holds another model; delete it or choose another --model-dir")
     tmp = MODEL_DIR.rstrip("/") + ".partial"  # a hub download resumes here; local sources start it afresh
     if not local:
         from huggingface_hub import snapshot_download
@@ -146,7 +142,7 @@ def convert_gguf(path, out):
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as e:
-        die(f"{path}: transformers cannot read this GGUF file ({error_line(e)}); "
+        fail(f"{path}: transformers cannot read this GGUF file ({error_line(e)}); "
             f"it needs the gguf and accelerate packages and a supported architecture")
     config = gguf_model.config
     del config.quantization_config  # the GGUF-loaded model refuses save_pretrained; a plain one does not
@@ -163,7 +159,7 @@ def check_model_folder(folder, source=None):
                                      ("tokenizer files", "tokenizer.json" in names or "tokenizer_config.json" in names))
                if not ok]
     if missing:
-        die(f"{source or folder}: no {', no '.join(missing)}; a model source needs a Hugging Face config, "
+        fail(f"{source or folder}: no {', no '.join(missing)}; a model source needs a Hugging Face config, "
             f"safetensors weights and a tokenizer (re-save it with save_pretrained)")
 
 
@@ -179,15 +175,15 @@ def load_tokenizer(folder, name):
             from transformers import AutoTokenizer
             tokenizer = AutoTokenizer.from_pretrained(folder).backend_tokenizer
     except Exception as e:  # a damaged file fails in the Rust parser or in transformers, with many error types
-        die(f"{name}: its tokenizer does not load ({error_line(e)}); replace the damaged tokenizer files with good "
+        fail(f"{name}: its tokenizer does not load ({error_line(e)}); replace the damaged tokenizer files with good "
             f"ones (save_pretrained writes them)")
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     top = max(vocab.values())
     if top > 65535:
-        die(f"{name}: the tokenizer has ids up to {top:,}, but shards store uint16 (at most 65,535); "
+        fail(f"{name}: the tokenizer has ids up to {top:,}, but shards store uint16 (at most 65,535); "
             f"use a model whose vocabulary has at most 65,536 tokens")
     if EOT_TOKEN not in vocab:
-        die(f"{name}: the tokenizer has no {EOT_TOKEN!r}; pass --eot-token with its end-of-text token")
+        fail(f"{name}: the tokenizer has no {EOT_TOKEN!r}; pass --eot-token with its end-of-text token")
     text = tokenizer.to_str()
     return text, {"name_or_path": MODEL_DIR, "vocab_size": top + 1, "eos_id": vocab[EOT_TOKEN],
                   "eos_token": EOT_TOKEN, "sha256": hashlib.sha256(text.encode()).hexdigest()}
@@ -205,18 +201,18 @@ def local_files(pattern):
     else:
         files = sorted(glob.glob(pattern, recursive=True))
     if not files:
-        die(f"--dataset {pattern}: no such file, or no .txt/.jsonl/.json/.parquet files there")
+        fail(f"--dataset {pattern}: no such file, or no .txt/.jsonl/.json/.parquet files there")
     kinds = {TEXT_BUILDERS.get(os.path.splitext(f)[1]) for f in files}
     if None in kinds or len(kinds) > 1:
-        die(f"--dataset {pattern}: files must all be .txt, all .jsonl/.json or all .parquet, got "
+        fail(f"--dataset {pattern}: files must all be .txt, all .jsonl/.json or all .parquet, got "
             f"{', '.join(sorted({os.path.splitext(f)[1] or f for f in files}))}")
     for f in files:
         try:
             with open(f, "rb") as fh:
                 if not fh.read(1):
-                    die(f"{f}: empty file; remove it from the dataset")
+                    fail(f"{f}: empty file; remove it from the dataset")
         except OSError as e:
-            die(f"{f}: cannot read it ({e.strerror}); fix its permissions or remove it from the dataset")
+            fail(f"{f}: cannot read it ({e.strerror}); fix its permissions or remove it from the dataset")
     return [os.path.abspath(f) for f in files], kinds.pop()
 
 
@@ -251,7 +247,7 @@ def open_stream(source):
     try:
         return datasets.load_dataset(*args, split="train", streaming=True, **kwargs), log
     except Exception as e:
-        die(f"cannot read --dataset {DATASET}: {log.message or error_line(e)}")
+        fail(f"cannot read --dataset {DATASET}: {log.message or error_line(e)}")
 
 
 def error_line(e):
@@ -370,11 +366,11 @@ def start_output(head):
             old = shards.load_manifest(OUT_DIR) if name == shards.MANIFEST else \
                 files.read_json(path, f"delete {OUT_DIR} and run again")
         except ValueError as e:
-            die(str(e))
+            fail(str(e))
         diff = [f"{k}.{kk}: {old.get(k, {}).get(kk)!r} -> {head[k].get(kk)!r}" for k in head
                 for kk in sorted(set(head[k]) | set(old.get(k, {}))) if old.get(k, {}).get(kk) != head[k].get(kk)]
         if diff:
-            die(f"{OUT_DIR} holds shards of a different run ({name}: {'; '.join(diff)}); "
+            fail(f"{OUT_DIR} holds shards of a different run ({name}: {'; '.join(diff)}); "
                 f"choose another --out-dir or delete that folder")
         if name == shards.MANIFEST:  # as the progress of a run whose splits are all done
             splits = {k: {**v, "done": True} for k, v in old["splits"].items()}
@@ -382,7 +378,7 @@ def start_output(head):
         print(f"resuming: {sum(len(s['shards']) for s in old['splits'].values())} finished shards in {OUT_DIR}")
         return old, False
     if os.path.isdir(OUT_DIR) and any(n.endswith(".bin") for n in os.listdir(OUT_DIR)):
-        die(f"{OUT_DIR} holds .bin shards but no {shards.MANIFEST} or {PROGRESS}, so from a different run; "
+        fail(f"{OUT_DIR} holds .bin shards but no {shards.MANIFEST} or {PROGRESS}, so from a different run; "
             f"choose another --out-dir or delete them")
     empty = {"shards": [], "documents": 0, "text_bytes": 0, "tokens": 0, "done": False}
     return {**head, "splits": {s: dict(empty, shards=[]) for s in SPLITS}, "next_doc": 0}, False
@@ -406,7 +402,7 @@ def redo_from(progress, split, index):
     """The progress as it was when shard `index` of `split` began: that shard and all after it are redone,
     byte-identical to the first time since the text, tokenizer and settings are the same."""
     if any("documents" not in s for info in progress["splits"].values() for s in info["shards"]):
-        die(f"{OUT_DIR}: an older prepare.py wrote it, without the document counts needed to redo single shards; "
+        fail(f"{OUT_DIR}: an older prepare.py wrote it, without the document counts needed to redo single shards; "
             f"delete {OUT_DIR} and run again")
     for name in SPLITS[SPLITS.index(split):]:
         info = progress["splits"][name]
@@ -557,7 +553,7 @@ def summary(splits):
 def main():
     started = time.perf_counter()
     if min(TRAIN_BYTES, VAL_BYTES, SHARD_TOKENS, WORKERS, TASK_BYTES) <= 0:
-        die("--train-bytes, --val-bytes, --shard-tokens, --workers and --task-bytes must be positive")
+        fail("--train-bytes, --val-bytes, --shard-tokens, --workers and --task-bytes must be positive")
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
     source = dataset_source()
     model_source, (tokenizer_json, tokenizer) = fetch_model()
@@ -588,7 +584,7 @@ def main():
                                                        clock)
     except InputError as e:
         kept = sum(len(s["shards"]) for s in progress["splits"].values())
-        die(f"{e}" + (f" ({kept} finished shards kept in {OUT_DIR}: fix the input and re-run to resume)"
+        fail(f"{e}" + (f" ({kept} finished shards kept in {OUT_DIR}: fix the input and re-run to resume)"
                       if kept else ""))
     manifest = {k: v for k, v in progress.items() if k != "next_doc"}
     for split in manifest["splits"].values():

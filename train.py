@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.checkpoint import (check_unchanged, latest_checkpoint, list_checkpoints, load_model, load_state,
-                               save_checkpoint, start_run)
-from common.config import override
+                               restore_training, save_checkpoint, start_run)
+from common.config import fail, override
 from common.evaluate import evaluate
-from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at, set_rng_state
+from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at
 from common.files import atomic_write_bytes
 from common.shards import ShardError, TokenLoader, shard_files
 from common import students
@@ -68,15 +68,18 @@ SEED = 1337                     # weight initialisation (--from-scratch) and any
 config = override(globals())
 
 # ---------------------------------------------------------------------------------------------- setup
-rt = Runtime(dtype=DTYPE)
+try:
+    rt = Runtime(dtype=DTYPE)
+except ValueError as e:
+    fail(e)
 cuda = rt.device.type == "cuda"
 if rt.dtype == torch.float16:
-    sys.exit("train.py: DTYPE float16 needs a gradient scaler, which train.py does not have; use bfloat16")
+    fail("DTYPE float16 needs a gradient scaler, which train.py does not have; use bfloat16")
 if cuda:
     torch.set_float32_matmul_precision("high")  # TF32 for whatever autocast leaves in fp32
 torch.manual_seed(SEED)
 if RESUME and not OUT_DIR:
-    sys.exit("train.py: --resume needs --out-dir RUN_FOLDER, the run to continue")
+    fail("--resume needs --out-dir RUN_FOLDER, the run to continue")
 if not OUT_DIR:
     OUT_DIR = config["OUT_DIR"] = time.strftime("runs/train_%Y%m%d_%H%M%S")
 
@@ -84,8 +87,8 @@ if not OUT_DIR:
 micro_tokens = BATCH_SIZE * SEQ_LEN * rt.world_size  # tokens per micro-step over all ranks
 grad_accum = GRAD_ACCUM or TOTAL_BATCH_TOKENS // micro_tokens
 if grad_accum < 1 or (not GRAD_ACCUM and grad_accum * micro_tokens != TOTAL_BATCH_TOKENS):
-    sys.exit(f"train.py: TOTAL_BATCH_TOKENS={TOTAL_BATCH_TOKENS:,} is not a multiple of BATCH_SIZE x SEQ_LEN x ranks "
-             f"= {BATCH_SIZE} x {SEQ_LEN} x {rt.world_size} = {micro_tokens:,}; change one of them or set --grad-accum")
+    fail(f"TOTAL_BATCH_TOKENS={TOTAL_BATCH_TOKENS:,} is not a multiple of BATCH_SIZE x SEQ_LEN x ranks "
+         f"= {BATCH_SIZE} x {SEQ_LEN} x {rt.world_size} = {micro_tokens:,}; change one of them or set --grad-accum")
 tokens_per_step = BATCH_SIZE * SEQ_LEN * grad_accum * rt.world_size
 assert GRAD_ACCUM or tokens_per_step == TOTAL_BATCH_TOKENS
 config["grad_accum"], config["tokens_per_step"] = grad_accum, tokens_per_step
@@ -113,7 +116,9 @@ def open_run():
     try:
         return rt.master_only(start)
     except ValueError as e:
-        sys.exit(f"train.py: {e}" if rt.master else 1)
+        if not rt.master:
+            sys.exit(1)  # rank 0 says why
+        fail(e)
 
 
 # a resumed run locks its folder before reading its checkpoints: a run still going there would change them
@@ -135,7 +140,7 @@ try:
     else:
         model = load_model(INIT, device=rt.device)
 except (OSError, ValueError) as e:
-    sys.exit(f"train.py: {e}")
+    fail(e)
 model.train()
 cfg = model.config
 n_params = sum(p.numel() for p in model.parameters())
@@ -164,11 +169,11 @@ try:
     train_loader, train_total = checked_loader("train")
     val_loader, val_total = checked_loader("val") if VAL_EVERY else (None, 0)
 except ShardError as e:
-    sys.exit(f"train.py: {e}")
+    fail(e)
 val_steps = VAL_TOKENS // micro_tokens if VAL_EVERY else 0
 if VAL_EVERY and not 1 <= val_steps <= val_total // micro_tokens:
-    sys.exit(f"train.py: VAL_TOKENS={VAL_TOKENS:,} must hold at least one micro-step ({micro_tokens:,} tokens) and "
-             f"at most the val split ({val_total:,} tokens); change --val-tokens")
+    fail(f"VAL_TOKENS={VAL_TOKENS:,} must hold at least one micro-step ({micro_tokens:,} tokens) and "
+         f"at most the val split ({val_total:,} tokens); change --val-tokens")
 val_batches = [val_loader.next_batch() for _ in range(val_steps)]  # the same tokens at every validation
 
 # the optimizer: AdamW with weight decay on matrices only; fused kernels on GPUs
@@ -178,12 +183,7 @@ optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "
                               lr=LR, betas=tuple(BETAS), fused=True if cuda else None)
 
 # resume: optimizer moments, the step, the data position and RNG (the LR is a pure function of the step)
-start_step = 0
-if ckpt:
-    start_step = state["step"]
-    optimizer.load_state_dict(state["optimizer"])
-    train_loader.load_state(state["loader"])
-    set_rng_state(state["rng"])
+start_step = restore_training(state, train_loader, optimizer) if ckpt else 0
 
 # a new run's folder is created only now that the model and the data are known to be good
 if not RESUME:
@@ -249,9 +249,11 @@ def flush(pending, started):
     for i, ((step, lr, _, _), loss, norm) in enumerate(zip(pending, losses, norms)):
         if not (math.isfinite(loss) and math.isfinite(norm)):
             last = latest_checkpoint(OUT_DIR, phase="train") if rt.master else None
-            sys.exit(f"train.py: non-finite loss {loss} / grad norm {norm} at step {step}; stopped. Last good "
-                     f"checkpoint: {last or 'none yet'} (continue it with --resume --out-dir {OUT_DIR}, "
-                     f"perhaps with a lower --lr)" if rt.master else 1)
+            if not rt.master:
+                sys.exit(1)  # rank 0 says why
+            fail(f"non-finite loss {loss} / grad norm {norm} at step {step}; stopped. Last good "
+                 f"checkpoint: {last or 'none yet'} (continue it with --resume --out-dir {OUT_DIR}, "
+                 f"perhaps with a lower --lr)")
         log.log(step=step, loss=loss, lr=lr, grad_norm=norm, tokens=step * tokens_per_step,
                 **(speed if i == len(pending) - 1 else {}))
     rt.print(f"step {step:>6}/{STEPS} | loss {loss:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | {tok_s:,.0f} tok/s"
@@ -265,8 +267,8 @@ def out_of_memory(step):
     if fresh:
         shutil.rmtree(OUT_DIR)
     again = "run again" if fresh else f"continue with --resume --out-dir {OUT_DIR}"
-    sys.exit(f"train.py: out of memory at step {step} ({BATCH_SIZE} x {SEQ_LEN} tokens per micro-step on {rt.device}); "
-             f"{again} and a lower --batch-size (more micro-steps then make up TOTAL_BATCH_TOKENS)")
+    fail(f"out of memory at step {step} ({BATCH_SIZE} x {SEQ_LEN} tokens per micro-step on {rt.device}); "
+         f"{again} and a lower --batch-size (more micro-steps then make up TOTAL_BATCH_TOKENS)")
 
 
 def save(step):

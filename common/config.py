@@ -5,9 +5,24 @@ Every UPPER_CASE constant of the calling script can be set from the command line
 parsed to the constant's type: int, float, str, bool (`--resume` alone means true),
 list (`0,1,2`; empty string for an empty list) or dict (JSON). An unknown name or a
 value of the wrong type is a one-line error that lists what would have been accepted.
+`--help` (or `-h`) prints every constant with its default and the comment on its line in the
+script's source (`NAME = value  # comment`), then exits.
 """
 import json
+import os
+import re
+import shlex
 import sys
+import tokenize
+
+HELP = ("--help", "-h")
+
+
+def fail(message, script=None):
+    """End the program with one line, `script.py: message` (no traceback), exit status 1. `script`: by
+    default the running script's file name, sys.argv[0] (distill.py under python and torchrun, evaluate.py
+    under python -m common.evaluate)."""
+    sys.exit(f"{script or os.path.basename(sys.argv[0])}: {message}")
 
 
 def _parse(name, default, text):
@@ -48,13 +63,78 @@ def _parse(name, default, text):
     raise ValueError(f"--{name}: constants of type {type(default).__name__} cannot be set from the command line")
 
 
-def override(constants, argv=None):
+def _documentation(path):
+    """From a script's source: {NAME: comment} of its top-level `NAME = value  # comment` lines (a comment
+    continues on indented comment-only lines below), {NAME: section} where a comment-only line at column 0
+    (`# layer-wise phase`, not a `# ----` divider) sits right above a NAME line, and {NAME: its line}."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.readlines()
+        comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokenize.generate_tokens(iter(source).__next__)
+                    if t.type == tokenize.COMMENT}  # tokenize: a '#' inside a string is no comment
+    except (OSError, SyntaxError, tokenize.TokenError):
+        return {}, {}, {}
+    docs, sections, lines, name = {}, {}, {}, None
+    for number, line in enumerate(source, 1):
+        constant = re.match(r"([A-Z][A-Z0-9_]*)\s*=(?!=)", line)
+        if constant and constant[1] not in lines:
+            name = constant[1]
+            docs[name], lines[name] = comments.get(number, ""), number
+            above = source[number - 2] if number > 1 else ""
+            if above.startswith("#") and not above.startswith("# -"):
+                sections[name] = comments.get(number - 1, "")
+        elif not (name and line[:1].isspace() and line.lstrip().startswith("#")):
+            name = None
+        else:  # an indented comment-only line continues the comment above
+            docs[name] = f"{docs[name]} {comments.get(number, '')}".strip()
+    return docs, sections, lines
+
+
+def _typed(value):
+    """A default as it would be typed on the command line."""
+    if isinstance(value, bool):
+        text = str(value).lower()
+    elif isinstance(value, list):
+        text = ",".join(str(v) for v in value)
+    elif isinstance(value, dict) or value is None:
+        text = json.dumps(value)
+    else:
+        text = str(value)
+    return shlex.quote(text)
+
+
+def _help(constants, names, usage=None):
+    """The --help text: a usage line, then a line per constant, in the order and sections of the source."""
+    path = constants.get("__file__") or ""
+    comments, sections, lines = _documentation(path)
+    module = getattr(constants.get("__spec__"), "name", None)  # set under python -m
+    command = f"python -m {module}" if module else f"python {os.path.basename(path)}"
+    out = [f"usage: {usage or command + ' [--name value ...]'}",
+           "Each constant below is set by --name value or --name=value (a list: 0,1,2; a dict: JSON; a bool alone: "
+           "true). Defaults:"]
+    names = sorted(names, key=lambda n: (lines.get(n, float("inf")), n))
+    options = {n: "--" + n.lower().replace("_", "-") for n in names}
+    width = max(len(o) for o in options.values()) if names else 0
+    shown = {n: _typed(constants[n]) for n in names}
+    column = max((len(v) for v in shown.values() if len(v) <= 28), default=0)  # a longer one overflows
+    for n in names:
+        if n in sections:
+            out.append(f"{sections[n]}:")
+        out.append(f"  {options[n]:<{width}}  {shown[n]:<{column}}  {comments.get(n, '')}".rstrip())
+    return "\n".join(out)
+
+
+def override(constants, argv=None, usage=None):
     """Apply `--name value` / `--name=value` overrides to the UPPER_CASE keys of `constants`
     (a script's globals()) in place; return the resolved {NAME: value} config.
-    Exits with a one-line message on bad input."""
+    Exits with a one-line message on bad input; prints the help and exits 0 given --help or -h
+    (`usage`: the usage line's command, for scripts with more than options)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     names = sorted(k for k, v in constants.items() if k.isupper() and not k.startswith("_") and not callable(v)
                    and not isinstance(v, type(sys)))
+    if any(arg in HELP for arg in argv):
+        print(_help(constants, names, usage))
+        sys.exit(0)
     try:
         i = 0
         while i < len(argv):
@@ -78,6 +158,5 @@ def override(constants, argv=None):
             constants[name] = _parse(key, default, text)
             i += 1
     except ValueError as e:
-        script = constants.get("__file__", "script")
-        sys.exit(f"{script}: {e}")
+        fail(e, os.path.basename(constants.get("__file__") or "script"))
     return {n: constants[n] for n in names}

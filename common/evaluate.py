@@ -283,10 +283,55 @@ def format_comparison(rows, names, has_teacher, markdown=False):
             for line in [header, *cells]]
 
 
-def _check_folder(path):
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        sys.exit(f"{path}: not a model or checkpoint folder (no config.json); pass a checkpoint folder such as "
-                 f"runs/NAME/final, or the model folder prepare.py wrote")
+def main(argv):
+    usage = "python -m common.evaluate CHECKPOINT [CHECKPOINT ...] [--name value ...]"
+    paths = []
+    while argv and not argv[0].startswith("-"):
+        paths.append(argv.pop(0))
+    config = override(globals(), argv, usage)
+    tok_dir = check_arguments(paths, usage)
+    try:
+        rt = Runtime(DEVICE, DTYPE)
+    except ValueError as e:
+        sys.exit(str(e))
+    if (SPEED or TASKS) and rt.ddp:
+        sys.exit("--speed and --tasks measure models in one process: run them with python, not torchrun")
+    models = {path: _load(path, rt.device) for path in paths}
+    teacher = _load(TEACHER, rt.device) if TEACHER else None
+    every = {**({"teacher": teacher} if teacher else {}), **models}  # the comparison's columns, teacher first
+    batches, tokens = read_val(every, rt)
+    n_tok = len(batches) * BATCH_SIZE * SEQ_LEN * rt.world_size
+    rt.print(f"{n_tok:,} val tokens from {DATA_DIR}: {len(batches)} batches of {BATCH_SIZE} x {SEQ_LEN} "
+             f"x {rt.world_size} rank(s) on {rt.device} ({str(rt.dtype).replace('torch.', '')})")
+    results, teacher_result = evaluate_models(models, batches, teacher, rt, progress=rt.master)
+    rows = ([{"model": TEACHER, "role": "teacher", **teacher_result}] if teacher_result else [])
+    rows += [{"model": p, "role": "checkpoint", **r} for p, r in results.items()]
+    print_quality(rt, rows)
+    report = {"val_tokens": n_tok, "config": config, "results": rows}
+    if SPEED or TASKS:
+        quality = {**({"teacher": teacher_result} if teacher_result else {}), **results}
+        report.update(compare(every, quality, tokens, tok_dir, rt))
+    if OUT and rt.master:
+        write_report(report, teacher is not None, rt)
+    rt.close()
+
+
+def check_arguments(paths, usage):
+    """Exit with one line for arguments that cannot work, before any model loads; return the folder to take a
+    tokenizer from (None: none has one)."""
+    if not paths and not TEACHER:
+        sys.exit(f"usage: {usage}  (--help lists the options)")
+    for path in paths + ([TEACHER] if TEACHER else []):  # every folder, before loading any model
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            sys.exit(f"{path}: not a model or checkpoint folder (no config.json); pass a checkpoint folder such as "
+                     f"runs/NAME/final, or the model folder prepare.py wrote")
+    if SPEED and (not CONTEXTS or min(CONTEXTS) <= DECODE_STEPS or DECODE_STEPS < 1):
+        sys.exit(f"--contexts {CONTEXTS} must each exceed --decode-steps {DECODE_STEPS} (>= 1): each context is a "
+                 f"prefill of context - decode-steps tokens, then the decoded ones")
+    tok_dir = next((p for p in [TEACHER, *paths] if p and has_tokenizer(p)), None)
+    if TASKS and tok_dir is None:
+        sys.exit("--tasks needs a tokenizer: neither the teacher nor any checkpoint folder has tokenizer files")
+    return tok_dir
 
 
 def _load(path, device):
@@ -296,34 +341,13 @@ def _load(path, device):
         sys.exit(f"{path}: cannot load it as a model: {str(e).splitlines()[0]}")
 
 
-def main(argv):
-    paths = []
-    while argv and not argv[0].startswith("--"):
-        paths.append(argv.pop(0))
-    config = override(globals(), argv)
-    if not paths and not TEACHER:
-        sys.exit("usage: python -m common.evaluate CHECKPOINT [CHECKPOINT ...] [--teacher DIR] [--data-dir DIR] ...")
-    for path in paths + ([TEACHER] if TEACHER else []):  # every folder, before loading any model
-        _check_folder(path)
-    if SPEED and (not CONTEXTS or min(CONTEXTS) <= DECODE_STEPS or DECODE_STEPS < 1):
-        sys.exit(f"--contexts {CONTEXTS} must each exceed --decode-steps {DECODE_STEPS} (>= 1): each context is a "
-                 f"prefill of context - decode-steps tokens, then the decoded ones")
-    tok_dir = next((p for p in [TEACHER, *paths] if p and has_tokenizer(p)), None)
-    if TASKS and tok_dir is None:
-        sys.exit("--tasks needs a tokenizer: neither the teacher nor any checkpoint folder has tokenizer files")
-    try:
-        rt = Runtime(DEVICE, DTYPE)
-    except ValueError as e:
-        sys.exit(str(e))
-    if (SPEED or TASKS) and rt.ddp:
-        sys.exit("--speed and --tasks measure models in one process: run them with python, not torchrun")
-    models = {path: _load(path, rt.device) for path in paths}
-    teacher = _load(TEACHER, rt.device) if TEACHER else None
-    vocab = {p: m.config.vocab_size for p, m in [*models.items(), *([(TEACHER, teacher)] if teacher else [])]}
+def read_val(models, rt):
+    """The val batches for quality, and with --speed one sequence of max(CONTEXTS) val tokens; exits with one line
+    when the models do not fit the data or the contexts."""
+    vocab = {name: m.config.vocab_size for name, m in models.items()}
     if len(set(vocab.values())) > 1:
         sys.exit(f"the models have different vocabularies ({vocab}); compare checkpoints of one teacher")
-    every = {**({"teacher": teacher} if teacher else {}), **models}  # the comparison's columns, teacher first
-    limit = min(getattr(m.config, "max_position_embeddings", math.inf) for m in every.values())
+    limit = min(getattr(m.config, "max_position_embeddings", math.inf) for m in models.values())
     if SPEED and max(CONTEXTS) > limit:
         sys.exit(f"--contexts {CONTEXTS} go beyond the models' {limit} positions; lower them")
     try:
@@ -331,44 +355,48 @@ def main(argv):
         tokens = val_batches(DATA_DIR, max(CONTEXTS), 1, max(CONTEXTS))[0][0].to(rt.device) if SPEED else None
     except (ShardError, ValueError) as e:
         sys.exit(str(e))
-    n_tok = len(batches) * BATCH_SIZE * SEQ_LEN * rt.world_size
-    rt.print(f"{n_tok:,} val tokens from {DATA_DIR}: {len(batches)} batches of {BATCH_SIZE} x {SEQ_LEN} "
-             f"x {rt.world_size} rank(s) on {rt.device} ({str(rt.dtype).replace('torch.', '')})")
-    results, teacher_result = evaluate_models(models, batches, teacher, rt, progress=rt.master)
-    rows = ([{"model": TEACHER, "role": "teacher", **teacher_result}] if teacher_result else [])
-    rows += [{"model": p, "role": "checkpoint", **r} for p, r in results.items()]
+    return batches, tokens
+
+
+def print_quality(rt, rows):
     width = max(len(r["model"]) for r in rows) + 2
     rt.print(f"\n{'model':<{width}}{'role':<12}{'val CE':>10}{'ppl':>12}{'KL to teacher':>15}{'top-1 agree':>13}")
     for r in rows:
         kl = f"{r['kl']:>15.5f}{r['agreement']:>13.4f}" if "kl" in r else f"{'-':>15}{'-':>13}"
         rt.print(f"{r['model']:<{width}}{r['role']:<12}{r['ce']:>10.4f}{r['ppl']:>12.6g}{kl}")
-    report = {"val_tokens": n_tok, "config": config, "results": rows}
-    if SPEED or TASKS:
-        from transformers import AutoTokenizer
-        params = {name: parameter_counts(m) for name, m in every.items()} if SPEED else {}
-        speed = speed_rows(every, tokens, rt) if SPEED else []
-        try:
-            tasks = harness_scores(every, AutoTokenizer.from_pretrained(tok_dir), rt) if TASKS else {}
-        except ValueError as e:
-            sys.exit(str(e))
-        quality = {**({"teacher": teacher_result} if teacher_result else {}), **results}
-        report.update(parameters=params, speed=speed, tasks=tasks, models=list(every),
-                      comparison=comparison(list(every), quality, params, speed, tasks))
-        where = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"{torch.get_num_threads()} threads"
-        rt.print(f"\ncomparison on {rt.device} ({where})"
-                 + (f"; at each context: a prefill of context - {DECODE_STEPS} tokens, then {DECODE_STEPS} tokens "
-                    f"decoded one at a time (median step); state = decoding cache per sequence" if SPEED else ""))
-        for line in format_comparison(report["comparison"], list(every), teacher is not None):
-            rt.print(line)
-    if OUT and rt.master:
-        os.makedirs(os.path.dirname(os.path.abspath(OUT)), exist_ok=True)
-        write_json_atomic(OUT, report)
-        rt.print(f"\nwrote {OUT}")
-        if "comparison" in report:
-            png = os.path.splitext(OUT)[0] + ".png"
-            comparison_png(png, report["comparison"], report["models"], teacher is not None)
-            rt.print(f"wrote {png}")
-    rt.close()
+
+
+def compare(models, quality, tokens, tok_dir, rt):
+    """--speed and --tasks: parameters, speed at each context and task scores of every model, printed as one
+    comparison table; returns them for the report."""
+    from transformers import AutoTokenizer
+    params = {name: parameter_counts(m) for name, m in models.items()} if SPEED else {}
+    speed = speed_rows(models, tokens, rt) if SPEED else []
+    try:
+        tasks = harness_scores(models, AutoTokenizer.from_pretrained(tok_dir), rt) if TASKS else {}
+    except ValueError as e:
+        sys.exit(str(e))
+    names = list(models)
+    table = comparison(names, quality, params, speed, tasks)
+    where = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    rt.print(f"\ncomparison on {rt.device} ({where})"
+             + (f"; at each context: a prefill of context - {DECODE_STEPS} tokens, then {DECODE_STEPS} tokens "
+                f"decoded one at a time (median step); state = decoding cache per sequence" if SPEED else ""))
+    for line in format_comparison(table, names, "teacher" in models):
+        rt.print(line)
+    return {"parameters": params, "speed": speed, "tasks": tasks, "models": names, "comparison": table}
+
+
+def write_report(report, has_teacher, rt):
+    """OUT (JSON), and beside it the comparison's plot when there is one."""
+    os.makedirs(os.path.dirname(os.path.abspath(OUT)), exist_ok=True)
+    write_json_atomic(OUT, report)
+    rt.print(f"\nwrote {OUT}")
+    if "comparison" in report:
+        png = os.path.splitext(OUT)[0] + ".png"
+        comparison_png(png, report["comparison"], report["models"], has_teacher)
+        rt.print(f"wrote {png}")
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -39,7 +39,7 @@ TOKENIZER = "models/smolllm2_135m"  # tokenizer and generation config for checkp
 EVAL = ""                           # a JSON file from `python -m common.evaluate ... --out`: its table goes in the card
 PAD_TO_WIDEST = False               # FFNs of different widths: zero-pad each to the widest (exact, but saves nothing)
 CHECK_TOKENS = 64                   # tokens of the logits check between the checkpoint and the reloaded folder
-ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "relu2": "relu2"}  # prototype activation -> transformers' name
+_HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "relu2": "relu2"}  # prototype activation -> transformers' name
 
 
 def spans(layers):
@@ -61,9 +61,9 @@ def ffn_weights(block, config):
     if kind in (None, "copy", "pruned"):
         inner = block if kind is None else block.block
         return kind or "teacher", inner.gate_proj.out_features, config.hidden_act, inner.state_dict()
-    if kind == "prototype" and block.gated and block.fc_in.bias is None and block.activation in ACTIVATIONS:
+    if kind == "prototype" and block.gated and block.fc_in.bias is None and block.activation in _HF_ACTIVATION:
         gate, up = block.fc_in.weight.chunk(2)
-        return ("prototype", block.width, ACTIVATIONS[block.activation],
+        return ("prototype", block.width, _HF_ACTIVATION[block.activation],
                 {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": block.fc_out.weight})
     why = "ungated or with biases" if kind == "prototype" else "an unknown kind"
     raise ValueError(f"{kind} FFN students ({why}) have no standard transformers class")
@@ -178,11 +178,12 @@ def export(checkpoint, out):
 
 
 def main(argv):
-    if not argv or argv[0].startswith("--"):
-        sys.exit("usage: python -m common.export CHECKPOINT --out DIR [--tokenizer DIR] [--eval FILE.json] "
-                 "[--pad-to-widest]")
+    usage = "python -m common.export CHECKPOINT --out DIR [--name value ...]"
+    if not argv or argv[0].startswith("-"):
+        override(globals(), argv, usage)  # --help prints the options and exits
+        sys.exit(f"usage: {usage}  (--help lists the options)")
     checkpoint = argv.pop(0)
-    override(globals(), argv)
+    override(globals(), argv, usage)
     if not OUT:
         sys.exit("--out DIR is needed: the folder to write the exported model to")
     if os.path.exists(OUT):

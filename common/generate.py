@@ -136,11 +136,12 @@ def generate(model, ids, max_new_tokens, temperature=0.0, top_p=1.0, generator=N
 
 
 def main(argv):
-    if not argv or argv[0].startswith("--"):
-        sys.exit('usage: python -m common.generate CHECKPOINT --prompt "..." [--max-new-tokens N] [--temperature T] '
-                 '[--top-p P] [--seed S] [--tokenizer DIR] [--prompts-file FILE]')
+    usage = 'python -m common.generate CHECKPOINT --prompt "..." [--name value ...]'
+    if not argv or argv[0].startswith("-"):
+        override(globals(), argv, usage)  # --help prints the options and exits
+        sys.exit(f"usage: {usage}  (--help lists the options)")
     folder = argv.pop(0)
-    override(globals(), argv)
+    override(globals(), argv, usage)
     if not os.path.isfile(os.path.join(folder, "config.json")):
         sys.exit(f"{folder}: not a model or checkpoint folder (no config.json); pass a checkpoint folder such as "
                  f"runs/NAME/final, or the model folder prepare.py wrote")

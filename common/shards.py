@@ -192,7 +192,11 @@ def val_batches(data_dir, val_tokens, batch_size, seq_len, rank=0, world_size=1,
 
 def main(argv):
     if len(argv) != 2 or argv[0] != "verify":
-        sys.exit("usage: python -m common.shards verify DATA_DIR")
+        usage = "usage: python -m common.shards verify DATA_DIR  (re-hashes every shard against DATA_DIR/manifest.json)"
+        if argv in (["--help"], ["-h"]):
+            print(usage)
+            sys.exit(0)
+        sys.exit(usage)
     try:
         problems = verify(argv[1])
     except ShardError as e:

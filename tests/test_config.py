@@ -1,9 +1,14 @@
-"""common/config.py: `--name value` / `--name=value` overrides of a script's UPPER_CASE constants."""
+"""common/config.py: `--name value` / `--name=value` overrides of a script's UPPER_CASE constants, --help, fail()."""
 import os
+import re
+import shlex
+import subprocess
+import sys
 
 import pytest
 
 from common.config import override
+from conftest import ROOT
 
 
 def constants():
@@ -58,3 +63,100 @@ def test_bad_overrides_exit_with_one_line(argv, message):
     assert text.startswith("train.py: ") and message in text and "\n" not in text
     if "unknown" in message:
         assert "--steps-per-layer" in text and "--student-kwargs" in text  # lists what is accepted
+
+
+def source_constants(path):
+    """[(NAME, value expression, comment, section above it or None)] of the run constants at the top of a script,
+    read plainly: `NAME = value  # comment` lines, with `# section` lines, up to the first other code."""
+    found, section = [], None
+    with open(path) as f:
+        for line in f:
+            constant = re.match(r"([A-Z][A-Z0-9_]*) += (.*?) +# (.*)$", line)
+            if constant:
+                found.append((*constant.groups(), section))
+            elif found and line.strip() and not line.startswith("#"):
+                break
+            section = line[2:].strip() if constant is None and line.startswith("# ") and "---" not in line else None
+    return found
+
+
+def run(args, cwd, **env):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT, **env})
+
+
+@pytest.mark.parametrize("script,usage", [
+    ("distill.py", "python distill.py [--name value ...]"), ("train.py", "python train.py [--name value ...]"),
+    ("prepare.py", "python prepare.py [--name value ...]"),
+    ("common/evaluate.py", "python -m common.evaluate CHECKPOINT [CHECKPOINT ...] [--name value ...]"),
+    ("common/export.py", "python -m common.export CHECKPOINT --out DIR [--name value ...]"),
+    ("common/generate.py", 'python -m common.generate CHECKPOINT --prompt "..." [--name value ...]')])
+def test_help_lists_every_constant_with_its_comment_and_default(script, usage, tmp_path):
+    """--help exits 0 before doing anything (run where no model, data or network is: nothing is read or written)
+    and prints each constant's option, its default (as typed on the command line) and its comment, in the source's
+    order and sections."""
+    path = os.path.join(ROOT, script)
+    args = ["-m", script[:-3].replace("/", ".")] if script.startswith("common/") else [path]
+    result = run(args + ["--steps", "3", "--help"], tmp_path, HF_HUB_OFFLINE="1")  # --help wins over the rest
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert not os.listdir(tmp_path)
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"usage: {usage}"
+    expected = []
+    for name, value, comment, section in source_constants(path):
+        option = "--" + name.lower().replace("_", "-")
+        expected += ([f"{section}:"] if section else []) + [option]
+        line = next(line for line in lines if line.startswith(f"  {option} "))
+        assert line.endswith(f"  {comment}"), line
+        shown, = shlex.split(line[len(option) + 2:-len(comment)])
+        default = eval(value, {"os": os})  # noqa: S307 (our own source)
+        # the default as shown is the default: typed back as the option, it gives the same value
+        assert override({"__file__": script, name: default}, [f"{option}={shown}"])[name] == default, line
+    assert len(expected) >= 5
+    listed = [line.split()[0] if line.startswith("  --") else line for line in lines[2:]]
+    assert [item for item in listed if item in expected] == expected  # evaluate.py also lists an imported table
+
+
+def test_help_reads_comments_sections_and_continuations(tmp_path):
+    (tmp_path / "tool.py").write_text(
+        '"""A tool."""\n'
+        "from common.config import override\n"
+        "# ---------------------------------------- run constants\n"
+        "STEPS = 10          # optimizer steps\n"
+        "                    # (the comment goes on here)\n"
+        'MARK = "a#b"        # a # in a string is no comment\n'
+        "# data\n"
+        "LAYERS = [0, 1, 2]  # layer indices\n"
+        "KWARGS = {}\n"
+        'OUT = ""            # run folder\n'
+        "RESUME = False      # continue\n"
+        "\n"
+        "# not a section: a blank line follows\n"
+        "\n"
+        "RATE = 3e-4         # learning rate\n"
+        "override(globals())\n")
+    for args, command in ((["tool.py"], "python tool.py"), (["-m", "tool"], "python -m tool")):
+        result = run(args + ["-h"], tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [
+            f"usage: {command} [--name value ...]",
+            "Each constant below is set by --name value or --name=value (a list: 0,1,2; a dict: JSON; a bool alone: "
+            "true). Defaults:",
+            "  --steps   10      optimizer steps (the comment goes on here)",
+            "  --mark    'a#b'   a # in a string is no comment",
+            "data:",
+            "  --layers  0,1,2   layer indices",
+            "  --kwargs  '{}'",
+            "  --out     ''      run folder",
+            "  --resume  false   continue",
+            "  --rate    0.0003  learning rate"]
+
+
+def test_fail_is_one_line_named_after_the_running_script(tmp_path):
+    (tmp_path / "tool.py").write_text("from common.config import fail\nfail(ValueError('no such thing'))\n")
+    for args in (["tool.py"], ["-m", "tool"]):  # python tool.py, python -m tool: sys.argv[0] ends in tool.py
+        result = run(args, tmp_path)
+        assert result.returncode == 1 and result.stdout == "" and result.stderr == "tool.py: no such thing\n"
+    result = run([os.path.join(ROOT, "prepare.py"), "--model-dirr", "x"], tmp_path)  # override's bad input
+    assert result.returncode == 1 and result.stderr.startswith("prepare.py: unknown option --model-dirr; known: ")
+    assert result.stderr.count("\n") == 1

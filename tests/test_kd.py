@@ -55,9 +55,16 @@ def test_gradcheck_batched_input_and_frozen_head():
     assert torch.autograd.gradcheck(
         lambda h, wq: kd_loss(h, ht.view(2, 4, 4), wq, y.view(2, 4), 1.5, 0.2, teacher_weight=wt, chunk_tokens=3)[0],
         (hs, w))
-    loss, _ = kd_loss(hs, ht.view(2, 4, 4), w.detach(), chunk_tokens=3)  # a frozen head gets no gradient
+    # a frozen head (KD_TRAINABLE=decoders) gets no gradient, none is even computed, and the body's gradient is the
+    # one it gets when the head trains too
+    head = torch.nn.Parameter(w.detach().clone(), requires_grad=False)
+    loss, _ = kd_loss(hs, ht.view(2, 4, 4), head, chunk_tokens=3)
+    assert loss.grad_fn.saved_tensors[1] is None  # the head's gradient buffer (V x d, fp32) was never made
     loss.backward()
-    assert hs.grad.shape == hs.shape
+    assert head.grad is None and hs.grad.abs().max() > 0
+    gh, gw = torch.autograd.grad(kd_loss(hs, ht.view(2, 4, 4), w, chunk_tokens=3)[0], (hs, w))
+    torch.testing.assert_close(hs.grad, gh, rtol=1e-12, atol=1e-12)
+    assert gw.abs().max() > 0
 
 
 def test_loss_is_a_mean_per_token():

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -111,23 +110,33 @@ def test_loss_falls_and_run_folder_is_complete(reference):
     assert abs(loss - val[40]["val_loss"]) < 1e-4
 
 
+# train.py as a subprocess that SIGKILLs itself right after metrics.jsonl gets step KILL_AT's line: a kill at a fixed
+# point (no polling race) that leaves steps logged after the last checkpoint, which a resume must drop and redo
+KILL_AT = 10  # BASE logs every 10 steps and saves every 5: steps 6-10 are logged, then step000010 would be saved
+KILLED_RUN = f"""
+import os, runpy, signal, sys
+from common.runtime import RunLog
+log = RunLog.log
+def log_then_die(self, **record):
+    log(self, **record)
+    if record.get("step") == {KILL_AT} and "loss" in record:
+        os.kill(os.getpid(), signal.SIGKILL)
+RunLog.log = log_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_resume_after_kill_is_exact(reference, tiny_model_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
-    proc = subprocess.Popen(train_cmd(BASE, tiny_model_dir, tiny_data_dir, out), cwd=ROOT, env=ONE_THREAD,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    path = os.path.join(out, "metrics.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:  # kill once step 6 is logged (step 5 is saved)
-        if os.path.exists(path) and '"step": 6, "loss"' in open(path).read():
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.002)
-    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = max(metrics(out)[0])
-    assert 6 <= killed_at < 40
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, *train_cmd(BASE, tiny_model_dir, tiny_data_dir, out)[1:]],
+                          cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert max(metrics(out)[0]) == KILL_AT
+    assert sorted(n for n in os.listdir(out) if n.startswith("step")) == ["step000005"]
 
     printed = run_train(BASE + ["--resume"], tiny_model_dir, tiny_data_dir, out)
-    assert "resuming at step" in printed
+    assert "resuming at step 5 " in printed
     ref_train, ref_val = metrics(reference)
     train, val = metrics(out)
     assert sorted(train) == sorted(ref_train) and sorted(val) == sorted(ref_val)
