@@ -22,19 +22,21 @@ import sys
 import uuid
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from common.files import read_json, write_json_atomic
 from common.runtime import set_rng_state
+from common.shards import TokenLoader
 from common.students import make_student
 from common.swap import get_block, set_block, student_specs, transformer_layers
 
 LOCK = "run.lock"  # in a run folder: flock'ed by the process running it, holds that process's pid
 
 
-def load_model(folder, device="cpu", trust_remote_code=False):
+def load_model(folder: str, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> nn.Module:
     """A ready fp32 model from a checkpoint folder or a Hugging Face model folder, students in place."""
     from transformers import AutoConfig, AutoModelForCausalLM
     if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -61,7 +63,7 @@ def load_model(folder, device="cpu", trust_remote_code=False):
     return model.to(device)
 
 
-def check_weights(folder):
+def check_weights(folder: str) -> None:
     """Raise ValueError naming a safetensors file of the folder that is truncated or not safetensors at all.
     Reads only each file's header: it must describe tensors that exactly fill the file."""
     for name in sorted(os.listdir(folder)):
@@ -75,7 +77,7 @@ def check_weights(folder):
                                  f"it was cut short or damaged: copy it again, or use another checkpoint") from None
 
 
-def load_state(folder):
+def load_state(folder: str) -> dict:
     """The training state saved with a checkpoint (weights_only: tensors and plain types)."""
     path = os.path.join(folder, "state.pt")
     if not os.path.exists(path):
@@ -87,7 +89,7 @@ def load_state(folder):
                          f"delete {folder} to resume from the checkpoint before it") from None
 
 
-def restore_training(state: dict, loader, optimizer: torch.optim.Optimizer | None = None) -> int:
+def restore_training(state: dict, loader: TokenLoader, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Continue where a checkpoint's state.pt left off: the data position, the RNG and, when given, the optimizer's
     moments. Returns the step it was saved at (the LR schedule is a pure function of the step)."""
     loader.load_state(state["loader"])
@@ -97,7 +99,8 @@ def restore_training(state: dict, loader, optimizer: torch.optim.Optimizer | Non
     return state["step"]
 
 
-def save_checkpoint(folder, model, meta, state=None, keep_tokenizer_from=None):
+def save_checkpoint(folder: str, model: nn.Module, meta: dict, state: dict | None = None,
+                    keep_tokenizer_from: str | None = None) -> None:
     """Write a checkpoint folder atomically (temp folder, then rename); replaces one of the same name."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
@@ -131,7 +134,7 @@ def save_checkpoint(folder, model, meta, state=None, keep_tokenizer_from=None):
 _held = {}  # real path of each run folder this process holds -> its lock file descriptor
 
 
-def lock_run(out_dir):
+def lock_run(out_dir: str) -> None:
     """Hold an exclusive lock on a run folder for the rest of this process's life (flock on OUT/run.lock: a
     killed holder releases it at once). Raises ValueError naming the holder's pid when another process holds it."""
     path = os.path.join(out_dir, LOCK)
@@ -151,7 +154,7 @@ def lock_run(out_dir):
     _held[os.path.realpath(out_dir)] = fd  # never closed: closing would release the lock
 
 
-def start_run(out_dir, resume, script, config):
+def start_run(out_dir: str, resume: bool, script: str, config: dict) -> dict:
     """Create or reopen a run folder and lock it (lock_run). A new run creates the folder atomically, refusing
     one that holds files, and writes run.json (run id, script, config); a resumed run needs a run.json written
     by the same script and has what a killed run left half-written cleared (clear_torn). Returns run.json's
@@ -186,11 +189,11 @@ def start_run(out_dir, resume, script, config):
     return run
 
 
-def holds_files(out_dir):
+def holds_files(out_dir: str) -> bool:
     return os.path.isdir(out_dir) and any(name != LOCK for name in os.listdir(out_dir))
 
 
-def clear_torn(out_dir):
+def clear_torn(out_dir: str) -> None:
     """Clear what a run killed mid-write leaves in its folder: temp checkpoint folders (a whole model each),
     temp files of atomic writes and disk latent caches. A checkpoint moved aside to be replaced
     (.old_NAME_PID) goes back to its name when the kill came before its replacement took that name."""
@@ -205,7 +208,7 @@ def clear_torn(out_dir):
             os.remove(path)
 
 
-def check_unchanged(saved, config, may_change, source):
+def check_unchanged(saved: dict, config: dict, may_change: set[str], source: str) -> list[str]:
     """Refuse (ValueError) to resume a run with constants that differ from those it was started with (`saved`,
     read from `source`), except those named in `may_change`: one line naming each changed constant with its old
     and new value. Constants the run did not record (added to the script later) are not compared.
@@ -220,7 +223,7 @@ def check_unchanged(saved, config, may_change, source):
     return [f"{k} {old!r} -> {new!r}" for k, old, new in changed]
 
 
-def list_checkpoints(out_dir, phase=None, damaged=None):
+def list_checkpoints(out_dir: str, phase: str | None = None, damaged: list[str] | None = None) -> list[str]:
     """Complete checkpoint folders of a run, oldest first by their recorded step. A folder whose meta.json cannot
     be read is left out (and appended to the list `damaged`, when given)."""
     found = []
@@ -240,7 +243,7 @@ def list_checkpoints(out_dir, phase=None, damaged=None):
     return [p for _, p in sorted(found)]
 
 
-def latest_checkpoint(out_dir, phase=None):
+def latest_checkpoint(out_dir: str, phase: str | None = None) -> str | None:
     """The newest complete checkpoint of the phase, passing over (and naming on stderr) damaged ones."""
     damaged = []
     found = list_checkpoints(out_dir, phase, damaged)

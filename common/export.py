@@ -26,13 +26,15 @@ import shutil
 import sys
 
 import torch
+import torch.nn as nn
+from transformers import PreTrainedConfig
 
 from common.checkpoint import load_model
 from common.config import override
-from common.swap import get_block, student_specs, transformer_layers
-from common.files import read_json
 from common.evaluate import format_comparison
+from common.files import read_json
 from common.generate import has_tokenizer
+from common.swap import get_block, student_specs, transformer_layers
 
 OUT = ""                            # the folder to write (must not exist yet)
 TOKENIZER = "models/smolllm2_135m"  # tokenizer and generation config for checkpoints that carry none (the teacher's)
@@ -42,7 +44,7 @@ CHECK_TOKENS = 64                   # tokens of the logits check between the che
 _HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "relu2": "relu2"}  # prototype activation -> transformers' name
 
 
-def spans(layers):
+def spans(layers: list[int]) -> str:
     """[0, 1, 2, 5] -> '0-2, 5'."""
     out, start = [], None
     for k, i in enumerate(layers):
@@ -54,7 +56,7 @@ def spans(layers):
     return ", ".join(out)
 
 
-def ffn_weights(block, config):
+def ffn_weights(block: nn.Module, config: PreTrainedConfig) -> tuple[str, int, str, dict[str, torch.Tensor]]:
     """A gated FFN as (what it is, width, activation, {gate_proj/up_proj/down_proj .weight/.bias: tensor}),
     or ValueError saying why the teacher's FFN class cannot hold it."""
     kind = getattr(block, "kind", None)
@@ -69,7 +71,7 @@ def ffn_weights(block, config):
     raise ValueError(f"{kind} FFN students ({why}) have no standard transformers class")
 
 
-def export_state(model):
+def export_state(model: nn.Module) -> tuple[PreTrainedConfig, dict[str, torch.Tensor], str]:
     """The exported config, its state dict and a description of the FFNs; or ValueError, one line saying
     which layers differ and why."""
     config = model.config
@@ -110,7 +112,7 @@ def export_state(model):
     return exported, state, described
 
 
-def model_card(checkpoint, config, described, n_params, max_diff):
+def model_card(checkpoint: str, config: PreTrainedConfig, described: str, n_params: int, max_diff: float) -> str:
     """README.md: where the model comes from (checkpoint, run, teacher, students) and, with --eval, its table."""
     meta_file = os.path.join(checkpoint, "meta.json")
     meta = read_json(meta_file, "the checkpoint is damaged; use another one") if os.path.exists(meta_file) else {}
@@ -141,7 +143,7 @@ def model_card(checkpoint, config, described, n_params, max_diff):
 
 
 @torch.no_grad()
-def export(checkpoint, out):
+def export(checkpoint: str, out: str) -> tuple[float, str]:
     """Write the export of `checkpoint` to `out` (temp folder, check, rename). Returns the max logit difference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     model = load_model(checkpoint).eval()
@@ -177,7 +179,7 @@ def export(checkpoint, out):
     return max_diff, described
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     usage = "python -m common.export CHECKPOINT --out DIR [--name value ...]"
     if not argv or argv[0].startswith("-"):
         override(globals(), argv, usage)  # --help prints the options and exits

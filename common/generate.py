@@ -13,12 +13,14 @@ import sys
 import time
 
 import torch
+import torch.nn as nn
+from transformers.cache_utils import Cache
 
-from common.students.attention import RecurrentState
 from common.checkpoint import load_model
 from common.config import override
-from common.swap import transformer_layers
 from common.runtime import Runtime
+from common.students.attention import RecurrentState
+from common.swap import transformer_layers
 
 PROMPT = "Once upon a time"            # text to continue; a default so a bare run shows something
 PROMPTS_FILE = ""                      # a text file of prompts, one per line, generated as one batch (replaces PROMPT)
@@ -31,11 +33,11 @@ DEVICE = "auto"                        # auto: cuda when there is one, else cpu
 DTYPE = "auto"                         # auto: bf16 autocast on GPUs, fp32 on CPU
 
 
-def has_tokenizer(folder):
+def has_tokenizer(folder: str) -> bool:
     return any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
-def sample_top_p(logits, top_p, generator=None):
+def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """One token per row from softmax(logits) restricted to the smallest set of most likely tokens
     whose probability reaches top_p (the most likely token is always kept)."""
     probs = logits.float().softmax(-1)
@@ -45,7 +47,7 @@ def sample_top_p(logits, top_p, generator=None):
     return order.gather(-1, choice)[:, 0]
 
 
-def left_pad(prompts, pad_id):
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-id lists of different lengths as one left-padded batch: ids (B, n) and real (B, n), False on the padding."""
     n = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (n - len(p)) + list(p) for p in prompts])
@@ -53,7 +55,7 @@ def left_pad(prompts, pad_id):
     return ids, real
 
 
-def decoding_cache(model):
+def decoding_cache(model: nn.Module) -> Cache:
     """A transformers Cache for incremental decoding, one entry per decoder layer: transformers' own KV
     cache (DynamicLayer) where the attention is the teacher's, whatever the FFN; the student's own cache
     where the attention is a student (common/students/attention.py: a recurrent state for `linear`, a KV cache
@@ -69,7 +71,7 @@ def decoding_cache(model):
     return Cache(layers=layers)
 
 
-def state_bytes(cache):
+def state_bytes(cache: Cache) -> dict[str, int]:
     """{'kv': bytes of keys and values, 'recurrent': bytes of linear-attention states} held by a decoding cache."""
     held = {"kv": 0, "recurrent": 0}
     for entry in cache.layers:
@@ -78,7 +80,7 @@ def state_bytes(cache):
     return held
 
 
-def padding_mask(real, new):
+def padding_mask(real: torch.Tensor, new: int) -> torch.Tensor:
     """The teacher attention's mask (B, 1, new, L) when rows are left-padded: the last `new` of the L tokens
     see earlier real tokens and themselves."""
     L = real.shape[1]
@@ -88,7 +90,8 @@ def padding_mask(real, new):
 
 
 @torch.no_grad()
-def forward_cached(model, ids, positions, cache, mask=None):
+def forward_cached(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache: Cache,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token logits (B, V) after ids (B, T), continuing `cache`. The decoder layers run one after
     another as the model's forward runs them, each given the cache and the tokens' positions (B, T;
     negative = left padding). mask: padding_mask(...) when rows are padded, else None (causal)."""
@@ -101,8 +104,9 @@ def forward_cached(model, ids, positions, cache, mask=None):
 
 
 @torch.no_grad()
-def generate(model, ids, max_new_tokens, temperature=0.0, top_p=1.0, generator=None, eos_id=None, real=None,
-             rerun=False, return_logits=False):
+def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             generator: torch.Generator | None = None, eos_id: int | None = None, real: torch.Tensor | None = None,
+             rerun: bool = False, return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Continue ids (B, n) by up to max_new_tokens tokens; returns (B, n + new), and with return_logits also the
     logits each new token was chosen from (B, new, V). Prompts of different lengths come left-padded, with
     real (B, n) False on the padding (left_pad makes both). Stops once every row has produced eos_id (rows
@@ -135,7 +139,7 @@ def generate(model, ids, max_new_tokens, temperature=0.0, top_p=1.0, generator=N
     return (ids, torch.stack(steps, 1)) if return_logits else ids
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     usage = 'python -m common.generate CHECKPOINT --prompt "..." [--name value ...]'
     if not argv or argv[0].startswith("-"):
         override(globals(), argv, usage)  # --help prints the options and exits

@@ -15,11 +15,12 @@ softmaxes, sums and the head gradient are fp32.
 Hidden states are what the LM head sees: `final_hidden(model, ids)` (after the final norm).
 """
 import torch
+import torch.nn as nn
 
 CHUNK_TOKENS = 512  # tokens per chunk: ~5 fp32 chunk-by-vocab buffers live at once (~0.5 GB at V=49,152)
 
 
-def head_weight(model):
+def head_weight(model: nn.Module) -> torch.Tensor:
     """The LM head's weight (V, d); tied to the input embeddings in many small models."""
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
@@ -27,7 +28,7 @@ def head_weight(model):
     return head.weight
 
 
-def final_hidden(model, ids):
+def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The hidden states the LM head sees (B, T, d): in transformers 5.x the base model's
     last_hidden_state is already through the final norm."""
     return model.model(input_ids=ids, use_cache=False).last_hidden_state
@@ -97,8 +98,10 @@ class _ChunkedKD(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
-def kd_loss(student_hidden, teacher_hidden, weight, targets=None, temperature=1.0, ce_weight=0.0,
-            teacher_weight=None, chunk_tokens=CHUNK_TOKENS):
+def kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, weight: torch.Tensor,
+            targets: torch.Tensor | None = None, temperature: float = 1.0, ce_weight: float = 0.0,
+            teacher_weight: torch.Tensor | None = None,
+            chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     """Distillation loss, a mean per token (it does not grow with batch size or sequence length):
 
         loss = (1 - ce_weight) * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + ce_weight * CE(z_s, targets)
@@ -130,7 +133,9 @@ def kd_loss(student_hidden, teacher_hidden, weight, targets=None, temperature=1.
 
 
 @torch.no_grad()
-def kd_metrics(student_hidden, weight, targets, teacher_hidden=None, teacher_weight=None, chunk_tokens=CHUNK_TOKENS):
+def kd_metrics(student_hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+               teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
+               chunk_tokens: int = CHUNK_TOKENS) -> dict[str, torch.Tensor]:
     """Evaluation sums at temperature 1 over the tokens of a batch, as float64 0-dim tensors on the
     device (add them up over batches, divide by 'tokens' at the end):
     'tokens', 'ce' (student's next-token cross-entropy) and, given a teacher, 'kl'

@@ -9,6 +9,7 @@ import json
 import math
 import os
 
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, StrMethodFormatter
 
@@ -17,13 +18,13 @@ from common.files import atomic_write_bytes
 DPI = 100  # pixels per inch: the figures are 12 x 4 inches per row of panels
 
 
-def save_png(fig, path):
+def save_png(fig: Figure, path: str) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     atomic_write_bytes(path, [buffer.getvalue()])
 
 
-def log_scale(ax, values):
+def log_scale(ax: Axes, values: list[float]) -> None:
     """A log y axis when the positive values span more than a decade (relative errors often do; a copy
     student's is 0), its ticks reading 0.35 rather than 3.5 x 10^-1; else the linear axis stays."""
     positive = [v for v in values if v > 0]
@@ -34,7 +35,7 @@ def log_scale(ax, values):
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def relative_error_before(row):
+def relative_error_before(row: dict) -> float:
     """A layer row's relative error before training: start_rel_err when the row records it; else from the
     val MSE before and after and the relative error after, which share the teacher's mean square, so
     rel_before = rel_after * mse_start / mse_end."""
@@ -45,7 +46,7 @@ def relative_error_before(row):
     return 0.0 if row["mse_start"] == 0 else math.nan
 
 
-def run_png(out_dir, layer_rows=None, logits_rows=None):
+def run_png(out_dir: str, layer_rows: list[dict] | None = None, logits_rows: list[dict] | None = None) -> None:
     """OUT/layers.png. Layer-wise phase (layer_rows; None = OUT/layers.json when there is one): per layer, in
     the order they were replaced, its student's relative error before and after training (and after
     calibration when the rows have calib_rel_err), and the hybrid model's val perplexity with the students
@@ -94,7 +95,7 @@ def run_png(out_dir, layer_rows=None, logits_rows=None):
     save_png(fig, os.path.join(out_dir, "layers.png"))
 
 
-def comparison_png(path, rows, names, has_teacher):
+def comparison_png(path: str, rows: list[dict], names: list[str], has_teacher: bool) -> None:
     """common.evaluate's comparison table as bars: for each metric, each checkpoint's value as a ratio to
     the teacher's (the first name; without a teacher, to the first model), on a log axis so that 2x and
     0.5x stand equally far from 1; the value beside each bar, the reference value beside the metric."""

@@ -8,11 +8,14 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo: the scripts' folder, common/..
+_T = TypeVar("_T")  # master_only's result
 
 
 class Runtime:
@@ -20,7 +23,7 @@ class Runtime:
     the autocast context: bf16 autocast with fp32 master weights on GPUs, plain fp32 on CPU
     (bf16 is emulated there and far slower)."""
 
-    def __init__(self, device="auto", dtype="auto"):
+    def __init__(self, device: str = "auto", dtype: str = "auto") -> None:
         self.rank = int(os.environ.get("RANK", 0))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -39,16 +42,16 @@ class Runtime:
         self.dtype = getattr(torch, dtype)
         self.master = self.rank == 0
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def print(self, *args, **kwargs):
+    def print(self, *args: object, **kwargs: Any) -> None:
         if self.master:
             print(*args, **kwargs, flush=True)
 
-    def all_mean(self, value):
+    def all_mean(self, value: float) -> float:
         """Mean of a float across ranks (the value itself without DDP)."""
         if not self.ddp:
             return float(value)
@@ -56,17 +59,17 @@ class Runtime:
         dist.all_reduce(t)
         return t.item() / self.world_size
 
-    def all_sum_(self, tensor):
+    def all_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over ranks in place (nothing without DDP)."""
         if self.ddp:
             dist.all_reduce(tensor)
         return tensor
 
-    def barrier(self):
+    def barrier(self) -> None:
         if self.ddp:
             dist.barrier()
 
-    def master_only(self, fn, *args):
+    def master_only(self, fn: Callable[..., _T], *args: object) -> _T | None:
         """fn(*args) on rank 0 alone, the other ranks waiting for it. A ValueError or OSError there is raised on
         every rank as a ValueError, so that no rank is left waiting for one that has stopped. Returns fn's result
         on rank 0, None elsewhere."""
@@ -84,15 +87,15 @@ class Runtime:
             raise ValueError(error)
         return result
 
-    def close(self):
+    def close(self) -> None:
         if self.ddp:
             dist.destroy_process_group()
 
-    def synchronize(self):
+    def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def peak_flops(self):
+    def peak_flops(self) -> float | None:
         """Dense bf16 peak FLOP/s of the device, where known (for MFU); None otherwise."""
         if self.device.type != "cuda":
             return None
@@ -104,7 +107,7 @@ class Runtime:
         return None
 
 
-def git_state(root=None):
+def git_state(root: str | None = None) -> tuple[str | None, bool | None]:
     """(HEAD's commit, whether tracked files differ from it) of the repo at root (this one by default), the code a
     run ran; (None, None) without git or outside a git repo."""
     def git(*args):
@@ -116,7 +119,7 @@ def git_state(root=None):
         return None, None
 
 
-def environment(rt):
+def environment(rt: Runtime) -> dict:
     """Versions, hardware and the code's commit, for the run folder."""
     import transformers
     commit, dirty = git_state()
@@ -133,16 +136,17 @@ def environment(rt):
 class RunLog:
     """metrics.jsonl in the run folder, appended by rank 0 only."""
 
-    def __init__(self, rt, out_dir):
+    def __init__(self, rt: Runtime, out_dir: str) -> None:
         self.path = os.path.join(out_dir, "metrics.jsonl") if rt.master else None
 
-    def log(self, **record):
+    def log(self, **record: object) -> None:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
 
-def lr_at(step, total, peak, warmup, schedule="cosine", min_lr_ratio=0.1, decay_frac=0.2):
+def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str = "cosine", min_lr_ratio: float = 0.1,
+          decay_frac: float = 0.2) -> float:
     """Learning rate for optimizer step `step` (0-based) of `total`: linear warmup, then
     cosine decay to min_lr_ratio*peak ('cosine') or hold then linear decay over the last
     decay_frac of the steps ('wsd', warmup-stable-decay). A pure function of the step, so
@@ -164,14 +168,14 @@ def lr_at(step, total, peak, warmup, schedule="cosine", min_lr_ratio=0.1, decay_
     raise ValueError(f"unknown LR schedule {schedule!r}: use cosine, wsd or constant")
 
 
-def get_rng_state():
+def get_rng_state() -> dict[str, torch.Tensor]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -8,10 +8,15 @@ import glob
 import hashlib
 import os
 import sys
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from common.files import atomic_write_bytes, read_json
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that prepare.py starts without it
+    import torch
 
 MAGIC = 20240520
 VERSION = 1
@@ -24,7 +29,7 @@ class ShardError(ValueError):
     """A shard or manifest that cannot be used; the message names the file and the fix."""
 
 
-def write_shard(path, tokens):
+def write_shard(path: str, tokens: np.ndarray | list[int]) -> dict:
     """Write uint16 tokens as a shard, atomically. Returns {"ntok", "bytes", "sha256"}."""
     tokens = np.asarray(tokens)
     if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
@@ -36,7 +41,7 @@ def write_shard(path, tokens):
     return {"ntok": int(tokens.size), "bytes": HEADER_BYTES + 2 * int(tokens.size), "sha256": sha}
 
 
-def read_shard(path):
+def read_shard(path: str) -> np.ndarray:
     """Validate a shard's header and size and return its tokens as a read-only uint16 memory map."""
     hint = "re-run the prepare.py command that wrote it (it redoes damaged shards)"
     try:
@@ -61,7 +66,7 @@ def read_shard(path):
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(ntok,))
 
 
-def file_sha256(path, block=1 << 24):
+def file_sha256(path: str, block: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):
@@ -69,7 +74,7 @@ def file_sha256(path, block=1 << 24):
     return h.hexdigest()
 
 
-def load_manifest(data_dir):
+def load_manifest(data_dir: str) -> dict | None:
     """DATA_DIR/manifest.json, checked to have the structure prepare.py writes; None when there is none."""
     path = os.path.join(data_dir, MANIFEST)
     if not os.path.exists(path):
@@ -91,7 +96,7 @@ def load_manifest(data_dir):
     return manifest
 
 
-def shard_files(data_dir, split):
+def shard_files(data_dir: str, split: str) -> list[str]:
     """The shard paths of a split ('train'/'val'), in order: from the manifest when there is one,
     else every *{split}_*.bin file in the folder."""
     manifest = load_manifest(data_dir)
@@ -106,7 +111,7 @@ def shard_files(data_dir, split):
     return files
 
 
-def verify(data_dir):
+def verify(data_dir: str) -> list[str]:
     """Re-hash every shard against the manifest. Returns a list of problems (empty when all match)."""
     manifest = load_manifest(data_dir)
     if manifest is None:
@@ -135,7 +140,8 @@ class TokenLoader:
     a whole step the loader moves to the next shard (wrapping around after the last).
     `state()`/`load_state()` save and restore the position exactly."""
 
-    def __init__(self, files, batch_size, seq_len, rank=0, world_size=1, vocab_size=None):
+    def __init__(self, files: Iterable[str], batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                 vocab_size: int | None = None) -> None:
         self.files, self.B, self.T = list(files), batch_size, seq_len
         self.rank, self.world_size, self.vocab_size = rank, world_size, vocab_size
         self.step_tokens = batch_size * seq_len * world_size
@@ -157,17 +163,17 @@ class TokenLoader:
             self._checked.add(index)
         return tokens
 
-    def reset(self):
+    def reset(self) -> None:
         self.load_state({"shard": 0, "pos": 0})
 
-    def state(self):
+    def state(self) -> dict[str, int]:
         return {"shard": self.shard, "pos": self.pos}
 
-    def load_state(self, state):
+    def load_state(self, state: dict[str, int]) -> None:
         self.shard, self.pos = int(state["shard"]), int(state["pos"])
         self.tokens = self._open(self.shard)
 
-    def next_batch(self):
+    def next_batch(self) -> "tuple[torch.Tensor, torch.Tensor]":
         """Return (x, y) int64 tensors of shape (B, T) on the CPU."""
         import torch  # here, so that prepare.py (shard writing only) starts without loading torch
         if self.pos + self.step_tokens + 1 > len(self.tokens):
@@ -180,7 +186,8 @@ class TokenLoader:
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
 
 
-def val_batches(data_dir, val_tokens, batch_size, seq_len, rank=0, world_size=1, vocab_size=None):
+def val_batches(data_dir: str, val_tokens: int, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
+                vocab_size: int | None = None) -> "list[tuple[torch.Tensor, torch.Tensor]]":
     """The first `val_tokens` of the val shards as this rank's (x, y) batches, on the CPU."""
     per_step = batch_size * seq_len * world_size
     if val_tokens < per_step:
@@ -190,7 +197,7 @@ def val_batches(data_dir, val_tokens, batch_size, seq_len, rank=0, world_size=1,
     return [loader.next_batch() for _ in range(val_tokens // per_step)]
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[0] != "verify":
         usage = "usage: python -m common.shards verify DATA_DIR  (re-hashes every shard against DATA_DIR/manifest.json)"
         if argv in (["--help"], ["-h"]):

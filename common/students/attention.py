@@ -27,10 +27,14 @@ import copy
 import functools
 import inspect
 import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import PreTrainedConfig
+from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from common.students.fit import ridge_solve
@@ -56,13 +60,15 @@ DECAY_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 GAIN_RIDGE = 1e-4
 
 
-def gla_step(q, k, v, g, state, scale):
+def gla_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor,
+             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of the recurrence. q, k, g: (B, H, K); v: (B, H, V); state: (B, H, K, V)."""
     state = state * g.exp()[..., None] + k[..., None] * v[..., None, :]
     return scale * torch.einsum("bhk,bhkv->bhv", q, state), state
 
 
-def gla_recurrent(q, k, v, g, scale, state=None):
+def gla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
+                  state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The naive recurrence, token by token. q, k, g: (B, H, T, K); v: (B, H, T, V); state: (B, H, K, V)
     or None for zeros. Returns (o (B, H, T, V), final state)."""
     B, H, _, K = q.shape
@@ -75,7 +81,8 @@ def gla_recurrent(q, k, v, g, scale, state=None):
     return torch.stack(out, 2), state
 
 
-def gla_chunked(q, k, v, g, scale, chunk_size=64, state=None):
+def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float, chunk_size: int = 64,
+                state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrence computed chunk by chunk: within a chunk as masked attention with the decay folded
     into queries and keys, across chunks through the state. Same arguments and results as
     gla_recurrent. exp(-sum of g over a chunk) must fit in the dtype (see MAX_LOG_DECAY)."""
@@ -101,7 +108,7 @@ def gla_chunked(q, k, v, g, scale, chunk_size=64, state=None):
 
 
 @functools.cache
-def fla_chunk_gla():
+def fla_chunk_gla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None:
     """flash-linear-attention's Triton chunk_gla ((B, T, H, K) layout) when installed, else None."""
     try:
         from fla.ops.gla import chunk_gla
@@ -145,7 +152,7 @@ def _decoding_cache(past_key_values, layer_idx):
     return layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
 
 
-def window_mask(q_pos, k_pos, window, sink):
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, sink: int) -> torch.Tensor:
     """Which keys each query sees: causal, within the last `window` positions or among the first `sink`."""
     return (k_pos <= q_pos) & ((k_pos > q_pos - window) | (k_pos < sink))
 
@@ -154,7 +161,7 @@ class RecurrentState:
     """A linear student's decoding cache (one entry of a transformers Cache's `layers`): the recurrent
     state (B, H, head_dim, head_dim) in fp32, None before the first token."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.state = None
 
 
@@ -163,11 +170,12 @@ class WindowCache:
     (B, S; -1 = empty). Slot p < sink holds position p (an attention sink); the last window - 1 columns
     hold the latest tokens, so S <= sink + window - 1 whatever the context."""
 
-    def __init__(self, window, sink):
+    def __init__(self, window: int, sink: int) -> None:
         self.window, self.sink = window, sink
         self.keys = self.values = self.positions = None
 
-    def update(self, keys, values, positions):
+    def update(self, keys: torch.Tensor, values: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Add the new tokens' keys and values at `positions` (B, T; negative = left padding). Returns the
         keys and values to attend over and the mask (B, 1, T, S) of what each new token sees; then keeps
         only what later tokens can see."""
@@ -211,7 +219,8 @@ class LinearAttention(nn.Module):
     chunk_size only sets how the CPU/PyTorch path splits the sequence; results do not depend on it.
     """
 
-    def __init__(self, teacher, config, rope=True, decay_rank=32, chunk_size=64):
+    def __init__(self, teacher: nn.Module, config: PreTrainedConfig, rope: bool = True, decay_rank: int = 32,
+                 chunk_size: int = 64) -> None:
         super().__init__()
         if not 1 <= chunk_size <= MAX_CHUNK:
             raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK} (fp32 range of the decay), got {chunk_size}")
@@ -236,7 +245,8 @@ class LinearAttention(nn.Module):
         self.layer_idx = teacher.layer_idx  # its entry in a decoding cache
         self.to(teacher.q_proj.weight.dtype)
 
-    def features(self, x, position_embeddings):
+    def features(self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v, log decay g for hidden states x (B, T, d), each (B, H, T, head_dim)."""
         shape = (*x.shape[:2], self.heads, self.head_dim)
         q = self.q_norm(self.q_proj(x).view(shape)).transpose(1, 2)
@@ -249,17 +259,17 @@ class LinearAttention(nn.Module):
         return q, k, v, g.view(shape).transpose(1, 2)
 
     @staticmethod
-    def normalised(o, v):
+    def normalised(o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """o normalised per head to the RMS of v, heads flattened: (B, H, T, head_dim) -> (B, T, H * head_dim)."""
         o, v = o.float(), v.float()
         o = o * ((v.pow(2).mean(-1, keepdim=True) + OUT_NORM_EPS) / (o.pow(2).mean(-1, keepdim=True) + OUT_NORM_EPS)).sqrt()
         return o.transpose(1, 2).flatten(2)
 
-    def output(self, o, v):
+    def output(self, o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The normalised o times the gain, then o_proj; o, v: (B, H, T, head_dim)."""
         return self.o_proj((self.normalised(o, v) * self.out_gain).to(self.o_proj.weight.dtype))
 
-    def mix(self, q, k, v, g):
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The recurrence's outputs o (B, H, T, head_dim) over whole sequences."""
         kernel = fla_chunk_gla() if q.is_cuda else None
         if kernel is not None:
@@ -268,7 +278,9 @@ class LinearAttention(nn.Module):
             f32 = torch.promote_types(q.dtype, torch.float32)
             return gla_chunked(q.to(f32), k.to(f32), v.to(f32), g.to(f32), self.scale, self.chunk_size)[0]
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
+                **kwargs: Any) -> tuple[torch.Tensor, None]:
         cache = _decoding_cache(past_key_values, self.layer_idx)
         if isinstance(cache, RecurrentState):
             return self.decode(hidden_states, position_embeddings, cache, kwargs["position_ids"]), None
@@ -277,7 +289,8 @@ class LinearAttention(nn.Module):
         return self.output(self.mix(q, k, v, g), v), None
 
     @torch.no_grad()
-    def calibrate(self, teacher, batches, all_reduce, pos_emb):
+    def calibrate(self, teacher: nn.Module, batches: Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor | None]]],
+                  all_reduce: Callable[[torch.Tensor], object], pos_emb: tuple[torch.Tensor, torch.Tensor]) -> None:
         """A start fit to data: the initial decay rates scaled by each of DECAY_SCALES, each with the
         output gain that best maps the normalised output z to the teacher's (y = o_proj(z * gain) is
         linear in the gain: a least-squares fit from fp64 statistics); keeps the pair of least error."""
@@ -302,17 +315,19 @@ class LinearAttention(nn.Module):
         self.decay_base.copy_(best[1])
         self.out_gain.copy_(best[2])
 
-    def step(self, hidden_states, position_embeddings, state=None):
+    def step(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+             state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The recurrent path: continue from `state` (None at the start) over the given tokens, one
         at a time. Returns (output, new state); the state is (B, H, head_dim, head_dim) in fp32."""
         q, k, v, g = (t.float() for t in self.features(hidden_states, position_embeddings))
         o, state = gla_recurrent(q, k, v, g, self.scale, state)
         return self.output(o, v), state
 
-    def new_cache(self):
+    def new_cache(self) -> RecurrentState:
         return RecurrentState()
 
-    def decode(self, hidden_states, position_embeddings, cache, position_ids):
+    def decode(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+               cache: RecurrentState, position_ids: torch.Tensor) -> torch.Tensor:
         """Incremental decoding: continue cache.state over the new tokens, one token by the recurrence
         (as `step`), a prompt chunk-parallel (the same numbers). Left padding (negative positions) gets
         zero values, so the state, which starts at zero, never sees it."""
@@ -335,14 +350,16 @@ class WindowAttention(nn.Module):
     teacher when window >= sequence length. With a transformers KV cache it keeps every key, like the
     teacher; common.generate gives it a WindowCache instead, bounded by the window."""
 
-    def __init__(self, teacher, config, window=256, sink=4):
+    def __init__(self, teacher: nn.Module, config: PreTrainedConfig, window: int = 256, sink: int = 4) -> None:
         super().__init__()
         if window < 1 or sink < 0:
             raise ValueError(f"window must be >= 1 and sink >= 0, got window={window}, sink={sink}")
         self.attn, self.window, self.sink = copy.deepcopy(teacher), window, sink
         self.heads, self.head_dim = _heads(teacher)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
+                **kwargs: Any) -> tuple[torch.Tensor, None]:
         a, (B, T, _) = self.attn, hidden_states.shape
         shape = (B, T, -1, self.head_dim)
         q = a.q_proj(hidden_states).view(shape)
@@ -366,5 +383,5 @@ class WindowAttention(nn.Module):
                                            scale=getattr(a, "scaling", self.head_dim ** -0.5))
         return a.o_proj(o.transpose(1, 2).reshape(B, T, -1)), None
 
-    def new_cache(self):
+    def new_cache(self) -> WindowCache:
         return WindowCache(self.window, self.sink)

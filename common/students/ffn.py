@@ -8,10 +8,12 @@ latent x (B, T, d) and returning (B, T, d).
 import copy
 import functools
 import math
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import PreTrainedConfig
 
 from common.students.fit import fit_linear
 from common.students.registry import register
@@ -25,11 +27,11 @@ def _intermediate_size(teacher, config):
 class CopyMLP(nn.Module):
     """A clone of the teacher block: the distillation loss is exactly 0 at step 0 (a sanity check)."""
 
-    def __init__(self, teacher, config):
+    def __init__(self, teacher: nn.Module, config: PreTrainedConfig) -> None:
         super().__init__()
         self.block = copy.deepcopy(teacher)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
 
 
@@ -43,7 +45,8 @@ class PrototypeMLP(nn.Module):
     calibration fits it by ridge least squares on the student's random features (an extreme
     learning machine), so that it starts near the teacher."""
 
-    def __init__(self, teacher, config, scale=1.0, activation="relu2", gated=False, bias=False, ridge=1e-3):
+    def __init__(self, teacher: nn.Module, config: PreTrainedConfig, scale: float = 1.0, activation: str = "relu2",
+                 gated: bool = False, bias: bool = False, ridge: float = 1e-3) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} unknown; use {', '.join(ACTIVATIONS)}")
@@ -61,18 +64,20 @@ class PrototypeMLP(nn.Module):
             nn.init.zeros_(self.fc_in.bias)
             nn.init.zeros_(self.fc_out.bias)
 
-    def hidden(self, x):
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc_in(x)
         if self.gated:
             g, h = h.chunk(2, dim=-1)
             return ACTIVATIONS[self.activation](g) * h
         return ACTIVATIONS[self.activation](h)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc_out(self.hidden(x))
 
     @torch.no_grad()
-    def calibrate(self, teacher, batches, all_reduce, pos_emb=None):
+    def calibrate(self, teacher: nn.Module, batches: Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor | None]]],
+                  all_reduce: Callable[[torch.Tensor], object],
+                  pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         fit_linear(self.fc_out, self.hidden, batches, all_reduce, self.ridge)
 
 
@@ -90,7 +95,8 @@ class PrunedMLP(nn.Module):
                 diagonal of the Gram matrix), which takes over much of the dropped channels' work.
     With importance='weight' and refit=False calibration changes nothing."""
 
-    def __init__(self, teacher, config, scale=0.5, importance="activation", refit=True, ridge=1e-4):
+    def __init__(self, teacher: nn.Module, config: PreTrainedConfig, scale: float = 0.5, importance: str = "activation",
+                 refit: bool = True, ridge: float = 1e-4) -> None:
         super().__init__()
         if importance not in ("activation", "weight"):
             raise ValueError(f"importance must be 'activation' or 'weight', got {importance!r}")
@@ -106,7 +112,7 @@ class PrunedMLP(nn.Module):
         self.keep_channels(teacher, g.float().norm(dim=1) * u.float().norm(dim=1) * d.float().norm(dim=0))
 
     @torch.no_grad()
-    def keep_channels(self, teacher, importance):
+    def keep_channels(self, teacher: nn.Module, importance: torch.Tensor) -> None:
         """Copy the teacher's channels of largest importance (in the teacher's order)."""
         keep = importance.topk(self.block.down_proj.in_features).indices.sort().values
         for name in ("gate_proj", "up_proj"):
@@ -119,7 +125,9 @@ class PrunedMLP(nn.Module):
             self.block.down_proj.bias.copy_(teacher.down_proj.bias)
 
     @torch.no_grad()
-    def calibrate(self, teacher, batches, all_reduce, pos_emb=None):
+    def calibrate(self, teacher: nn.Module, batches: Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor | None]]],
+                  all_reduce: Callable[[torch.Tensor], object],
+                  pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         if self.importance == "activation":
             square_sum = 0
             for x, _ in batches(targets=False):
@@ -130,7 +138,7 @@ class PrunedMLP(nn.Module):
             fit_linear(self.block.down_proj, functools.partial(_swiglu_hidden, self.block), batches, all_reduce,
                        self.ridge)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
 
 
