@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.checkpoint import (check_unchanged, latest_checkpoint, list_checkpoints, load_model, load_state,
-                               restore_training, save_checkpoint, start_run)
+                               restore_training, save_checkpoint, start_run, training_state)
 from common.config import fail, override
 from common.evaluate import evaluate
 from common.files import read_json, write_json_atomic
@@ -773,11 +773,6 @@ def hybrid_ce(rt, model, val, blocks=None):
     """Val cross-entropy of the model with `blocks` ({(layer, target): student}) swapped in."""
     with swapped(model, blocks or {}):
         return evaluate(model, val, rt=rt)["ce"]
-
-
-def training_state(step, opt, loader):
-    """What a parallel-schedule or logits checkpoint needs to resume exactly (see restore_training)."""
-    return {"step": step, "optimizer": opt.state_dict(), "loader": loader.state(), "rng": get_rng_state()}
 
 
 def write_checkpoint(run, name, model, blocks, meta, state):

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common.checkpoint import (check_unchanged, latest_checkpoint, list_checkpoints, load_model, load_state,
-                               restore_training, save_checkpoint, start_run)
+                               restore_training, save_checkpoint, start_run, training_state)
 from common.config import fail, override
 from common.evaluate import evaluate
-from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at
+from common.runtime import Runtime, RunLog, environment, lr_at
 from common.files import atomic_write_bytes
 from common.shards import ShardError, TokenLoader, shard_files
 from common import students
@@ -235,7 +235,7 @@ def log_validation(step):
     rt.print(f"step {step:>6}/{STEPS} | val loss {loss:.4f} | val ppl {math.exp(loss):.2f}")
 
 
-def flush(pending, started):
+def log_pending_steps(pending, started):
     """Read the pending steps' numbers back from the device (losses averaged over ranks), stop at a
     non-finite one, write a metrics line per step and print the last. `started`: when the first began."""
     losses = torch.stack([loss for _, _, loss, _ in pending])
@@ -273,10 +273,9 @@ def out_of_memory(step):
 
 def save(step):
     folder = os.path.join(OUT_DIR, f"step{step:06d}")
-    state = {"step": step, "optimizer": optimizer.state_dict(), "loader": train_loader.state(),
-             "rng": get_rng_state()}
     save_checkpoint(folder, raw_model, meta={"script": "train.py", "phase": "train", "step": step, "run_id": run_id,
-                                             "init": INIT}, state=state, keep_tokenizer_from=INIT)
+                                             "init": INIT}, state=training_state(step, optimizer, train_loader),
+                    keep_tokenizer_from=INIT)
     for old in list_checkpoints(OUT_DIR, phase="train")[:-KEEP_LAST]:
         shutil.rmtree(old)
     return folder
@@ -307,17 +306,17 @@ for step in range(start_step, STEPS):
     except torch.OutOfMemoryError:
         out_of_memory(step + 1)
     optimizer.zero_grad(set_to_none=True)
-    done = step + 1  # optimizer steps taken: the step number in logs and checkpoint names
-    pending.append((done, lr, step_loss, norm))
-    validate = VAL_EVERY and (done % VAL_EVERY == 0 or done == STEPS)
-    checkpoint = (SAVE_EVERY and done % SAVE_EVERY == 0) or done == STEPS
-    if (LOG_EVERY and done % LOG_EVERY == 0) or validate or checkpoint:  # checked finite before anything is saved
-        flush(pending, t_last)
+    steps_done = step + 1  # optimizer steps taken: the step number in logs and checkpoint names
+    pending.append((steps_done, lr, step_loss, norm))
+    validate = VAL_EVERY and (steps_done % VAL_EVERY == 0 or steps_done == STEPS)
+    checkpoint = (SAVE_EVERY and steps_done % SAVE_EVERY == 0) or steps_done == STEPS
+    if (LOG_EVERY and steps_done % LOG_EVERY == 0) or validate or checkpoint:  # checked finite before anything is saved
+        log_pending_steps(pending, t_last)
         pending = []
         if validate:
-            log_validation(done)
+            log_validation(steps_done)
         if checkpoint and rt.master:
-            folder = save(done)
+            folder = save(steps_done)
             rt.print(f"saved {folder}")
         t_last = time.perf_counter()  # tokens/s counts training only, not validation or saving
 rt.close()

@@ -28,7 +28,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from common.files import read_json, write_json_atomic
-from common.runtime import set_rng_state
+from common.runtime import get_rng_state, set_rng_state
 from common.shards import TokenLoader
 from common.students import make_student
 from common.swap import get_block, set_block, student_specs, transformer_layers
@@ -97,6 +97,12 @@ def restore_training(state: dict, loader: TokenLoader, optimizer: torch.optim.Op
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     return state["step"]
+
+
+def training_state(step: int, optimizer: torch.optim.Optimizer, loader: TokenLoader) -> dict:
+    """What a checkpoint's state.pt holds to resume exactly: the step, the optimizer's moments, the data position
+    and the RNG (restore_training puts them back)."""
+    return {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state(), "rng": get_rng_state()}
 
 
 def save_checkpoint(folder: str, model: nn.Module, meta: dict, state: dict | None = None,

@@ -14,11 +14,12 @@ import re
 import shlex
 import sys
 import tokenize
+from typing import NoReturn
 
 HELP = ("--help", "-h")
 
 
-def fail(message, script=None):
+def fail(message: object, script: str | None = None) -> NoReturn:
     """End the program with one line, `script.py: message` (no traceback), exit status 1. `script`: by
     default the running script's file name, sys.argv[0] (distill.py under python and torchrun, evaluate.py
     under python -m common.evaluate)."""
@@ -124,7 +125,7 @@ def _help(constants, names, usage=None):
     return "\n".join(out)
 
 
-def override(constants, argv=None, usage=None):
+def override(constants: dict, argv: list[str] | None = None, usage: str | None = None) -> dict:
     """Apply `--name value` / `--name=value` overrides to the UPPER_CASE keys of `constants`
     (a script's globals()) in place; return the resolved {NAME: value} config.
     Exits with a one-line message on bad input; prints the help and exits 0 given --help or -h

@@ -21,12 +21,14 @@ at a time (common.kd.kd_metrics) and never held for a whole batch.
 """
 import contextlib
 import math
+from collections.abc import Callable
 import os
 import statistics
 import sys
 import time
 
 import torch
+import torch.nn as nn
 from tqdm import tqdm
 
 from common.checkpoint import load_model
@@ -36,8 +38,8 @@ from common.generate import decoding_cache, forward_cached, generate, has_tokeni
 from common.kd import final_hidden, head_weight, kd_metrics
 from common.plots import comparison_png
 from common.runtime import Runtime
-from common.shards import ShardError, val_batches
 from common import swap
+from common.shards import ShardError, val_batches
 
 TEACHER = "models/smolllm2_135m"  # the reference model (prepare.py writes it); '' = no teacher, CE and ppl only
 DATA_DIR = "data/fineweb_edu"     # prepare.py's output; its val split is read
@@ -57,7 +59,9 @@ TASK_BATCH_SIZE = 8               # --tasks: lm_eval's batch size
 
 
 @torch.no_grad()
-def evaluate_models(models, batches, teacher=None, rt=None, progress=False):
+def evaluate_models(models: dict[str, nn.Module], batches: list[tuple[torch.Tensor, torch.Tensor]],
+                    teacher: nn.Module | Callable | None = None, rt: Runtime | None = None,
+                    progress: bool = False) -> tuple[dict[str, dict], dict | None]:
     """Evaluate {name: model} on `batches` ((x, y) pairs) in one pass, the teacher once per batch.
     `teacher` is a model, or a function ids -> final hidden states whose logits use each model's
     own LM head (the logits phase with decoders only, where teacher and student share a backbone).
@@ -100,7 +104,8 @@ def evaluate_models(models, batches, teacher=None, rt=None, progress=False):
     return results, (_finish(teacher_sums, rt) if teacher_sums else None)
 
 
-def evaluate(model, batches, teacher=None, rt=None):
+def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+             teacher: nn.Module | Callable | None = None, rt: Runtime | None = None) -> dict[str, float]:
     """One model's {'ce', 'ppl'} and, with a teacher, 'kl', 'agreement', 'teacher_ce', 'teacher_ppl'."""
     results, t = evaluate_models({"model": model}, batches, teacher, rt)
     out = results["model"]
@@ -126,7 +131,7 @@ def _finish(sums, rt):
 
 
 # ---------------------------------------------------------------------------------------------- --speed
-def parameter_counts(model):
+def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Parameters by where they sit: total, embedding (input embeddings, and the head when untied),
     attention, ffn and other (norms). Tied weights count once."""
     counts = dict.fromkeys(("total", "embedding", "attention", "ffn", "other"), 0)
@@ -138,7 +143,7 @@ def parameter_counts(model):
     return counts
 
 
-def timed(rt, fn, *args):
+def timed(rt: Runtime, fn: Callable, *args: object) -> tuple[float, object]:
     """(seconds, result) of fn(*args), the device synchronized before and after."""
     rt.synchronize()
     t0 = time.perf_counter()
@@ -148,7 +153,7 @@ def timed(rt, fn, *args):
 
 
 @torch.no_grad()
-def speed_at(models, prompt, decode_steps, rt):
+def speed_at(models: dict[str, nn.Module], prompt: torch.Tensor, decode_steps: int, rt: Runtime) -> dict[str, dict]:
     """One context, side by side: each model prefills `prompt` (1, n) into a fresh decoding cache, one model
     after another; then they decode `decode_steps` greedy tokens in turns, one token each per turn, so that
     a change in the machine's load hits them alike. Returns {name: {prefill_tok_s, decode_tok_s (1 / the
@@ -176,7 +181,7 @@ def speed_at(models, prompt, decode_steps, rt):
     return out
 
 
-def speed_rows(models, tokens, rt):
+def speed_rows(models: dict[str, nn.Module], tokens: torch.Tensor, rt: Runtime) -> list[dict]:
     """speed_at every context n in CONTEXTS (a prefill of n - DECODE_STEPS tokens: the context ends at n),
     after a warm-up: [{context, model, prefill_tok_s, ...}]."""
     speed_at(models, tokens[:, :16], 2, rt)
@@ -188,7 +193,7 @@ def speed_rows(models, tokens, rt):
 
 
 # ---------------------------------------------------------------------------------------------- --tasks
-def harness_scores(models, tokenizer, rt):
+def harness_scores(models: dict[str, nn.Module], tokenizer, rt: Runtime) -> dict[str, dict]:
     """Each model's accuracy on TASKS through lm-evaluation-harness: {name: {task: {metric, value}}}, the
     metric being acc_norm where the task reports it, else acc, else exact_match (generation tasks).
     The loaded models are wrapped as lm_eval's HFLM, so students of every kind run as they do here;
@@ -231,7 +236,8 @@ def harness_scores(models, tokenizer, rt):
 
 
 # ---------------------------------------------------------------------------------------------- comparison table
-def comparison(names, quality, params, speed, tasks):
+def comparison(names: list[str], quality: dict[str, dict], params: dict[str, dict], speed: list[dict],
+               tasks: dict[str, dict]) -> list[dict]:
     """The comparison table as rows {metric, unit, values: {model: value}}, models in `names` order
     (the teacher first); sections that were not measured are left out."""
     def row(metric, unit, value_of):
@@ -252,7 +258,7 @@ def comparison(names, quality, params, speed, tasks):
     return rows
 
 
-def format_comparison(rows, names, has_teacher, markdown=False):
+def format_comparison(rows: list[dict], names: list[str], has_teacher: bool, markdown: bool = False) -> list[str]:
     """The comparison table as text lines: a column per model and, with a teacher (the first name), each
     checkpoint's ratio to it; a last row with the mean task-accuracy ratio. markdown=True: a Markdown table."""
     digits = {"ppl": ".2f", "M": ".4g", "tok/s": ".1f", "MiB": ".2f", "acc": ".4f"}
@@ -283,7 +289,7 @@ def format_comparison(rows, names, has_teacher, markdown=False):
             for line in [header, *cells]]
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     usage = "python -m common.evaluate CHECKPOINT [CHECKPOINT ...] [--name value ...]"
     paths = []
     while argv and not argv[0].startswith("-"):
@@ -316,7 +322,7 @@ def main(argv):
     rt.close()
 
 
-def check_arguments(paths, usage):
+def check_arguments(paths: list[str], usage: str) -> str | None:
     """Exit with one line for arguments that cannot work, before any model loads; return the folder to take a
     tokenizer from (None: none has one)."""
     if not paths and not TEACHER:
@@ -341,7 +347,7 @@ def _load(path, device):
         sys.exit(f"{path}: cannot load it as a model: {str(e).splitlines()[0]}")
 
 
-def read_val(models, rt):
+def read_val(models: dict[str, nn.Module], rt: Runtime) -> tuple[list, torch.Tensor | None]:
     """The val batches for quality, and with --speed one sequence of max(CONTEXTS) val tokens; exits with one line
     when the models do not fit the data or the contexts."""
     vocab = {name: m.config.vocab_size for name, m in models.items()}
@@ -358,7 +364,8 @@ def read_val(models, rt):
     return batches, tokens
 
 
-def print_quality(rt, rows):
+def print_quality(rt: Runtime, rows: list[dict]) -> None:
+    """The quality table: val CE, perplexity, KL to the teacher and top-1 agreement of each model."""
     width = max(len(r["model"]) for r in rows) + 2
     rt.print(f"\n{'model':<{width}}{'role':<12}{'val CE':>10}{'ppl':>12}{'KL to teacher':>15}{'top-1 agree':>13}")
     for r in rows:
@@ -366,7 +373,8 @@ def print_quality(rt, rows):
         rt.print(f"{r['model']:<{width}}{r['role']:<12}{r['ce']:>10.4f}{r['ppl']:>12.6g}{kl}")
 
 
-def compare(models, quality, tokens, tok_dir, rt):
+def compare(models: dict[str, nn.Module], quality: dict[str, dict], tokens: torch.Tensor | None, tok_dir: str | None,
+            rt: Runtime) -> dict:
     """--speed and --tasks: parameters, speed at each context and task scores of every model, printed as one
     comparison table; returns them for the report."""
     from transformers import AutoTokenizer
@@ -387,7 +395,7 @@ def compare(models, quality, tokens, tok_dir, rt):
     return {"parameters": params, "speed": speed, "tasks": tasks, "models": names, "comparison": table}
 
 
-def write_report(report, has_teacher, rt):
+def write_report(report: dict, has_teacher: bool, rt: Runtime) -> None:
     """OUT (JSON), and beside it the comparison's plot when there is one."""
     os.makedirs(os.path.dirname(os.path.abspath(OUT)), exist_ok=True)
     write_json_atomic(OUT, report)

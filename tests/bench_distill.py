@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common.students import make_student  # noqa: E402
 from common.swap import get_block, run_block  # noqa: E402
-from conftest import make_tokenizer  # noqa: E402
+from conftest import make_tokenizer, run_distill  # noqa: E402
 from common.shards import write_shard  # noqa: E402
 
 
@@ -40,15 +40,10 @@ def smollm2_shaped(layers):
                        tie_word_embeddings=True, rope_theta=100000.0, bos_token_id=0, eos_token_id=0)
 
 
-def run_distill(*args):
-    import distill
-    importlib.reload(distill)
-    argv, sys.argv = sys.argv, ["distill.py", *args]
+def timed_distill(*args):
+    """Seconds distill.py ARGS takes, run in this process."""
     t0 = time.time()
-    try:
-        distill.main()
-    finally:
-        sys.argv = argv
+    run_distill(*args)
     return time.time() - t0
 
 
@@ -100,11 +95,11 @@ def main():
               '{"scale": 0.5}', "--steps-per-layer", str(args.steps), "--batch-size", str(args.batch),
               "--seq-len", str(args.seq), "--val-tokens", str(2 * args.seq), "--log-every", "10"]
     one = os.path.join(work, "one")
-    t_one = run_distill(*common, "--layers", "0", "--out-dir", one)
+    t_one = timed_distill(*common, "--layers", "0", "--out-dir", one)
     rot = os.path.join(work, "rotation")
-    t_rot = run_distill(*common, "--out-dir", rot)
+    t_rot = timed_distill(*common, "--out-dir", rot)
     par = os.path.join(work, "parallel")
-    t_par = run_distill(*common, "--schedule", "parallel", "--out-dir", par)
+    t_par = timed_distill(*common, "--schedule", "parallel", "--out-dir", par)
     ideal = ideal_step_ms(model.to(device), args.layers // 2, args.steps, args.batch, args.seq, device)
 
     rows = json.load(open(os.path.join(rot, "layers.json")))

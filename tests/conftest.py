@@ -1,5 +1,6 @@
 """Tiny offline fixtures: a Llama-shaped model with its own small tokenizer, and token shards."""
 import contextlib
+import importlib
 import json
 import os
 import subprocess
@@ -79,6 +80,46 @@ def make_data_dir(folder, train_tokens=40_000, val_tokens=8_000, shards=2, seed=
     with open(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(manifest, f)
     return folder
+
+
+# distill.py at test size: batches of 2 x 32 tokens, little validation and calibration, a log line every step
+TINY_DISTILL = ["--batch-size", "2", "--seq-len", "32", "--val-tokens", "512", "--log-every", "1", "--calib-tokens", "1024"]
+
+
+def run_distill(*args, check=True):
+    """distill.py's main in this process with fresh module constants, as `python distill.py ARGS` runs it (without
+    a torch/transformers import per run); returns its one-line exit message, None on success. With check, an
+    exit fails the test."""
+    import distill
+    importlib.reload(distill)
+    argv, sys.argv = sys.argv, ["distill.py", *args]
+    try:
+        distill.main()
+    except SystemExit as e:
+        if check:
+            raise AssertionError(f"distill.py {' '.join(args)} exited: {e.code}") from None
+        return str(e.code)
+    finally:
+        sys.argv = argv
+
+
+def read_metrics(out_dir, **match):
+    """The records of a run folder's metrics.jsonl that hold every key=value of `match`."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+
+
+def layer_rows(out_dir):
+    """distill.py's per-layer table (OUT/layers.json)."""
+    with open(os.path.join(out_dir, "layers.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory):
+    """A tiny teacher whose blocks output values of order 1, like a trained model's."""
+    return make_model_folder(str(tmp_path_factory.mktemp("teacher")), initializer_range=0.2)
 
 
 @pytest.fixture(scope="session")

@@ -12,45 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, another_run_in, make_model_folder
+from conftest import ROOT, TINY_DISTILL, another_run_in, layer_rows, make_model_folder, read_metrics, run_distill
 
-TINY = ["--batch-size", "2", "--seq-len", "32", "--val-tokens", "512", "--log-every", "1", "--calib-tokens", "1024"]
-
-
-def run_distill(*args, check=True):
-    """distill.py's main in this process, with fresh module constants; returns its exit message (None on success)."""
-    import distill
-    importlib.reload(distill)
-    argv, sys.argv = sys.argv, ["distill.py", *TINY, *args]
-    try:
-        distill.main()
-    except SystemExit as e:
-        if check:
-            raise AssertionError(f"distill.py {' '.join(args)} exited: {e.code}") from None
-        return str(e.code)
-    finally:
-        sys.argv = argv
 
 
 def distill_command(*args, launcher=(sys.executable,)):
-    return [*launcher, os.path.join(ROOT, "distill.py"), *TINY, *args]
-
-
-def metrics(out_dir, **match):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
-
-
-def layer_rows(out_dir):
-    with open(os.path.join(out_dir, "layers.json")) as f:
-        return json.load(f)
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    """A tiny teacher whose blocks output values of order 1, like a trained model's."""
-    return make_model_folder(str(tmp_path_factory.mktemp("teacher")), initializer_range=0.2)
+    return [*launcher, os.path.join(ROOT, "distill.py"), *TINY_DISTILL, *args]
 
 
 def test_latent_cache_is_the_teachers_hidden_state(teacher_dir, tiny_data_dir, tmp_path):
@@ -79,9 +46,9 @@ def test_latent_cache_is_the_teachers_hidden_state(teacher_dir, tiny_data_dir, t
 
 def test_copy_student_is_exact_and_checkpoints_keep_the_backbone(teacher_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
-    run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out,
+    run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out,
                 "--student-kind", "copy", "--steps-per-layer", "3")
-    first = metrics(out, phase="layerwise", layer_step=1)
+    first = read_metrics(out, phase="layerwise", layer_step=1)
     assert len(first) == 3 and all(r["loss"] == 0.0 for r in first)
     from common.checkpoint import load_model
     teacher = load_model(teacher_dir).state_dict()
@@ -99,7 +66,7 @@ def test_copy_student_is_exact_and_checkpoints_keep_the_backbone(teacher_dir, ti
 @pytest.mark.parametrize("kind,schedule", [("prototype", "rotation"), ("pruned", "rotation"), ("pruned", "parallel")])
 def test_student_mse_falls(teacher_dir, tiny_data_dir, tmp_path, kind, schedule):
     out = str(tmp_path / "run")
-    run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, "--student-kind", kind,
+    run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, "--student-kind", kind,
                 "--schedule", schedule, "--steps-per-layer", "25", "--lr", "1e-3", "--val-every", "10",
                 "--keep-last", "1")
     rows = layer_rows(out)
@@ -107,7 +74,7 @@ def test_student_mse_falls(teacher_dir, tiny_data_dir, tmp_path, kind, schedule)
     assert all(r["mse_end"] < r["mse_start"] for r in rows), rows
     checkpoints = sorted(n for n in os.listdir(out) if os.path.isfile(os.path.join(out, n, "meta.json")))
     assert checkpoints == (["final", "rot0_layer002"] if schedule == "rotation" else ["final"])
-    periodic = [r for r in metrics(out, phase="layerwise") if "val_mse" in r or "layer_val_mse" in r]
+    periodic = [r for r in read_metrics(out, phase="layerwise") if "val_mse" in r or "layer_val_mse" in r]
     assert len(periodic) == (6 if schedule == "rotation" else 3)  # steps 10, 20 (and the end, parallel)
 
 
@@ -116,7 +83,7 @@ def test_resume_after_kill_is_exact(teacher_dir, tiny_data_dir, tmp_path):
     args = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--student-kind", "prototype",
             "--steps-per-layer", "20", "--rotations", "2", "--layers", "0,2"]
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
-    run_distill("--out-dir", whole, "--latent-cache", "disk", *args)  # same numbers wherever the cache lives
+    run_distill(*TINY_DISTILL, "--out-dir", whole, "--latent-cache", "disk", *args)  # same numbers wherever the cache lives
     assert not [n for n in os.listdir(whole) if n.startswith(".latent")]
 
     proc = subprocess.Popen(distill_command("--out-dir", cut, *args), cwd=ROOT,
@@ -127,8 +94,8 @@ def test_resume_after_kill_is_exact(teacher_dir, tiny_data_dir, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not os.path.exists(os.path.join(cut, "final")), "the run ended before it could be killed"
-    assert "--resume" in run_distill("--out-dir", cut, *args, check=False)
-    run_distill("--out-dir", cut, "--resume", *args)
+    assert "--resume" in run_distill(*TINY_DISTILL, "--out-dir", cut, *args, check=False)
+    run_distill(*TINY_DISTILL, "--out-dir", cut, "--resume", *args)
 
     a = load_file(os.path.join(whole, "final", "model.safetensors"))
     b = load_file(os.path.join(cut, "final", "model.safetensors"))
@@ -142,16 +109,16 @@ def test_parallel_resume_is_exact(teacher_dir, tiny_data_dir, tmp_path):
     args = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--student-kind", "prototype",
             "--schedule", "parallel", "--steps-per-layer", "6"]
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
-    run_distill("--out-dir", whole, *args)
-    run_distill("--out-dir", cut, *args, "--save-every", "3")
+    run_distill(*TINY_DISTILL, "--out-dir", whole, *args)
+    run_distill(*TINY_DISTILL, "--out-dir", cut, *args, "--save-every", "3")
     os.remove(os.path.join(cut, "metrics.jsonl"))
     shutil.rmtree(os.path.join(cut, "final"))  # as if killed after the step-3 checkpoint
-    run_distill("--out-dir", cut, "--resume", *args, "--save-every", "3")
+    run_distill(*TINY_DISTILL, "--out-dir", cut, "--resume", *args, "--save-every", "3")
     a = load_file(os.path.join(whole, "final", "model.safetensors"))
     b = load_file(os.path.join(cut, "final", "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in metrics(whole, phase="layerwise") if "loss" in r][3:] == \
-           [r["loss"] for r in metrics(cut, phase="layerwise") if "loss" in r]
+    assert [r["loss"] for r in read_metrics(whole, phase="layerwise") if "loss" in r][3:] == \
+           [r["loss"] for r in read_metrics(cut, phase="layerwise") if "loss" in r]
 
 
 def test_two_process_ddp_matches_one_process(teacher_dir, tiny_data_dir, tmp_path):
@@ -163,7 +130,7 @@ def test_two_process_ddp_matches_one_process(teacher_dir, tiny_data_dir, tmp_pat
     proc = subprocess.run(distill_command("--out-dir", ddp, *args, launcher=torchrun), cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_distill("--out-dir", single, *args, "--batch-size", "4")
+    run_distill(*TINY_DISTILL, "--out-dir", single, *args, "--batch-size", "4")
     a = load_file(os.path.join(ddp, "final", "model.safetensors"))
     b = load_file(os.path.join(single, "final", "model.safetensors"))
     for k in a:
@@ -175,12 +142,12 @@ def test_two_process_ddp_matches_one_process(teacher_dir, tiny_data_dir, tmp_pat
 def test_logits_phase_has_its_own_lr_and_kl_falls(teacher_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
     common = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out]
-    run_distill(*common, "--student-kind", "pruned", "--student-kwargs", '{"scale": 0.25}', "--steps-per-layer", "5",
+    run_distill(*TINY_DISTILL, *common, "--student-kind", "pruned", "--student-kwargs", '{"scale": 0.25}', "--steps-per-layer", "5",
                 "--lr", "0.5", "--warmup-steps", "1")
-    run_distill(*common, "--phase", "logits", "--kd-steps", "30", "--kd-lr", "2e-3", "--kd-warmup-steps", "3",
+    run_distill(*TINY_DISTILL, *common, "--phase", "logits", "--kd-steps", "30", "--kd-lr", "2e-3", "--kd-warmup-steps", "3",
                 "--kd-val-every", "30", "--kd-save-every", "15")
     from common.runtime import lr_at
-    steps = metrics(out, phase="logits")
+    steps = read_metrics(out, phase="logits")
     lrs = [(r["step"], r["lr"]) for r in steps if "lr" in r]
     assert lrs and all(lr == pytest.approx(lr_at(s - 1, 30, 2e-3, 3, "cosine", 0.1)) for s, lr in lrs)
     vals = [r for r in steps if "kl" in r and "val_ce" in r]
@@ -205,7 +172,7 @@ def test_bad_input_is_one_clear_line(teacher_dir, tiny_data_dir, tmp_path, args,
     """Each mistake ends the run with one line that says what to do (a SystemExit, not a traceback), before the
     run folder exists: the corrected command is not refused for a folder that "already holds files"."""
     out = tmp_path / "r"
-    error = run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(out),
+    error = run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(out),
                         "--student-kind", "prototype", *args, check=False)
     assert error is not None and message in error and "\n" not in error, error
     assert not out.exists()
@@ -216,7 +183,7 @@ def test_truncated_teacher_is_one_line_and_no_run_folder(teacher_dir, tiny_data_
     weights = cut / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
-    error = run_distill("--teacher", str(cut), "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"),
+    error = run_distill(*TINY_DISTILL, "--teacher", str(cut), "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"),
                         check=False)
     assert f"{weights}: not a complete safetensors file" in error and "\n" not in error, error
     assert not (tmp_path / "r").exists()
@@ -231,7 +198,7 @@ def stopped_run(teacher_dir, tiny_data_dir, tmp_path_factory):
     the same run uninterrupted. Tests resume copies of it."""
     base = tmp_path_factory.mktemp("stopped")
     out = str(base / "run")
-    run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, *RUN)
+    run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, *RUN)
     whole = load_file(os.path.join(out, "final", "model.safetensors"))
     for name in ("final", "rot0_layer002"):
         shutil.rmtree(os.path.join(out, name))
@@ -251,7 +218,7 @@ def test_resume_refuses_changed_constants(stopped_run, teacher_dir, tiny_data_di
     out = shutil.copytree(stopped_run[0], tmp_path / "run")
     before = sorted(os.listdir(out))
     change = [str(tmp_path) if c == "ELSEWHERE" else c for c in change]
-    error = run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(out), "--resume",
+    error = run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(out), "--resume",
                         *RUN, *change, check=False)
     assert error and message in error and "config_layerwise.json" in error and "\n" not in error, error
     assert sorted(os.listdir(out)) == before
@@ -266,7 +233,7 @@ def test_resume_clears_torn_files_and_may_change_reporting(stopped_run, teacher_
     (out / ".latent_train_h_rank0.npy").write_bytes(b"a disk latent cache")
     (out / "layers.json.tmp4242").write_bytes(b"[")
     os.rename(out / "rot0_layer001", out / ".old_rot0_layer001_4242")  # killed while replacing it: put back
-    run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(out), "--resume", *RUN,
+    run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(out), "--resume", *RUN,
                 "--log-every", "5", "--keep-last", "0", "--latent-cache", "disk", "--val-every", "1")
     assert sorted(n for n in os.listdir(out) if n.startswith(".") or "tmp" in n) == []
     assert os.path.isdir(out / "rot0_layer001")
@@ -286,11 +253,11 @@ def test_a_run_in_use_is_refused_until_its_holder_dies(stopped_run, teacher_dir,
     with another_run_in(out) as holder, another_run_in(fresh) as starting:
         for folder, extra, pid in ((out, ["--resume"], holder.pid), (out, ["--resume", "--student-kind", "pruned"],
                                    holder.pid), (fresh, [], starting.pid)):
-            error = run_distill(*common, "--out-dir", str(folder), *extra, check=False)
+            error = run_distill(*TINY_DISTILL, *common, "--out-dir", str(folder), *extra, check=False)
             assert error and f"{folder}: in use by another run (pid {pid})" in error and "\n" not in error, error
     assert not os.path.exists(out / "final") and sorted(os.listdir(fresh)) == ["run.lock"]
-    run_distill(*common, "--out-dir", str(out), "--resume")
-    run_distill(*common, "--out-dir", str(fresh))
+    run_distill(*TINY_DISTILL, *common, "--out-dir", str(out), "--resume")
+    run_distill(*TINY_DISTILL, *common, "--out-dir", str(fresh))
     assert os.path.isdir(out / "final") and os.path.isdir(fresh / "final")
 
 
@@ -298,18 +265,18 @@ def test_parallel_and_logits_resumes_refuse_changed_constants(teacher_dir, tiny_
     out = str(tmp_path / "run")
     common = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, "--student-kind", "prototype"]
     parallel = ["--schedule", "parallel", "--steps-per-layer", "2", "--save-every", "1"]
-    run_distill(*common, *parallel)
+    run_distill(*TINY_DISTILL, *common, *parallel)
     shutil.rmtree(os.path.join(out, "final"))  # as if killed after the step-1 checkpoint
-    error = run_distill(*common, *parallel, "--resume", "--rotations", "2", check=False)
+    error = run_distill(*TINY_DISTILL, *common, *parallel, "--resume", "--rotations", "2", check=False)
     assert error and "ROTATIONS 1 -> 2" in error, error
-    run_distill(*common, *parallel, "--resume")
+    run_distill(*TINY_DISTILL, *common, *parallel, "--resume")
     logits = ["--phase", "logits", "--kd-steps", "2", "--kd-save-every", "1", "--kd-val-every", "2"]
-    run_distill(*common, *logits)
+    run_distill(*TINY_DISTILL, *common, *logits)
     shutil.rmtree(os.path.join(out, "logits_final"))
-    error = run_distill(*common, *logits, "--resume", "--kd-lr", "0.5", check=False)
+    error = run_distill(*TINY_DISTILL, *common, *logits, "--resume", "--kd-lr", "0.5", check=False)
     assert error and "KD_LR 0.0001 -> 0.5" in error and "config_logits.json" in error, error
     # the layer-wise phase's own constants do not bear on the logits phase
-    run_distill(*common, *logits, "--resume", "--student-kind", "pruned", "--steps-per-layer", "7")
+    run_distill(*TINY_DISTILL, *common, *logits, "--resume", "--student-kind", "pruned", "--steps-per-layer", "7")
     assert os.path.isdir(os.path.join(out, "logits_final"))
 
 
@@ -317,18 +284,18 @@ def test_unsupported_model_is_refused(tiny_data_dir, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     folder = str(tmp_path / "gpt2")
     GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2)).save_pretrained(folder)
-    error = run_distill("--teacher", folder, "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"), check=False)
+    error = run_distill(*TINY_DISTILL, "--teacher", folder, "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"), check=False)
     assert "model type 'gpt2' is not supported" in error
 
 
 def test_attention_students_rotation_then_logits_then_evaluation(teacher_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
     common = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out]
-    run_distill(*common, "--target", "attn", "--student-kind", "linear", "--steps-per-layer", "15",
+    run_distill(*TINY_DISTILL, *common, "--target", "attn", "--student-kind", "linear", "--steps-per-layer", "15",
                 "--keep-teacher-layers", "1", "--lr", "3e-3")
     rows = layer_rows(out)
     assert [r["layer"] for r in rows] == [0, 2] and all(r["mse_end"] < r["mse_start"] for r in rows)
-    run_distill(*common, "--phase", "logits", "--kd-steps", "6", "--kd-val-every", "6", "--kd-lr", "1e-3")
+    run_distill(*TINY_DISTILL, *common, "--phase", "logits", "--kd-steps", "6", "--kd-val-every", "6", "--kd-lr", "1e-3")
 
     from common.checkpoint import load_model
     from common.evaluate import evaluate
@@ -342,7 +309,7 @@ def test_attention_students_rotation_then_logits_then_evaluation(teacher_dir, ti
 
 def test_trainable_trains_only_the_named_parameters(teacher_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
-    run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, "--student-kind", "prototype",
+    run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, "--student-kind", "prototype",
                 "--student-kwargs", '{"gated": true}', "--trainable", "fc_out", "--steps-per-layer", "5",
                 "--layers", "1")
     from common.checkpoint import load_model
@@ -353,7 +320,7 @@ def test_trainable_trains_only_the_named_parameters(teacher_dir, tiny_data_dir, 
     initial = make_student("mlp", "prototype", teacher.model.layers[1].mlp, teacher.config, gated=True)
     assert torch.equal(trained.fc_in.weight, initial.fc_in.weight)
     assert not torch.equal(trained.fc_out.weight, initial.fc_out.weight)
-    assert "matches no parameter" in run_distill("--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir",
+    assert "matches no parameter" in run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir",
                                                  str(tmp_path / "r2"), "--trainable", "nothing_like_this", check=False)
 
 
@@ -361,7 +328,7 @@ def test_distill_sh_runs_both_phases(teacher_dir, tiny_data_dir, tmp_path):
     """./distill.sh: calibrated layer-wise phase, then the logits phase in the same run folder."""
     out = str(tmp_path / "run")
     proc = subprocess.run([os.path.join(ROOT, "distill.sh"), "--teacher", teacher_dir, "--data-dir", tiny_data_dir,
-                           "--out-dir", out, *TINY, "--steps-per-layer", "2", "--calib-tokens", "1024", "--kd-steps", "2",
+                           "--out-dir", out, *TINY_DISTILL, "--steps-per-layer", "2", "--calib-tokens", "1024", "--kd-steps", "2",
                            "--warmup-steps", "1", "--kd-warmup-steps", "1", "--kd-val-every", "2"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

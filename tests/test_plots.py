@@ -5,8 +5,7 @@ import struct
 import pytest
 
 from common.plots import relative_error_before
-from conftest import make_model_folder
-from test_distill import run_distill
+from conftest import TINY_DISTILL, make_model_folder, run_distill
 
 
 def png_size(path):
@@ -31,8 +30,8 @@ def test_layers_png_at_each_layer_boundary_and_in_the_logits_phase(tiny_data_dir
     draw = common.plots.run_png
     monkeypatch.setattr(common.plots, "run_png", recording)  # distill.py is reloaded by run_distill: it imports this
     common_args = ["--teacher", teacher, "--data-dir", tiny_data_dir, "--out-dir", out]
-    run_distill(*common_args, "--student-kind", "pruned", "--steps-per-layer", "3")
-    run_distill(*common_args, "--phase", "logits", "--kd-steps", "4", "--kd-val-every", "2", "--kd-save-every", "4")
+    run_distill(*TINY_DISTILL, *common_args, "--student-kind", "pruned", "--steps-per-layer", "3")
+    run_distill(*TINY_DISTILL, *common_args, "--phase", "logits", "--kd-steps", "4", "--kd-val-every", "2", "--kd-save-every", "4")
     # one drawing per layer (one row more each time), then one per validation of the logits phase (steps 0, 2, 4),
     # which adds a second row of panels beside the layer-wise ones read back from layers.json
     assert [d[:2] for d in drawn] == [(1, 0), (2, 0), (3, 0), (0, 1), (0, 2), (0, 3)]

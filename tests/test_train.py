@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import ROOT, another_run_in
+from conftest import ROOT, another_run_in, read_metrics
 from common.checkpoint import load_model, save_checkpoint
 from common.students import make_student
 from common.swap import get_block, set_block
@@ -67,16 +67,14 @@ def train_error(args, model, data, out):
     return message
 
 
-def metrics(out):
+def steps_logged(out):
     """{step: record} of the train lines and of the val lines in a run's metrics.jsonl (each step once)."""
     train, val = {}, {}
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            for key, table in (("loss", train), ("val_loss", val)):
-                if key in r:
-                    assert r["step"] not in table, f"step {r['step']} logged twice"
-                    table[r["step"]] = r
+    for r in read_metrics(out):
+        for key, table in (("loss", train), ("val_loss", val)):
+            if key in r:
+                assert r["step"] not in table, f"step {r['step']} logged twice"
+                table[r["step"]] = r
     return train, val
 
 
@@ -89,7 +87,7 @@ def reference(tiny_model_dir, tiny_data_dir, tmp_path_factory):
 
 
 def test_loss_falls_and_run_folder_is_complete(reference):
-    train, val = metrics(reference)
+    train, val = steps_logged(reference)
     assert sorted(train) == list(range(1, 41))
     losses = [train[s]["loss"] for s in range(1, 41)]
     assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
@@ -132,13 +130,13 @@ def test_resume_after_kill_is_exact(reference, tiny_model_dir, tiny_data_dir, tm
     proc = subprocess.run([sys.executable, "-c", KILLED_RUN, *train_cmd(BASE, tiny_model_dir, tiny_data_dir, out)[1:]],
                           cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert max(metrics(out)[0]) == KILL_AT
+    assert max(steps_logged(out)[0]) == KILL_AT
     assert sorted(n for n in os.listdir(out) if n.startswith("step")) == ["step000005"]
 
     printed = run_train(BASE + ["--resume"], tiny_model_dir, tiny_data_dir, out)
     assert "resuming at step 5 " in printed
-    ref_train, ref_val = metrics(reference)
-    train, val = metrics(out)
+    ref_train, ref_val = steps_logged(reference)
+    train, val = steps_logged(out)
     assert sorted(train) == sorted(ref_train) and sorted(val) == sorted(ref_val)
     for s in ref_train:
         for key in ("loss", "grad_norm", "lr"):
@@ -161,7 +159,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_model_dir, 
     assert "x 2 micro-steps x 1 rank(s) = 256 tokens/step" in run_train(args, tiny_model_dir, tiny_data_dir, single)
     run_train(args + ["--total-batch-tokens", "128"], tiny_model_dir, tiny_data_dir, rank0_only)
 
-    (d_train, d_val), (s_train, s_val), (r_train, _) = metrics(ddp), metrics(single), metrics(rank0_only)
+    (d_train, d_val), (s_train, s_val), (r_train, _) = steps_logged(ddp), steps_logged(single), steps_logged(rank0_only)
     for s in (1, 2, 3):
         assert d_train[s]["loss"] == pytest.approx(s_train[s]["loss"], rel=1e-5)
         assert d_train[s]["grad_norm"] == pytest.approx(s_train[s]["grad_norm"], rel=1e-4)
@@ -189,7 +187,7 @@ def test_distill_checkpoint_with_students_loads_and_trains(tiny_model_dir, tiny_
                          "--val-every", "0", "--log-every", "1", "--lr", "1e-3", "--warmup-steps", "1"],
                         ckpt, tiny_data_dir, out)
     assert "2 student decoders" in printed
-    train, _ = metrics(out)
+    train, _ = steps_logged(out)
     # the first logged loss is the checkpoint model's own loss on the first batch: the students were in place
     x, y = TokenLoader(shard_files(tiny_data_dir, "train"), 4, 32).next_batch()
     with torch.no_grad():
@@ -293,7 +291,7 @@ def test_resume_passes_over_a_checkpoint_with_unreadable_meta(reference, tiny_mo
     printed = run_train(BASE + ["--resume"], tiny_model_dir, tiny_data_dir, out)
     assert f"{bad}: unreadable meta.json, so this checkpoint is passed over" in capsys.readouterr().err
     assert "resuming at step 35" in printed
-    assert sorted(metrics(out)[0]) == list(range(1, 41))  # every line parses; steps 36-40 were logged once, again
+    assert sorted(steps_logged(out)[0]) == list(range(1, 41))  # every line parses; steps 36-40 were logged once, again
     a = load_file(os.path.join(out, "step000040", "model.safetensors"))
     b = load_file(os.path.join(reference, "step000040", "model.safetensors"))
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in b)
