@@ -23,6 +23,7 @@ Map of this file: main() checks every constant, loads and checks the inputs, ope
 one phase. layerwise_phase() -> train_rotation() -> distill_layer() -> train_layer(), or train_parallel();
 logits_phase() -> logits_step(). The pieces both phases share follow them.
 """
+
 import os
 import shutil
 import time
@@ -35,20 +36,40 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.checkpoint import (check_unchanged, latest_checkpoint, list_checkpoints, load_model, load_state,
-                               restore_training, save_checkpoint, start_run, training_state)
+from common.checkpoint import (
+    check_unchanged,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model,
+    load_state,
+    restore_training,
+    save_checkpoint,
+    start_run,
+    training_state,
+)
 from common.config import fail, override
 from common.evaluate import evaluate
 from common.files import read_json, write_json_atomic
 from common.kd import final_hidden, head_weight, kd_loss
 from common.latent_cache import LatentCache, place_cache
 from common.plots import run_png
-from common.runtime import Runtime, RunLog, environment, get_rng_state, lr_at
+from common.runtime import RunLog, Runtime, environment, get_rng_state, lr_at
 from common.shards import ShardError, TokenLoader, read_shard, shard_files, val_batches
 from common.students import make_student
-from common.swap import (check_layers, check_target, decoder_input, finish_layer, get_block, position_embeddings,
-                         run_block, student_specs, swapped, transformer_layers)
+from common.swap import (
+    check_layers,
+    check_target,
+    decoder_input,
+    finish_layer,
+    get_block,
+    position_embeddings,
+    run_block,
+    student_specs,
+    swapped,
+    transformer_layers,
+)
 
+# fmt: off
 # ---------------------------------------------------------------------------------------------- run constants
 TEACHER = "models/smolllm2_135m"  # teacher model folder (prepare.py writes it); a checkpoint folder works too
 DATA_DIR = "data/fineweb_edu"     # shards and manifest from prepare.py
@@ -95,12 +116,14 @@ KD_SAVE_EVERY = 50                # checkpoint every N steps
 KD_FRESH_TOKENS = True            # continue after the tokens the init checkpoint consumed, not from the start
 DTYPE = "auto"                    # auto: bf16 autocast with fp32 master weights on GPU, fp32 on CPU
 SEED = 1337                       # student initialisation (layer i uses SEED + i) and any sampling
+# fmt: on
 
 
 # ---------------------------------------------------------------------------------------------- main
 @dataclass
 class Run:
     """What the phases share: the ranks and device, the run folder, and its metrics log (rank 0 writes)."""
+
     rt: Runtime
     out_dir: str
     log: RunLog | None = None
@@ -130,11 +153,14 @@ def main():
     except (ShardError, ValueError, OSError) as e:
         fail(str(e))
     if rt.master:
-        write_json_atomic(os.path.join(run.out_dir, f"config_{PHASE}.json"),
-                          {"config": config, "environment": environment(rt)})
+        write_json_atomic(
+            os.path.join(run.out_dir, f"config_{PHASE}.json"), {"config": config, "environment": environment(rt)}
+        )
     run.log = RunLog(rt, run.out_dir)
-    rt.print(f"run folder {run.out_dir} | device {rt.device} | dtype {str(rt.dtype).replace('torch.', '')} | "
-             f"world size {rt.world_size}")
+    rt.print(
+        f"run folder {run.out_dir} | device {rt.device} | dtype {str(rt.dtype).replace('torch.', '')} | "
+        f"world size {rt.world_size}"
+    )
     try:
         if PHASE == "layerwise":
             layerwise_phase(run, model, layers, val)
@@ -148,15 +174,34 @@ def main():
 def check_constants():
     """Every constant that can be checked without the model or the data, before anything runs."""
     constants = globals()
-    choices = {"PHASE": ("layerwise", "logits"), "SCHEDULE": ("rotation", "parallel"),
-               "DECODER_LOSS": ("mse", "nmse", "cosine"), "LATENT_STREAM": ("teacher", "student"),
-               "LATENT_CACHE": ("auto", "device", "host", "disk"), "KD_TRAINABLE": ("decoders", "all")}
+    choices = {
+        "PHASE": ("layerwise", "logits"),
+        "SCHEDULE": ("rotation", "parallel"),
+        "DECODER_LOSS": ("mse", "nmse", "cosine"),
+        "LATENT_STREAM": ("teacher", "student"),
+        "LATENT_CACHE": ("auto", "device", "host", "disk"),
+        "KD_TRAINABLE": ("decoders", "all"),
+    }
     for name, allowed in choices.items():
         if constants[name] not in allowed:
             fail(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {constants[name]!r}")
-    lowest = {"ROTATIONS": 1, "KD_STEPS": 1, "BATCH_SIZE": 1, "SEQ_LEN": 1, "GRAD_ACCUM": 1, "LOG_EVERY": 1,
-              "KD_VAL_EVERY": 1, "KD_SAVE_EVERY": 1, "STEPS_PER_LAYER": 0, "CALIB_TOKENS": 0, "WARMUP_STEPS": 0,
-              "KD_WARMUP_STEPS": 0, "VAL_EVERY": 0, "SAVE_EVERY": 0, "KEEP_LAST": 0}
+    lowest = {
+        "ROTATIONS": 1,
+        "KD_STEPS": 1,
+        "BATCH_SIZE": 1,
+        "SEQ_LEN": 1,
+        "GRAD_ACCUM": 1,
+        "LOG_EVERY": 1,
+        "KD_VAL_EVERY": 1,
+        "KD_SAVE_EVERY": 1,
+        "STEPS_PER_LAYER": 0,
+        "CALIB_TOKENS": 0,
+        "WARMUP_STEPS": 0,
+        "KD_WARMUP_STEPS": 0,
+        "VAL_EVERY": 0,
+        "SAVE_EVERY": 0,
+        "KEEP_LAST": 0,
+    }
     meaning_of_0 = {"STEPS_PER_LAYER": " (0: calibration only)", "CALIB_TOKENS": " (0 turns calibration off)"}
     for name, low in lowest.items():
         if constants[name] < low:
@@ -179,19 +224,24 @@ def open_run(run, config, reopen):
     """Rank 0 creates the run folder, or reopens it (reopen: --resume, or the logits phase after the layer-wise
     one), locked for the life of this process; a resumed phase must keep the constants its checkpoints were made
     with (config_PHASE.json). Raises ValueError on every rank when rank 0 refuses."""
+
     def start():
         if PHASE == "logits" and not INIT and not RESUME:  # phase 2 of the layer-wise run in the run folder
             if not os.path.exists(os.path.join(run.out_dir, "run.json")):
-                raise ValueError(f"{run.out_dir}: no distill run here to continue; run the layer-wise phase into "
-                                 f"it first, or pass --init CHECKPOINT")
+                raise ValueError(
+                    f"{run.out_dir}: no distill run here to continue; run the layer-wise phase into "
+                    f"it first, or pass --init CHECKPOINT"
+                )
             if list_checkpoints(run.out_dir, "logits"):
-                raise ValueError(f"{run.out_dir} already holds logits-phase checkpoints; pass --resume to continue "
-                                 f"them")
+                raise ValueError(
+                    f"{run.out_dir} already holds logits-phase checkpoints; pass --resume to continue them"
+                )
         start_run(run.out_dir, reopen, "distill.py", config)
         saved = os.path.join(run.out_dir, f"config_{PHASE}.json")
         if RESUME and os.path.exists(saved):
             first = read_json(saved, "the run folder is damaged; start a new run in another --out-dir")["config"]
             check_unchanged(first, config, may_change_on_resume(), saved)
+
     run.rt.master_only(start)
 
 
@@ -199,13 +249,43 @@ def may_change_on_resume():
     """Constants a resumed phase may change: where and how often it reports and saves, and the other phase's own
     constants. Every other constant (one added later too, until it is listed here) defines the phase's result,
     so a resume that changes it is refused."""
-    reporting = {"OUT_DIR", "RESUME", "LOG_EVERY", "VAL_EVERY", "SAVE_EVERY", "KEEP_LAST", "LATENT_CACHE",
-                 "KD_VAL_EVERY", "KD_SAVE_EVERY"}
-    layerwise_only = {"TARGET", "STUDENT_KIND", "STUDENT_KWARGS", "LAYERS", "KEEP_TEACHER_LAYERS", "SCHEDULE",
-                      "ROTATIONS", "STEPS_PER_LAYER", "LR", "WARMUP_STEPS", "DECODER_LOSS", "TRAINABLE",
-                      "CALIB_TOKENS", "LATENT_STREAM"}
-    logits_only = {"INIT", "KD_TRAINABLE", "KD_STEPS", "KD_LR", "KD_WARMUP_STEPS", "KD_TEMPERATURE", "KD_CE_WEIGHT",
-                   "KD_FRESH_TOKENS"}
+    reporting = {
+        "OUT_DIR",
+        "RESUME",
+        "LOG_EVERY",
+        "VAL_EVERY",
+        "SAVE_EVERY",
+        "KEEP_LAST",
+        "LATENT_CACHE",
+        "KD_VAL_EVERY",
+        "KD_SAVE_EVERY",
+    }
+    layerwise_only = {
+        "TARGET",
+        "STUDENT_KIND",
+        "STUDENT_KWARGS",
+        "LAYERS",
+        "KEEP_TEACHER_LAYERS",
+        "SCHEDULE",
+        "ROTATIONS",
+        "STEPS_PER_LAYER",
+        "LR",
+        "WARMUP_STEPS",
+        "DECODER_LOSS",
+        "TRAINABLE",
+        "CALIB_TOKENS",
+        "LATENT_STREAM",
+    }
+    logits_only = {
+        "INIT",
+        "KD_TRAINABLE",
+        "KD_STEPS",
+        "KD_LR",
+        "KD_WARMUP_STEPS",
+        "KD_TEMPERATURE",
+        "KD_CE_WEIGHT",
+        "KD_FRESH_TOKENS",
+    }
     return reporting | (logits_only if PHASE == "layerwise" else layerwise_only)
 
 
@@ -230,25 +310,41 @@ def layerwise_phase(run, model, layers, val):
     """Print what the phase will do, distill `layers` on the schedule, write OUT/final and layers.json."""
     rt = run.rt
     tokens_per_step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * rt.world_size
-    rt.print(f"layer-wise {SCHEDULE}: target {TARGET}, student {STUDENT_KIND} {STUDENT_KWARGS}, "
-             f"layers {layers} (keep teacher: {KEEP_TEACHER_LAYERS or 'none'})")
-    rt.print(f"tokens per step: {BATCH_SIZE} batch x {SEQ_LEN} seq x {GRAD_ACCUM} accum x {rt.world_size} ranks = "
-             f"{tokens_per_step:,}; per layer per rotation: {STEPS_PER_LAYER} steps = "
-             f"{tokens_per_step * STEPS_PER_LAYER:,} tokens; {ROTATIONS} rotation(s)")
+    rt.print(
+        f"layer-wise {SCHEDULE}: target {TARGET}, student {STUDENT_KIND} {STUDENT_KWARGS}, "
+        f"layers {layers} (keep teacher: {KEEP_TEACHER_LAYERS or 'none'})"
+    )
+    rt.print(
+        f"tokens per step: {BATCH_SIZE} batch x {SEQ_LEN} seq x {GRAD_ACCUM} accum x {rt.world_size} ranks = "
+        f"{tokens_per_step:,}; per layer per rotation: {STEPS_PER_LAYER} steps = "
+        f"{tokens_per_step * STEPS_PER_LAYER:,} tokens; {ROTATIONS} rotation(s)"
+    )
     if CALIB_TOKENS:
-        rt.print(f"calibration: {calib_batches(rt) * BATCH_SIZE * SEQ_LEN * rt.world_size:,} tokens per student "
-                 f"(CALIB_TOKENS rounded up to whole batches), {LATENT_STREAM} stream")
+        rt.print(
+            f"calibration: {calib_batches(rt) * BATCH_SIZE * SEQ_LEN * rt.world_size:,} tokens per student "
+            f"(CALIB_TOKENS rounded up to whole batches), {LATENT_STREAM} stream"
+        )
     teacher_ce = hybrid_ce(rt, model, val)
-    rt.print(f"teacher val ce {teacher_ce:.4f} (ppl {np.exp(teacher_ce):.2f}) on "
-             f"{len(val) * BATCH_SIZE * SEQ_LEN * rt.world_size:,} tokens")
+    rt.print(
+        f"teacher val ce {teacher_ce:.4f} (ppl {np.exp(teacher_ce):.2f}) on "
+        f"{len(val) * BATCH_SIZE * SEQ_LEN * rt.world_size:,} tokens"
+    )
     train = train_rotation if SCHEDULE == "rotation" else train_parallel
     students, rows, step, state = train(run, model, layers, val, teacher_ce)
-    write_checkpoint(run, "final", model, {(i, TARGET): students[i] for i in layers},
-                     {"phase": "layerwise", "schedule": SCHEDULE, "step": step}, state)
+    write_checkpoint(
+        run,
+        "final",
+        model,
+        {(i, TARGET): students[i] for i in layers},
+        {"phase": "layerwise", "schedule": SCHEDULE, "step": step},
+        state,
+    )
     if rt.master:
         print(f"\nper-layer validation ({TARGET} -> {STUDENT_KIND}); teacher val ce {teacher_ce:.4f}")
-        print_table(rows, ["rotation", "layer", "start_rel_err", "calib_rel_err", "rel_err", "mse_end", "hybrid_ce",
-                           "hybrid_ppl"])
+        print_table(
+            rows,
+            ["rotation", "layer", "start_rel_err", "calib_rel_err", "rel_err", "mse_end", "hybrid_ce", "hybrid_ppl"],
+        )
         write_json_atomic(os.path.join(run.out_dir, "layers.json"), rows)
         print(f"final model: {os.path.join(run.out_dir, 'final')}")
 
@@ -263,15 +359,7 @@ def train_rotation(run, model, layers, val, teacher_ce):
     where = place_cache(rt, cache_bytes, LATENT_CACHE, run.out_dir)
     loader = train_loader(rt, model.config.vocab_size)
     students = make_students(model, layers)
-    # what a rotation checkpoint's state.pt holds besides the data position and the RNG
-    state = {"rotation": 0, "done": 0, "step": 0, "rows": []}  # done: layers of that rotation finished
-    ckpt = latest_checkpoint(run.out_dir, "layerwise") if RESUME else None
-    if ckpt:
-        state = load_state(ckpt)
-        restore_training(state, loader)
-        load_students(rt, ckpt, students)
-        rt.print(f"resuming from {ckpt}: rotation {state['rotation']}, {state['done']} of {len(layers)} layers "
-                 f"done, step {state['step']}")
+    state = resume_rotation(run, loader, students, len(layers))
     rows, step = state["rows"], state["step"]
     trained = {r["layer"] for r in rows}
     for rotation in range(state["rotation"], ROTATIONS):
@@ -280,29 +368,46 @@ def train_rotation(run, model, layers, val, teacher_ce):
         t0 = time.time()
         tokens = read_tokens(loader, n_seq // BATCH_SIZE)
         assert tokens.shape == (n_seq, SEQ_LEN), tokens.shape
-        cache = LatentCache(rt, model, tokens, TARGET, BATCH_SIZE, where, os.path.join(run.out_dir, ".latent_train"))
-        vcache = LatentCache(rt, model, val_inputs(val), TARGET, BATCH_SIZE, where,
-                             os.path.join(run.out_dir, ".latent_val"))
+        files = os.path.join(run.out_dir, ".latent")  # where=disk: the memory maps' names
+        cache = LatentCache(rt, model, tokens, TARGET, BATCH_SIZE, where, f"{files}_train")
+        vcache = LatentCache(rt, model, val_inputs(val), TARGET, BATCH_SIZE, where, f"{files}_val")
         for k in range(first_layer, len(layers)):
             i = layers[k]
             errors, times, step = distill_layer(run, model, i, students, cache, vcache, rotation, step)
             trained.add(i)
-            ce = hybrid_ce(rt, model, val, {(j, TARGET): students[j] for j in trained})
-            rows.append({"rotation": rotation, "layer": i, **errors, "hybrid_ce": ce, "hybrid_ppl": float(np.exp(ce)),
-                         "teacher_ce": teacher_ce, **times, "seconds": time.time() - t0})
+            trained_blocks = {(j, TARGET): students[j] for j in trained}
+            ce = hybrid_ce(rt, model, val, trained_blocks)
+            hybrid = {"hybrid_ce": ce, "hybrid_ppl": float(np.exp(ce)), "teacher_ce": teacher_ce}
+            rows.append({"rotation": rotation, "layer": i, **errors, **hybrid, **times, "seconds": time.time() - t0})
             report_layer(run, rows, step)
             vcache.finish(stream_students(students).get(i))
-            state = {"rotation": rotation, "done": k + 1, "step": step, "loader": rotation_start,
-                     "rng": get_rng_state(), "rows": rows}
-            if k + 1 == len(layers):  # the next rotation starts after this one's tokens
-                state.update(rotation=rotation + 1, done=0, loader=loader.state())
-            write_checkpoint(run, f"rot{rotation}_layer{i:03d}", model, {(j, TARGET): students[j] for j in trained},
-                             {"phase": "layerwise", "schedule": "rotation", "step": step, "rotation": rotation,
-                              "layer": i}, state)
+            last = k + 1 == len(layers)  # then the next rotation starts after this one's tokens
+            position = {"loader": loader.state() if last else rotation_start, "rng": get_rng_state()}
+            progress = {"rotation": rotation + 1, "done": 0} if last else {"rotation": rotation, "done": k + 1}
+            state = {**progress, "step": step, "rows": rows, **position}
+            meta = {"phase": "layerwise", "schedule": "rotation", "step": step, "rotation": rotation, "layer": i}
+            write_checkpoint(run, f"rot{rotation}_layer{i:03d}", model, trained_blocks, meta, state)
             t0 = time.time()
         cache.close()
         vcache.close()
     return students, rows, step, state
+
+
+def resume_rotation(run, loader, students, n_layers):
+    """The rotation's progress to start from: a new run's, or with RESUME that of the latest layer-wise checkpoint
+    (its state.pt: rotation, done = layers of that rotation finished, step, rows), whose data position, RNG and
+    students are restored."""
+    ckpt = latest_checkpoint(run.out_dir, "layerwise") if RESUME else None
+    if ckpt is None:
+        return {"rotation": 0, "done": 0, "step": 0, "rows": []}
+    state = load_state(ckpt)
+    restore_training(state, loader)
+    load_students(run.rt, ckpt, students)
+    run.rt.print(
+        f"resuming from {ckpt}: rotation {state['rotation']}, {state['done']} of {n_layers} layers done, "
+        f"step {state['step']}"
+    )
+    return state
 
 
 def distill_layer(run, model, i, students, cache, vcache, rotation, step):
@@ -318,18 +423,29 @@ def distill_layer(run, model, i, students, cache, vcache, rotation, step):
     calib_err = layer_error(rt, student, teacher_block, vcache) if calib_s is not None else start_err
     rt.synchronize()
     t_steps = time.time()
-    step = train_layer(run, student, teacher_block, cache, vcache, f"rot {rotation} layer {i}",
-                       {"rotation": rotation, "layer": i}, step)
+    step = train_layer(
+        run,
+        student,
+        teacher_block,
+        cache,
+        vcache,
+        f"rot {rotation} layer {i}",
+        {"rotation": rotation, "layer": i},
+        step,
+    )
     rt.synchronize()
     step_ms = 1000 * (time.time() - t_steps) / max(1, STEPS_PER_LAYER)
     cache.finish(stream_students(students).get(i))
     rt.synchronize()
     train_s = time.time() - t_train - (calib_s or 0)
     end_err = layer_error(rt, student, teacher_block, vcache)
-    errors = {"mse_start": start_err["val_mse"], "mse_end": end_err["val_mse"],
-              "start_rel_err": start_err["val_rel_err"],
-              "calib_rel_err": calib_err["val_rel_err"] if calib_s is not None else None,
-              "rel_err": end_err["val_rel_err"]}
+    errors = {
+        "mse_start": start_err["val_mse"],
+        "mse_end": end_err["val_mse"],
+        "start_rel_err": start_err["val_rel_err"],
+        "calib_rel_err": calib_err["val_rel_err"] if calib_s is not None else None,
+        "rel_err": end_err["val_rel_err"],
+    }
     return errors, {"step_ms": step_ms, "calib_s": calib_s or 0.0, "train_s": train_s}, step
 
 
@@ -345,7 +461,7 @@ def train_layer(run, student, teacher_block, cache, vcache, desc, where, step):
         loss_sum = 0.0
         for m in range(GRAD_ACCUM):
             j = (s * GRAD_ACCUM + m) * BATCH_SIZE
-            xb = cache.x[j:j + BATCH_SIZE].to(rt.device, non_blocking=True)
+            xb = cache.x[j : j + BATCH_SIZE].to(rt.device, non_blocking=True)
             with torch.no_grad(), rt.autocast():
                 target = run_block(teacher_block, xb, TARGET, cache.pe)
             with rt.autocast():
@@ -371,9 +487,11 @@ def report_layer(run, rows, step):
         run_png(run.out_dir, rows)
     run.log.log(phase="layerwise", step=step, **row)
     calibrated = f"calibrated {row['calib_rel_err']:.4g}, " if row["calib_rel_err"] is not None else ""
-    run.rt.print(f"rot {row['rotation']} layer {row['layer']:3d} | val rel err {row['start_rel_err']:.4g} -> "
-                 f"{calibrated}trained {row['rel_err']:.4g} | hybrid val ce {row['hybrid_ce']:.4f} (teacher "
-                 f"{row['teacher_ce']:.4f}) | {row['step_ms']:.0f} ms/step, {row['seconds']:.1f}s")
+    run.rt.print(
+        f"rot {row['rotation']} layer {row['layer']:3d} | val rel err {row['start_rel_err']:.4g} -> "
+        f"{calibrated}trained {row['rel_err']:.4g} | hybrid val ce {row['hybrid_ce']:.4f} (teacher "
+        f"{row['teacher_ce']:.4f}) | {row['step_ms']:.0f} ms/step, {row['seconds']:.1f}s"
+    )
 
 
 def train_parallel(run, model, layers, val, teacher_ce):
@@ -404,27 +522,51 @@ def train_parallel(run, model, layers, val, teacher_ce):
         if step % LOG_EVERY == 0 or steps_done == total:
             mean_loss = rt.all_mean(losses.mean().item())
             bar.set_postfix(loss=f"{mean_loss:.4g}")
-            run.log.log(phase="layerwise", step=steps_done, loss=mean_loss, lr=lr,
-                        layer_loss={i: rt.all_mean(v) for i, v in zip(layers, losses.tolist())},
-                        grad_norm={i: n.item() for i, n in zip(layers, norms)})
+            run.log.log(
+                phase="layerwise",
+                step=steps_done,
+                loss=mean_loss,
+                lr=lr,
+                layer_loss={i: rt.all_mean(v) for i, v in zip(layers, losses.tolist())},
+                grad_norm={i: n.item() for i, n in zip(layers, norms)},
+            )
         if VAL_EVERY and steps_done % VAL_EVERY == 0 and steps_done < total:
             errors = student_val_errors(run, model, students, val, where)
-            run.log.log(phase="layerwise", step=steps_done, hybrid_ce=hybrid_ce(rt, model, val, blocks),
-                        layer_val_mse={i: e["val_mse"] for i, e in errors.items()})
+            run.log.log(
+                phase="layerwise",
+                step=steps_done,
+                hybrid_ce=hybrid_ce(rt, model, val, blocks),
+                layer_val_mse={i: e["val_mse"] for i, e in errors.items()},
+            )
         if SAVE_EVERY and steps_done % SAVE_EVERY == 0 and steps_done < total:
-            write_checkpoint(run, f"parallel_step{steps_done:06d}", model, blocks,
-                             {"phase": "layerwise", "schedule": "parallel", "step": steps_done},
-                             training_state(steps_done, opt, loader))
+            meta = {"phase": "layerwise", "schedule": "parallel", "step": steps_done}
+            write_checkpoint(
+                run, f"parallel_step{steps_done:06d}", model, blocks, meta, training_state(steps_done, opt, loader)
+            )
     errors = student_val_errors(run, model, students, val, where)
     ce = hybrid_ce(rt, model, val, blocks)
-    rows = [{"rotation": "all", "layer": i, "mse_start": start_errors[i]["val_mse"], "mse_end": errors[i]["val_mse"],
-             "start_rel_err": start_errors[i]["val_rel_err"], "calib_rel_err": calib_errors[i]["val_rel_err"],
-             "rel_err": errors[i]["val_rel_err"], "hybrid_ce": ce, "hybrid_ppl": float(np.exp(ce)),
-             "teacher_ce": teacher_ce} for i in layers]
+    rows = [parallel_row(i, start_errors[i], calib_errors[i], errors[i], ce, teacher_ce) for i in layers]
     if rt.master:
         run_png(run.out_dir, rows)
     run.log.log(phase="layerwise", step=total, hybrid_ce=ce, layer_val_mse={r["layer"]: r["mse_end"] for r in rows})
     return students, rows, total, training_state(total, opt, loader)
+
+
+def parallel_row(layer, start, calibrated, end, ce, teacher_ce):
+    """A layer's row of the parallel schedule's table, from its val errors (layer_error) at the start, after
+    calibration and at the end, and the hybrid model's val CE."""
+    return {
+        "rotation": "all",
+        "layer": layer,
+        "mse_start": start["val_mse"],
+        "mse_end": end["val_mse"],
+        "start_rel_err": start["val_rel_err"],
+        "calib_rel_err": calibrated["val_rel_err"],
+        "rel_err": end["val_rel_err"],
+        "hybrid_ce": ce,
+        "hybrid_ppl": float(np.exp(ce)),
+        "teacher_ce": teacher_ce,
+    }
 
 
 def parallel_losses(rt, model, loader, students, layers):
@@ -436,7 +578,7 @@ def parallel_losses(rt, model, loader, students, layers):
         x = loader.next_batch()[0].to(rt.device)
         with torch.no_grad():
             h = model.model.embed_tokens(x)
-        for i, layer in enumerate(transformer_layers(model)[:layers[-1] + 1]):
+        for i, layer in enumerate(transformer_layers(model)[: layers[-1] + 1]):
             with torch.no_grad(), rt.autocast():
                 lat, res = decoder_input(layer, h, TARGET, pe)
                 out = run_block(get_block(model, i, TARGET), lat, TARGET, pe)
@@ -476,12 +618,13 @@ class LogitsModels(NamedTuple):
     """The logits phase's models. KD_TRAINABLE=decoders: `model` is the teacher itself and the students
     (`blocks`, {(layer, target): block}) are swapped in for the student pass. all: `model` is the student model
     and `blocks` is empty."""
-    init: str                # the checkpoint the phase starts from
+
+    init: str  # the checkpoint the phase starts from
     resume_from: str | None  # the logits checkpoint it continues from (None: it starts at step 0)
     teacher: torch.nn.Module
     model: torch.nn.Module
     blocks: dict
-    params: list             # the parameters that train
+    params: list  # the parameters that train
 
 
 def logits_inputs(run):
@@ -490,8 +633,10 @@ def logits_inputs(run):
     if not INIT and not os.path.isdir(init):
         init = latest_checkpoint(run.out_dir, "layerwise")
         if init is None:
-            fail(f"{run.out_dir} has no layer-wise checkpoint to start the logits phase from; "
-                 f"run the layer-wise phase first or pass --init CHECKPOINT")
+            fail(
+                f"{run.out_dir} has no layer-wise checkpoint to start the logits phase from; "
+                f"run the layer-wise phase first or pass --init CHECKPOINT"
+            )
     resume_from = latest_checkpoint(run.out_dir, "logits") if RESUME else None
     teacher = load_model(TEACHER, run.rt.device).eval().requires_grad_(False)
     source = load_model(resume_from or init, run.rt.device)
@@ -499,11 +644,15 @@ def logits_inputs(run):
         # one backbone: the teacher's, with the students swapped in for the student pass
         blocks = {(s["layer"], s["target"]): get_block(source, s["layer"], s["target"]) for s in student_specs(source)}
         if not blocks:
-            fail(f"{init} has no student decoders, so KD_TRAINABLE=decoders would train nothing; use --kd-trainable all")
+            fail(
+                f"{init} has no student decoders, so KD_TRAINABLE=decoders would train nothing; use --kd-trainable all"
+            )
         differs = backbone_differs(teacher, source, blocks)
         if differs:
-            fail(f"{init}: its backbone differs from the teacher's ({differs[0]}, ...), so they cannot share it; "
-                 f"use --kd-trainable all, or the --teacher the checkpoint was distilled from")
+            fail(
+                f"{init}: its backbone differs from the teacher's ({differs[0]}, ...), so they cannot share it; "
+                f"use --kd-trainable all, or the --teacher the checkpoint was distilled from"
+            )
         model = teacher
         params = [p for b in blocks.values() for p in b.parameters()]
     else:
@@ -519,8 +668,11 @@ def backbone_differs(teacher, model, blocks):
     """Names of non-student weights where `model` differs from the teacher (empty: shared backbone)."""
     prefixes = tuple(f"model.layers.{i}.{'mlp' if t == 'mlp' else 'self_attn'}." for i, t in blocks)
     theirs = model.state_dict()
-    return [k for k, v in teacher.state_dict().items()
-            if not k.startswith(prefixes) and (k not in theirs or not torch.equal(v, theirs[k]))]
+    return [
+        k
+        for k, v in teacher.state_dict().items()
+        if not k.startswith(prefixes) and (k not in theirs or not torch.equal(v, theirs[k]))
+    ]
 
 
 def logits_phase(run, models, val):
@@ -536,10 +688,11 @@ def logits_phase(run, models, val):
         loader.load_state(load_state(init)["loader"])
         rt.print(f"reading fresh tokens after those {init} consumed (shard {loader.shard}, position {loader.pos:,})")
     tokens_per_step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * rt.world_size
-    rt.print(f"logits phase from {init}: trainable {KD_TRAINABLE} ({sum(p.numel() for p in models.params):,} "
-             f"parameters), {KD_STEPS} steps x {tokens_per_step:,} tokens, lr {KD_LR} (warmup {KD_WARMUP_STEPS}, "
-             f"cosine), temperature {KD_TEMPERATURE}, ce weight {KD_CE_WEIGHT}")
-    meta = {"phase": "logits", "init": init, "kd_trainable": KD_TRAINABLE}
+    rt.print(
+        f"logits phase from {init}: trainable {KD_TRAINABLE} ({sum(p.numel() for p in models.params):,} "
+        f"parameters), {KD_STEPS} steps x {tokens_per_step:,} tokens, lr {KD_LR} (warmup {KD_WARMUP_STEPS}, "
+        f"cosine), temperature {KD_TEMPERATURE}, ce weight {KD_CE_WEIGHT}"
+    )
     results = []  # one row per validation
     if step == 0:
         validate_logits(run, models, val, step, results)
@@ -551,21 +704,31 @@ def logits_phase(run, models, val):
         (norm,) = step_optimizer(rt, opt, [models.params], lr)
         step = s + 1
         if s % LOG_EVERY == 0 or step == KD_STEPS:
-            rec = {"loss": rt.all_mean(loss_sum.item()), "kl": rt.all_mean(kl_sum.item()), "lr": lr,
-                   "grad_norm": norm.item(), "tokens_per_s": tokens_per_step * (step - first) / (time.time() - t0)}
+            rec = {
+                "loss": rt.all_mean(loss_sum.item()),
+                "kl": rt.all_mean(kl_sum.item()),
+                "lr": lr,
+                "grad_norm": norm.item(),
+                "tokens_per_s": tokens_per_step * (step - first) / (time.time() - t0),
+            }
             bar.set_postfix(loss=f"{rec['loss']:.4g}")
             run.log.log(phase="logits", step=step, **rec)
         if step % KD_VAL_EVERY == 0 or step == KD_STEPS:
             validate_logits(run, models, val, step, results)
         if step % KD_SAVE_EVERY == 0 and step < KD_STEPS:
-            write_checkpoint(run, f"logits_step{step:06d}", models.model, models.blocks, {**meta, "step": step},
-                             training_state(step, opt, loader))
-    write_checkpoint(run, "logits_final", models.model, models.blocks, {**meta, "step": step},
-                     training_state(step, opt, loader))
+            logits_checkpoint(run, models, f"logits_step{step:06d}", step, opt, loader)
+    logits_checkpoint(run, models, "logits_final", step, opt, loader)
     if rt.master:
         print(f"\nlogits phase ({KD_TRAINABLE}) from {init}")
         print_table(results, ["step", "val_ce", "val_ppl", "kl", "agree", "teacher_ce"])
         print(f"final model: {os.path.join(run.out_dir, 'logits_final')}")
+
+
+def logits_checkpoint(run, models, name, step, opt, loader):
+    """OUT/name: the student model (students swapped into the teacher with KD_TRAINABLE=decoders) and what resumes
+    the phase."""
+    meta = {"phase": "logits", "step": step, "init": models.init, "kd_trainable": KD_TRAINABLE}
+    write_checkpoint(run, name, models.model, models.blocks, meta, training_state(step, opt, loader))
 
 
 def logits_losses(rt, models, loader):
@@ -577,8 +740,15 @@ def logits_losses(rt, models, loader):
         with torch.no_grad(), rt.autocast():
             ht = final_hidden(models.teacher, x)
         with swapped(models.model, models.blocks), rt.autocast():
-            loss, parts = kd_loss(final_hidden(models.model, x), ht, head_weight(models.model), y, KD_TEMPERATURE,
-                                  KD_CE_WEIGHT, teacher_weight=head_weight(models.teacher))
+            loss, parts = kd_loss(
+                final_hidden(models.model, x),
+                ht,
+                head_weight(models.model),
+                y,
+                KD_TEMPERATURE,
+                KD_CE_WEIGHT,
+                teacher_weight=head_weight(models.teacher),
+            )
             (loss / GRAD_ACCUM).backward()
         loss_sum += loss.detach() / GRAD_ACCUM
         kl_sum += parts["kl"] / GRAD_ACCUM
@@ -597,14 +767,22 @@ def validate_logits(run, models, val, step, results):
 
     with swapped(model, blocks):
         m = evaluate(model, val, teacher_hidden if blocks else models.teacher, run.rt)
-    row = {"step": step, "val_ce": m["ce"], "val_ppl": m["ppl"], "kl": m["kl"], "agree": m["agreement"],
-           "teacher_ce": m["teacher_ce"]}
+    row = {
+        "step": step,
+        "val_ce": m["ce"],
+        "val_ppl": m["ppl"],
+        "kl": m["kl"],
+        "agree": m["agreement"],
+        "teacher_ce": m["teacher_ce"],
+    }
     results.append(row)
     if run.rt.master:
         run_png(run.out_dir, logits_rows=results)
     run.log.log(phase="logits", **row)
-    run.rt.print(f"step {step:5d} | val ce {m['ce']:.4f} (teacher {m['teacher_ce']:.4f}) | kl {m['kl']:.4g} "
-                 f"| top-1 agreement {m['agreement']:.3f}")
+    run.rt.print(
+        f"step {step:5d} | val ce {m['ce']:.4f} (teacher {m['teacher_ce']:.4f}) | kl {m['kl']:.4g} "
+        f"| top-1 agreement {m['agreement']:.3f}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- shared pieces
@@ -618,15 +796,18 @@ def check_data(rt, vocab_size):
     calib = calib_batches(rt) * BATCH_SIZE * SEQ_LEN * rt.world_size
     train_tokens = sum(len(read_shard(f)) for f in shard_files(DATA_DIR, "train"))
     if calib > train_tokens:
-        raise ValueError(f"CALIB_TOKENS={CALIB_TOKENS:,} (rounded up to whole batches: {calib:,}) is more than the "
-                         f"{train_tokens:,} tokens of {DATA_DIR}'s train split; lower --calib-tokens or prepare more data")
+        raise ValueError(
+            f"CALIB_TOKENS={CALIB_TOKENS:,} (rounded up to whole batches: {calib:,}) is more than the "
+            f"{train_tokens:,} tokens of {DATA_DIR}'s train split; lower --calib-tokens or prepare more data"
+        )
     return val
 
 
 def train_loader(rt, vocab_size):
     """This rank's loader over the train shards, from their start (the first shard opened and checked)."""
-    return TokenLoader(shard_files(DATA_DIR, "train"), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size,
-                       vocab_size=vocab_size)
+    return TokenLoader(
+        shard_files(DATA_DIR, "train"), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, vocab_size=vocab_size
+    )
 
 
 def read_tokens(loader, n_batches):
@@ -665,8 +846,10 @@ def trainable_params(student, name):
     if TRAINABLE:
         chosen = [(n, p) for n, p in named if any(t in n for t in TRAINABLE)]
         if not chosen:
-            fail(f"TRAINABLE {TRAINABLE} matches no parameter of the {name} student; its parameters: "
-                 + ", ".join(n for n, _ in named))
+            fail(
+                f"TRAINABLE {TRAINABLE} matches no parameter of the {name} student; its parameters: "
+                + ", ".join(n for n, _ in named)
+            )
     else:
         chosen = named
     for n, p in named:
@@ -758,8 +941,9 @@ def layer_error(rt, student, teacher_block, cache):
 
 def student_val_errors(run, model, students, val, where):
     """Val error of every student ({layer: layer_error}), from one pass of the stream over the val tokens (O(L))."""
-    cache = LatentCache(run.rt, model, val_inputs(val), TARGET, BATCH_SIZE, where,
-                        os.path.join(run.out_dir, ".latent_val"))
+    cache = LatentCache(
+        run.rt, model, val_inputs(val), TARGET, BATCH_SIZE, where, os.path.join(run.out_dir, ".latent_val")
+    )
     errors = {}
     for i in sorted(students):
         cache.split_at(i, stream_students(students))

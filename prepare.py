@@ -13,6 +13,7 @@ document is in both splits. manifest.json lists the shards with their sha256; wh
 going progress.json records finished shards, so an interrupted run resumes where it stopped and
 ends byte-identical to an uninterrupted one.
 """
+
 import collections
 import contextlib
 import fnmatch
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from common import files, shards
 from common.config import fail, override
 
+# fmt: off
 MODEL = "HuggingFaceTB/SmolLM2-135M"     # teacher: a hub id, a local snapshot folder or a local .gguf file
 MODEL_DIR = "models/smolllm2_135m"        # where the teacher is saved (safetensors + tokenizer)
 DATASET = "HuggingFaceFW/fineweb-edu"     # text: a hub id, or local .txt/.jsonl/.json/.parquet (file, folder or glob)
@@ -48,6 +50,7 @@ EOT_TOKEN = "<|endoftext|>"               # document separator: the end-of-text 
 WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()  # tokenizer processes
 TASK_BYTES = 256 * 2**10                  # text per tokenizer task: amortises IPC, keeps workers busy on small runs
 SMOKE_TEST = False                        # quick end-to-end check: at most 8 MiB train, 1 MiB val, 1M-token shards
+# fmt: on
 config = override(globals())
 if SMOKE_TEST:
     TRAIN_BYTES, VAL_BYTES, SHARD_TOKENS = min(TRAIN_BYTES, 8 * 2**20), min(VAL_BYTES, 2**20), min(SHARD_TOKENS, 10**6)
@@ -55,8 +58,10 @@ if SMOKE_TEST:
 
 MODEL_FILES = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja")  # config, weights, tokenizer; no code
 TEXT_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-OFFLINE_HINT = ("offline, pass --model with a local snapshot folder or .gguf file and --dataset with local "
-                ".txt/.jsonl/.parquet files (a file, a folder or a glob)")
+OFFLINE_HINT = (
+    "offline, pass --model with a local snapshot folder or .gguf file and --dataset with local "
+    ".txt/.jsonl/.parquet files (a file, a folder or a glob)"
+)
 PROGRESS = "progress.json"
 JSON_CHUNK_BYTES = 2**20  # .jsonl text per parse: datasets' default, 10 MB, delays the first batch to the workers
 SPLITS = ("val", "train")
@@ -73,6 +78,7 @@ def is_local(source, suffixes):
 def hub_call(what, fn, *args, **kwargs):
     """Run a hub request; any failure becomes one line naming the offline options."""
     from huggingface_hub.errors import HfHubHTTPError
+
     try:
         return fn(*args, **kwargs)
     except HfHubHTTPError as e:
@@ -82,6 +88,7 @@ def hub_call(what, fn, *args, **kwargs):
 
 
 # ----------------------------------------------------------------------------- model
+
 
 def fetch_model():
     """Put the teacher in MODEL_DIR (once; a marker file records its source). Returns that source and its tokenizer
@@ -104,6 +111,7 @@ def fetch_model():
     tmp = MODEL_DIR.rstrip("/") + ".partial"  # a hub download resumes here; local sources start it afresh
     if not local:
         from huggingface_hub import snapshot_download
+
         print(f"model: downloading {MODEL} into {MODEL_DIR}")
         hub_call(f"model {MODEL}", snapshot_download, MODEL, local_dir=tmp, allow_patterns=list(MODEL_FILES))
         shutil.rmtree(os.path.join(tmp, ".cache"), ignore_errors=True)
@@ -137,13 +145,16 @@ def convert_gguf(path, out):
     """Dequantize a GGUF model with transformers and save it as a plain safetensors snapshot."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     folder, name = os.path.split(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as e:
-        fail(f"{path}: transformers cannot read this GGUF file ({error_line(e)}); "
-            f"it needs the gguf and accelerate packages and a supported architecture")
+        fail(
+            f"{path}: transformers cannot read this GGUF file ({error_line(e)}); "
+            f"it needs the gguf and accelerate packages and a supported architecture"
+        )
     config = gguf_model.config
     del config.quantization_config  # the GGUF-loaded model refuses save_pretrained; a plain one does not
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -154,58 +165,84 @@ def convert_gguf(path, out):
 
 def check_model_folder(folder, source=None):
     names = os.listdir(folder)
-    missing = [what for what, ok in (("config.json", "config.json" in names),
-                                     ("*.safetensors weights", any(n.endswith(".safetensors") for n in names)),
-                                     ("tokenizer files", "tokenizer.json" in names or "tokenizer_config.json" in names))
-               if not ok]
+    missing = [
+        what
+        for what, ok in (
+            ("config.json", "config.json" in names),
+            ("*.safetensors weights", any(n.endswith(".safetensors") for n in names)),
+            ("tokenizer files", "tokenizer.json" in names or "tokenizer_config.json" in names),
+        )
+        if not ok
+    ]
     if missing:
-        fail(f"{source or folder}: no {', no '.join(missing)}; a model source needs a Hugging Face config, "
-            f"safetensors weights and a tokenizer (re-save it with save_pretrained)")
+        fail(
+            f"{source or folder}: no {', no '.join(missing)}; a model source needs a Hugging Face config, "
+            f"safetensors weights and a tokenizer (re-save it with save_pretrained)"
+        )
 
 
 def load_tokenizer(folder, name):
     """The fast tokenizer of a model folder as JSON (what the workers rebuild it from) and its manifest entry,
     checked to load and to fit uint16 shards; `name` is what messages call the model."""
     from tokenizers import Tokenizer
+
     path = os.path.join(folder, "tokenizer.json")
     try:
         if os.path.exists(path):
             tokenizer = Tokenizer.from_file(path)
         else:
             from transformers import AutoTokenizer
+
             tokenizer = AutoTokenizer.from_pretrained(folder).backend_tokenizer
     except Exception as e:  # a damaged file fails in the Rust parser or in transformers, with many error types
-        fail(f"{name}: its tokenizer does not load ({error_line(e)}); replace the damaged tokenizer files with good "
-            f"ones (save_pretrained writes them)")
+        fail(
+            f"{name}: its tokenizer does not load ({error_line(e)}); replace the damaged tokenizer files with good "
+            f"ones (save_pretrained writes them)"
+        )
     vocab = tokenizer.get_vocab(with_added_tokens=True)
     top = max(vocab.values())
     if top > 65535:
-        fail(f"{name}: the tokenizer has ids up to {top:,}, but shards store uint16 (at most 65,535); "
-            f"use a model whose vocabulary has at most 65,536 tokens")
+        fail(
+            f"{name}: the tokenizer has ids up to {top:,}, but shards store uint16 (at most 65,535); "
+            f"use a model whose vocabulary has at most 65,536 tokens"
+        )
     if EOT_TOKEN not in vocab:
         fail(f"{name}: the tokenizer has no {EOT_TOKEN!r}; pass --eot-token with its end-of-text token")
     text = tokenizer.to_str()
-    return text, {"name_or_path": MODEL_DIR, "vocab_size": top + 1, "eos_id": vocab[EOT_TOKEN],
-                  "eos_token": EOT_TOKEN, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return text, {
+        "name_or_path": MODEL_DIR,
+        "vocab_size": top + 1,
+        "eos_id": vocab[EOT_TOKEN],
+        "eos_token": EOT_TOKEN,
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+    }
 
 
 # ----------------------------------------------------------------------------- text
 
+
 def local_files(pattern):
     """The sorted files a local --dataset names (file, folder or glob), checked readable and of one kind."""
     import glob
+
     pattern = os.path.expanduser(pattern)
     if os.path.isdir(pattern):
-        files = sorted(os.path.join(d, n) for d, _, names in os.walk(pattern) for n in names
-                       if os.path.splitext(n)[1] in TEXT_BUILDERS)
+        files = sorted(
+            os.path.join(d, n)
+            for d, _, names in os.walk(pattern)
+            for n in names
+            if os.path.splitext(n)[1] in TEXT_BUILDERS
+        )
     else:
         files = sorted(glob.glob(pattern, recursive=True))
     if not files:
         fail(f"--dataset {pattern}: no such file, or no .txt/.jsonl/.json/.parquet files there")
     kinds = {TEXT_BUILDERS.get(os.path.splitext(f)[1]) for f in files}
     if None in kinds or len(kinds) > 1:
-        fail(f"--dataset {pattern}: files must all be .txt, all .jsonl/.json or all .parquet, got "
-            f"{', '.join(sorted({os.path.splitext(f)[1] or f for f in files}))}")
+        fail(
+            f"--dataset {pattern}: files must all be .txt, all .jsonl/.json or all .parquet, got "
+            f"{', '.join(sorted({os.path.splitext(f)[1] or f for f in files}))}"
+        )
     for f in files:
         try:
             with open(f, "rb") as fh:
@@ -220,9 +257,15 @@ def dataset_source():
     """What --dataset names, checked as far as possible before anything is downloaded or written."""
     if is_local(DATASET, tuple(TEXT_BUILDERS)):
         files, builder = local_files(DATASET)
-        return {"dataset": os.path.abspath(os.path.expanduser(DATASET)), "config": None, "builder": builder,
-                "files": files, "text_field": TEXT_FIELD}
+        return {
+            "dataset": os.path.abspath(os.path.expanduser(DATASET)),
+            "config": None,
+            "builder": builder,
+            "files": files,
+            "text_field": TEXT_FIELD,
+        }
     from huggingface_hub import HfApi
+
     hub_call(f"dataset {DATASET}", HfApi().dataset_info, DATASET)  # fails at once; load_dataset retries for ~30 s
     return {"dataset": DATASET, "config": DATASET_CONFIG or None, "text_field": TEXT_FIELD}
 
@@ -231,8 +274,9 @@ def open_stream(source):
     """The text as a `datasets` stream (the same path for the hub and for local files), and the handler
     that catches the errors `datasets` logs."""
     os.environ.setdefault("USE_TORCH", "0")  # else `datasets` imports torch or TensorFlow (seconds) for
-    os.environ.setdefault("USE_TF", "0")     # features that streaming text does not use
+    os.environ.setdefault("USE_TF", "0")  # features that streaming text does not use
     import datasets
+
     log = LastLogError()
     logger = logging.getLogger("datasets")
     logger.handlers, logger.propagate = [log], False  # its read errors come back in our one-line messages
@@ -280,22 +324,29 @@ def documents(stream, log, skip, txt_files):
                         with open(path, encoding="utf-8") as f:
                             f.read()
                     except UnicodeDecodeError as bad:
-                        raise InputError(f"{path}: not UTF-8 text ({bad.reason} at byte {bad.start:,}); convert it "
-                                         f"to UTF-8 or remove it from the dataset") from None
+                        raise InputError(
+                            f"{path}: not UTF-8 text ({bad.reason} at byte {bad.start:,}); convert it "
+                            f"to UTF-8 or remove it from the dataset"
+                        ) from None
             raise InputError(f"cannot read {DATASET} after document {index}: {log.message or error_line(e)}") from None
         if batch is None:
             return
         if TEXT_FIELD not in batch:
-            raise InputError(f"{DATASET}: no {TEXT_FIELD!r} field in the documents (fields: {', '.join(batch)}); "
-                             f"pass --text-field with the one holding the text")
+            raise InputError(
+                f"{DATASET}: no {TEXT_FIELD!r} field in the documents (fields: {', '.join(batch)}); "
+                f"pass --text-field with the one holding the text"
+            )
         for text in batch[TEXT_FIELD]:
             if index >= skip:
                 if not isinstance(text, str):
-                    raise InputError(f"{DATASET}: document {index} has no text ({TEXT_FIELD!r} is "
-                                     f"{type(text).__name__}, not a string); fix or drop that record")
+                    raise InputError(
+                        f"{DATASET}: document {index} has no text ({TEXT_FIELD!r} is "
+                        f"{type(text).__name__}, not a string); fix or drop that record"
+                    )
                 if not text:
-                    raise InputError(f"{DATASET}: document {index} has an empty {TEXT_FIELD!r}; "
-                                     f"fix or drop that record")
+                    raise InputError(
+                        f"{DATASET}: document {index} has an empty {TEXT_FIELD!r}; fix or drop that record"
+                    )
                 yield index, text
             index += 1
 
@@ -334,6 +385,7 @@ def init_worker(tokenizer_json, eot_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and stops the pool
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: WORKERS processes use WORKERS cores
     from tokenizers import Tokenizer
+
     _TOKENIZER, _EOT = Tokenizer.from_str(tokenizer_json), eot_id
 
 
@@ -347,12 +399,13 @@ def tokenize(texts):
     pos = 0
     for x in ids:
         tokens[pos] = _EOT
-        tokens[pos + 1:pos + 1 + len(x)] = x
+        tokens[pos + 1 : pos + 1 + len(x)] = x
         pos += len(x) + 1
     return tokens, lengths, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- output
+
 
 def start_output(head):
     """The run's progress, and whether it is a finished one: fresh, resumed from progress.json, or manifest.json's
@@ -363,23 +416,34 @@ def start_output(head):
         if not os.path.exists(path):
             continue
         try:
-            old = shards.load_manifest(OUT_DIR) if name == shards.MANIFEST else \
-                files.read_json(path, f"delete {OUT_DIR} and run again")
+            old = (
+                shards.load_manifest(OUT_DIR)
+                if name == shards.MANIFEST
+                else files.read_json(path, f"delete {OUT_DIR} and run again")
+            )
         except ValueError as e:
             fail(str(e))
-        diff = [f"{k}.{kk}: {old.get(k, {}).get(kk)!r} -> {head[k].get(kk)!r}" for k in head
-                for kk in sorted(set(head[k]) | set(old.get(k, {}))) if old.get(k, {}).get(kk) != head[k].get(kk)]
+        diff = [
+            f"{k}.{kk}: {old.get(k, {}).get(kk)!r} -> {head[k].get(kk)!r}"
+            for k in head
+            for kk in sorted(set(head[k]) | set(old.get(k, {})))
+            if old.get(k, {}).get(kk) != head[k].get(kk)
+        ]
         if diff:
-            fail(f"{OUT_DIR} holds shards of a different run ({name}: {'; '.join(diff)}); "
-                f"choose another --out-dir or delete that folder")
+            fail(
+                f"{OUT_DIR} holds shards of a different run ({name}: {'; '.join(diff)}); "
+                f"choose another --out-dir or delete that folder"
+            )
         if name == shards.MANIFEST:  # as the progress of a run whose splits are all done
             splits = {k: {**v, "done": True} for k, v in old["splits"].items()}
             return {**old, "splits": splits, "next_doc": sum(v["documents"] for v in splits.values())}, True
         print(f"resuming: {sum(len(s['shards']) for s in old['splits'].values())} finished shards in {OUT_DIR}")
         return old, False
     if os.path.isdir(OUT_DIR) and any(n.endswith(".bin") for n in os.listdir(OUT_DIR)):
-        fail(f"{OUT_DIR} holds .bin shards but no {shards.MANIFEST} or {PROGRESS}, so from a different run; "
-            f"choose another --out-dir or delete them")
+        fail(
+            f"{OUT_DIR} holds .bin shards but no {shards.MANIFEST} or {PROGRESS}, so from a different run; "
+            f"choose another --out-dir or delete them"
+        )
     empty = {"shards": [], "documents": 0, "text_bytes": 0, "tokens": 0, "done": False}
     return {**head, "splits": {s: dict(empty, shards=[]) for s in SPLITS}, "next_doc": 0}, False
 
@@ -402,13 +466,20 @@ def redo_from(progress, split, index):
     """The progress as it was when shard `index` of `split` began: that shard and all after it are redone,
     byte-identical to the first time since the text, tokenizer and settings are the same."""
     if any("documents" not in s for info in progress["splits"].values() for s in info["shards"]):
-        fail(f"{OUT_DIR}: an older prepare.py wrote it, without the document counts needed to redo single shards; "
-            f"delete {OUT_DIR} and run again")
-    for name in SPLITS[SPLITS.index(split):]:
+        fail(
+            f"{OUT_DIR}: an older prepare.py wrote it, without the document counts needed to redo single shards; "
+            f"delete {OUT_DIR} and run again"
+        )
+    for name in SPLITS[SPLITS.index(split) :]:
         info = progress["splits"][name]
         kept = info["shards"][:index] if name == split else []
-        info.update(shards=kept, documents=sum(s["documents"] for s in kept), tokens=sum(s["ntok"] for s in kept),
-                    text_bytes=sum(s["text_bytes"] for s in kept), done=False)
+        info.update(
+            shards=kept,
+            documents=sum(s["documents"] for s in kept),
+            tokens=sum(s["ntok"] for s in kept),
+            text_bytes=sum(s["text_bytes"] for s in kept),
+            done=False,
+        )
     progress["next_doc"] = sum(info["documents"] for info in progress["splits"].values())
     return progress
 
@@ -430,11 +501,11 @@ class ShardWriter:
         lo = 0
         for d, n in enumerate(lengths.tolist()):
             if self.ntok and self.ntok + n > SHARD_TOKENS:
-                self.take(tokens[starts[lo]:starts[d]], d - lo, sum(sizes[lo:d]))
+                self.take(tokens[starts[lo] : starts[d]], d - lo, sum(sizes[lo:d]))
                 self.write(first + d)
                 lo = d
             self.ntok += n
-        self.take(tokens[starts[lo]:], len(lengths) - lo, sum(sizes[lo:]))
+        self.take(tokens[starts[lo] :], len(lengths) - lo, sum(sizes[lo:]))
         self.end = first + len(lengths)
 
     def take(self, tokens, docs, nbytes):
@@ -480,8 +551,15 @@ def tokenize_stream(progress, source, tokenizer_json, eot_id, started, clock):
         stream, log = open_stream(source)
         t0, cpu0 = time.perf_counter(), cpu_seconds()
         clock["start-up"] = t0 - started
-        with tqdm(total=VAL_BYTES + TRAIN_BYTES, initial=sum(split_bytes.values()), unit="B", unit_scale=True,
-                  unit_divisor=1024, desc="tokenizing", dynamic_ncols=True) as bar:
+        with tqdm(
+            total=VAL_BYTES + TRAIN_BYTES,
+            initial=sum(split_bytes.values()),
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="tokenizing",
+            dynamic_ncols=True,
+        ) as bar:
             inflight = deque()
 
             def collect():
@@ -494,8 +572,9 @@ def tokenize_stream(progress, source, tokenizer_json, eot_id, started, clock):
                     writer.add(split, first, out, lengths, sizes)
                 nbytes, tokens = nbytes + sum(sizes), tokens + len(out)
                 bar.update(sum(sizes))
-                bar.set_postfix_str(f"{tokens:,} tokens, {tokens / (time.perf_counter() - t0):,.0f} tok/s",
-                                    refresh=False)
+                bar.set_postfix_str(
+                    f"{tokens:,} tokens, {tokens / (time.perf_counter() - t0):,.0f} tok/s", refresh=False
+                )
 
             txt_files = source["files"] if source.get("builder") == "text" else []
             work = tasks(documents(stream, log, progress["next_doc"], txt_files), split_bytes)
@@ -513,8 +592,10 @@ def tokenize_stream(progress, source, tokenizer_json, eot_id, started, clock):
     with timed(clock, "write"):
         writer.end_split()
     if not progress["splits"]["train"]["shards"]:
-        raise InputError(f"{DATASET} ran out after {split_bytes['val']:,} bytes of text, leaving none for train; "
-                         f"lower --val-bytes or add text")
+        raise InputError(
+            f"{DATASET} ran out after {split_bytes['val']:,} bytes of text, leaving none for train; "
+            f"lower --val-bytes or add text"
+        )
     # the pool's processes have ended and been reaped by now
     return nbytes, tokens, time.perf_counter() - t0, cpu_seconds() - cpu0
 
@@ -529,12 +610,19 @@ def timed(clock, part):
 def breakdown(clock, seconds):
     """One line: where the time went, and the part that limits the run."""
     busy = clock["tokenize"] / (WORKERS * seconds)
-    limit = ("tokenizing: more cores (--workers) would help" if busy > 0.85 else
-             "reading the stream in one process" if clock["read"] > clock["write"] else "writing the shards")
-    return (f"time: start-up {clock['start-up']:.2f} s; then {seconds:.2f} s in which this process read the stream for "
-            f"{clock['read']:.2f} s, wrote shards for {clock['write']:.2f} s and waited for the tokenizers for "
-            f"{clock['wait']:.2f} s, and {WORKERS} workers tokenized for {clock['tokenize']:.2f} s "
-            f"({busy:.0%} busy); limited by {limit}")
+    limit = (
+        "tokenizing: more cores (--workers) would help"
+        if busy > 0.85
+        else "reading the stream in one process"
+        if clock["read"] > clock["write"]
+        else "writing the shards"
+    )
+    return (
+        f"time: start-up {clock['start-up']:.2f} s; then {seconds:.2f} s in which this process read the stream for "
+        f"{clock['read']:.2f} s, wrote shards for {clock['write']:.2f} s and waited for the tokenizers for "
+        f"{clock['wait']:.2f} s, and {WORKERS} workers tokenized for {clock['tokenize']:.2f} s "
+        f"({busy:.0%} busy); limited by {limit}"
+    )
 
 
 def cpu_seconds():
@@ -546,8 +634,10 @@ def cpu_seconds():
 def summary(splits):
     print(f"{'split':<6} {'documents':>10} {'text MiB':>10} {'tokens':>13} {'shards':>7} {'bytes/token':>12}")
     for name, s in splits.items():
-        print(f"{name:<6} {s['documents']:>10,} {s['text_bytes'] / 2**20:>10.2f} {s['tokens']:>13,} "
-              f"{len(s['shards']):>7} {s['text_bytes'] / max(1, s['tokens']):>12.2f}")
+        print(
+            f"{name:<6} {s['documents']:>10,} {s['text_bytes'] / 2**20:>10.2f} {s['tokens']:>13,} "
+            f"{len(s['shards']):>7} {s['text_bytes'] / max(1, s['tokens']):>12.2f}"
+        )
 
 
 def main():
@@ -558,52 +648,81 @@ def main():
     source = dataset_source()
     model_source, (tokenizer_json, tokenizer) = fetch_model()
     source = {"model": model_source, **source}
-    head = {"format": {"magic": shards.MAGIC, "version": shards.VERSION, "header_int32": shards.HEADER_INTS,
-                       "token_dtype": "uint16"},
-            "source": source, "tokenizer": tokenizer,
-            "settings": {"train_bytes": TRAIN_BYTES, "val_bytes": VAL_BYTES, "shard_tokens": SHARD_TOKENS}}
+    head = {
+        "format": {
+            "magic": shards.MAGIC,
+            "version": shards.VERSION,
+            "header_int32": shards.HEADER_INTS,
+            "token_dtype": "uint16",
+        },
+        "source": source,
+        "tokenizer": tokenizer,
+        "settings": {"train_bytes": TRAIN_BYTES, "val_bytes": VAL_BYTES, "shard_tokens": SHARD_TOKENS},
+    }
     progress, finished = start_output(head)
     damaged = damaged_shards(progress)
     if finished and not damaged:
         summary(progress["splits"])
         print(f"{OUT_DIR}: already complete; every shard matches its sha256 in {shards.MANIFEST}")
         return
+    redo_damaged(progress, finished, damaged)
+    clock = collections.Counter()
+    try:
+        nbytes, tokens, seconds, cpu = tokenize_stream(
+            progress, source, tokenizer_json, tokenizer["eos_id"], started, clock
+        )
+    except InputError as e:
+        kept = sum(len(s["shards"]) for s in progress["splits"].values())
+        fail(
+            f"{e}"
+            + (f" ({kept} finished shards kept in {OUT_DIR}: fix the input and re-run to resume)" if kept else "")
+        )
+    manifest = write_manifest(progress)
+    summary(manifest["splits"])
+    if manifest["splits"]["train"]["text_bytes"] < TRAIN_BYTES:
+        print(f"note: {DATASET} ended before --train-bytes {TRAIN_BYTES:,}; train has all the text there was")
+    print(
+        f"wrote {os.path.join(OUT_DIR, shards.MANIFEST)}; this run tokenized {nbytes / 1e6:.2f} MB of text into "
+        f"{tokens:,} tokens in {seconds:.2f} s ({cpu:.2f} CPU s) with {WORKERS} workers: "
+        f"{nbytes / 1e6 / seconds:.3f} MB/s, {tokens / seconds:,.0f} tokens/s"
+    )
+    print(breakdown(clock, seconds))
+
+
+def redo_damaged(progress: dict, finished: bool, damaged: list) -> None:
+    """Resume: the shards from the first damaged one on are redone (progress.json says so before anything else
+    happens), and temp files of a killed run are removed."""
     if damaged:
         split, index, problem = damaged[0]
-        print(f"{problem}" + (f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else "")
-              + f"; redoing the {split} shards from {index} on")
+        print(
+            f"{problem}"
+            + (f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else "")
+            + f"; redoing the {split} shards from {index} on"
+        )
         files.write_json_atomic(os.path.join(OUT_DIR, PROGRESS), redo_from(progress, split, index))
         if finished:  # the same command resumes from progress.json if this one is stopped too
             os.remove(os.path.join(OUT_DIR, shards.MANIFEST))
     for name in os.listdir(OUT_DIR) if os.path.isdir(OUT_DIR) else []:
         if re.fullmatch(r"((train|val)_\d+\.bin|progress\.json|manifest\.json)\.tmp\d+", name):
             os.remove(os.path.join(OUT_DIR, name))  # a temp file of a killed run; its shard is redone
-    clock = collections.Counter()
-    try:
-        nbytes, tokens, seconds, cpu = tokenize_stream(progress, source, tokenizer_json, tokenizer["eos_id"], started,
-                                                       clock)
-    except InputError as e:
-        kept = sum(len(s["shards"]) for s in progress["splits"].values())
-        fail(f"{e}" + (f" ({kept} finished shards kept in {OUT_DIR}: fix the input and re-run to resume)"
-                      if kept else ""))
+
+
+def write_manifest(progress: dict) -> dict:
+    """progress.json becomes manifest.json: the run is complete."""
     manifest = {k: v for k, v in progress.items() if k != "next_doc"}
     for split in manifest["splits"].values():
         del split["done"]
     files.write_json_atomic(os.path.join(OUT_DIR, shards.MANIFEST), manifest)
     os.remove(os.path.join(OUT_DIR, PROGRESS))
-    summary(manifest["splits"])
-    if manifest["splits"]["train"]["text_bytes"] < TRAIN_BYTES:
-        print(f"note: {DATASET} ended before --train-bytes {TRAIN_BYTES:,}; train has all the text there was")
-    print(f"wrote {os.path.join(OUT_DIR, shards.MANIFEST)}; this run tokenized {nbytes / 1e6:.2f} MB of text into "
-          f"{tokens:,} tokens in {seconds:.2f} s ({cpu:.2f} CPU s) with {WORKERS} workers: "
-          f"{nbytes / 1e6 / seconds:.3f} MB/s, {tokens / seconds:,.0f} tokens/s")
-    print(breakdown(clock, seconds))
+    return manifest
 
 
 if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        print(f"prepare.py: interrupted; finished shards stay in {OUT_DIR}, re-run the same command to resume",
-              file=sys.stderr)
+        print(
+            f"prepare.py: interrupted; finished shards stay in {OUT_DIR}, re-run the same command to resume",
+            file=sys.stderr,
+        )
         sys.exit(130)

@@ -12,6 +12,7 @@ Rank 0 writes the run folder OUT_DIR: run.json (the resolved config), metrics.js
 step, per validation and per launch, with versions and device) and checkpoints OUT_DIR/step000500/
 from which --resume continues exactly as if the run had never stopped.
 """
+
 import contextlib
 import json
 import math
@@ -25,15 +26,25 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common.checkpoint import (check_unchanged, latest_checkpoint, list_checkpoints, load_model, load_state,
-                               restore_training, save_checkpoint, start_run, training_state)
+from common import students
+from common.checkpoint import (
+    check_unchanged,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model,
+    load_state,
+    restore_training,
+    save_checkpoint,
+    start_run,
+    training_state,
+)
 from common.config import fail, override
 from common.evaluate import evaluate
-from common.runtime import Runtime, RunLog, environment, lr_at
 from common.files import atomic_write_bytes
+from common.runtime import RunLog, Runtime, environment, lr_at
 from common.shards import ShardError, TokenLoader, shard_files
-from common import students
 
+# fmt: off
 # ---------------------------------------------------------------------------------------------- run constants
 INIT = "models/smolllm2_135m"   # model folder, or checkpoint folder (distill.py's OUT/final, a train.py step folder)
 FROM_SCRATCH = False            # use only INIT's config.json, with freshly initialised weights (small experiments)
@@ -64,6 +75,7 @@ KEEP_LAST = 3                   # keep the newest this many checkpoints; 0 = kee
 COMPILE = True                  # torch.compile the model on GPUs (CPU stays eager: compiling costs more than it saves)
 DTYPE = "auto"                  # auto: bf16 autocast with fp32 master weights on GPUs, fp32 on CPU; float32, bfloat16
 SEED = 1337                     # weight initialisation (--from-scratch) and any randomness in the model
+# fmt: on
 
 config = override(globals())
 
@@ -87,8 +99,10 @@ if not OUT_DIR:
 micro_tokens = BATCH_SIZE * SEQ_LEN * rt.world_size  # tokens per micro-step over all ranks
 grad_accum = GRAD_ACCUM or TOTAL_BATCH_TOKENS // micro_tokens
 if grad_accum < 1 or (not GRAD_ACCUM and grad_accum * micro_tokens != TOTAL_BATCH_TOKENS):
-    fail(f"TOTAL_BATCH_TOKENS={TOTAL_BATCH_TOKENS:,} is not a multiple of BATCH_SIZE x SEQ_LEN x ranks "
-         f"= {BATCH_SIZE} x {SEQ_LEN} x {rt.world_size} = {micro_tokens:,}; change one of them or set --grad-accum")
+    fail(
+        f"TOTAL_BATCH_TOKENS={TOTAL_BATCH_TOKENS:,} is not a multiple of BATCH_SIZE x SEQ_LEN x ranks "
+        f"= {BATCH_SIZE} x {SEQ_LEN} x {rt.world_size} = {micro_tokens:,}; change one of them or set --grad-accum"
+    )
 tokens_per_step = BATCH_SIZE * SEQ_LEN * grad_accum * rt.world_size
 assert GRAD_ACCUM or tokens_per_step == TOTAL_BATCH_TOKENS
 config["grad_accum"], config["tokens_per_step"] = grad_accum, tokens_per_step
@@ -97,14 +111,34 @@ config["grad_accum"], config["tokens_per_step"] = grad_accum, tokens_per_step
 # run, e.g. a lower LR after a loss spike, or more steps), how a step's tokens are split into micro-steps, how it
 # runs, and when it validates, logs and saves. A change to any other (INIT, DATA_DIR, SEQ_LEN, the tokens per step,
 # SEED) would not continue this run, so it is refused.
-may_change = {"OUT_DIR", "RESUME", "STEPS", "LR", "MIN_LR_RATIO", "WARMUP_STEPS", "SCHEDULE", "WEIGHT_DECAY", "BETAS",
-              "GRAD_CLIP", "BATCH_SIZE", "GRAD_ACCUM", "grad_accum", "COMPILE", "DTYPE", "VAL_EVERY", "VAL_TOKENS",
-              "LOG_EVERY", "SAVE_EVERY", "KEEP_LAST"}
+may_change = {
+    "OUT_DIR",
+    "RESUME",
+    "STEPS",
+    "LR",
+    "MIN_LR_RATIO",
+    "WARMUP_STEPS",
+    "SCHEDULE",
+    "WEIGHT_DECAY",
+    "BETAS",
+    "GRAD_CLIP",
+    "BATCH_SIZE",
+    "GRAD_ACCUM",
+    "grad_accum",
+    "COMPILE",
+    "DTYPE",
+    "VAL_EVERY",
+    "VAL_TOKENS",
+    "LOG_EVERY",
+    "SAVE_EVERY",
+    "KEEP_LAST",
+}
 
 
 def open_run():
     """Rank 0 creates or reopens OUT_DIR (locked for the life of this process) and checks a resumed run's constants
     against those it started with; a refusal ends every rank with one line. Returns the run id on rank 0."""
+
     def start():
         run = start_run(OUT_DIR, RESUME, "train.py", config)
         if RESUME:
@@ -113,6 +147,7 @@ def open_run():
             if changed:
                 print("train.py: resuming with changed constants (the run is no longer exact): " + ", ".join(changed))
         return run["run_id"]
+
     try:
         return rt.master_only(start)
     except ValueError as e:
@@ -132,11 +167,14 @@ try:
         state = load_state(ckpt)
     elif FROM_SCRATCH:
         from transformers import AutoConfig, AutoModelForCausalLM
+
         if not os.path.isfile(os.path.join(INIT, "config.json")):
-            raise FileNotFoundError(f"{INIT}: no config.json to build the model from; run prepare.py or point --init "
-                                    f"to a model folder")
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(INIT), dtype=torch.float32,
-                                                 attn_implementation="sdpa").to(rt.device)
+            raise FileNotFoundError(
+                f"{INIT}: no config.json to build the model from; run prepare.py or point --init to a model folder"
+            )
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(INIT), dtype=torch.float32, attn_implementation="sdpa"
+        ).to(rt.device)
     else:
         model = load_model(INIT, device=rt.device)
 except (OSError, ValueError) as e:
@@ -172,15 +210,23 @@ except ShardError as e:
     fail(e)
 val_steps = VAL_TOKENS // micro_tokens if VAL_EVERY else 0
 if VAL_EVERY and not 1 <= val_steps <= val_total // micro_tokens:
-    fail(f"VAL_TOKENS={VAL_TOKENS:,} must hold at least one micro-step ({micro_tokens:,} tokens) and "
-         f"at most the val split ({val_total:,} tokens); change --val-tokens")
+    fail(
+        f"VAL_TOKENS={VAL_TOKENS:,} must hold at least one micro-step ({micro_tokens:,} tokens) and "
+        f"at most the val split ({val_total:,} tokens); change --val-tokens"
+    )
 val_batches = [val_loader.next_batch() for _ in range(val_steps)]  # the same tokens at every validation
 
 # the optimizer: AdamW with weight decay on matrices only; fused kernels on GPUs
 params = [p for p in model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
-                               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                              lr=LR, betas=tuple(BETAS), fused=True if cuda else None)
+optimizer = torch.optim.AdamW(
+    [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ],
+    lr=LR,
+    betas=tuple(BETAS),
+    fused=True if cuda else None,
+)
 
 # resume: optimizer moments, the step, the data position and RNG (the LR is a pure function of the step)
 start_step = restore_training(state, train_loader, optimizer) if ckpt else 0
@@ -194,8 +240,13 @@ if rt.master:
         with open(log.path) as f:  # (so is a last line torn by a kill: it has no newline)
             kept = [line for line in f if ckpt and line.endswith("\n") and json.loads(line)["step"] <= start_step]
         atomic_write_bytes(log.path, [line.encode() for line in kept])
-    log.log(step=start_step, event="resume" if RESUME else "start", checkpoint=ckpt, config=config,
-            environment=environment(rt))
+    log.log(
+        step=start_step,
+        event="resume" if RESUME else "start",
+        checkpoint=ckpt,
+        config=config,
+        environment=environment(rt),
+    )
 
 raw_model = model
 if COMPILE and cuda:
@@ -204,14 +255,26 @@ if rt.ddp:
     model = DDP(model, device_ids=[rt.local_rank] if cuda else None)
     model.broadcast_buffers = False  # the only buffers, rotary tables, never change: no broadcast every forward
 
-rt.print(f"model: {ckpt or INIT}{' (fresh weights)' if FROM_SCRATCH and not ckpt else ''}: {n_params / 1e6:.1f}M "
-         f"parameters, {cfg.num_hidden_layers} layers, {n_students} student decoders; {rt.device} x {rt.world_size} "
-         f"rank(s), {str(rt.dtype).replace('torch.', '')}, compile {'on' if COMPILE and cuda else 'off'}")
-rt.print(f"batch: {BATCH_SIZE} seqs x {SEQ_LEN} tokens x {grad_accum} micro-steps x {rt.world_size} rank(s) = "
-         f"{tokens_per_step:,} tokens/step; {STEPS} steps = {STEPS * tokens_per_step:,} tokens "
-         f"= {STEPS * tokens_per_step / train_total:.2f} passes over {train_total:,} train tokens")
-rt.print(f"run folder: {OUT_DIR}" + (f" (resuming at step {start_step} from {ckpt})" if ckpt else
-                                       " (no checkpoint yet: from step 0)" if RESUME else ""))
+rt.print(
+    f"model: {ckpt or INIT}{' (fresh weights)' if FROM_SCRATCH and not ckpt else ''}: {n_params / 1e6:.1f}M "
+    f"parameters, {cfg.num_hidden_layers} layers, {n_students} student decoders; {rt.device} x {rt.world_size} "
+    f"rank(s), {str(rt.dtype).replace('torch.', '')}, compile {'on' if COMPILE and cuda else 'off'}"
+)
+rt.print(
+    f"batch: {BATCH_SIZE} seqs x {SEQ_LEN} tokens x {grad_accum} micro-steps x {rt.world_size} rank(s) = "
+    f"{tokens_per_step:,} tokens/step; {STEPS} steps = {STEPS * tokens_per_step:,} tokens "
+    f"= {STEPS * tokens_per_step / train_total:.2f} passes over {train_total:,} train tokens"
+)
+rt.print(
+    f"run folder: {OUT_DIR}"
+    + (
+        f" (resuming at step {start_step} from {ckpt})"
+        if ckpt
+        else " (no checkpoint yet: from step 0)"
+        if RESUME
+        else ""
+    )
+)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -251,13 +314,23 @@ def log_pending_steps(pending, started):
             last = latest_checkpoint(OUT_DIR, phase="train") if rt.master else None
             if not rt.master:
                 sys.exit(1)  # rank 0 says why
-            fail(f"non-finite loss {loss} / grad norm {norm} at step {step}; stopped. Last good "
-                 f"checkpoint: {last or 'none yet'} (continue it with --resume --out-dir {OUT_DIR}, "
-                 f"perhaps with a lower --lr)")
-        log.log(step=step, loss=loss, lr=lr, grad_norm=norm, tokens=step * tokens_per_step,
-                **(speed if i == len(pending) - 1 else {}))
-    rt.print(f"step {step:>6}/{STEPS} | loss {loss:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | {tok_s:,.0f} tok/s"
-             + (f" | mfu {speed['mfu']:.1%}" if peak else ""))
+            fail(
+                f"non-finite loss {loss} / grad norm {norm} at step {step}; stopped. Last good "
+                f"checkpoint: {last or 'none yet'} (continue it with --resume --out-dir {OUT_DIR}, "
+                f"perhaps with a lower --lr)"
+            )
+        log.log(
+            step=step,
+            loss=loss,
+            lr=lr,
+            grad_norm=norm,
+            tokens=step * tokens_per_step,
+            **(speed if i == len(pending) - 1 else {}),
+        )
+    rt.print(
+        f"step {step:>6}/{STEPS} | loss {loss:.4f} | lr {lr:.2e} | grad norm {norm:.3f} | {tok_s:,.0f} tok/s"
+        + (f" | mfu {speed['mfu']:.1%}" if peak else "")
+    )
 
 
 def out_of_memory(step):
@@ -267,15 +340,21 @@ def out_of_memory(step):
     if fresh:
         shutil.rmtree(OUT_DIR)
     again = "run again" if fresh else f"continue with --resume --out-dir {OUT_DIR}"
-    fail(f"out of memory at step {step} ({BATCH_SIZE} x {SEQ_LEN} tokens per micro-step on {rt.device}); "
-         f"{again} and a lower --batch-size (more micro-steps then make up TOTAL_BATCH_TOKENS)")
+    fail(
+        f"out of memory at step {step} ({BATCH_SIZE} x {SEQ_LEN} tokens per micro-step on {rt.device}); "
+        f"{again} and a lower --batch-size (more micro-steps then make up TOTAL_BATCH_TOKENS)"
+    )
 
 
 def save(step):
     folder = os.path.join(OUT_DIR, f"step{step:06d}")
-    save_checkpoint(folder, raw_model, meta={"script": "train.py", "phase": "train", "step": step, "run_id": run_id,
-                                             "init": INIT}, state=training_state(step, optimizer, train_loader),
-                    keep_tokenizer_from=INIT)
+    save_checkpoint(
+        folder,
+        raw_model,
+        meta={"script": "train.py", "phase": "train", "step": step, "run_id": run_id, "init": INIT},
+        state=training_state(step, optimizer, train_loader),
+        keep_tokenizer_from=INIT,
+    )
     for old in list_checkpoints(OUT_DIR, phase="train")[:-KEEP_LAST]:
         shutil.rmtree(old)
     return folder

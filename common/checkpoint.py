@@ -13,6 +13,7 @@ A run folder holds run.json (run id, script, resolved config) and the run's chec
 that uses it holds an flock on its run.lock for the whole of its life, so a second run on the same
 folder is refused; a killed holder releases it.
 """
+
 import fcntl
 import json
 import os
@@ -39,18 +40,23 @@ LOCK = "run.lock"  # in a run folder: flock'ed by the process running it, holds 
 def load_model(folder: str, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> nn.Module:
     """A ready fp32 model from a checkpoint folder or a Hugging Face model folder, students in place."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(f"{folder}: no config.json, so not a model or checkpoint folder; "
-                                f"run prepare.py to fetch the model, or point to a checkpoint folder (OUT/final)")
+        raise FileNotFoundError(
+            f"{folder}: no config.json, so not a model or checkpoint folder; "
+            f"run prepare.py to fetch the model, or point to a checkpoint folder (OUT/final)"
+        )
     check_weights(folder)
     students_path = os.path.join(folder, "students.json")
     if not os.path.exists(students_path):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa",
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=trust_remote_code
+        )
         return model.to(device)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa",
-                                             trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=trust_remote_code
+    )
     transformer_layers(model)
     specs = read_json(students_path, "the checkpoint is damaged; use another one")
     for s in specs:
@@ -73,20 +79,26 @@ def check_weights(folder: str) -> None:
                 with safe_open(path, "pt"):
                     pass
             except (SafetensorError, OSError) as e:
-                raise ValueError(f"{path}: not a complete safetensors file ({str(e).splitlines()[0]}); "
-                                 f"it was cut short or damaged: copy it again, or use another checkpoint") from None
+                raise ValueError(
+                    f"{path}: not a complete safetensors file ({str(e).splitlines()[0]}); "
+                    f"it was cut short or damaged: copy it again, or use another checkpoint"
+                ) from None
 
 
 def load_state(folder: str) -> dict:
     """The training state saved with a checkpoint (weights_only: tensors and plain types)."""
     path = os.path.join(folder, "state.pt")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no training state in this checkpoint; it can initialise a run but not resume one")
+        raise FileNotFoundError(
+            f"{path}: no training state in this checkpoint; it can initialise a run but not resume one"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged zip or pickle surfaces as any of several types, with paragraphs of advice
-        raise ValueError(f"{path}: unreadable training state ({type(e).__name__}: {str(e).split('. ')[0]}); "
-                         f"delete {folder} to resume from the checkpoint before it") from None
+        raise ValueError(
+            f"{path}: unreadable training state ({type(e).__name__}: {str(e).split('. ')[0]}); "
+            f"delete {folder} to resume from the checkpoint before it"
+        ) from None
 
 
 def restore_training(state: dict, loader: TokenLoader, optimizer: torch.optim.Optimizer | None = None) -> int:
@@ -105,8 +117,9 @@ def training_state(step: int, optimizer: torch.optim.Optimizer, loader: TokenLoa
     return {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state(), "rng": get_rng_state()}
 
 
-def save_checkpoint(folder: str, model: nn.Module, meta: dict, state: dict | None = None,
-                    keep_tokenizer_from: str | None = None) -> None:
+def save_checkpoint(
+    folder: str, model: nn.Module, meta: dict, state: dict | None = None, keep_tokenizer_from: str | None = None
+) -> None:
     """Write a checkpoint folder atomically (temp folder, then rename); replaces one of the same name."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
@@ -153,8 +166,10 @@ def lock_run(out_dir: str) -> None:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise ValueError(f"{out_dir}: in use by another run (pid {holder}); wait for it to end or stop it, "
-                         f"or choose another --out-dir") from None
+        raise ValueError(
+            f"{out_dir}: in use by another run (pid {holder}); wait for it to end or stop it, "
+            f"or choose another --out-dir"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[os.path.realpath(out_dir)] = fd  # never closed: closing would release the lock
@@ -168,20 +183,24 @@ def start_run(out_dir: str, resume: bool, script: str, config: dict) -> dict:
     run_file = os.path.join(out_dir, "run.json")
     if resume:
         if not os.path.exists(run_file):
-            raise ValueError(f"{out_dir}: no run.json, so there is no run to resume here; "
-                             f"drop --resume to start a new run")
+            raise ValueError(
+                f"{out_dir}: no run.json, so there is no run to resume here; drop --resume to start a new run"
+            )
         lock_run(out_dir)
         run = read_json(run_file, "the run folder is damaged; start a new run in another --out-dir")
         if run.get("script") != script:
-            raise ValueError(f"{out_dir}: this run was written by {run.get('script')}, not {script}; "
-                             f"resume it with that script or choose another --out-dir")
+            raise ValueError(
+                f"{out_dir}: this run was written by {run.get('script')}, not {script}; "
+                f"resume it with that script or choose another --out-dir"
+            )
         clear_torn(out_dir)
         return run
     if os.path.exists(os.path.join(out_dir, LOCK)):
         lock_run(out_dir)  # a run going on in it is refused with its pid
     if holds_files(out_dir):  # checked before the lock too, so that a folder of other files is left untouched
-        raise ValueError(f"{out_dir}: already holds files of another run; pass --resume to continue it, "
-                         f"or choose a new --out-dir")
+        raise ValueError(
+            f"{out_dir}: already holds files of another run; pass --resume to continue it, or choose a new --out-dir"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
     try:
         os.mkdir(out_dir)  # atomic: of two runs starting at once, at most one creates it
@@ -223,9 +242,11 @@ def check_unchanged(saved: dict, config: dict, may_change: set[str], source: str
     changed = [(k, saved[k], v) for k, v in config.items() if k in saved and saved[k] != v]
     refused = [f"{k} {old!r} -> {new!r}" for k, old, new in changed if k not in may_change]
     if refused:
-        raise ValueError(f"{source}: this run's result depends on constants changed since it started "
-                         f"({'; '.join(refused)}); resume with the run's values, or start a new run in another "
-                         f"--out-dir")
+        raise ValueError(
+            f"{source}: this run's result depends on constants changed since it started "
+            f"({'; '.join(refused)}); resume with the run's values, or start a new run in another "
+            f"--out-dir"
+        )
     return [f"{k} {old!r} -> {new!r}" for k, old, new in changed]
 
 
@@ -254,6 +275,8 @@ def latest_checkpoint(out_dir: str, phase: str | None = None) -> str | None:
     damaged = []
     found = list_checkpoints(out_dir, phase, damaged)
     for path in damaged:
-        print(f"{path}: unreadable meta.json, so this checkpoint is passed over (delete it); "
-              f"using the newest good one", file=sys.stderr)
+        print(
+            f"{path}: unreadable meta.json, so this checkpoint is passed over (delete it); using the newest good one",
+            file=sys.stderr,
+        )
     return found[-1] if found else None

@@ -8,6 +8,7 @@ value of the wrong type is a one-line error that lists what would have been acce
 `--help` (or `-h`) prints every constant with its default and the comment on its line in the
 script's source (`NAME = value  # comment`), then exits.
 """
+
 import json
 import os
 import re
@@ -48,7 +49,9 @@ def _parse(name, default, text):
                 out.append(kind(t) if kind else int(t))
             except ValueError:
                 if kind in (int, float):
-                    raise ValueError(f"--{name} wants a comma-separated list of {kind.__name__}, got {text!r}") from None
+                    raise ValueError(
+                        f"--{name} wants a comma-separated list of {kind.__name__}, got {text!r}"
+                    ) from None
                 out.append(t)
         return out
     if isinstance(default, dict) or default is None:
@@ -67,12 +70,15 @@ def _parse(name, default, text):
 def _documentation(path):
     """From a script's source: {NAME: comment} of its top-level `NAME = value  # comment` lines (a comment
     continues on indented comment-only lines below), {NAME: section} where a comment-only line at column 0
-    (`# layer-wise phase`, not a `# ----` divider) sits right above a NAME line, and {NAME: its line}."""
+    (`# layer-wise phase`, not a `# ----` divider or `# fmt:` line) sits right above a NAME line, and {NAME: its line}."""
     try:
         with open(path, encoding="utf-8") as f:
             source = f.readlines()
-        comments = {t.start[0]: t.string.lstrip("#").strip() for t in tokenize.generate_tokens(iter(source).__next__)
-                    if t.type == tokenize.COMMENT}  # tokenize: a '#' inside a string is no comment
+        comments = {
+            t.start[0]: t.string.lstrip("#").strip()
+            for t in tokenize.generate_tokens(iter(source).__next__)
+            if t.type == tokenize.COMMENT
+        }  # tokenize: a '#' inside a string is no comment
     except (OSError, SyntaxError, tokenize.TokenError):
         return {}, {}, {}
     docs, sections, lines, name = {}, {}, {}, None
@@ -82,7 +88,7 @@ def _documentation(path):
             name = constant[1]
             docs[name], lines[name] = comments.get(number, ""), number
             above = source[number - 2] if number > 1 else ""
-            if above.startswith("#") and not above.startswith("# -"):
+            if above.startswith("#") and not above.startswith(("# -", "# fmt:")):
                 sections[name] = comments.get(number - 1, "")
         elif not (name and line[:1].isspace() and line.lstrip().startswith("#")):
             name = None
@@ -110,9 +116,11 @@ def _help(constants, names, usage=None):
     comments, sections, lines = _documentation(path)
     module = getattr(constants.get("__spec__"), "name", None)  # set under python -m
     command = f"python -m {module}" if module else f"python {os.path.basename(path)}"
-    out = [f"usage: {usage or command + ' [--name value ...]'}",
-           "Each constant below is set by --name value or --name=value (a list: 0,1,2; a dict: JSON; a bool alone: "
-           "true). Defaults:"]
+    out = [
+        f"usage: {usage or command + ' [--name value ...]'}",
+        "Each constant below is set by --name value or --name=value (a list: 0,1,2; a dict: JSON; a bool alone: "
+        "true). Defaults:",
+    ]
     names = sorted(names, key=lambda n: (lines.get(n, float("inf")), n))
     options = {n: "--" + n.lower().replace("_", "-") for n in names}
     width = max(len(o) for o in options.values()) if names else 0
@@ -131,8 +139,11 @@ def override(constants: dict, argv: list[str] | None = None, usage: str | None =
     Exits with a one-line message on bad input; prints the help and exits 0 given --help or -h
     (`usage`: the usage line's command, for scripts with more than options)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    names = sorted(k for k, v in constants.items() if k.isupper() and not k.startswith("_") and not callable(v)
-                   and not isinstance(v, type(sys)))
+    names = sorted(
+        k
+        for k, v in constants.items()
+        if k.isupper() and not k.startswith("_") and not callable(v) and not isinstance(v, type(sys))
+    )
     if any(arg in HELP for arg in argv):
         print(_help(constants, names, usage))
         sys.exit(0)
@@ -145,7 +156,9 @@ def override(constants: dict, argv: list[str] | None = None, usage: str | None =
             key, eq, text = arg[2:].partition("=")
             name = key.replace("-", "_").upper()
             if name not in names:
-                raise ValueError(f"unknown option --{key}; known: " + " ".join("--" + n.lower().replace("_", "-") for n in names))
+                raise ValueError(
+                    f"unknown option --{key}; known: " + " ".join("--" + n.lower().replace("_", "-") for n in names)
+                )
             default = constants[name]
             if not eq:
                 nxt = argv[i + 1] if i + 1 < len(argv) else None

@@ -19,18 +19,20 @@ VAL_TOKENS of the val shards, in whole batches, read from the start on every cal
 loaded together so that the teacher runs once per batch; the logits are reduced a chunk of tokens
 at a time (common.kd.kd_metrics) and never held for a whole batch.
 """
+
 import contextlib
 import math
-from collections.abc import Callable
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+from common import swap
 from common.checkpoint import load_model
 from common.config import override
 from common.files import write_json_atomic
@@ -38,9 +40,9 @@ from common.generate import decoding_cache, forward_cached, generate, has_tokeni
 from common.kd import final_hidden, head_weight, kd_metrics
 from common.plots import comparison_png
 from common.runtime import Runtime
-from common import swap
 from common.shards import ShardError, val_batches
 
+# fmt: off
 TEACHER = "models/smolllm2_135m"  # the reference model (prepare.py writes it); '' = no teacher, CE and ppl only
 DATA_DIR = "data/fineweb_edu"     # prepare.py's output; its val split is read
 VAL_TOKENS = 65536                # val tokens per model (all ranks together), rounded down to whole batches
@@ -56,12 +58,17 @@ TASKS = []                        # lm-evaluation-harness tasks (names, or paths
 TASK_DIR = ""                     # a folder of your own task YAML files (lm_eval's include_path), e.g. local data
 LIMIT = 0                         # --tasks: examples per task (quick runs); 0 = all
 TASK_BATCH_SIZE = 8               # --tasks: lm_eval's batch size
+# fmt: on
 
 
 @torch.no_grad()
-def evaluate_models(models: dict[str, nn.Module], batches: list[tuple[torch.Tensor, torch.Tensor]],
-                    teacher: nn.Module | Callable | None = None, rt: Runtime | None = None,
-                    progress: bool = False) -> tuple[dict[str, dict], dict | None]:
+def evaluate_models(
+    models: dict[str, nn.Module],
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    teacher: nn.Module | Callable | None = None,
+    rt: Runtime | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, dict], dict | None]:
     """Evaluate {name: model} on `batches` ((x, y) pairs) in one pass, the teacher once per batch.
     `teacher` is a model, or a function ids -> final hidden states whose logits use each model's
     own LM head (the logits phase with decoders only, where teacher and student share a backbone).
@@ -91,8 +98,13 @@ def evaluate_models(models: dict[str, nn.Module], batches: list[tuple[torch.Tens
                 elif teacher is not None:
                     ht = teacher(x)
                 for k, (name, model) in enumerate(models.items()):
-                    m = kd_metrics(final_hidden(model, x), head_weight(model), y, ht,
-                                   None if teacher_model is None else head_weight(teacher_model))
+                    m = kd_metrics(
+                        final_hidden(model, x),
+                        head_weight(model),
+                        y,
+                        ht,
+                        None if teacher_model is None else head_weight(teacher_model),
+                    )
                     teacher_ce = m.pop("teacher_ce", None)
                     if teacher_ce is not None and k == 0:
                         _add(teacher_sums, {"tokens": m["tokens"], "ce": teacher_ce})
@@ -104,8 +116,12 @@ def evaluate_models(models: dict[str, nn.Module], batches: list[tuple[torch.Tens
     return results, (_finish(teacher_sums, rt) if teacher_sums else None)
 
 
-def evaluate(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
-             teacher: nn.Module | Callable | None = None, rt: Runtime | None = None) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    teacher: nn.Module | Callable | None = None,
+    rt: Runtime | None = None,
+) -> dict[str, float]:
     """One model's {'ce', 'ppl'} and, with a teacher, 'kl', 'agreement', 'teacher_ce', 'teacher_ppl'."""
     results, t = evaluate_models({"model": model}, batches, teacher, rt)
     out = results["model"]
@@ -136,8 +152,15 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     attention, ffn and other (norms). Tied weights count once."""
     counts = dict.fromkeys(("total", "embedding", "attention", "ffn", "other"), 0)
     for name, p in model.named_parameters():
-        part = ("attention" if f".{swap.TARGET_ATTRS['attn']}." in name else "ffn" if f".{swap.TARGET_ATTRS['mlp']}." in name
-                else "embedding" if "embed" in name or "lm_head" in name else "other")
+        part = (
+            "attention"
+            if f".{swap.TARGET_ATTRS['attn']}." in name
+            else "ffn"
+            if f".{swap.TARGET_ATTRS['mlp']}." in name
+            else "embedding"
+            if "embed" in name or "lm_head" in name
+            else "other"
+        )
         counts[part] += p.numel()
         counts["total"] += p.numel()
     return counts
@@ -163,21 +186,28 @@ def speed_at(models: dict[str, nn.Module], prompt: torch.Tensor, decode_steps: i
     prefill_s, step_s, nxt = {}, {name: [] for name in models}, {}
     for name, model in models.items():
         with rt.autocast():
-            prefill_s[name], logits = timed(rt, forward_cached, model, prompt,
-                                            torch.arange(n, device=prompt.device)[None], caches[name])
+            prefill_s[name], logits = timed(
+                rt, forward_cached, model, prompt, torch.arange(n, device=prompt.device)[None], caches[name]
+            )
         nxt[name] = logits.argmax(-1, keepdim=True)
     for t in range(n, n + decode_steps):
         for name, model in models.items():
             with rt.autocast():
-                seconds, logits = timed(rt, forward_cached, model, nxt[name], torch.tensor([[t]], device=prompt.device),
-                                        caches[name])
+                seconds, logits = timed(
+                    rt, forward_cached, model, nxt[name], torch.tensor([[t]], device=prompt.device), caches[name]
+                )
             step_s[name].append(seconds)
             nxt[name] = logits.argmax(-1, keepdim=True)
     out = {}
     for name in models:
         held = state_bytes(caches[name])
-        out[name] = {"prefill_tok_s": n / prefill_s[name], "decode_tok_s": 1 / statistics.median(step_s[name]),
-                     "state_bytes": sum(held.values()), "kv_bytes": held["kv"], "recurrent_bytes": held["recurrent"]}
+        out[name] = {
+            "prefill_tok_s": n / prefill_s[name],
+            "decode_tok_s": 1 / statistics.median(step_s[name]),
+            "state_bytes": sum(held.values()),
+            "kv_bytes": held["kv"],
+            "recurrent_bytes": held["recurrent"],
+        }
     return out
 
 
@@ -187,7 +217,7 @@ def speed_rows(models: dict[str, nn.Module], tokens: torch.Tensor, rt: Runtime) 
     speed_at(models, tokens[:, :16], 2, rt)
     rows = []
     for n in tqdm(CONTEXTS, desc="speed", disable=not rt.master):
-        at = speed_at(models, tokens[:, :n - DECODE_STEPS], DECODE_STEPS, rt)
+        at = speed_at(models, tokens[:, : n - DECODE_STEPS], DECODE_STEPS, rt)
         rows += [{"context": n, "model": name, **r} for name, r in at.items()]
     return rows
 
@@ -204,29 +234,46 @@ def harness_scores(models: dict[str, nn.Module], tokenizer, rt: Runtime) -> dict
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise ValueError("--tasks needs lm-evaluation-harness: ./.venv/bin/python -m pip install lm_eval==0.4.13 "
-                 "(./setup_amd.sh installs it from requirements-extra.txt)")
+        raise ValueError(
+            "--tasks needs lm-evaluation-harness: ./.venv/bin/python -m pip install lm_eval==0.4.13 "
+            "(./setup_amd.sh installs it from requirements-extra.txt)"
+        )
 
     class CheckpointLM(HFLM):
         def _model_generate(self, context, max_length, stop, **kwargs):
             temperature = kwargs.get("temperature", 0.0) if kwargs.get("do_sample") else 0.0
-            return generate(self.model, context, max_length - context.shape[1], temperature, kwargs.get("top_p", 1.0),
-                            eos_id=self.tokenizer.eos_token_id, real=kwargs["attention_mask"])
+            return generate(
+                self.model,
+                context,
+                max_length - context.shape[1],
+                temperature,
+                kwargs.get("top_p", 1.0),
+                eos_id=self.tokenizer.eos_token_id,
+                real=kwargs["attention_mask"],
+            )
 
     manager = TaskManager(include_path=TASK_DIR, include_defaults=False) if TASK_DIR else None
     if manager is None or not set(TASKS) <= set(manager.all_tasks):  # lm_eval's own tasks: a slower index
         manager = TaskManager(include_path=TASK_DIR or None)
     unknown = [t for t in TASKS if t not in manager.all_tasks and not os.path.isfile(t)]
     if unknown:
-        raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)}: use lm_eval's task names, a task YAML file, or "
-                 f"--task-dir with a folder of your own task YAML files")
+        raise ValueError(
+            f"unknown lm-eval task(s) {', '.join(unknown)}: use lm_eval's task names, a task YAML file, or "
+            f"--task-dir with a folder of your own task YAML files"
+        )
     mixed = None if rt.dtype == torch.float32 else rt.dtype
     scores = {}
     for name, model in models.items():
-        lm = CheckpointLM(pretrained=model, backend="causal", tokenizer=tokenizer, batch_size=TASK_BATCH_SIZE,
-                          mixed_precision_dtype=mixed)
-        results = lm_eval.simple_evaluate(model=lm, tasks=TASKS, limit=LIMIT or None, task_manager=manager,
-                                          bootstrap_iters=0, log_samples=False)["results"]
+        lm = CheckpointLM(
+            pretrained=model,
+            backend="causal",
+            tokenizer=tokenizer,
+            batch_size=TASK_BATCH_SIZE,
+            mixed_precision_dtype=mixed,
+        )
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=TASKS, limit=LIMIT or None, task_manager=manager, bootstrap_iters=0, log_samples=False
+        )["results"]
         scores[name] = {}
         for task, metrics in results.items():
             key = next((k for m in ("acc_norm", "acc", "exact_match") for k in metrics if k.split(",")[0] == m), None)
@@ -236,10 +283,12 @@ def harness_scores(models: dict[str, nn.Module], tokenizer, rt: Runtime) -> dict
 
 
 # ---------------------------------------------------------------------------------------------- comparison table
-def comparison(names: list[str], quality: dict[str, dict], params: dict[str, dict], speed: list[dict],
-               tasks: dict[str, dict]) -> list[dict]:
+def comparison(
+    names: list[str], quality: dict[str, dict], params: dict[str, dict], speed: list[dict], tasks: dict[str, dict]
+) -> list[dict]:
     """The comparison table as rows {metric, unit, values: {model: value}}, models in `names` order
     (the teacher first); sections that were not measured are left out."""
+
     def row(metric, unit, value_of):
         return {"metric": metric, "unit": unit, "values": {n: value_of(n) for n in names}}
 
@@ -248,13 +297,20 @@ def comparison(names: list[str], quality: dict[str, dict], params: dict[str, dic
         rows.append(row(f"parameters (M): {part}", "M", lambda n: params[n][part] / 1e6))
     for n_ctx in sorted({r["context"] for r in speed}):
         at = {r["model"]: r for r in speed if r["context"] == n_ctx}
-        rows += [row(f"prefill tok/s @{n_ctx}", "tok/s", lambda n: at[n]["prefill_tok_s"]),
-                 row(f"decode tok/s @{n_ctx}", "tok/s", lambda n: at[n]["decode_tok_s"]),
-                 row(f"state MiB @{n_ctx}", "MiB", lambda n: at[n]["state_bytes"] / 2**20)]
+        rows += [
+            row(f"prefill tok/s @{n_ctx}", "tok/s", lambda n: at[n]["prefill_tok_s"]),
+            row(f"decode tok/s @{n_ctx}", "tok/s", lambda n: at[n]["decode_tok_s"]),
+            row(f"state MiB @{n_ctx}", "MiB", lambda n: at[n]["state_bytes"] / 2**20),
+        ]
     for task in sorted({t for n in names for t in tasks.get(n, {})}):
         metric = next(tasks[n][task]["metric"] for n in names if task in tasks.get(n, {}))
-        rows.append({"metric": f"{task} ({metric})", "unit": "acc",
-                     "values": {n: tasks[n][task]["value"] for n in names if task in tasks.get(n, {})}})
+        rows.append(
+            {
+                "metric": f"{task} ({metric})",
+                "unit": "acc",
+                "values": {n: tasks[n][task]["value"] for n in names if task in tasks.get(n, {})},
+            }
+        )
     return rows
 
 
@@ -280,13 +336,16 @@ def format_comparison(rows: list[dict], names: list[str], has_teacher: bool, mar
         cells.append(line)
     if has_teacher and any(task_ratios.values()):
         means = {n: sum(v) / len(v) for n, v in task_ratios.items() if v}
-        cells.append(["mean task ratio", ""] + [c for n in names[1:]
-                                                 for c in ("", f"{means[n]:.2f}x" if n in means else "-")])
+        cells.append(
+            ["mean task ratio", ""] + [c for n in names[1:] for c in ("", f"{means[n]:.2f}x" if n in means else "-")]
+        )
     if markdown:
         return ["| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *cells]]
     widths = [max(len(line[k]) for line in [header, *cells]) for k in range(len(header))]
-    return ["  ".join(v.ljust(w) if k == 0 else v.rjust(w) for k, (v, w) in enumerate(zip(line, widths)))
-            for line in [header, *cells]]
+    return [
+        "  ".join(v.ljust(w) if k == 0 else v.rjust(w) for k, (v, w) in enumerate(zip(line, widths)))
+        for line in [header, *cells]
+    ]
 
 
 def main(argv: list[str]) -> None:
@@ -307,10 +366,12 @@ def main(argv: list[str]) -> None:
     every = {**({"teacher": teacher} if teacher else {}), **models}  # the comparison's columns, teacher first
     batches, tokens = read_val(every, rt)
     n_tok = len(batches) * BATCH_SIZE * SEQ_LEN * rt.world_size
-    rt.print(f"{n_tok:,} val tokens from {DATA_DIR}: {len(batches)} batches of {BATCH_SIZE} x {SEQ_LEN} "
-             f"x {rt.world_size} rank(s) on {rt.device} ({str(rt.dtype).replace('torch.', '')})")
+    rt.print(
+        f"{n_tok:,} val tokens from {DATA_DIR}: {len(batches)} batches of {BATCH_SIZE} x {SEQ_LEN} "
+        f"x {rt.world_size} rank(s) on {rt.device} ({str(rt.dtype).replace('torch.', '')})"
+    )
     results, teacher_result = evaluate_models(models, batches, teacher, rt, progress=rt.master)
-    rows = ([{"model": TEACHER, "role": "teacher", **teacher_result}] if teacher_result else [])
+    rows = [{"model": TEACHER, "role": "teacher", **teacher_result}] if teacher_result else []
     rows += [{"model": p, "role": "checkpoint", **r} for p, r in results.items()]
     print_quality(rt, rows)
     report = {"val_tokens": n_tok, "config": config, "results": rows}
@@ -329,11 +390,15 @@ def check_arguments(paths: list[str], usage: str) -> str | None:
         sys.exit(f"usage: {usage}  (--help lists the options)")
     for path in paths + ([TEACHER] if TEACHER else []):  # every folder, before loading any model
         if not os.path.isfile(os.path.join(path, "config.json")):
-            sys.exit(f"{path}: not a model or checkpoint folder (no config.json); pass a checkpoint folder such as "
-                     f"runs/NAME/final, or the model folder prepare.py wrote")
+            sys.exit(
+                f"{path}: not a model or checkpoint folder (no config.json); pass a checkpoint folder such as "
+                f"runs/NAME/final, or the model folder prepare.py wrote"
+            )
     if SPEED and (not CONTEXTS or min(CONTEXTS) <= DECODE_STEPS or DECODE_STEPS < 1):
-        sys.exit(f"--contexts {CONTEXTS} must each exceed --decode-steps {DECODE_STEPS} (>= 1): each context is a "
-                 f"prefill of context - decode-steps tokens, then the decoded ones")
+        sys.exit(
+            f"--contexts {CONTEXTS} must each exceed --decode-steps {DECODE_STEPS} (>= 1): each context is a "
+            f"prefill of context - decode-steps tokens, then the decoded ones"
+        )
     tok_dir = next((p for p in [TEACHER, *paths] if p and has_tokenizer(p)), None)
     if TASKS and tok_dir is None:
         sys.exit("--tasks needs a tokenizer: neither the teacher nor any checkpoint folder has tokenizer files")
@@ -357,7 +422,9 @@ def read_val(models: dict[str, nn.Module], rt: Runtime) -> tuple[list, torch.Ten
     if SPEED and max(CONTEXTS) > limit:
         sys.exit(f"--contexts {CONTEXTS} go beyond the models' {limit} positions; lower them")
     try:
-        batches = val_batches(DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, next(iter(vocab.values())))
+        batches = val_batches(
+            DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, next(iter(vocab.values()))
+        )
         tokens = val_batches(DATA_DIR, max(CONTEXTS), 1, max(CONTEXTS))[0][0].to(rt.device) if SPEED else None
     except (ShardError, ValueError) as e:
         sys.exit(str(e))
@@ -373,11 +440,17 @@ def print_quality(rt: Runtime, rows: list[dict]) -> None:
         rt.print(f"{r['model']:<{width}}{r['role']:<12}{r['ce']:>10.4f}{r['ppl']:>12.6g}{kl}")
 
 
-def compare(models: dict[str, nn.Module], quality: dict[str, dict], tokens: torch.Tensor | None, tok_dir: str | None,
-            rt: Runtime) -> dict:
+def compare(
+    models: dict[str, nn.Module],
+    quality: dict[str, dict],
+    tokens: torch.Tensor | None,
+    tok_dir: str | None,
+    rt: Runtime,
+) -> dict:
     """--speed and --tasks: parameters, speed at each context and task scores of every model, printed as one
     comparison table; returns them for the report."""
     from transformers import AutoTokenizer
+
     params = {name: parameter_counts(m) for name, m in models.items()} if SPEED else {}
     speed = speed_rows(models, tokens, rt) if SPEED else []
     try:
@@ -387,9 +460,15 @@ def compare(models: dict[str, nn.Module], quality: dict[str, dict], tokens: torc
     names = list(models)
     table = comparison(names, quality, params, speed, tasks)
     where = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"{torch.get_num_threads()} threads"
-    rt.print(f"\ncomparison on {rt.device} ({where})"
-             + (f"; at each context: a prefill of context - {DECODE_STEPS} tokens, then {DECODE_STEPS} tokens "
-                f"decoded one at a time (median step); state = decoding cache per sequence" if SPEED else ""))
+    rt.print(
+        f"\ncomparison on {rt.device} ({where})"
+        + (
+            f"; at each context: a prefill of context - {DECODE_STEPS} tokens, then {DECODE_STEPS} tokens "
+            f"decoded one at a time (median step); state = decoding cache per sequence"
+            if SPEED
+            else ""
+        )
+    )
     for line in format_comparison(table, names, "teacher" in models):
         rt.print(line)
     return {"parameters": params, "speed": speed, "tasks": tasks, "models": names, "comparison": table}

@@ -19,6 +19,7 @@ model card with the provenance (checkpoint, run, teacher, students) and the eval
 transformers and checked to give the checkpoint's logits, then renamed: a folder with its final name
 is complete.
 """
+
 import copy
 import json
 import os
@@ -36,11 +37,13 @@ from common.files import read_json
 from common.generate import has_tokenizer
 from common.swap import get_block, student_specs, transformer_layers
 
+# fmt: off
 OUT = ""                            # the folder to write (must not exist yet)
 TOKENIZER = "models/smolllm2_135m"  # tokenizer and generation config for checkpoints that carry none (the teacher's)
 EVAL = ""                           # a JSON file from `python -m common.evaluate ... --out`: its table goes in the card
 PAD_TO_WIDEST = False               # FFNs of different widths: zero-pad each to the widest (exact, but saves nothing)
 CHECK_TOKENS = 64                   # tokens of the logits check between the checkpoint and the reloaded folder
+# fmt: on
 _HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "relu2": "relu2"}  # prototype activation -> transformers' name
 
 
@@ -65,8 +68,12 @@ def ffn_weights(block: nn.Module, config: PreTrainedConfig) -> tuple[str, int, s
         return kind or "teacher", inner.gate_proj.out_features, config.hidden_act, inner.state_dict()
     if kind == "prototype" and block.gated and block.fc_in.bias is None and block.activation in _HF_ACTIVATION:
         gate, up = block.fc_in.weight.chunk(2)
-        return ("prototype", block.width, _HF_ACTIVATION[block.activation],
-                {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": block.fc_out.weight})
+        return (
+            "prototype",
+            block.width,
+            _HF_ACTIVATION[block.activation],
+            {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": block.fc_out.weight},
+        )
     why = "ungated or with biases" if kind == "prototype" else "an unknown kind"
     raise ValueError(f"{kind} FFN students ({why}) have no standard transformers class")
 
@@ -78,9 +85,11 @@ def export_state(model: nn.Module) -> tuple[PreTrainedConfig, dict[str, torch.Te
     attention = [s for s in student_specs(model) if s["target"] == "attn"]
     if attention:
         kinds = sorted({s["kind"] for s in attention})
-        raise ValueError(f"layers {spans([s['layer'] for s in attention])} have {'/'.join(kinds)} attention students: "
-                      f"no transformers class mixes gated linear or sink-and-window attention with the teacher's "
-                      f"softmax layers; export needs the teacher's attention in every layer")
+        raise ValueError(
+            f"layers {spans([s['layer'] for s in attention])} have {'/'.join(kinds)} attention students: "
+            f"no transformers class mixes gated linear or sink-and-window attention with the teacher's "
+            f"softmax layers; export needs the teacher's attention in every layer"
+        )
     ffns = []
     for i in range(len(transformer_layers(model))):
         try:
@@ -90,21 +99,26 @@ def export_state(model: nn.Module) -> tuple[PreTrainedConfig, dict[str, torch.Te
     groups = {}
     for i, (what, width, act, _) in enumerate(ffns):
         groups.setdefault((what, width, act), []).append(i)
-    described = "; ".join(f"layer{'s' * (len(ls) > 1)} {spans(ls)}: {what} FFN, width {w}, {a}"
-                          for (what, w, a), ls in groups.items())
+    described = "; ".join(
+        f"layer{'s' * (len(ls) > 1)} {spans(ls)}: {what} FFN, width {w}, {a}" for (what, w, a), ls in groups.items()
+    )
     if len({act for _, _, act, _ in ffns}) > 1:
         raise ValueError(f"the FFN activations differ ({described}): the config has one hidden_act for every layer")
     widest = max(width for _, width, _, _ in ffns)
     if len({width for _, width, _, _ in ffns}) > 1 and not PAD_TO_WIDEST:
-        raise ValueError(f"the FFN widths differ ({described}): the config has one intermediate_size for every layer; "
-                      f"--pad-to-widest zero-pads them to {widest} (exact, but saves nothing)")
+        raise ValueError(
+            f"the FFN widths differ ({described}): the config has one intermediate_size for every layer; "
+            f"--pad-to-widest zero-pads them to {widest} (exact, but saves nothing)"
+        )
     if len({width for _, width, _, _ in ffns}) > 1:
         described += f"; zero-padded to width {widest} (--pad-to-widest: exact, saves nothing)"
     state = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
     for i, (_, width, _, weights) in enumerate(ffns):
         extra = widest - width  # zero rows of gate and up (and their biases), zero columns of down
         for name, w in weights.items():
-            pad = {"down_proj.weight": (0, extra), "down_proj.bias": (0, 0)}.get(name, (0, 0) * (w.dim() - 1) + (0, extra))
+            pad = {"down_proj.weight": (0, extra), "down_proj.bias": (0, 0)}.get(
+                name, (0, 0) * (w.dim() - 1) + (0, extra)
+            )
             state[f"model.layers.{i}.mlp.{name}"] = torch.nn.functional.pad(w.detach(), pad)
     exported = copy.deepcopy(config)
     exported.intermediate_size, exported.hidden_act = widest, ffns[0][2]
@@ -119,23 +133,33 @@ def model_card(checkpoint: str, config: PreTrainedConfig, described: str, n_para
     run_file = os.path.join(os.path.dirname(os.path.realpath(checkpoint)), "run.json")  # the run the checkpoint is in
     run = read_json(run_file, "the run folder is damaged") if os.path.exists(run_file) else {}
     teacher = run.get("config", {}).get("TEACHER", "unknown")
-    lines = ["---", "library_name: transformers", "tags: [distillation, layerwise-decoder-distillation]", "---", "",
-             f"# {os.path.basename(os.path.abspath(OUT))}", "",
-             f"A {config.architectures[0]} with {n_params / 1e6:.2f}M parameters (FFN width {config.intermediate_size}), "
-             f"exported by `python -m common.export` of layerwise-decoder-distillation from the checkpoint "
-             f"`{checkpoint}`. It loads with `transformers.AutoModelForCausalLM.from_pretrained` alone.", "",
-             f"- teacher: `{teacher}`",
-             f"- run: `{run.get('run_id', 'unknown')}` ({run.get('script', 'unknown script')}), checkpoint meta: "
-             f"`{json.dumps(meta)}`",
-             f"- FFNs: {described}",
-             f"- check: reloaded with transformers, its logits differ from the checkpoint's by at most {max_diff:.2e} "
-             f"over {CHECK_TOKENS} tokens"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [distillation, layerwise-decoder-distillation]",
+        "---",
+        "",
+        f"# {os.path.basename(os.path.abspath(OUT))}",
+        "",
+        f"A {config.architectures[0]} with {n_params / 1e6:.2f}M parameters (FFN width {config.intermediate_size}), "
+        f"exported by `python -m common.export` of layerwise-decoder-distillation from the checkpoint "
+        f"`{checkpoint}`. It loads with `transformers.AutoModelForCausalLM.from_pretrained` alone.",
+        "",
+        f"- teacher: `{teacher}`",
+        f"- run: `{run.get('run_id', 'unknown')}` ({run.get('script', 'unknown script')}), checkpoint meta: "
+        f"`{json.dumps(meta)}`",
+        f"- FFNs: {described}",
+        f"- check: reloaded with transformers, its logits differ from the checkpoint's by at most {max_diff:.2e} "
+        f"over {CHECK_TOKENS} tokens",
+    ]
     if EVAL:
         with open(EVAL) as f:
             report = json.load(f)
         lines += ["", "## Evaluation", "", f"`python -m common.evaluate` ({report['val_tokens']:,} val tokens):", ""]
         if "comparison" in report:
-            lines += format_comparison(report["comparison"], report["models"], "teacher" in report["models"], markdown=True)
+            lines += format_comparison(
+                report["comparison"], report["models"], "teacher" in report["models"], markdown=True
+            )
         else:
             lines += ["| model | role | val CE | ppl |", "|---|---|---|---|"]
             lines += [f"| {r['model']} | {r['role']} | {r['ce']:.4f} | {r['ppl']:.2f} |" for r in report["results"]]
@@ -146,12 +170,15 @@ def model_card(checkpoint: str, config: PreTrainedConfig, described: str, n_para
 def export(checkpoint: str, out: str) -> tuple[float, str]:
     """Write the export of `checkpoint` to `out` (temp folder, check, rename). Returns the max logit difference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
     model = load_model(checkpoint).eval()
     config, state, described = export_state(model)
     tok_dir = checkpoint if has_tokenizer(checkpoint) else TOKENIZER
     if not has_tokenizer(tok_dir):
-        raise ValueError(f"{checkpoint} has no tokenizer files and neither has {tok_dir}; pass --tokenizer with the "
-                      f"teacher's model folder")
+        raise ValueError(
+            f"{checkpoint} has no tokenizer files and neither has {tok_dir}; pass --tokenizer with the "
+            f"teacher's model folder"
+        )
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp_{os.path.basename(out)}_{os.getpid()}")
@@ -168,8 +195,10 @@ def export(checkpoint: str, out: str) -> tuple[float, str]:
         expected = model(ids, use_cache=False).logits
         max_diff = (reloaded(ids, use_cache=False).logits - expected).abs().max().item()
         if max_diff > 1e-4 * max(1.0, expected.abs().max().item()):
-            raise RuntimeError(f"the reloaded export's logits differ from the checkpoint's by {max_diff:.3g}: a bug in "
-                               f"common/export.py; nothing was written")
+            raise RuntimeError(
+                f"the reloaded export's logits differ from the checkpoint's by {max_diff:.3g}: a bug in "
+                f"common/export.py; nothing was written"
+            )
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(checkpoint, config, described, sum(p.numel() for p in reloaded.parameters()), max_diff))
         os.replace(tmp, out)

@@ -1,5 +1,6 @@
 """Files written whole or not at all: a temp file in the same folder, fsync, then rename (a reader never
 sees half a file, a killed writer leaves at most a temp file), and JSON read back with a one-line error."""
+
 import hashlib
 import json
 import os

@@ -8,6 +8,7 @@ checkpoint folder when it holds tokenizer files, else from --tokenizer (the prep
 Decoding is incremental: the prompt runs once, then each new token alone, with transformers' KV cache
 for the teacher's attention layers and the students' own decoding state (common/students/attention.py).
 """
+
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from common.runtime import Runtime
 from common.students.attention import RecurrentState
 from common.swap import transformer_layers
 
+# fmt: off
 PROMPT = "Once upon a time"            # text to continue; a default so a bare run shows something
 PROMPTS_FILE = ""                      # a text file of prompts, one per line, generated as one batch (replaces PROMPT)
 MAX_NEW_TOKENS = 64                    # tokens to add (fewer when the model ends the text)
@@ -31,6 +33,7 @@ SEED = 0                               # sampling seed: the same seed gives the 
 TOKENIZER = "models/smolllm2_135m"     # tokenizer folder for checkpoints that carry none (prepare.py writes it)
 DEVICE = "auto"                        # auto: cuda when there is one, else cpu
 DTYPE = "auto"                         # auto: bf16 autocast on GPUs, fp32 on CPU
+# fmt: on
 
 
 def has_tokenizer(folder: str) -> bool:
@@ -61,13 +64,16 @@ def decoding_cache(model: nn.Module) -> Cache:
     where the attention is a student (common/students/attention.py: a recurrent state for `linear`, a KV cache
     bounded by the window for `window`)."""
     from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+
     layers = DynamicCache(config=model.config).layers
     for i, layer in enumerate(transformer_layers(model)):
         if hasattr(layer.self_attn, "new_cache"):
             layers[i] = layer.self_attn.new_cache()
         elif type(layers[i]) is not DynamicLayer:
-            raise ValueError(f"layer {i}'s attention needs a {type(layers[i]).__name__} (not full attention), which "
-                             f"incremental decoding does not handle; generate with rerun=True")
+            raise ValueError(
+                f"layer {i}'s attention needs a {type(layers[i]).__name__} (not full attention), which "
+                f"incremental decoding does not handle; generate with rerun=True"
+            )
     return Cache(layers=layers)
 
 
@@ -76,7 +82,9 @@ def state_bytes(cache: Cache) -> dict[str, int]:
     held = {"kv": 0, "recurrent": 0}
     for entry in cache.layers:
         tensors = [t for t in vars(entry).values() if isinstance(t, torch.Tensor)]
-        held["recurrent" if isinstance(entry, RecurrentState) else "kv"] += sum(t.numel() * t.element_size() for t in tensors)
+        held["recurrent" if isinstance(entry, RecurrentState) else "kv"] += sum(
+            t.numel() * t.element_size() for t in tensors
+        )
     return held
 
 
@@ -90,23 +98,39 @@ def padding_mask(real: torch.Tensor, new: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def forward_cached(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache: Cache,
-                   mask: torch.Tensor | None = None) -> torch.Tensor:
+def forward_cached(
+    model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache: Cache, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Next-token logits (B, V) after ids (B, T), continuing `cache`. The decoder layers run one after
     another as the model's forward runs them, each given the cache and the tokens' positions (B, T;
     negative = left padding). mask: padding_mask(...) when rows are padded, else None (causal)."""
     h = model.model.embed_tokens(ids)
     pos_emb = model.model.rotary_emb(h, positions)
     for layer in transformer_layers(model):
-        h = layer(h, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                  position_embeddings=pos_emb)
+        h = layer(
+            h,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            position_embeddings=pos_emb,
+        )
     return model.lm_head(model.model.norm(h[:, -1:]))[:, 0]
 
 
 @torch.no_grad()
-def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, eos_id: int | None = None, real: torch.Tensor | None = None,
-             rerun: bool = False, return_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def generate(
+    model: nn.Module,
+    ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+    real: torch.Tensor | None = None,
+    rerun: bool = False,
+    return_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Continue ids (B, n) by up to max_new_tokens tokens; returns (B, n + new), and with return_logits also the
     logits each new token was chosen from (B, new, V). Prompts of different lengths come left-padded, with
     real (B, n) False on the padding (left_pad makes both). Stops once every row has produced eos_id (rows
@@ -146,18 +170,9 @@ def main(argv: list[str]) -> None:
         sys.exit(f"usage: {usage}  (--help lists the options)")
     folder = argv.pop(0)
     override(globals(), argv, usage)
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        sys.exit(f"{folder}: not a model or checkpoint folder (no config.json); pass a checkpoint folder such as "
-                 f"runs/NAME/final, or the model folder prepare.py wrote")
-    if TEMPERATURE < 0 or not 0 < TOP_P <= 1:
-        sys.exit(f"--temperature must be >= 0 (0 = greedy) and --top-p in (0, 1]; got {TEMPERATURE} and {TOP_P}")
-    if MAX_NEW_TOKENS < 1:
-        sys.exit(f"--max-new-tokens must be at least 1, got {MAX_NEW_TOKENS}")
-    tok_dir = folder if has_tokenizer(folder) else TOKENIZER
-    if not has_tokenizer(tok_dir):
-        sys.exit(f"{folder} has no tokenizer files and neither has {tok_dir}; pass --tokenizer with the teacher's "
-                 f"model folder (run prepare.py to write models/smolllm2_135m)")
+    tok_dir = check_arguments(folder)
     from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     try:
         rt = Runtime(DEVICE, DTYPE)
@@ -168,23 +183,19 @@ def main(argv: list[str]) -> None:
     except (OSError, ValueError, RuntimeError) as e:
         sys.exit(f"{folder}: cannot load it as a model: {str(e).splitlines()[0]}")
     if len(tokenizer) > model.config.vocab_size:
-        sys.exit(f"the tokenizer from {tok_dir} has {len(tokenizer)} ids but the model only {model.config.vocab_size}; "
-                 f"pass the --tokenizer of the model this checkpoint was distilled from")
-    prompts = [PROMPT]
-    if PROMPTS_FILE:
-        try:
-            with open(PROMPTS_FILE) as f:
-                prompts = [line.rstrip("\n") for line in f if line.strip()]
-        except OSError as e:
-            sys.exit(f"--prompts-file {PROMPTS_FILE}: {e.strerror}")
-        if not prompts:
-            sys.exit(f"--prompts-file {PROMPTS_FILE} holds no prompt; write one prompt per line")
+        sys.exit(
+            f"the tokenizer from {tok_dir} has {len(tokenizer)} ids but the model only {model.config.vocab_size}; "
+            f"pass the --tokenizer of the model this checkpoint was distilled from"
+        )
+    prompts = read_prompts()
     prompt_ids = [tokenizer(p)["input_ids"] or [tokenizer.bos_token_id or tokenizer.eos_token_id] for p in prompts]
     longest = max(len(p) for p in prompt_ids)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and longest + MAX_NEW_TOKENS > limit:
-        sys.exit(f"prompt ({longest} tokens) + --max-new-tokens {MAX_NEW_TOKENS} exceeds the model's "
-                 f"{limit} positions; shorten the prompt or lower --max-new-tokens")
+        sys.exit(
+            f"prompt ({longest} tokens) + --max-new-tokens {MAX_NEW_TOKENS} exceeds the model's "
+            f"{limit} positions; shorten the prompt or lower --max-new-tokens"
+        )
     ids, real = left_pad(prompt_ids, pad_id=0)  # the padding is never attended to, so any id will do
     ids, real = ids.to(rt.device), real.to(rt.device)
     generator = torch.Generator(rt.device).manual_seed(SEED)
@@ -194,10 +205,51 @@ def main(argv: list[str]) -> None:
     seconds = time.perf_counter() - t0
     new = out.shape[1] - ids.shape[1]
     mode = "greedy" if TEMPERATURE == 0 else f"temperature {TEMPERATURE}, top-p {TOP_P}, seed {SEED}"
-    print("\n\n".join(p + tokenizer.decode(row[ids.shape[1]:].tolist(), skip_special_tokens=True)
-                      for p, row in zip(prompts, out)))
-    print(f"\n[{folder}: {len(prompts)} x {new} new tokens, {mode}, {len(prompts) * new / seconds:.1f} tokens/s "
-          f"on {rt.device}]", file=sys.stderr)
+    print(
+        "\n\n".join(
+            p + tokenizer.decode(row[ids.shape[1] :].tolist(), skip_special_tokens=True) for p, row in zip(prompts, out)
+        )
+    )
+    print(
+        f"\n[{folder}: {len(prompts)} x {new} new tokens, {mode}, {len(prompts) * new / seconds:.1f} tokens/s "
+        f"on {rt.device}]",
+        file=sys.stderr,
+    )
+
+
+def check_arguments(folder: str) -> str:
+    """Exit with one line for arguments that cannot work, before the model loads; return the tokenizer's folder."""
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        sys.exit(
+            f"{folder}: not a model or checkpoint folder (no config.json); pass a checkpoint folder such as "
+            f"runs/NAME/final, or the model folder prepare.py wrote"
+        )
+    if TEMPERATURE < 0 or not 0 < TOP_P <= 1:
+        sys.exit(f"--temperature must be >= 0 (0 = greedy) and --top-p in (0, 1]; got {TEMPERATURE} and {TOP_P}")
+    if MAX_NEW_TOKENS < 1:
+        sys.exit(f"--max-new-tokens must be at least 1, got {MAX_NEW_TOKENS}")
+    tok_dir = folder if has_tokenizer(folder) else TOKENIZER
+    if not has_tokenizer(tok_dir):
+        sys.exit(
+            f"{folder} has no tokenizer files and neither has {tok_dir}; pass --tokenizer with the teacher's "
+            f"model folder (run prepare.py to write models/smolllm2_135m)"
+        )
+    return tok_dir
+
+
+def read_prompts() -> list[str]:
+    """PROMPT, or the lines of PROMPTS_FILE that hold text; exits with one line when the file has none."""
+    if not PROMPTS_FILE:
+        return [PROMPT]
+    try:
+        with open(PROMPTS_FILE) as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as e:
+        sys.exit(f"--prompts-file {PROMPTS_FILE}: {e.strerror}")
+    if not prompts:
+        sys.exit(f"--prompts-file {PROMPTS_FILE} holds no prompt; write one prompt per line")
+    return prompts
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -14,6 +14,7 @@ softmaxes, sums and the head gradient are fp32.
 
 Hidden states are what the LM head sees: `final_hidden(model, ids)` (after the final norm).
 """
+
 import torch
 import torch.nn as nn
 
@@ -37,7 +38,11 @@ def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def _dtypes(hidden, weight):
     """(matmul dtype, reduction dtype): the autocast dtype when autocast is on, and at least fp32."""
     dev = hidden.device.type
-    mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(hidden.dtype, weight.dtype)
+    mm = (
+        torch.get_autocast_dtype(dev)
+        if torch.is_autocast_enabled(dev)
+        else torch.promote_types(hidden.dtype, weight.dtype)
+    )
     return mm, torch.promote_types(mm, torch.float32)
 
 
@@ -55,15 +60,15 @@ class _ChunkedKD(torch.autograd.Function):
             grad_h = torch.empty_like(hs) if need_h else None
             grad_w = torch.zeros(w.shape, dtype=fp, device=w.device) if need_w else None
             for s in range(0, n_tok, chunk_tokens):
-                h = hs[s:s + chunk_tokens].to(mm)
+                h = hs[s : s + chunk_tokens].to(mm)
                 zs = (h @ W.T).to(fp)
-                log_p = (ht[s:s + chunk_tokens].to(mm) @ Wt.T).to(fp)
+                log_p = (ht[s : s + chunk_tokens].to(mm) @ Wt.T).to(fp)
                 if T != 1:
                     log_p.div_(T)
                 log_p -= log_p.logsumexp(-1, keepdim=True)
                 grad_ce = None
                 if targets is not None:
-                    y = targets[s:s + chunk_tokens, None]
+                    y = targets[s : s + chunk_tokens, None]
                     lse = zs.logsumexp(-1, keepdim=True)
                     ce_sum += (lse - zs.gather(-1, y)).sum()
                     if ce_weight and (need_h or need_w):  # d CE / d z = softmax(z) - onehot(y)
@@ -79,7 +84,7 @@ class _ChunkedKD(torch.autograd.Function):
                         g += grad_ce
                     g = g.div_(n_tok).to(mm)
                     if need_h:
-                        grad_h[s:s + chunk_tokens] = g @ W
+                        grad_h[s : s + chunk_tokens] = g @ W
                     if need_w and mm == fp:
                         grad_w.addmm_(g.T, h)
                     elif need_w:
@@ -93,15 +98,30 @@ class _ChunkedKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_kl, _grad_ce):
         grad_h, grad_w = ctx.saved_tensors  # gradients of a unit loss (not scaled in place: retain_graph)
-        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype), None,
-                None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype),
-                None, None, None, None, None, None, None)
+        return (
+            None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+            None,
+            None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, weight: torch.Tensor,
-            targets: torch.Tensor | None = None, temperature: float = 1.0, ce_weight: float = 0.0,
-            teacher_weight: torch.Tensor | None = None,
-            chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+def kd_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    teacher_weight: torch.Tensor | None = None,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     """Distillation loss, a mean per token (it does not grow with batch size or sequence length):
 
         loss = (1 - ce_weight) * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + ce_weight * CE(z_s, targets)
@@ -123,19 +143,36 @@ def kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, weight: 
     d = student_hidden.shape[-1]
     hs, ht = student_hidden.reshape(-1, d), teacher_hidden.detach().reshape(-1, d)
     if ht.shape != hs.shape:
-        raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden {tuple(teacher_hidden.shape)} differ")
+        raise ValueError(
+            f"student hidden {tuple(student_hidden.shape)} and teacher hidden {tuple(teacher_hidden.shape)} differ"
+        )
     wt = (weight if teacher_weight is None else teacher_weight).detach()
     y = None if targets is None else targets.reshape(-1, 1)[:, 0]
     grad = torch.is_grad_enabled()
-    loss, kl, ce = _ChunkedKD.apply(hs, ht, weight, wt, y, float(temperature), float(ce_weight), int(chunk_tokens),
-                                    grad and hs.requires_grad, grad and weight.requires_grad)
+    loss, kl, ce = _ChunkedKD.apply(
+        hs,
+        ht,
+        weight,
+        wt,
+        y,
+        float(temperature),
+        float(ce_weight),
+        int(chunk_tokens),
+        grad and hs.requires_grad,
+        grad and weight.requires_grad,
+    )
     return loss, {"kl": kl, "ce": None if targets is None else ce}
 
 
 @torch.no_grad()
-def kd_metrics(student_hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-               teacher_hidden: torch.Tensor | None = None, teacher_weight: torch.Tensor | None = None,
-               chunk_tokens: int = CHUNK_TOKENS) -> dict[str, torch.Tensor]:
+def kd_metrics(
+    student_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> dict[str, torch.Tensor]:
     """Evaluation sums at temperature 1 over the tokens of a batch, as float64 0-dim tensors on the
     device (add them up over batches, divide by 'tokens' at the end):
     'tokens', 'ce' (student's next-token cross-entropy) and, given a teacher, 'kl'
@@ -152,12 +189,12 @@ def kd_metrics(student_hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         W = weight.to(mm)
         Wt = None if ht is None else (weight if teacher_weight is None else teacher_weight).to(mm)
         for s in range(0, hs.shape[0], chunk_tokens):
-            yc = y[s:s + chunk_tokens]
-            log_q = (hs[s:s + chunk_tokens].to(mm) @ W.T).to(fp).log_softmax(-1)
+            yc = y[s : s + chunk_tokens]
+            log_q = (hs[s : s + chunk_tokens].to(mm) @ W.T).to(fp).log_softmax(-1)
             sums["ce"] -= log_q.gather(-1, yc).sum()
             if ht is None:
                 continue
-            log_p = (ht[s:s + chunk_tokens].to(mm) @ Wt.T).to(fp).log_softmax(-1)
+            log_p = (ht[s : s + chunk_tokens].to(mm) @ Wt.T).to(fp).log_softmax(-1)
             sums["teacher_ce"] -= log_p.gather(-1, yc).sum()
             sums["agree"] += (log_q.argmax(-1) == log_p.argmax(-1)).sum()
             sums["kl"] += torch.dot(log_p.exp().view(-1), log_p.sub_(log_q).view(-1))

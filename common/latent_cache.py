@@ -2,6 +2,7 @@
 distill.py's rotation cost O(L) teacher layer-forwards per token (it never reruns earlier layers, and never
 runs later layers or the head). The cache lives on the device, in host memory or in a disk memory map;
 batches move to the device as they are used."""
+
 import os
 
 import numpy as np
@@ -36,8 +37,10 @@ def place_cache(rt: Runtime, nbytes: int, choice: str, disk_dir: str) -> str:
         if nbytes < 0.7 * free_bytes(where, rt, disk_dir):
             rt.print(f"latent cache: {size} per rank on {where}" + (f" ({rt.device})" if where == "device" else ""))
             return where
-    raise ValueError(f"the latent cache needs {size} per rank and fits in none of: {', '.join(options)}; "
-                     f"lower STEPS_PER_LAYER x GRAD_ACCUM x BATCH_SIZE x SEQ_LEN, or free memory/disk")
+    raise ValueError(
+        f"the latent cache needs {size} per rank and fits in none of: {', '.join(options)}; "
+        f"lower STEPS_PER_LAYER x GRAD_ACCUM x BATCH_SIZE x SEQ_LEN, or free memory/disk"
+    )
 
 
 def _buffer(rt: Runtime, where: str, shape: tuple, path: str) -> torch.Tensor:
@@ -53,8 +56,16 @@ class LatentCache:
     x: the latent that layer's `target` block sees. Batches of `batch_size` sequences go to the device as they
     are used. With where='disk' both live in memory maps at `{file_prefix}_{h|x}_rank{rank}.npy`."""
 
-    def __init__(self, rt: Runtime, model: nn.Module, tokens: torch.Tensor, target: str, batch_size: int,
-                 where: str, file_prefix: str):
+    def __init__(
+        self,
+        rt: Runtime,
+        model: nn.Module,
+        tokens: torch.Tensor,
+        target: str,
+        batch_size: int,
+        where: str,
+        file_prefix: str,
+    ):
         self.rt, self.model, self.target, self.batch_size = rt, model, target, batch_size
         n, seq_len = tokens.shape
         shape = (n, seq_len, model.config.hidden_size)
@@ -63,14 +74,14 @@ class LatentCache:
         self.layer = 0  # h is the input to this layer
         with torch.no_grad():
             for s in range(0, n, batch_size):
-                self.h[s:s + batch_size].copy_(model.model.embed_tokens(tokens[s:s + batch_size].to(rt.device)))
+                self.h[s : s + batch_size].copy_(model.model.embed_tokens(tokens[s : s + batch_size].to(rt.device)))
         self.pe = position_embeddings(model, self.h[:1].to(rt.device))
 
     def batches(self, buffer: torch.Tensor, n: int | None = None):
         """(start, batch on the device) over the first n sequences (default all) of a cache buffer."""
         n = len(buffer) if n is None else n
         for s in range(0, n, self.batch_size):
-            yield s, buffer[s:min(s + self.batch_size, n)].to(self.rt.device, non_blocking=True)
+            yield s, buffer[s : min(s + self.batch_size, n)].to(self.rt.device, non_blocking=True)
 
     @torch.no_grad()
     def split(self) -> None:
@@ -79,8 +90,8 @@ class LatentCache:
         for s, hb in self.batches(self.h):
             with self.rt.autocast():
                 lat, res = decoder_input(layer, hb, self.target, self.pe)
-            self.x[s:s + len(hb)].copy_(lat)
-            self.h[s:s + len(hb)].copy_(res)
+            self.x[s : s + len(hb)].copy_(lat)
+            self.h[s : s + len(hb)].copy_(res)
 
     @torch.no_grad()
     def finish(self, block: nn.Module | None = None) -> None:
@@ -88,10 +99,10 @@ class LatentCache:
         layer = transformer_layers(self.model)[self.layer]
         block = block or get_block(self.model, self.layer, self.target)
         for s, xb in self.batches(self.x):
-            hb = self.h[s:s + len(xb)].to(self.rt.device)
+            hb = self.h[s : s + len(xb)].to(self.rt.device)
             with self.rt.autocast():
                 out = finish_layer(layer, hb, run_block(block, xb, self.target, self.pe), self.target)
-            self.h[s:s + len(xb)].copy_(out)
+            self.h[s : s + len(xb)].copy_(out)
         self.layer += 1
 
     def advance_to(self, layer_index: int, blocks: dict | None = None) -> None:

@@ -4,6 +4,7 @@ written atomically (temp file, then rename), so a running job can be watched.
   run_png(out_dir, layer_rows, logits_rows)   OUT/layers.png of a distill.py run
   comparison_png(path, rows, names, ...)      common.evaluate's comparison table as bars
 """
+
 import io
 import json
 import math
@@ -67,8 +68,13 @@ def run_png(out_dir: str, layer_rows: list[dict] | None = None, logits_rows: lis
         err.plot(x, [relative_error_before(r) for r in layer_rows], "o--", color="tab:gray", label="before training")
         err.plot(x, [r["rel_err"] for r in layer_rows], "o-", color="tab:blue", label="after training")
         if any("calib_rel_err" in r for r in layer_rows):
-            err.plot(x, [r.get("calib_rel_err", math.nan) for r in layer_rows], "s:", color="tab:green",
-                     label="after calibration")
+            err.plot(
+                x,
+                [r.get("calib_rel_err", math.nan) for r in layer_rows],
+                "s:",
+                color="tab:green",
+                label="after calibration",
+            )
         log_scale(err, [r["rel_err"] for r in layer_rows] + [relative_error_before(r) for r in layer_rows])
         err.set(ylabel="relative error ||s - t||² / ||t||²", title="student against the teacher block (val)")
         ppl.plot(x, [r["hybrid_ppl"] for r in layer_rows], "o-", color="tab:red", label="hybrid (students so far)")
@@ -116,8 +122,11 @@ def comparison_png(path: str, rows: list[dict], names: list[str], has_teacher: b
     ax.xaxis.set_major_formatter(StrMethodFormatter("{x:.3g}"))  # 0.4, not 4 x 10^-1
     narrow = max(extremes) < 10 * min(extremes)  # within a decade the minor ticks need labels too
     ax.xaxis.set_minor_formatter(StrMethodFormatter("{x:.3g}") if narrow else NullFormatter())
-    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(rows))],
-                  [f"{r['metric']} ({r['values'][reference]:.4g})" for r in rows], fontsize=8)
+    ax.set_yticks(
+        [i + 0.4 - height / 2 for i in range(len(rows))],
+        [f"{r['metric']} ({r['values'][reference]:.4g})" for r in rows],
+        fontsize=8,
+    )
     ax.invert_yaxis()
     ax.set_xlabel(f"ratio to {'the teacher' if has_teacher else reference} (its value in brackets), log scale")
     ax.legend(loc="lower right", fontsize=8)

@@ -1,5 +1,6 @@
 """What train.py and distill.py share about running: torchrun's environment, the device and its
 precision, the run folder (config, versions, metrics.jsonl) and the learning-rate schedule."""
+
 import contextlib
 import json
 import math
@@ -100,8 +101,15 @@ class Runtime:
         if self.device.type != "cuda":
             return None
         name = torch.cuda.get_device_name(self.device)
-        for key, flops in (("MI300", 1307e12), ("MI250", 362e12), ("H200", 989e12), ("H100", 989e12),
-                           ("A100", 312e12), ("4090", 165e12), ("L40", 181e12)):
+        for key, flops in (
+            ("MI300", 1307e12),
+            ("MI250", 362e12),
+            ("H200", 989e12),
+            ("H100", 989e12),
+            ("A100", 312e12),
+            ("4090", 165e12),
+            ("L40", 181e12),
+        ):
             if key in name:
                 return flops
         return None
@@ -110,9 +118,12 @@ class Runtime:
 def git_state(root: str | None = None) -> tuple[str | None, bool | None]:
     """(HEAD's commit, whether tracked files differ from it) of the repo at root (this one by default), the code a
     run ran; (None, None) without git or outside a git repo."""
+
     def git(*args):
-        return subprocess.run(["git", *args], cwd=root or ROOT, capture_output=True, text=True, check=True,
-                              timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=root or ROOT, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+
     try:
         return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):  # no git (FileNotFoundError), not a repo, a timeout
@@ -122,12 +133,23 @@ def git_state(root: str | None = None) -> tuple[str | None, bool | None]:
 def environment(rt: Runtime) -> dict:
     """Versions, hardware and the code's commit, for the run folder."""
     import transformers
+
     commit, dirty = git_state()
-    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "git_commit": commit, "git_dirty": dirty,
-            "cuda": torch.version.cuda, "hip": getattr(torch.version, "hip", None), "device": str(rt.device),
-            "world_size": rt.world_size, "dtype": str(rt.dtype).replace("torch.", ""), "host": platform.node(),
-            "argv": sys.argv, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "cuda": torch.version.cuda,
+        "hip": getattr(torch.version, "hip", None),
+        "device": str(rt.device),
+        "world_size": rt.world_size,
+        "dtype": str(rt.dtype).replace("torch.", ""),
+        "host": platform.node(),
+        "argv": sys.argv,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     if rt.device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(rt.device)
     return info
@@ -145,8 +167,15 @@ class RunLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str = "cosine", min_lr_ratio: float = 0.1,
-          decay_frac: float = 0.2) -> float:
+def lr_at(
+    step: int,
+    total: int,
+    peak: float,
+    warmup: int,
+    schedule: str = "cosine",
+    min_lr_ratio: float = 0.1,
+    decay_frac: float = 0.2,
+) -> float:
     """Learning rate for optimizer step `step` (0-based) of `total`: linear warmup, then
     cosine decay to min_lr_ratio*peak ('cosine') or hold then linear decay over the last
     decay_frac of the steps ('wsd', warmup-stable-decay). A pure function of the step, so

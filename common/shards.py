@@ -4,6 +4,7 @@ A shard is 256 int32 header values ([0]=20240520 magic, [1]=1 version, [2]=ntok,
 followed by ntok uint16 token ids. `python -m common.shards verify DIR` re-hashes every
 shard against DIR/manifest.json.
 """
+
 import glob
 import hashlib
 import os
@@ -59,8 +60,9 @@ def read_shard(path: str) -> np.ndarray:
     ntok = int(header[2])
     if size != HEADER_BYTES + 2 * ntok:
         what = "truncated" if size < HEADER_BYTES + 2 * ntok else "has trailing bytes"
-        raise ShardError(f"{path}: {what}: {size} bytes but header says {ntok} tokens "
-                         f"({HEADER_BYTES + 2 * ntok} bytes); {hint}")
+        raise ShardError(
+            f"{path}: {what}: {size} bytes but header says {ntok} tokens ({HEADER_BYTES + 2 * ntok} bytes); {hint}"
+        )
     if ntok == 0:
         return np.zeros(0, dtype=np.uint16)
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(ntok,))
@@ -89,10 +91,16 @@ def load_manifest(data_dir: str) -> dict | None:
         if not isinstance(entries, list):
             raise ShardError(f"{path}: split {name!r} has no 'shards' list; {remedy}")
         for k, s in enumerate(entries):
-            if not (isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("sha256"), str)
-                    and isinstance(s.get("ntok"), int) and isinstance(s.get("bytes"), int)):
-                raise ShardError(f"{path}: shard {k} of split {name!r} is not a {{file, ntok, bytes, sha256}} "
-                                 f"entry; {remedy}")
+            if not (
+                isinstance(s, dict)
+                and isinstance(s.get("file"), str)
+                and isinstance(s.get("sha256"), str)
+                and isinstance(s.get("ntok"), int)
+                and isinstance(s.get("bytes"), int)
+            ):
+                raise ShardError(
+                    f"{path}: shard {k} of split {name!r} is not a {{file, ntok, bytes, sha256}} entry; {remedy}"
+                )
     return manifest
 
 
@@ -140,8 +148,15 @@ class TokenLoader:
     a whole step the loader moves to the next shard (wrapping around after the last).
     `state()`/`load_state()` save and restore the position exactly."""
 
-    def __init__(self, files: Iterable[str], batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                 vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        files: Iterable[str],
+        batch_size: int,
+        seq_len: int,
+        rank: int = 0,
+        world_size: int = 1,
+        vocab_size: int | None = None,
+    ) -> None:
         self.files, self.B, self.T = list(files), batch_size, seq_len
         self.rank, self.world_size, self.vocab_size = rank, world_size, vocab_size
         self.step_tokens = batch_size * seq_len * world_size
@@ -152,14 +167,18 @@ class TokenLoader:
         path = self.files[index]
         tokens = read_shard(path)
         if len(tokens) < self.step_tokens + 1:
-            raise ShardError(f"{path}: {len(tokens)} tokens, fewer than one step needs "
-                             f"(batch {self.B} x seq {self.T} x {self.world_size} ranks + 1 = {self.step_tokens + 1}); "
-                             f"lower BATCH_SIZE/SEQ_LEN or prepare bigger shards")
+            raise ShardError(
+                f"{path}: {len(tokens)} tokens, fewer than one step needs "
+                f"(batch {self.B} x seq {self.T} x {self.world_size} ranks + 1 = {self.step_tokens + 1}); "
+                f"lower BATCH_SIZE/SEQ_LEN or prepare bigger shards"
+            )
         if self.vocab_size is not None and index not in self._checked:
             top = int(tokens.max())
             if top >= self.vocab_size:
-                raise ShardError(f"{path}: token id {top} is outside the model's vocabulary ({self.vocab_size}); "
-                                 f"these shards were made with another tokenizer: re-run prepare.py with this model")
+                raise ShardError(
+                    f"{path}: token id {top} is outside the model's vocabulary ({self.vocab_size}); "
+                    f"these shards were made with another tokenizer: re-run prepare.py with this model"
+                )
             self._checked.add(index)
         return tokens
 
@@ -176,23 +195,33 @@ class TokenLoader:
     def next_batch(self) -> "tuple[torch.Tensor, torch.Tensor]":
         """Return (x, y) int64 tensors of shape (B, T) on the CPU."""
         import torch  # here, so that prepare.py (shard writing only) starts without loading torch
+
         if self.pos + self.step_tokens + 1 > len(self.tokens):
             self.shard = (self.shard + 1) % len(self.files)
             self.pos = 0
             self.tokens = self._open(self.shard)
         start = self.pos + self.rank * self.B * self.T
-        buf = torch.from_numpy(self.tokens[start:start + self.B * self.T + 1].astype(np.int64))
+        buf = torch.from_numpy(self.tokens[start : start + self.B * self.T + 1].astype(np.int64))
         self.pos += self.step_tokens
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
 
 
-def val_batches(data_dir: str, val_tokens: int, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1,
-                vocab_size: int | None = None) -> "list[tuple[torch.Tensor, torch.Tensor]]":
+def val_batches(
+    data_dir: str,
+    val_tokens: int,
+    batch_size: int,
+    seq_len: int,
+    rank: int = 0,
+    world_size: int = 1,
+    vocab_size: int | None = None,
+) -> "list[tuple[torch.Tensor, torch.Tensor]]":
     """The first `val_tokens` of the val shards as this rank's (x, y) batches, on the CPU."""
     per_step = batch_size * seq_len * world_size
     if val_tokens < per_step:
-        raise ValueError(f"VAL_TOKENS={val_tokens} is less than one batch ({batch_size} x {seq_len} x {world_size} "
-                         f"rank(s) = {per_step} tokens); raise --val-tokens or lower --batch-size/--seq-len")
+        raise ValueError(
+            f"VAL_TOKENS={val_tokens} is less than one batch ({batch_size} x {seq_len} x {world_size} "
+            f"rank(s) = {per_step} tokens); raise --val-tokens or lower --batch-size/--seq-len"
+        )
     loader = TokenLoader(shard_files(data_dir, "val"), batch_size, seq_len, rank, world_size, vocab_size)
     return [loader.next_batch() for _ in range(val_tokens // per_step)]
 
@@ -211,11 +240,15 @@ def main(argv: list[str]) -> None:
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
-        sys.exit(f"{argv[1]}: {len(problems)} problem(s) with the shards; re-run the prepare.py command that wrote "
-                 f"them: it re-hashes every shard and redoes the damaged ones")
+        sys.exit(
+            f"{argv[1]}: {len(problems)} problem(s) with the shards; re-run the prepare.py command that wrote "
+            f"them: it re-hashes every shard and redoes the damaged ones"
+        )
     manifest = load_manifest(argv[1])
-    counts = ", ".join(f"{k}: {len(v['shards'])} shards, {sum(s['ntok'] for s in v['shards']):,} tokens"
-                       for k, v in manifest["splits"].items())
+    counts = ", ".join(
+        f"{k}: {len(v['shards'])} shards, {sum(s['ntok'] for s in v['shards']):,} tokens"
+        for k, v in manifest["splits"].items()
+    )
     print(f"{argv[1]}: all shards match the manifest ({counts})")
 
 

@@ -10,6 +10,7 @@ teacher's residual stream one layer at a time without the model's own forward.
 `swapped(model, blocks)` puts students into their layers' slots for the length of a `with` block;
 `student_specs` lists the students a model holds (a checkpoint writes them to students.json).
 """
+
 import torch
 import torch.nn as nn
 
@@ -24,12 +25,16 @@ def transformer_layers(model: nn.Module) -> nn.ModuleList:
     mtype = getattr(model.config, "model_type", "?")
     layers = getattr(getattr(model, "model", None), "layers", None)
     if mtype not in SUPPORTED_MODEL_TYPES or layers is None:
-        raise ValueError(f"model type {mtype!r} is not supported: decoder swap handles the Llama family "
-                         f"({', '.join(SUPPORTED_MODEL_TYPES)}); add its layer structure to common/swap.py")
+        raise ValueError(
+            f"model type {mtype!r} is not supported: decoder swap handles the Llama family "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)}); add its layer structure to common/swap.py"
+        )
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in ("sdpa", "flash_attention_2", "flash_attention_3"):
-        raise ValueError(f"attention implementation {impl!r} needs an explicit mask; load the model with "
-                         f"attn_implementation='sdpa' (common.checkpoint.load_model does)")
+        raise ValueError(
+            f"attention implementation {impl!r} needs an explicit mask; load the model with "
+            f"attn_implementation='sdpa' (common.checkpoint.load_model does)"
+        )
     return layers
 
 
@@ -39,7 +44,9 @@ def check_target(model: nn.Module, target: str) -> None:
         raise ValueError(f"unknown TARGET {target!r}: use one of {', '.join(TARGET_ATTRS)}")
     layer = transformer_layers(model)[0]
     if not hasattr(layer, TARGET_ATTRS[target]):
-        raise ValueError(f"{type(layer).__name__} has no '{TARGET_ATTRS[target]}' block, so TARGET={target!r} cannot be swapped")
+        raise ValueError(
+            f"{type(layer).__name__} has no '{TARGET_ATTRS[target]}' block, so TARGET={target!r} cannot be swapped"
+        )
 
 
 def check_layers(model: nn.Module, layers: list[int], name: str = "LAYERS") -> None:

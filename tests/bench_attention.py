@@ -3,6 +3,7 @@ it must equal, on the same inputs in one run, forward and forward+backward. Not 
 
     ./.venv/bin/python tests/bench_attention.py [--seq-len 2048 --chunk-sizes 16,32,64,128]
 """
+
 import os
 import sys
 import time
@@ -10,16 +11,16 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.students.attention import MAX_LOG_DECAY, gla_chunked, gla_recurrent  # noqa: E402
 from common.config import override  # noqa: E402
+from common.students.attention import MAX_LOG_DECAY, gla_chunked, gla_recurrent  # noqa: E402
 
-BATCH = 1                      # one sequence, as in a single-stream CPU run
-SEQ_LEN = 2048                 # SmolLM2's training context
-HEADS = 9                      # SmolLM2-135M: 9 query heads (linear students expand the 3 KV heads to 9)
-HEAD_DIM = 64                  # SmolLM2-135M's head size
+BATCH = 1  # one sequence, as in a single-stream CPU run
+SEQ_LEN = 2048  # SmolLM2's training context
+HEADS = 9  # SmolLM2-135M: 9 query heads (linear students expand the 3 KV heads to 9)
+HEAD_DIM = 64  # SmolLM2-135M's head size
 CHUNK_SIZES = [16, 32, 64, 128]  # chunk sizes compared; 64 is LinearAttention's default
-REPEATS = 3                    # timings are the best of this many runs
-THREADS = 0                    # torch threads; 0 = torch's default
+REPEATS = 3  # timings are the best of this many runs
+THREADS = 0  # torch threads; 0 = torch's default
 SEED = 0
 
 config = override(globals())
@@ -44,9 +45,11 @@ def forward_backward(fn, inputs):
 torch.manual_seed(SEED)
 shape = (BATCH, HEADS, SEQ_LEN, HEAD_DIM)
 inputs = [torch.randn(shape), torch.randn(shape), torch.randn(shape), -MAX_LOG_DECAY * torch.rand(shape)]
-scale = HEAD_DIM ** -0.5
-print(f"GLA B={BATCH} T={SEQ_LEN} H={HEADS} K=V={HEAD_DIM}, fp32, {torch.get_num_threads()} threads, "
-      f"torch {torch.__version__}, best of {REPEATS}")
+scale = HEAD_DIM**-0.5
+print(
+    f"GLA B={BATCH} T={SEQ_LEN} H={HEADS} K=V={HEAD_DIM}, fp32, {torch.get_num_threads()} threads, "
+    f"torch {torch.__version__}, best of {REPEATS}"
+)
 
 rows = []
 reference = gla_recurrent(*inputs, scale)[0]
@@ -62,7 +65,11 @@ for c in CHUNK_SIZES:
     rows.append((f"chunked, chunk {c}", fwd, fb, err))
 
 tokens = BATCH * SEQ_LEN
-print(f"{'implementation':<20} {'fwd ms':>9} {'fwd tok/s':>10} {'speedup':>8} {'fwd+bwd ms':>11} {'speedup':>8} {'max rel err':>12}")
+print(
+    f"{'implementation':<20} {'fwd ms':>9} {'fwd tok/s':>10} {'speedup':>8} {'fwd+bwd ms':>11} {'speedup':>8} {'max rel err':>12}"
+)
 for name, fwd, fb, err in rows:
-    print(f"{name:<20} {fwd * 1e3:>9.1f} {tokens / fwd:>10,.0f} {naive_fwd / fwd:>7.1f}x {fb * 1e3:>11.1f} "
-          f"{naive_fb / fb:>7.1f}x {err:>12.1e}")
+    print(
+        f"{name:<20} {fwd * 1e3:>9.1f} {tokens / fwd:>10,.0f} {naive_fwd / fwd:>7.1f}x {fb * 1e3:>11.1f} "
+        f"{naive_fb / fb:>7.1f}x {err:>12.1e}"
+    )

@@ -11,6 +11,7 @@
 
 One layer of SmolLM2-135M's shape (d=576, FFN 1536) with random weights, on the CPU or the GPU.
 """
+
 import argparse
 import json
 import os
@@ -34,6 +35,7 @@ def layer_and_student(kind, kwargs, device):
 
     from common.students import make_student
     from common.swap import get_block
+
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(smollm2_shaped(1), attn_implementation="sdpa").to(device)
     teacher = get_block(model, 0, "mlp").requires_grad_(False)
@@ -45,12 +47,14 @@ def calibrate_seconds(kind, kwargs, tokens, batch, seq, device):
     _, teacher, student = layer_and_student(kind, kwargs, device)
     n_batches = -(-tokens // (batch * seq))
     gen = torch.Generator(device).manual_seed(0)
-    latents = [torch.randn(batch, seq, teacher.gate_proj.in_features, device=device, generator=gen)
-               for _ in range(n_batches)]
+    latents = [
+        torch.randn(batch, seq, teacher.gate_proj.in_features, device=device, generator=gen) for _ in range(n_batches)
+    ]
     with torch.no_grad():
         t0 = time.time()
-        student.calibrate(teacher, lambda targets=True: ((x, teacher(x) if targets else None) for x in latents),
-                          lambda t: t)
+        student.calibrate(
+            teacher, lambda targets=True: ((x, teacher(x) if targets else None) for x in latents), lambda t: t
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
     return time.time() - t0
@@ -117,9 +121,24 @@ def main():
     # and RSS creeps up with the batch count whatever the program keeps; a fixed threshold shows the program's own
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
     for n in (16384, 65536, 262144):
-        out = subprocess.run([sys.executable, __file__, "--kind", args.kind, "--kwargs", args.kwargs,
-                              "--child", str(n), str(batch), str(seq)], capture_output=True, text=True, check=True,
-                             env=env)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--kind",
+                args.kind,
+                "--kwargs",
+                args.kwargs,
+                "--child",
+                str(n),
+                str(batch),
+                str(seq),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+        )
         m = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{n:>18,} {m['added_mib']:>22.1f} {m['peak_mib']:>16.1f}")
 

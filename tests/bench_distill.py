@@ -12,8 +12,8 @@
 The model has SmolLM2-135M's shape (d=576, FFN 1536, 9 heads / 3 KV heads) with random weights and
 fewer layers, so it runs anywhere; the student is distill.sh's (pruned SwiGLU at half width).
 """
+
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -27,17 +27,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common.shards import write_shard  # noqa: E402
 from common.students import make_student  # noqa: E402
 from common.swap import get_block, run_block  # noqa: E402
 from conftest import make_tokenizer, run_distill  # noqa: E402
-from common.shards import write_shard  # noqa: E402
 
 
 def smollm2_shaped(layers):
     from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                       tie_word_embeddings=True, rope_theta=100000.0, bos_token_id=0, eos_token_id=0)
+
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
 
 
 def timed_distill(*args):
@@ -79,6 +90,7 @@ def main():
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from transformers import AutoModelForCausalLM
+
     work = tempfile.mkdtemp(prefix="bench_distill_")
     model_dir, data_dir = os.path.join(work, "model"), os.path.join(work, "data")
     torch.manual_seed(0)
@@ -91,9 +103,26 @@ def main():
     write_shard(os.path.join(data_dir, "train_000000.bin"), rng.integers(0, 49152, n_train))
     write_shard(os.path.join(data_dir, "val_000000.bin"), rng.integers(0, 49152, 4 * args.seq + 1))
 
-    common = ["--teacher", model_dir, "--data-dir", data_dir, "--student-kind", "pruned", "--student-kwargs",
-              '{"scale": 0.5}', "--steps-per-layer", str(args.steps), "--batch-size", str(args.batch),
-              "--seq-len", str(args.seq), "--val-tokens", str(2 * args.seq), "--log-every", "10"]
+    common = [
+        "--teacher",
+        model_dir,
+        "--data-dir",
+        data_dir,
+        "--student-kind",
+        "pruned",
+        "--student-kwargs",
+        '{"scale": 0.5}',
+        "--steps-per-layer",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch),
+        "--seq-len",
+        str(args.seq),
+        "--val-tokens",
+        str(2 * args.seq),
+        "--log-every",
+        "10",
+    ]
     one = os.path.join(work, "one")
     t_one = timed_distill(*common, "--layers", "0", "--out-dir", one)
     rot = os.path.join(work, "rotation")
@@ -108,8 +137,10 @@ def main():
     layer_seconds = one_rows[0]["train_s"]
     rotation_seconds = sum(r["train_s"] for r in rows)
     L = args.layers
-    print(f"\ndevice {device}, {L} layers of SmolLM2-135M's shape, {args.steps} steps/layer, "
-          f"batch {args.batch} x seq {args.seq}, student pruned 0.5")
+    print(
+        f"\ndevice {device}, {L} layers of SmolLM2-135M's shape, {args.steps} steps/layer, "
+        f"batch {args.batch} x seq {args.seq}, student pruned 0.5"
+    )
     print(f"{'measure':<44} {'value':>10}")
     print(f"{'ideal step (ms)':<44} {ideal:>10.1f}")
     print(f"{'distill.py step, median over layers (ms)':<44} {step_ms:>10.1f}")

@@ -8,6 +8,7 @@ over the process's peak after building the inputs; on a GPU it is torch.cuda.max
 over the memory allocated after building them, under bf16 autocast with an fp32 head as in training.
 The head requires a gradient (the whole-model case: its fp32 gradient is in both figures).
 """
+
 import json
 import os
 import resource
@@ -22,22 +23,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.config import override  # noqa: E402
 from common.kd import kd_loss  # noqa: E402
 
-BATCH_SIZE = 4       # sequences per batch
-SEQ_LEN = 512        # tokens per sequence
-VOCAB = 49152        # SmolLM2's vocabulary
-HIDDEN = 576         # SmolLM2-135M's width
-TEMPERATURE = 2.0    # KD temperature (T != 1 exercises the scaled path)
-CE_WEIGHT = 0.1      # cross-entropy share, so the CE gradient is part of the work too
+BATCH_SIZE = 4  # sequences per batch
+SEQ_LEN = 512  # tokens per sequence
+VOCAB = 49152  # SmolLM2's vocabulary
+HIDDEN = 576  # SmolLM2-135M's width
+TEMPERATURE = 2.0  # KD temperature (T != 1 exercises the scaled path)
+CE_WEIGHT = 0.1  # cross-entropy share, so the CE gradient is part of the work too
 CHUNKS = [128, 512]  # chunk sizes (tokens) of the chunked variant to measure; 512 is common.kd's default
-REPEATS = 2          # timed runs per variant (the fastest is reported)
-VARIANT = ""         # set by the parent for a child process: 'naive' or a chunk size
+REPEATS = 2  # timed runs per variant (the fastest is reported)
+VARIANT = ""  # set by the parent for a child process: 'naive' or a chunk size
 
 
 def naive_kd(hs, ht, w, wt, y):
     zs, zt = hs @ w.T, ht @ wt.T
-    kl = F.kl_div(F.log_softmax(zs / TEMPERATURE, -1), F.log_softmax(zt / TEMPERATURE, -1),
-                  log_target=True, reduction="batchmean")
-    return (1 - CE_WEIGHT) * TEMPERATURE ** 2 * kl + CE_WEIGHT * F.cross_entropy(zs, y)
+    kl = F.kl_div(
+        F.log_softmax(zs / TEMPERATURE, -1), F.log_softmax(zt / TEMPERATURE, -1), log_target=True, reduction="batchmean"
+    )
+    return (1 - CE_WEIGHT) * TEMPERATURE**2 * kl + CE_WEIGHT * F.cross_entropy(zs, y)
 
 
 def child():
@@ -71,9 +73,17 @@ def child():
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    print(json.dumps({"peak": peak - base, "time": min(times), "loss": loss.item(),
-                      "device": torch.cuda.get_device_name() if cuda else "cpu"}))
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(
+        json.dumps(
+            {
+                "peak": peak - base,
+                "time": min(times),
+                "loss": loss.item(),
+                "device": torch.cuda.get_device_name() if cuda else "cpu",
+            }
+        )
+    )
 
 
 def run(variant, argv):
@@ -85,16 +95,20 @@ def run(variant, argv):
 
 def main(argv):
     n = BATCH_SIZE * SEQ_LEN
-    print(f"{BATCH_SIZE}x{SEQ_LEN} = {n} tokens, vocab {VOCAB}, hidden {HIDDEN}: one fp32 copy of the logits is "
-          f"{n * VOCAB * 4 / 2**20:.0f} MiB; T={TEMPERATURE}, ce_weight={CE_WEIGHT}, best of {REPEATS}")
+    print(
+        f"{BATCH_SIZE}x{SEQ_LEN} = {n} tokens, vocab {VOCAB}, hidden {HIDDEN}: one fp32 copy of the logits is "
+        f"{n * VOCAB * 4 / 2**20:.0f} MiB; T={TEMPERATURE}, ce_weight={CE_WEIGHT}, best of {REPEATS}"
+    )
     naive = run("naive", argv)
     print(f"device: {naive['device']}\n")
     print(f"{'variant':<16}{'peak extra MiB':>16}{'time s':>10}{'loss':>12}{'memory ratio':>14}{'time ratio':>12}")
     print(f"{'naive':<16}{naive['peak'] / 2**20:>16.0f}{naive['time']:>10.3f}{naive['loss']:>12.6f}")
     for chunk in CHUNKS:
         r = run(chunk, argv)
-        print(f"{f'chunked {chunk}':<16}{r['peak'] / 2**20:>16.0f}{r['time']:>10.3f}{r['loss']:>12.6f}"
-              f"{naive['peak'] / r['peak']:>13.1f}x{r['time'] / naive['time']:>11.2f}x")
+        print(
+            f"{f'chunked {chunk}':<16}{r['peak'] / 2**20:>16.0f}{r['time']:>10.3f}{r['loss']:>12.6f}"
+            f"{naive['peak'] / r['peak']:>13.1f}x{r['time'] / naive['time']:>11.2f}x"
+        )
     print("\nmemory ratio = naive peak / chunked peak; time ratio = chunked time / naive time")
 
 

@@ -9,6 +9,7 @@ Rust threads). The prepare.py figure is the whole process, from its start to its
 workers'). Runs are interleaved and the best of REPEATS is kept, so load from other processes hits all alike.
 The ratio to raw encode_batch_fast is the goal (>= 0.8); prepare.py's own breakdown of its best run follows.
 """
+
 import json
 import os
 import re
@@ -20,14 +21,13 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common.config import override  # noqa: E402
 from conftest import ROOT, make_model_folder, make_text  # noqa: E402
 
-from common.config import override  # noqa: E402
-
 MODEL_DIR = "models/smolllm2_135m"  # the tokenizer to measure; a tiny one is built when this folder is missing
-TEXT = ""                           # a .jsonl with a "text" field; empty: generated text
-MB = 32                             # text per run, in MB: enough that start-up costs weigh as little as in real runs
-REPEATS = 3                         # interleaved repeats; the best of each is reported
+TEXT = ""  # a .jsonl with a "text" field; empty: generated text
+MB = 32  # text per run, in MB: enough that start-up costs weigh as little as in real runs
+REPEATS = 3  # interleaved repeats; the best of each is reported
 config = override(globals())
 
 
@@ -63,9 +63,26 @@ def pipeline(model_dir, path, out, workers, breakdowns):
     goes to `breakdowns`."""
     shutil.rmtree(out, ignore_errors=True)
     t0, cpu0 = time.perf_counter(), children_cpu()
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare.py"), "--model", model_dir,
-                             "--model-dir", model_dir, "--dataset", path, "--out-dir", out, "--val-bytes", "100000",
-                             "--workers", str(workers)], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "prepare.py"),
+            "--model",
+            model_dir,
+            "--model-dir",
+            model_dir,
+            "--dataset",
+            path,
+            "--out-dir",
+            out,
+            "--val-bytes",
+            "100000",
+            "--workers",
+            str(workers),
+        ],
+        capture_output=True,
+        text=True,
+    )
     seconds, cpu = time.perf_counter() - t0, children_cpu() - cpu0
     assert result.returncode == 0, result.stderr
     tokens = int(re.search(r"tokenized .* into ([\d,]+) tokens", result.stdout).group(1).replace(",", ""))
@@ -75,20 +92,29 @@ def pipeline(model_dir, path, out, workers, breakdowns):
 
 def main():
     from tokenizers import Tokenizer
+
     cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = MODEL_DIR if os.path.exists(os.path.join(MODEL_DIR, "tokenizer.json")) else \
-            make_model_folder(os.path.join(tmp, "tiny_model"))
+        model_dir = (
+            MODEL_DIR
+            if os.path.exists(os.path.join(MODEL_DIR, "tokenizer.json"))
+            else make_model_folder(os.path.join(tmp, "tiny_model"))
+        )
         tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
         texts, size, path = corpus(tmp)
-        print(f"{len(texts):,} documents, {size / 1e6:.1f} MB of text, tokenizer {model_dir}, {cores} cores, "
-              f"best of {REPEATS}")
+        print(
+            f"{len(texts):,} documents, {size / 1e6:.1f} MB of text, tokenizer {model_dir}, {cores} cores, "
+            f"best of {REPEATS}"
+        )
         breakdowns = []  # (seconds, prepare.py's breakdown line) of the runs with all cores
-        runs = {f"raw encode_batch ({cores} threads)": lambda: raw(tokenizer, texts, "encode_batch"),
-                f"raw encode_batch_fast ({cores} threads)": lambda: raw(tokenizer, texts, "encode_batch_fast"),
-                "prepare.py --workers 1": lambda: pipeline(model_dir, path, os.path.join(tmp, "out1"), 1, []),
-                f"prepare.py --workers {cores}":
-                    lambda: pipeline(model_dir, path, os.path.join(tmp, "outN"), cores, breakdowns)}
+        runs = {
+            f"raw encode_batch ({cores} threads)": lambda: raw(tokenizer, texts, "encode_batch"),
+            f"raw encode_batch_fast ({cores} threads)": lambda: raw(tokenizer, texts, "encode_batch_fast"),
+            "prepare.py --workers 1": lambda: pipeline(model_dir, path, os.path.join(tmp, "out1"), 1, []),
+            f"prepare.py --workers {cores}": lambda: pipeline(
+                model_dir, path, os.path.join(tmp, "outN"), cores, breakdowns
+            ),
+        }
         best, tokens = {}, {}
         for _ in range(REPEATS):
             for name, run in runs.items():
@@ -101,11 +127,15 @@ def main():
     print(f"{'':<38} {'seconds':>8} {'CPU s':>7} {'MB/s':>7} {'tokens/s':>10} {'vs encode_batch_fast':>21}")
     for name, (seconds, cpu) in best.items():
         label = name + (" (whole process)" if name.startswith("prepare") else "")
-        print(f"{label:<38} {seconds:>8.2f} {cpu:>7.2f} {size / 1e6 / seconds:>7.3f} {tokens[name] / seconds:>10,.0f} "
-              f"{base / seconds:>20.2f}x")
+        print(
+            f"{label:<38} {seconds:>8.2f} {cpu:>7.2f} {size / 1e6 / seconds:>7.3f} {tokens[name] / seconds:>10,.0f} "
+            f"{base / seconds:>20.2f}x"
+        )
     one, all_ = best["prepare.py --workers 1"][0], best[f"prepare.py --workers {cores}"][0]
-    print(f"prepare.py whole process / raw encode_batch_fast, both on {cores} cores: {base / all_:.2f}x (goal >= 0.8);  "
-          f"scaling 1 -> {cores} workers: {one / all_:.2f}x")
+    print(
+        f"prepare.py whole process / raw encode_batch_fast, both on {cores} cores: {base / all_:.2f}x (goal >= 0.8);  "
+        f"scaling 1 -> {cores} workers: {one / all_:.2f}x"
+    )
     if breakdowns:  # prepare.py's own line, from its fastest run with all cores
         print(f"prepare.py --workers {cores}, best run: {min(breakdowns)[1]}")
 

@@ -12,6 +12,7 @@ Each row: val CE, perplexity, its ratio to the teacher's, KL(teacher || model), 
 parameters, and the wall time of the stage. The defaults (all 30 FFNs of SmolLM2-135M at half
 width) take about 30 minutes on a 2-core CPU; on a GPU raise the budgets (see the README).
 """
+
 import math
 import os
 import shutil
@@ -24,30 +25,49 @@ sys.path.insert(0, ROOT)
 
 from common.config import override  # noqa: E402
 
-TEACHER = "models/smolllm2_135m"      # a real model folder (prepare.py writes it)
-DATA_DIR = "data/fineweb_edu"         # its prepared shards
-OUT_DIR = "runs/bench_quality"        # the stages' run folders (replaced on every run)
-LAYERS = ""                           # distill.py's --layers; '' = every layer
-STUDENT_KIND = "pruned"               # distill.py's student and its arguments
+TEACHER = "models/smolllm2_135m"  # a real model folder (prepare.py writes it)
+DATA_DIR = "data/fineweb_edu"  # its prepared shards
+OUT_DIR = "runs/bench_quality"  # the stages' run folders (replaced on every run)
+LAYERS = ""  # distill.py's --layers; '' = every layer
+STUDENT_KIND = "pruned"  # distill.py's student and its arguments
 STUDENT_KWARGS = '{"scale": 0.5}'
-CALIB_TOKENS = 32768                  # calibration tokens per student
-STEPS_PER_LAYER = 0                   # layer-wise steps: after calibration the per-layer MSE barely moves
-LR = 1e-4                             # their peak LR (small: the calibrated start is already close)
-KD_STEPS = 140                        # logits-phase steps: where the remaining gap closes (6 s each on 2 cores)
+CALIB_TOKENS = 32768  # calibration tokens per student
+STEPS_PER_LAYER = 0  # layer-wise steps: after calibration the per-layer MSE barely moves
+LR = 1e-4  # their peak LR (small: the calibrated start is already close)
+KD_STEPS = 140  # logits-phase steps: where the remaining gap closes (6 s each on 2 cores)
 KD_LR = 1e-3
-KD_TRAINABLE = "decoders"             # decoders: only the students train; all: the whole model does
-BATCH_SIZE = 2                        # sequences per step, both phases
+KD_TRAINABLE = "decoders"  # decoders: only the students train; all: the whole model does
+BATCH_SIZE = 2  # sequences per step, both phases
 SEQ_LEN = 512
-EVAL_TOKENS = 16384                   # val tokens of the final table (the same for every model)
-DISTILL_VAL_TOKENS = 2048             # distill.py's own per-layer validation (kept small: it runs per layer)
+EVAL_TOKENS = 16384  # val tokens of the final table (the same for every model)
+DISTILL_VAL_TOKENS = 2048  # distill.py's own per-layer validation (kept small: it runs per layer)
 
 
 def distill(out_dir, *args):
     """Run distill.py; returns its wall time in seconds."""
-    cmd = [sys.executable, os.path.join(ROOT, "distill.py"), "--teacher", TEACHER, "--data-dir", DATA_DIR,
-           "--out-dir", out_dir, "--batch-size", str(BATCH_SIZE), "--seq-len", str(SEQ_LEN),
-           "--val-tokens", str(DISTILL_VAL_TOKENS), "--layers", LAYERS, "--student-kind", STUDENT_KIND,
-           "--keep-last", "1", *args]  # keep-last: a checkpoint per layer is a whole model
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "distill.py"),
+        "--teacher",
+        TEACHER,
+        "--data-dir",
+        DATA_DIR,
+        "--out-dir",
+        out_dir,
+        "--batch-size",
+        str(BATCH_SIZE),
+        "--seq-len",
+        str(SEQ_LEN),
+        "--val-tokens",
+        str(DISTILL_VAL_TOKENS),
+        "--layers",
+        LAYERS,
+        "--student-kind",
+        STUDENT_KIND,
+        "--keep-last",
+        "1",
+        *args,
+    ]  # keep-last: a checkpoint per layer is a whole model
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -56,6 +76,7 @@ def distill(out_dir, *args):
 
 def with_kwargs(**extra):
     import json
+
     return json.dumps({**json.loads(STUDENT_KWARGS), **extra})
 
 
@@ -66,26 +87,66 @@ def main():
     from common.checkpoint import load_model
     from common.evaluate import evaluate_models
     from common.shards import val_batches
+
     if os.path.isdir(OUT_DIR):
         shutil.rmtree(OUT_DIR)
     runs = {name: os.path.join(OUT_DIR, name) for name in ("weight", "calibrated", "layerwise")}
     seconds = {
-        "weight-norm start": distill(runs["weight"], "--steps-per-layer", "0", "--calib-tokens", "0",
-                                     "--student-kwargs", with_kwargs(importance="weight", refit=False)),
-        "calibrated start": distill(runs["calibrated"], "--steps-per-layer", "0", "--calib-tokens", str(CALIB_TOKENS),
-                                    "--student-kwargs", STUDENT_KWARGS),
+        "weight-norm start": distill(
+            runs["weight"],
+            "--steps-per-layer",
+            "0",
+            "--calib-tokens",
+            "0",
+            "--student-kwargs",
+            with_kwargs(importance="weight", refit=False),
+        ),
+        "calibrated start": distill(
+            runs["calibrated"],
+            "--steps-per-layer",
+            "0",
+            "--calib-tokens",
+            str(CALIB_TOKENS),
+            "--student-kwargs",
+            STUDENT_KWARGS,
+        ),
     }
-    folders = {"weight-norm start": os.path.join(runs["weight"], "final"),
-               "calibrated start": os.path.join(runs["calibrated"], "final")}
+    folders = {
+        "weight-norm start": os.path.join(runs["weight"], "final"),
+        "calibrated start": os.path.join(runs["calibrated"], "final"),
+    }
     recipe = runs["calibrated"]  # with no layer-wise steps the logits phase starts from the calibrated start
     if STEPS_PER_LAYER:
         recipe = runs["layerwise"]
-        seconds["layer-wise"] = distill(recipe, "--steps-per-layer", str(STEPS_PER_LAYER), "--lr", str(LR),
-                                        "--calib-tokens", str(CALIB_TOKENS), "--student-kwargs", STUDENT_KWARGS)
+        seconds["layer-wise"] = distill(
+            recipe,
+            "--steps-per-layer",
+            str(STEPS_PER_LAYER),
+            "--lr",
+            str(LR),
+            "--calib-tokens",
+            str(CALIB_TOKENS),
+            "--student-kwargs",
+            STUDENT_KWARGS,
+        )
         folders["layer-wise"] = os.path.join(recipe, "final")
-    seconds["logits"] = distill(recipe, "--phase", "logits", "--kd-steps", str(KD_STEPS), "--kd-lr", str(KD_LR),
-                                "--kd-warmup-steps", str(max(1, KD_STEPS // 10)), "--kd-val-every", str(KD_STEPS),
-                                "--kd-save-every", str(KD_STEPS), "--kd-trainable", KD_TRAINABLE)
+    seconds["logits"] = distill(
+        recipe,
+        "--phase",
+        "logits",
+        "--kd-steps",
+        str(KD_STEPS),
+        "--kd-lr",
+        str(KD_LR),
+        "--kd-warmup-steps",
+        str(max(1, KD_STEPS // 10)),
+        "--kd-val-every",
+        str(KD_STEPS),
+        "--kd-save-every",
+        str(KD_STEPS),
+        "--kd-trainable",
+        KD_TRAINABLE,
+    )
     folders["logits"] = os.path.join(recipe, "logits_final")
     torch.manual_seed(0)
     teacher = load_model(TEACHER).eval()
@@ -97,16 +158,22 @@ def main():
         return sum(p.numel() for p in model.parameters())
 
     n_tok = len(batches) * BATCH_SIZE * SEQ_LEN
-    print(f"\n{STUDENT_KIND} {STUDENT_KWARGS} in layers {LAYERS or 'all'}; calibration {CALIB_TOKENS:,} tokens, "
-          f"{STEPS_PER_LAYER} layer-wise steps, {KD_STEPS} logits steps of {BATCH_SIZE} x {SEQ_LEN}; "
-          f"{n_tok:,} val tokens")
+    print(
+        f"\n{STUDENT_KIND} {STUDENT_KWARGS} in layers {LAYERS or 'all'}; calibration {CALIB_TOKENS:,} tokens, "
+        f"{STEPS_PER_LAYER} layer-wise steps, {KD_STEPS} logits steps of {BATCH_SIZE} x {SEQ_LEN}; "
+        f"{n_tok:,} val tokens"
+    )
     print(f"{'stage':<20}{'val CE':>8}{'ppl':>9}{'x teacher':>11}{'KL':>9}{'top-1':>8}{'params':>14}{'wall s':>9}")
-    print(f"{'teacher':<20}{teacher_result['ce']:>8.4f}{teacher_result['ppl']:>9.2f}{1:>11.3f}{'-':>9}{'-':>8}"
-          f"{params(teacher):>14,}{'-':>9}")
+    print(
+        f"{'teacher':<20}{teacher_result['ce']:>8.4f}{teacher_result['ppl']:>9.2f}{1:>11.3f}{'-':>9}{'-':>8}"
+        f"{params(teacher):>14,}{'-':>9}"
+    )
     for stage, r in results.items():
         ratio = math.exp(r["ce"] - teacher_result["ce"])
-        print(f"{stage:<20}{r['ce']:>8.4f}{r['ppl']:>9.2f}{ratio:>11.3f}{r['kl']:>9.4f}{r['agreement']:>8.3f}"
-              f"{params(models[stage]):>14,}{seconds[stage]:>9.0f}")
+        print(
+            f"{stage:<20}{r['ce']:>8.4f}{r['ppl']:>9.2f}{ratio:>11.3f}{r['kl']:>9.4f}{r['agreement']:>8.3f}"
+            f"{params(models[stage]):>14,}{seconds[stage]:>9.0f}"
+        )
 
 
 if __name__ == "__main__":

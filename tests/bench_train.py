@@ -12,6 +12,7 @@ The two alternate ROUNDS times in one process, each going first in turn, and the
 counts, so a busy machine slows both alike. Prints the tokens/s of both and their ratio (the goal
 is >= 0.9), and the median of the per-round ratios, the steadier figure on a shared machine.
 """
+
 import contextlib
 import io
 import json
@@ -33,23 +34,31 @@ from common.config import override  # noqa: E402
 from common.runtime import Runtime  # noqa: E402
 from common.shards import write_shard  # noqa: E402
 
-INIT = ""          # model folder to benchmark; empty = a small Llama built here (d=128, 4 layers, 4k vocab)
-BATCH_SIZE = 8     # sequences per step (one micro-step: the loop, not accumulation, is measured)
-SEQ_LEN = 128      # tokens per sequence
-STEPS = 10         # timed optimizer steps per measurement, after as many warm-up steps
-ROUNDS = 5         # train.py and the bare loop alternate this many times; the best of each counts
-COMPILE = True     # torch.compile on GPUs, in both loops (train.py's COMPILE)
-DTYPE = "auto"     # bf16 autocast on GPUs, fp32 on CPU, in both loops (train.py's DTYPE)
-THREADS = 0        # CPU threads of both loops; 0 = torch's default. 1 is steadier on a machine others share
+INIT = ""  # model folder to benchmark; empty = a small Llama built here (d=128, 4 layers, 4k vocab)
+BATCH_SIZE = 8  # sequences per step (one micro-step: the loop, not accumulation, is measured)
+SEQ_LEN = 128  # tokens per sequence
+STEPS = 10  # timed optimizer steps per measurement, after as many warm-up steps
+ROUNDS = 5  # train.py and the bare loop alternate this many times; the best of each counts
+COMPILE = True  # torch.compile on GPUs, in both loops (train.py's COMPILE)
+DTYPE = "auto"  # bf16 autocast on GPUs, fp32 on CPU, in both loops (train.py's DTYPE)
+THREADS = 0  # CPU threads of both loops; 0 = torch's default. 1 is steadier on a machine others share
 
 config = override(globals())
 
 
 def small_llama(folder):
     from transformers import AutoModelForCausalLM, LlamaConfig
-    cfg = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      tie_word_embeddings=True)
+
+    cfg = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     return folder
@@ -58,10 +67,36 @@ def small_llama(folder):
 def train_py(model_dir, data_dir, out_dir):
     """tokens/s of train.py's loop over its last STEPS steps."""
     script = os.path.join(ROOT, "train.py")
-    argv, sys.argv = sys.argv, [script, "--init", model_dir, "--data-dir", data_dir, "--out-dir", out_dir,
-                                "--batch-size", str(BATCH_SIZE), "--seq-len", str(SEQ_LEN), "--grad-accum", "1",
-                                "--steps", str(2 * STEPS), "--log-every", str(STEPS), "--val-every", "0",
-                                "--save-every", "0", "--compile", str(COMPILE), "--dtype", DTYPE]
+    argv, sys.argv = (
+        sys.argv,
+        [
+            script,
+            "--init",
+            model_dir,
+            "--data-dir",
+            data_dir,
+            "--out-dir",
+            out_dir,
+            "--batch-size",
+            str(BATCH_SIZE),
+            "--seq-len",
+            str(SEQ_LEN),
+            "--grad-accum",
+            "1",
+            "--steps",
+            str(2 * STEPS),
+            "--log-every",
+            str(STEPS),
+            "--val-every",
+            "0",
+            "--save-every",
+            "0",
+            "--compile",
+            str(COMPILE),
+            "--dtype",
+            DTYPE,
+        ],
+    )
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             runpy.run_path(script, run_name="__main__")
@@ -74,6 +109,7 @@ def train_py(model_dir, data_dir, out_dir):
 
 def bare_loop(rt, model, optimizer, x, y):
     """tokens/s of forward, loss, backward, optimizer step on one batch."""
+
     def step():
         with rt.autocast():
             logits = model(input_ids=x, use_cache=False).logits
@@ -110,9 +146,11 @@ def main():
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True if cuda else None)
         forward = torch.compile(model) if COMPILE and cuda else model
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"model {INIT or 'small Llama'}: {n_params / 1e6:.1f}M parameters; batch {BATCH_SIZE} x {SEQ_LEN} "
-              f"tokens; {rt.device}, {str(rt.dtype).replace('torch.', '')}, compile {'on' if COMPILE and cuda else 'off'}"
-              f", {torch.get_num_threads()} CPU threads; {STEPS} timed steps, best of {ROUNDS} rounds")
+        print(
+            f"model {INIT or 'small Llama'}: {n_params / 1e6:.1f}M parameters; batch {BATCH_SIZE} x {SEQ_LEN} "
+            f"tokens; {rt.device}, {str(rt.dtype).replace('torch.', '')}, compile {'on' if COMPILE and cuda else 'off'}"
+            f", {torch.get_num_threads()} CPU threads; {STEPS} timed steps, best of {ROUNDS} rounds"
+        )
         bare, train = [], []
         for r in range(ROUNDS):  # which loop goes first alternates too
             if r % 2 == 0:
@@ -122,8 +160,10 @@ def main():
                 bare.append(bare_loop(rt, forward, optimizer, x, y))
             print(f"round {r + 1}: bare {bare[-1]:,.0f} tok/s, train.py {train[-1]:,.0f} tok/s", flush=True)
     print(f"\n{'loop':<10} {'tokens/s':>12}\n{'bare':<10} {max(bare):>12,.0f}\n{'train.py':<10} {max(train):>12,.0f}")
-    print(f"ratio train.py / bare: {max(train) / max(bare):.3f} (goal >= 0.9); median of the rounds' ratios "
-          f"{float(np.median(np.array(train) / np.array(bare))):.3f}")
+    print(
+        f"ratio train.py / bare: {max(train) / max(bare):.3f} (goal >= 0.9); median of the rounds' ratios "
+        f"{float(np.median(np.array(train) / np.array(bare))):.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Tiny offline fixtures: a Llama-shaped model with its own small tokenizer, and token shards."""
+
 import contextlib
 import importlib
 import json
@@ -19,8 +20,10 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from common.shards import MANIFEST, write_shard  # noqa: E402
 
 VOCAB = 320
-WORDS = ("the cat sat on a mat and the dog ran to the park while birds sang in trees "
-         "water flows down hills into rivers that reach the sea under a bright sun").split()
+WORDS = (
+    "the cat sat on a mat and the dog ran to the park while birds sang in trees "
+    "water flows down hills into rivers that reach the sea under a bright sun"
+).split()
 
 
 def make_text(n_docs, seed=0):
@@ -32,11 +35,16 @@ def make_tokenizer(folder):
     """A byte-level BPE tokenizer (<|endoftext|>=0) saved as a transformers tokenizer folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(make_text(200, seed=1), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     fast.save_pretrained(folder)
@@ -46,14 +54,25 @@ def make_tokenizer(folder):
 def tiny_config(layers=3, initializer_range=0.02):
     """initializer_range 0.2 gives blocks outputs of order 1, as in a trained model (0.02 gives ~1e-3)."""
     from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                       tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
-                       initializer_range=initializer_range)
+
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        initializer_range=initializer_range,
+    )
 
 
 def make_model_folder(folder, layers=3, seed=0, initializer_range=0.02):
     from transformers import AutoModelForCausalLM
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(layers, initializer_range), attn_implementation="sdpa")
     model.save_pretrained(folder)
@@ -83,7 +102,18 @@ def make_data_dir(folder, train_tokens=40_000, val_tokens=8_000, shards=2, seed=
 
 
 # distill.py at test size: batches of 2 x 32 tokens, little validation and calibration, a log line every step
-TINY_DISTILL = ["--batch-size", "2", "--seq-len", "32", "--val-tokens", "512", "--log-every", "1", "--calib-tokens", "1024"]
+TINY_DISTILL = [
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "32",
+    "--val-tokens",
+    "512",
+    "--log-every",
+    "1",
+    "--calib-tokens",
+    "1024",
+]
 
 
 def run_distill(*args, check=True):
@@ -91,6 +121,7 @@ def run_distill(*args, check=True):
     a torch/transformers import per run); returns its one-line exit message, None on success. With check, an
     exit fails the test."""
     import distill
+
     importlib.reload(distill)
     argv, sys.argv = sys.argv, ["distill.py", *args]
     try:
@@ -136,10 +167,13 @@ def tiny_data_dir(tmp_path_factory):
 def another_run_in(folder):
     """A separate process holding the run folder's lock (common.checkpoint.lock_run), as a run still going there
     would; yields it. Leaving the block kills it with SIGKILL, as a crash would."""
-    code = "import sys; from common.checkpoint import lock_run; lock_run(sys.argv[1]); print('locked', flush=True); " \
-           "sys.stdin.read()"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    code = (
+        "import sys; from common.checkpoint import lock_run; lock_run(sys.argv[1]); print('locked', flush=True); "
+        "sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline() == "locked\n"  # blocks until the lock is held: no polling
         yield proc

@@ -1,13 +1,23 @@
 """Attention students: the GLA recurrence's chunked form, the swap, training, hybrids, checkpoints, generation."""
+
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from common.students.attention import MAX_LOG_DECAY, LinearAttention, fla_chunk_gla, gla_chunked, gla_recurrent
 from common.checkpoint import load_model, save_checkpoint
 from common.students import make_student
-from common.swap import (decoder_input, finish_layer, get_block, position_embeddings, run_block, set_block,
-                         student_specs, swapped, transformer_layers)
+from common.students.attention import MAX_LOG_DECAY, LinearAttention, fla_chunk_gla, gla_chunked, gla_recurrent
+from common.swap import (
+    decoder_input,
+    finish_layer,
+    get_block,
+    position_embeddings,
+    run_block,
+    set_block,
+    student_specs,
+    swapped,
+    transformer_layers,
+)
 
 
 def gla_inputs(B=2, H=3, T=37, K=8, V=6, seed=0):
@@ -49,8 +59,9 @@ def test_chunked_exact_at_fastest_decay_and_long_chunks():
     torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5 * o_ref.abs().max().item())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or fla_chunk_gla() is None,
-                    reason="needs a GPU and flash-linear-attention")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or fla_chunk_gla() is None, reason="needs a GPU and flash-linear-attention"
+)
 def test_fla_kernel_matches_chunked(tiny_model_dir):
     model = load_model(tiny_model_dir)
     student = make_student("attn", "linear", get_block(model, 0, "attn"), model.config)
@@ -62,6 +73,7 @@ def test_fla_kernel_matches_chunked(tiny_model_dir):
 
 
 # --- students in a tiny model -------------------------------------------------------------------
+
 
 @pytest.fixture
 def model(tiny_model_dir):
@@ -189,17 +201,31 @@ def test_hybrid_keeps_teacher_attention_where_asked(model, tiny_model_dir):
 
 def test_checkpoint_round_trip_evaluates_and_generates(model, tmp_path):
     torch.manual_seed(0)
-    set_block(model, 0, "attn", make_student("attn", "linear", get_block(model, 0, "attn"), model.config,
-                                             decay_rank=8, chunk_size=16))
+    set_block(
+        model,
+        0,
+        "attn",
+        make_student("attn", "linear", get_block(model, 0, "attn"), model.config, decay_rank=8, chunk_size=16),
+    )
     set_block(model, 1, "attn", make_student("attn", "window", get_block(model, 1, "attn"), model.config, window=8))
     with torch.no_grad():  # move the new parameters off their initial values, so loading must restore them
         for p in get_block(model, 0, "attn").parameters():
             p.add_(0.01 * torch.randn_like(p))
     save_checkpoint(str(tmp_path / "final"), model, meta={"phase": "test", "step": 0})
     loaded = load_model(str(tmp_path / "final")).eval()
-    assert student_specs(loaded) == student_specs(model) == [
-        {"layer": 0, "target": "attn", "kind": "linear", "kwargs": {"rope": True, "decay_rank": 8, "chunk_size": 16}},
-        {"layer": 1, "target": "attn", "kind": "window", "kwargs": {"window": 8, "sink": 4}}]
+    assert (
+        student_specs(loaded)
+        == student_specs(model)
+        == [
+            {
+                "layer": 0,
+                "target": "attn",
+                "kind": "linear",
+                "kwargs": {"rope": True, "decay_rank": 8, "chunk_size": 16},
+            },
+            {"layer": 1, "target": "attn", "kind": "window", "kwargs": {"window": 8, "sink": 4}},
+        ]
+    )
     assert type(get_block(loaded, 2, "attn")) is type(get_block(model, 2, "attn"))
     ids = tokens(n=30, batch=1)
     assert torch.equal(logits(loaded, ids), logits(model, ids))
@@ -218,7 +244,7 @@ def test_recurrent_decoding_matches_parallel_logits(model):
     states, out = [None] * len(transformer_layers(model)), []
     with torch.no_grad():
         for t in range(ids.shape[1]):  # one token at a time, each layer carrying its recurrent state
-            h = model.model.embed_tokens(ids[:, t:t + 1])
+            h = model.model.embed_tokens(ids[:, t : t + 1])
             pos = model.model.rotary_emb(h, torch.tensor([[t]]))
             for i, layer in enumerate(transformer_layers(model)):
                 x, r = decoder_input(layer, h, "attn", pos)
@@ -230,12 +256,13 @@ def test_recurrent_decoding_matches_parallel_logits(model):
 
 def test_incremental_decoding_with_a_cache(model):
     ids = tokens(n=16, batch=1)
-    set_block(model, 1, "attn", make_student("attn", "window", get_block(model, 1, "attn"), model.config,
-                                             window=5, sink=2))
+    set_block(
+        model, 1, "attn", make_student("attn", "window", get_block(model, 1, "attn"), model.config, window=5, sink=2)
+    )
     with torch.no_grad():  # window students use the KV cache like the teacher: same logits as a re-run
         out, steps = model(ids[:, :10]), []
         for t in range(10, 16):
-            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values)
+            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values)
             steps.append(out.logits[:, -1])
     torch.testing.assert_close(torch.stack(steps, 1), logits(model, ids)[:, 10:], rtol=1e-5, atol=1e-5)
     set_block(model, 2, "attn", make_student("attn", "linear", get_block(model, 2, "attn"), model.config))

@@ -1,4 +1,5 @@
 """Student calibration: fp64 statistics over chunks, the closed-form fits, and how distill.py runs it."""
+
 import pytest
 import torch
 
@@ -7,6 +8,7 @@ from conftest import TINY_DISTILL, layer_rows, run_distill, tiny_config
 
 def teacher_mlp(seed=0):
     from transformers.models.llama.modeling_llama import LlamaMLP
+
     torch.manual_seed(seed)
     mlp = LlamaMLP(tiny_config())
     for p in mlp.parameters():
@@ -18,8 +20,10 @@ def latents(n_batches=6, seed=1, noise=0.1):
     """Structured latents: most variance in 8 fixed directions, as in a trained model's residual stream."""
     basis = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(2, 16, 8, generator=g) @ basis + noise * torch.randn(2, 16, 64, generator=g)
-            for _ in range(n_batches)]
+    return [
+        torch.randn(2, 16, 8, generator=g) @ basis + noise * torch.randn(2, 16, 64, generator=g)
+        for _ in range(n_batches)
+    ]
 
 
 def data(teacher, xs):
@@ -32,6 +36,7 @@ def no_reduce(t):
 
 def student(kind, teacher, **kwargs):
     from common.students import make_student
+
     torch.manual_seed(0)
     return make_student("mlp", kind, teacher, tiny_config(), **kwargs)
 
@@ -54,6 +59,7 @@ def test_statistics_in_chunks_equal_one_shot(kind, kwargs):
 def test_refit_solves_least_squares():
     """With ridge 0 the refit down projection is the least-squares solution on the kept channels."""
     from common.students.ffn import _swiglu_hidden
+
     teacher, xs = teacher_mlp(), latents()
     s = student("pruned", teacher, scale=0.5, ridge=0.0)
     s.calibrate(teacher, data(teacher, xs), no_reduce)
@@ -76,14 +82,25 @@ def test_activation_importance_keeps_the_channels_that_matter():
     by_weight = student("pruned", teacher, scale=0.5, importance="weight", refit=False)
     by_activation = student("pruned", teacher, scale=0.5, refit=False)
     by_activation.calibrate(teacher, data(teacher, xs), no_reduce)
-    dropped = lambda s: not any(torch.allclose(row, teacher.gate_proj.weight[j]) for row in s.block.gate_proj.weight
-                                for j in range(8))
+
+    def dropped(s):  # the student keeps none of the teacher's first 8 channels
+        return not any(
+            torch.allclose(row, teacher.gate_proj.weight[j]) for row in s.block.gate_proj.weight for j in range(8)
+        )
+
     assert not dropped(by_weight) and dropped(by_activation)
     assert rel_err(by_activation, teacher, xs) < rel_err(by_weight, teacher, xs)
 
 
-@pytest.mark.parametrize("kind,kwargs", [("pruned", {"scale": 0.5}), ("pruned", {"scale": 0.5, "importance": "weight"}),
-                                         ("prototype", {"scale": 1.0}), ("prototype", {"gated": True})])
+@pytest.mark.parametrize(
+    "kind,kwargs",
+    [
+        ("pruned", {"scale": 0.5}),
+        ("pruned", {"scale": 0.5, "importance": "weight"}),
+        ("prototype", {"scale": 1.0}),
+        ("prototype", {"gated": True}),
+    ],
+)
 def test_calibration_lowers_held_out_error(kind, kwargs):
     teacher, xs, held_out = teacher_mlp(), latents(), latents(seed=2)
     s = student(kind, teacher, **kwargs)
@@ -108,6 +125,7 @@ def test_linear_attention_calibration_lowers_error():
     from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRotaryEmbedding
 
     from common.students import make_student
+
     config = tiny_config()
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -122,13 +140,16 @@ def test_linear_attention_calibration_lowers_error():
 
     def error(s):
         with torch.no_grad():
-            return sum((run(s, x) - run(teacher, x)).square().sum() for x in held_out) / \
-                sum(run(teacher, x).square().sum() for x in held_out)
+            return sum((run(s, x) - run(teacher, x)).square().sum() for x in held_out) / sum(
+                run(teacher, x).square().sum() for x in held_out
+            )
 
     s = make_student("attn", "linear", teacher, config)
     before = error(s)
     with torch.no_grad():
-        s.calibrate(teacher, lambda targets=True: ((x, run(teacher, x) if targets else None) for x in xs), no_reduce, pe)
+        s.calibrate(
+            teacher, lambda targets=True: ((x, run(teacher, x) if targets else None) for x in xs), no_reduce, pe
+        )
     assert error(s) < before
 
 
@@ -138,8 +159,20 @@ TINY_RUN = ["--steps-per-layer", "2", "--calib-tokens", "2048", "--lr", "1e-3"]
 @pytest.mark.parametrize("kind,kwargs", [("pruned", '{"scale": 0.5}'), ("prototype", "{}")])
 def test_distill_logs_calibration_and_it_helps(teacher_dir, tiny_data_dir, tmp_path, kind, kwargs):
     out = str(tmp_path / "run")
-    run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, "--student-kind", kind,
-                "--student-kwargs", kwargs, *TINY_RUN)
+    run_distill(
+        *TINY_DISTILL,
+        "--teacher",
+        teacher_dir,
+        "--data-dir",
+        tiny_data_dir,
+        "--out-dir",
+        out,
+        "--student-kind",
+        kind,
+        "--student-kwargs",
+        kwargs,
+        *TINY_RUN,
+    )
     rows = layer_rows(out)
     assert len(rows) == 3 and all(r["calib_rel_err"] < r["start_rel_err"] for r in rows)
 
@@ -149,8 +182,22 @@ def test_student_stream_feeds_later_layers_the_students_output(teacher_dir, tiny
     rows = {}
     for stream in ("teacher", "student"):
         out = str(tmp_path / stream)
-        run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, "--student-kind", "pruned",
-                    "--student-kwargs", '{"scale": 0.5}', "--latent-stream", stream, *TINY_RUN)
+        run_distill(
+            *TINY_DISTILL,
+            "--teacher",
+            teacher_dir,
+            "--data-dir",
+            tiny_data_dir,
+            "--out-dir",
+            out,
+            "--student-kind",
+            "pruned",
+            "--student-kwargs",
+            '{"scale": 0.5}',
+            "--latent-stream",
+            stream,
+            *TINY_RUN,
+        )
         rows[stream] = layer_rows(out)
     assert rows["teacher"][0]["calib_rel_err"] == rows["student"][0]["calib_rel_err"]
     assert rows["teacher"][1]["start_rel_err"] != rows["student"][1]["start_rel_err"]
@@ -158,19 +205,48 @@ def test_student_stream_feeds_later_layers_the_students_output(teacher_dir, tiny
 
 def test_parallel_schedule_calibrates(teacher_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
-    run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, "--student-kind", "pruned",
-                "--student-kwargs", '{"scale": 0.5}', "--schedule", "parallel", *TINY_RUN)
+    run_distill(
+        *TINY_DISTILL,
+        "--teacher",
+        teacher_dir,
+        "--data-dir",
+        tiny_data_dir,
+        "--out-dir",
+        out,
+        "--student-kind",
+        "pruned",
+        "--student-kwargs",
+        '{"scale": 0.5}',
+        "--schedule",
+        "parallel",
+        *TINY_RUN,
+    )
     assert all(r["calib_rel_err"] < r["start_rel_err"] for r in layer_rows(out))
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--student-kind", "pruned", "--student-kwargs", '{"importance": "random"}'], "importance must be 'activation' or 'weight'"),
-    (["--student-kind", "pruned", "--student-kwargs", '{"ridge": -1}'], "ridge must be >= 0"),
-    (["--calib-tokens", "-5"], "CALIB_TOKENS must be >= 0"),
-    (["--calib-tokens", "10000000"], "is more than the 40,000 tokens of"),
-    (["--latent-stream", "both"], "LATENT_STREAM must be teacher or student"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--student-kind", "pruned", "--student-kwargs", '{"importance": "random"}'],
+            "importance must be 'activation' or 'weight'",
+        ),
+        (["--student-kind", "pruned", "--student-kwargs", '{"ridge": -1}'], "ridge must be >= 0"),
+        (["--calib-tokens", "-5"], "CALIB_TOKENS must be >= 0"),
+        (["--calib-tokens", "10000000"], "is more than the 40,000 tokens of"),
+        (["--latent-stream", "both"], "LATENT_STREAM must be teacher or student"),
+    ],
+)
 def test_bad_calibration_arguments_are_one_line(teacher_dir, tiny_data_dir, tmp_path, args, message):
-    error = run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"), *args,
-                        check=False)
+    error = run_distill(
+        *TINY_DISTILL,
+        "--teacher",
+        teacher_dir,
+        "--data-dir",
+        tiny_data_dir,
+        "--out-dir",
+        str(tmp_path / "r"),
+        *args,
+        check=False,
+    )
     assert error is not None and message in error and "\n" not in error, error

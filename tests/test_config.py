@@ -1,4 +1,5 @@
 """common/config.py: `--name value` / `--name=value` overrides of a script's UPPER_CASE constants, --help, fail()."""
+
 import os
 import re
 import shlex
@@ -12,9 +13,20 @@ from conftest import ROOT
 
 
 def constants():
-    return {"__file__": "train.py", "STEPS_PER_LAYER": 100, "LR": 3e-4, "OUT_DIR": "runs/x", "RESUME": False,
-            "LAYERS": [0, 1], "NAMES": ["mlp"], "STUDENT_KWARGS": {"scale": 1}, "INIT_FROM": None,
-            "lowercase": 1, "helper": print, "os": os}
+    return {
+        "__file__": "train.py",
+        "STEPS_PER_LAYER": 100,
+        "LR": 3e-4,
+        "OUT_DIR": "runs/x",
+        "RESUME": False,
+        "LAYERS": [0, 1],
+        "NAMES": ["mlp"],
+        "STUDENT_KWARGS": {"scale": 1},
+        "INIT_FROM": None,
+        "lowercase": 1,
+        "helper": print,
+        "os": os,
+    }
 
 
 def test_both_spellings_set_the_same_constant():
@@ -26,36 +38,69 @@ def test_both_spellings_set_the_same_constant():
 
 def test_values_take_the_type_of_the_default():
     c = constants()
-    config = override(c, ["--lr", "1e-3", "--out-dir=runs/y", "--layers", "2,3,5", "--names", "mlp,attn",
-                          "--student-kwargs", '{"scale": 0.5, "rank": 8}', "--init-from", "runs/x/final"])
+    config = override(
+        c,
+        [
+            "--lr",
+            "1e-3",
+            "--out-dir=runs/y",
+            "--layers",
+            "2,3,5",
+            "--names",
+            "mlp,attn",
+            "--student-kwargs",
+            '{"scale": 0.5, "rank": 8}',
+            "--init-from",
+            "runs/x/final",
+        ],
+    )
     assert c["LR"] == 1e-3 and isinstance(c["LR"], float)
     assert c["OUT_DIR"] == "runs/y"
     assert c["LAYERS"] == [2, 3, 5] and c["NAMES"] == ["mlp", "attn"]
     assert c["STUDENT_KWARGS"] == {"scale": 0.5, "rank": 8}
     assert c["INIT_FROM"] == "runs/x/final"
-    assert set(config) == {"STEPS_PER_LAYER", "LR", "OUT_DIR", "RESUME", "LAYERS", "NAMES", "STUDENT_KWARGS",
-                           "INIT_FROM"}  # not lowercase names, functions or modules
+    assert set(config) == {
+        "STEPS_PER_LAYER",
+        "LR",
+        "OUT_DIR",
+        "RESUME",
+        "LAYERS",
+        "NAMES",
+        "STUDENT_KWARGS",
+        "INIT_FROM",
+    }  # not lowercase names, functions or modules
     assert override(constants(), ["--layers="])["LAYERS"] == []
     assert override(constants(), ["--lr", "2"])["LR"] == 2.0
 
 
-@pytest.mark.parametrize("argv,want", [(["--resume"], True), (["--resume", "--lr", "1"], True),
-                                       (["--resume", "false"], False), (["--resume=yes"], True),
-                                       (["--resume=0"], False), ([], False)])
+@pytest.mark.parametrize(
+    "argv,want",
+    [
+        (["--resume"], True),
+        (["--resume", "--lr", "1"], True),
+        (["--resume", "false"], False),
+        (["--resume=yes"], True),
+        (["--resume=0"], False),
+        ([], False),
+    ],
+)
 def test_bools_alone_mean_true_and_accept_words(argv, want):
     assert override(constants(), argv)["RESUME"] is want
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--stepz", "3"], "unknown option --stepz"),
-    (["--steps-per-layer", "ten"], "--steps-per-layer wants a int, got 'ten'"),
-    (["--layers", "0,x"], "--layers wants a comma-separated list of int"),
-    (["--resume", "maybe"], "--resume wants true/false"),
-    (["--student-kwargs", "{scale"], "--student-kwargs wants JSON"),
-    (["--student-kwargs", "[1]"], "--student-kwargs wants a JSON object"),
-    (["--lr"], "--lr needs a value"),
-    (["10"], "unexpected argument '10'"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--stepz", "3"], "unknown option --stepz"),
+        (["--steps-per-layer", "ten"], "--steps-per-layer wants a int, got 'ten'"),
+        (["--layers", "0,x"], "--layers wants a comma-separated list of int"),
+        (["--resume", "maybe"], "--resume wants true/false"),
+        (["--student-kwargs", "{scale"], "--student-kwargs wants JSON"),
+        (["--student-kwargs", "[1]"], "--student-kwargs wants a JSON object"),
+        (["--lr"], "--lr needs a value"),
+        (["10"], "unexpected argument '10'"),
+    ],
+)
 def test_bad_overrides_exit_with_one_line(argv, message):
     with pytest.raises(SystemExit) as e:
         override(constants(), argv)
@@ -67,7 +112,7 @@ def test_bad_overrides_exit_with_one_line(argv, message):
 
 def source_constants(path):
     """[(NAME, value expression, comment, section above it or None)] of the run constants at the top of a script,
-    read plainly: `NAME = value  # comment` lines, with `# section` lines, up to the first other code."""
+    read plainly: `NAME = value  # comment` lines, with `# section` lines (not `# fmt:`), up to the first other code."""
     found, section = [], None
     with open(path) as f:
         for line in f:
@@ -76,21 +121,33 @@ def source_constants(path):
                 found.append((*constant.groups(), section))
             elif found and line.strip() and not line.startswith("#"):
                 break
-            section = line[2:].strip() if constant is None and line.startswith("# ") and "---" not in line else None
+            is_section = constant is None and line.startswith("# ") and "---" not in line and "fmt:" not in line
+            section = line[2:].strip() if is_section else None
     return found
 
 
 def run(args, cwd, **env):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": ROOT, **env})
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": ROOT, **env},
+    )
 
 
-@pytest.mark.parametrize("script,usage", [
-    ("distill.py", "python distill.py [--name value ...]"), ("train.py", "python train.py [--name value ...]"),
-    ("prepare.py", "python prepare.py [--name value ...]"),
-    ("common/evaluate.py", "python -m common.evaluate CHECKPOINT [CHECKPOINT ...] [--name value ...]"),
-    ("common/export.py", "python -m common.export CHECKPOINT --out DIR [--name value ...]"),
-    ("common/generate.py", 'python -m common.generate CHECKPOINT --prompt "..." [--name value ...]')])
+@pytest.mark.parametrize(
+    "script,usage",
+    [
+        ("distill.py", "python distill.py [--name value ...]"),
+        ("train.py", "python train.py [--name value ...]"),
+        ("prepare.py", "python prepare.py [--name value ...]"),
+        ("common/evaluate.py", "python -m common.evaluate CHECKPOINT [CHECKPOINT ...] [--name value ...]"),
+        ("common/export.py", "python -m common.export CHECKPOINT --out DIR [--name value ...]"),
+        ("common/generate.py", 'python -m common.generate CHECKPOINT --prompt "..." [--name value ...]'),
+    ],
+)
 def test_help_lists_every_constant_with_its_comment_and_default(script, usage, tmp_path):
     """--help exits 0 before doing anything (run where no model, data or network is: nothing is read or written)
     and prints each constant's option, its default (as typed on the command line) and its comment, in the source's
@@ -108,13 +165,13 @@ def test_help_lists_every_constant_with_its_comment_and_default(script, usage, t
         expected += ([f"{section}:"] if section else []) + [option]
         line = next(line for line in lines if line.startswith(f"  {option} "))
         assert line.endswith(f"  {comment}"), line
-        shown, = shlex.split(line[len(option) + 2:-len(comment)])
+        (shown,) = shlex.split(line[len(option) + 2 : -len(comment)])
         default = eval(value, {"os": os})  # noqa: S307 (our own source)
         # the default as shown is the default: typed back as the option, it gives the same value
         assert override({"__file__": script, name: default}, [f"{option}={shown}"])[name] == default, line
     assert len(expected) >= 5
     listed = [line.split()[0] if line.startswith("  --") else line for line in lines[2:]]
-    assert [item for item in listed if item in expected] == expected  # evaluate.py also lists an imported table
+    assert listed == expected  # every option, in order, and nothing else (no imported UPPER_CASE name)
 
 
 def test_help_reads_comments_sections_and_continuations(tmp_path):
@@ -134,7 +191,8 @@ def test_help_reads_comments_sections_and_continuations(tmp_path):
         "# not a section: a blank line follows\n"
         "\n"
         "RATE = 3e-4         # learning rate\n"
-        "override(globals())\n")
+        "override(globals())\n"
+    )
     for args, command in ((["tool.py"], "python tool.py"), (["-m", "tool"], "python -m tool")):
         result = run(args + ["-h"], tmp_path)
         assert result.returncode == 0, result.stderr
@@ -149,7 +207,8 @@ def test_help_reads_comments_sections_and_continuations(tmp_path):
             "  --kwargs  '{}'",
             "  --out     ''      run folder",
             "  --resume  false   continue",
-            "  --rate    0.0003  learning rate"]
+            "  --rate    0.0003  learning rate",
+        ]
 
 
 def test_fail_is_one_line_named_after_the_running_script(tmp_path):

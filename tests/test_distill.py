@@ -1,5 +1,5 @@
 """distill.py on a tiny model, on CPU: the method, checkpoints, resume, DDP, the logits phase, errors."""
-import importlib
+
 import json
 import os
 import shutil
@@ -12,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_DISTILL, another_run_in, layer_rows, make_model_folder, read_metrics, run_distill
-
+from conftest import ROOT, TINY_DISTILL, another_run_in, layer_rows, read_metrics, run_distill
 
 
 def distill_command(*args, launcher=(sys.executable,)):
@@ -26,6 +25,7 @@ def test_latent_cache_is_the_teachers_hidden_state(teacher_dir, tiny_data_dir, t
     from common.runtime import Runtime
     from common.shards import TokenLoader, shard_files
     from common.swap import transformer_layers
+
     model = load_model(teacher_dir).eval()
     tokens = TokenLoader(shard_files(tiny_data_dir, "train"), 5, 16).next_batch()[0]
     with torch.no_grad():
@@ -46,11 +46,23 @@ def test_latent_cache_is_the_teachers_hidden_state(teacher_dir, tiny_data_dir, t
 
 def test_copy_student_is_exact_and_checkpoints_keep_the_backbone(teacher_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
-    run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out,
-                "--student-kind", "copy", "--steps-per-layer", "3")
+    run_distill(
+        *TINY_DISTILL,
+        "--teacher",
+        teacher_dir,
+        "--data-dir",
+        tiny_data_dir,
+        "--out-dir",
+        out,
+        "--student-kind",
+        "copy",
+        "--steps-per-layer",
+        "3",
+    )
     first = read_metrics(out, phase="layerwise", layer_step=1)
     assert len(first) == 3 and all(r["loss"] == 0.0 for r in first)
     from common.checkpoint import load_model
+
     teacher = load_model(teacher_dir).state_dict()
     backbone = [k for k in teacher if ".mlp." not in k]
     for name in ("rot0_layer000", "rot0_layer001", "rot0_layer002", "final"):
@@ -66,9 +78,27 @@ def test_copy_student_is_exact_and_checkpoints_keep_the_backbone(teacher_dir, ti
 @pytest.mark.parametrize("kind,schedule", [("prototype", "rotation"), ("pruned", "rotation"), ("pruned", "parallel")])
 def test_student_mse_falls(teacher_dir, tiny_data_dir, tmp_path, kind, schedule):
     out = str(tmp_path / "run")
-    run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, "--student-kind", kind,
-                "--schedule", schedule, "--steps-per-layer", "25", "--lr", "1e-3", "--val-every", "10",
-                "--keep-last", "1")
+    run_distill(
+        *TINY_DISTILL,
+        "--teacher",
+        teacher_dir,
+        "--data-dir",
+        tiny_data_dir,
+        "--out-dir",
+        out,
+        "--student-kind",
+        kind,
+        "--schedule",
+        schedule,
+        "--steps-per-layer",
+        "25",
+        "--lr",
+        "1e-3",
+        "--val-every",
+        "10",
+        "--keep-last",
+        "1",
+    )
     rows = layer_rows(out)
     assert [r["layer"] for r in rows] == [0, 1, 2]
     assert all(r["mse_end"] < r["mse_start"] for r in rows), rows
@@ -80,14 +110,29 @@ def test_student_mse_falls(teacher_dir, tiny_data_dir, tmp_path, kind, schedule)
 
 def test_resume_after_kill_is_exact(teacher_dir, tiny_data_dir, tmp_path):
     """Killed after the first (calibrated) layer: the resumed run calibrates the next one the same way."""
-    args = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--student-kind", "prototype",
-            "--steps-per-layer", "20", "--rotations", "2", "--layers", "0,2"]
+    args = [
+        "--teacher",
+        teacher_dir,
+        "--data-dir",
+        tiny_data_dir,
+        "--student-kind",
+        "prototype",
+        "--steps-per-layer",
+        "20",
+        "--rotations",
+        "2",
+        "--layers",
+        "0,2",
+    ]
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
-    run_distill(*TINY_DISTILL, "--out-dir", whole, "--latent-cache", "disk", *args)  # same numbers wherever the cache lives
+    run_distill(
+        *TINY_DISTILL, "--out-dir", whole, "--latent-cache", "disk", *args
+    )  # same numbers wherever the cache lives
     assert not [n for n in os.listdir(whole) if n.startswith(".latent")]
 
-    proc = subprocess.Popen(distill_command("--out-dir", cut, *args), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        distill_command("--out-dir", cut, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while not os.path.exists(os.path.join(cut, "rot0_layer000")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -101,13 +146,24 @@ def test_resume_after_kill_is_exact(teacher_dir, tiny_data_dir, tmp_path):
     b = load_file(os.path.join(cut, "final", "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     timing = ("seconds", "train_s", "step_ms", "calib_s")
-    assert [{k: v for k, v in r.items() if k not in timing} for r in layer_rows(whole)] == \
-           [{k: v for k, v in r.items() if k not in timing} for r in layer_rows(cut)]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in layer_rows(whole)] == [
+        {k: v for k, v in r.items() if k not in timing} for r in layer_rows(cut)
+    ]
 
 
 def test_parallel_resume_is_exact(teacher_dir, tiny_data_dir, tmp_path):
-    args = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--student-kind", "prototype",
-            "--schedule", "parallel", "--steps-per-layer", "6"]
+    args = [
+        "--teacher",
+        teacher_dir,
+        "--data-dir",
+        tiny_data_dir,
+        "--student-kind",
+        "prototype",
+        "--schedule",
+        "parallel",
+        "--steps-per-layer",
+        "6",
+    ]
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     run_distill(*TINY_DISTILL, "--out-dir", whole, *args)
     run_distill(*TINY_DISTILL, "--out-dir", cut, *args, "--save-every", "3")
@@ -117,18 +173,38 @@ def test_parallel_resume_is_exact(teacher_dir, tiny_data_dir, tmp_path):
     a = load_file(os.path.join(whole, "final", "model.safetensors"))
     b = load_file(os.path.join(cut, "final", "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in read_metrics(whole, phase="layerwise") if "loss" in r][3:] == \
-           [r["loss"] for r in read_metrics(cut, phase="layerwise") if "loss" in r]
+    assert [r["loss"] for r in read_metrics(whole, phase="layerwise") if "loss" in r][3:] == [
+        r["loss"] for r in read_metrics(cut, phase="layerwise") if "loss" in r
+    ]
 
 
 def test_two_process_ddp_matches_one_process(teacher_dir, tiny_data_dir, tmp_path):
     """Same global batch: the same calibration (statistics summed over ranks) and the same training."""
-    args = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--student-kind", "pruned",
-            "--steps-per-layer", "4", "--layers", "1", "--seq-len", "32", "--calib-tokens", "2048"]
+    args = [
+        "--teacher",
+        teacher_dir,
+        "--data-dir",
+        tiny_data_dir,
+        "--student-kind",
+        "pruned",
+        "--steps-per-layer",
+        "4",
+        "--layers",
+        "1",
+        "--seq-len",
+        "32",
+        "--calib-tokens",
+        "2048",
+    ]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     ddp, single = str(tmp_path / "ddp"), str(tmp_path / "single")
-    proc = subprocess.run(distill_command("--out-dir", ddp, *args, launcher=torchrun), cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        distill_command("--out-dir", ddp, *args, launcher=torchrun),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_distill(*TINY_DISTILL, "--out-dir", single, *args, "--batch-size", "4")
     a = load_file(os.path.join(ddp, "final", "model.safetensors"))
@@ -142,11 +218,38 @@ def test_two_process_ddp_matches_one_process(teacher_dir, tiny_data_dir, tmp_pat
 def test_logits_phase_has_its_own_lr_and_kl_falls(teacher_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
     common = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out]
-    run_distill(*TINY_DISTILL, *common, "--student-kind", "pruned", "--student-kwargs", '{"scale": 0.25}', "--steps-per-layer", "5",
-                "--lr", "0.5", "--warmup-steps", "1")
-    run_distill(*TINY_DISTILL, *common, "--phase", "logits", "--kd-steps", "30", "--kd-lr", "2e-3", "--kd-warmup-steps", "3",
-                "--kd-val-every", "30", "--kd-save-every", "15")
+    run_distill(
+        *TINY_DISTILL,
+        *common,
+        "--student-kind",
+        "pruned",
+        "--student-kwargs",
+        '{"scale": 0.25}',
+        "--steps-per-layer",
+        "5",
+        "--lr",
+        "0.5",
+        "--warmup-steps",
+        "1",
+    )
+    run_distill(
+        *TINY_DISTILL,
+        *common,
+        "--phase",
+        "logits",
+        "--kd-steps",
+        "30",
+        "--kd-lr",
+        "2e-3",
+        "--kd-warmup-steps",
+        "3",
+        "--kd-val-every",
+        "30",
+        "--kd-save-every",
+        "15",
+    )
     from common.runtime import lr_at
+
     steps = read_metrics(out, phase="logits")
     lrs = [(r["step"], r["lr"]) for r in steps if "lr" in r]
     assert lrs and all(lr == pytest.approx(lr_at(s - 1, 30, 2e-3, 3, "cosine", 0.1)) for s, lr in lrs)
@@ -155,25 +258,39 @@ def test_logits_phase_has_its_own_lr_and_kl_falls(teacher_dir, tiny_data_dir, tm
     assert os.path.isdir(os.path.join(out, "logits_step000015")) and os.path.isdir(os.path.join(out, "logits_final"))
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--student-kind", "nope"], "unknown STUDENT_KIND 'nope'"),
-    (["--layers", "0,7"], "LAYERS [7] out of range"),
-    (["--keep-teacher-layers", "9"], "KEEP_TEACHER_LAYERS [9] out of range"),
-    (["--target", "ffn"], "unknown TARGET 'ffn'"),
-    (["--student-kwargs", '{"width": 3}'], "do not fit student"),
-    (["--trainable", "nothing_like_this"], "matches no parameter"),
-    (["--latent-cache", "gpu"], "LATENT_CACHE must be auto, device, host or disk"),
-    (["--steps-per-layr", "3"], "unknown option --steps-per-layr"),
-    (["--data-dir", "/nonexistent"], "/nonexistent: no train shards found; run `python prepare.py"),
-    (["--teacher", "/nonexistent"], "/nonexistent: no config.json"),
-    (["--phase", "logits", "--init", "/nonexistent"], "/nonexistent: no config.json"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--student-kind", "nope"], "unknown STUDENT_KIND 'nope'"),
+        (["--layers", "0,7"], "LAYERS [7] out of range"),
+        (["--keep-teacher-layers", "9"], "KEEP_TEACHER_LAYERS [9] out of range"),
+        (["--target", "ffn"], "unknown TARGET 'ffn'"),
+        (["--student-kwargs", '{"width": 3}'], "do not fit student"),
+        (["--trainable", "nothing_like_this"], "matches no parameter"),
+        (["--latent-cache", "gpu"], "LATENT_CACHE must be auto, device, host or disk"),
+        (["--steps-per-layr", "3"], "unknown option --steps-per-layr"),
+        (["--data-dir", "/nonexistent"], "/nonexistent: no train shards found; run `python prepare.py"),
+        (["--teacher", "/nonexistent"], "/nonexistent: no config.json"),
+        (["--phase", "logits", "--init", "/nonexistent"], "/nonexistent: no config.json"),
+    ],
+)
 def test_bad_input_is_one_clear_line(teacher_dir, tiny_data_dir, tmp_path, args, message):
     """Each mistake ends the run with one line that says what to do (a SystemExit, not a traceback), before the
     run folder exists: the corrected command is not refused for a folder that "already holds files"."""
     out = tmp_path / "r"
-    error = run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(out),
-                        "--student-kind", "prototype", *args, check=False)
+    error = run_distill(
+        *TINY_DISTILL,
+        "--teacher",
+        teacher_dir,
+        "--data-dir",
+        tiny_data_dir,
+        "--out-dir",
+        str(out),
+        "--student-kind",
+        "prototype",
+        *args,
+        check=False,
+    )
     assert error is not None and message in error and "\n" not in error, error
     assert not out.exists()
 
@@ -183,8 +300,9 @@ def test_truncated_teacher_is_one_line_and_no_run_folder(teacher_dir, tiny_data_
     weights = cut / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
-    error = run_distill(*TINY_DISTILL, "--teacher", str(cut), "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"),
-                        check=False)
+    error = run_distill(
+        *TINY_DISTILL, "--teacher", str(cut), "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"), check=False
+    )
     assert f"{weights}: not a complete safetensors file" in error and "\n" not in error, error
     assert not (tmp_path / "r").exists()
 
@@ -205,21 +323,35 @@ def stopped_run(teacher_dir, tiny_data_dir, tmp_path_factory):
     return out, whole
 
 
-@pytest.mark.parametrize("change,message", [
-    (["--layers", "2"], "LAYERS [0, 1, 2] -> [2]"),
-    (["--student-kind", "pruned"], "STUDENT_KIND 'prototype' -> 'pruned'"),
-    (["--student-kwargs", '{"scale": 0.5}'], "STUDENT_KWARGS {} -> {'scale': 0.5}"),
-    (["--steps-per-layer", "3", "--seq-len", "16"], "SEQ_LEN 32 -> 16; STEPS_PER_LAYER 2 -> 3"),
-    (["--data-dir", "ELSEWHERE"], "DATA_DIR"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (["--layers", "2"], "LAYERS [0, 1, 2] -> [2]"),
+        (["--student-kind", "pruned"], "STUDENT_KIND 'prototype' -> 'pruned'"),
+        (["--student-kwargs", '{"scale": 0.5}'], "STUDENT_KWARGS {} -> {'scale': 0.5}"),
+        (["--steps-per-layer", "3", "--seq-len", "16"], "SEQ_LEN 32 -> 16; STEPS_PER_LAYER 2 -> 3"),
+        (["--data-dir", "ELSEWHERE"], "DATA_DIR"),
+    ],
+)
 def test_resume_refuses_changed_constants(stopped_run, teacher_dir, tiny_data_dir, tmp_path, change, message):
     """Resuming with another layer list, student or schedule would mix two runs in one model: refused, naming
     each changed constant with its old and new value, before anything is loaded or written."""
     out = shutil.copytree(stopped_run[0], tmp_path / "run")
     before = sorted(os.listdir(out))
     change = [str(tmp_path) if c == "ELSEWHERE" else c for c in change]
-    error = run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(out), "--resume",
-                        *RUN, *change, check=False)
+    error = run_distill(
+        *TINY_DISTILL,
+        "--teacher",
+        teacher_dir,
+        "--data-dir",
+        tiny_data_dir,
+        "--out-dir",
+        str(out),
+        "--resume",
+        *RUN,
+        *change,
+        check=False,
+    )
     assert error and message in error and "config_layerwise.json" in error and "\n" not in error, error
     assert sorted(os.listdir(out)) == before
 
@@ -233,8 +365,25 @@ def test_resume_clears_torn_files_and_may_change_reporting(stopped_run, teacher_
     (out / ".latent_train_h_rank0.npy").write_bytes(b"a disk latent cache")
     (out / "layers.json.tmp4242").write_bytes(b"[")
     os.rename(out / "rot0_layer001", out / ".old_rot0_layer001_4242")  # killed while replacing it: put back
-    run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", str(out), "--resume", *RUN,
-                "--log-every", "5", "--keep-last", "0", "--latent-cache", "disk", "--val-every", "1")
+    run_distill(
+        *TINY_DISTILL,
+        "--teacher",
+        teacher_dir,
+        "--data-dir",
+        tiny_data_dir,
+        "--out-dir",
+        str(out),
+        "--resume",
+        *RUN,
+        "--log-every",
+        "5",
+        "--keep-last",
+        "0",
+        "--latent-cache",
+        "disk",
+        "--val-every",
+        "1",
+    )
     assert sorted(n for n in os.listdir(out) if n.startswith(".") or "tmp" in n) == []
     assert os.path.isdir(out / "rot0_layer001")
     resumed = load_file(os.path.join(out, "final", "model.safetensors"))
@@ -251,8 +400,11 @@ def test_a_run_in_use_is_refused_until_its_holder_dies(stopped_run, teacher_dir,
     os.mkdir(fresh)
     common = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, *RUN]
     with another_run_in(out) as holder, another_run_in(fresh) as starting:
-        for folder, extra, pid in ((out, ["--resume"], holder.pid), (out, ["--resume", "--student-kind", "pruned"],
-                                   holder.pid), (fresh, [], starting.pid)):
+        for folder, extra, pid in (
+            (out, ["--resume"], holder.pid),
+            (out, ["--resume", "--student-kind", "pruned"], holder.pid),
+            (fresh, [], starting.pid),
+        ):
             error = run_distill(*TINY_DISTILL, *common, "--out-dir", str(folder), *extra, check=False)
             assert error and f"{folder}: in use by another run (pid {pid})" in error and "\n" not in error, error
     assert not os.path.exists(out / "final") and sorted(os.listdir(fresh)) == ["run.lock"]
@@ -282,55 +434,127 @@ def test_parallel_and_logits_resumes_refuse_changed_constants(teacher_dir, tiny_
 
 def test_unsupported_model_is_refused(tiny_data_dir, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
+
     folder = str(tmp_path / "gpt2")
     GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2)).save_pretrained(folder)
-    error = run_distill(*TINY_DISTILL, "--teacher", folder, "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"), check=False)
+    error = run_distill(
+        *TINY_DISTILL, "--teacher", folder, "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"), check=False
+    )
     assert "model type 'gpt2' is not supported" in error
 
 
 def test_attention_students_rotation_then_logits_then_evaluation(teacher_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
     common = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out]
-    run_distill(*TINY_DISTILL, *common, "--target", "attn", "--student-kind", "linear", "--steps-per-layer", "15",
-                "--keep-teacher-layers", "1", "--lr", "3e-3")
+    run_distill(
+        *TINY_DISTILL,
+        *common,
+        "--target",
+        "attn",
+        "--student-kind",
+        "linear",
+        "--steps-per-layer",
+        "15",
+        "--keep-teacher-layers",
+        "1",
+        "--lr",
+        "3e-3",
+    )
     rows = layer_rows(out)
     assert [r["layer"] for r in rows] == [0, 2] and all(r["mse_end"] < r["mse_start"] for r in rows)
-    run_distill(*TINY_DISTILL, *common, "--phase", "logits", "--kd-steps", "6", "--kd-val-every", "6", "--kd-lr", "1e-3")
+    run_distill(
+        *TINY_DISTILL, *common, "--phase", "logits", "--kd-steps", "6", "--kd-val-every", "6", "--kd-lr", "1e-3"
+    )
 
     from common.checkpoint import load_model
     from common.evaluate import evaluate
     from common.shards import val_batches
+
     model = load_model(os.path.join(out, "logits_final"))
-    assert [type(layer.self_attn).__name__ for layer in model.model.layers] == \
-           ["LinearAttention", "LlamaAttention", "LinearAttention"]
+    assert [type(layer.self_attn).__name__ for layer in model.model.layers] == [
+        "LinearAttention",
+        "LlamaAttention",
+        "LinearAttention",
+    ]
     result = evaluate(model, val_batches(tiny_data_dir, 512, 2, 32), teacher=load_model(teacher_dir))
     assert result["kl"] > 0 and 0 < result["agreement"] <= 1 and result["ce"] > 0
 
 
 def test_trainable_trains_only_the_named_parameters(teacher_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
-    run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, "--student-kind", "prototype",
-                "--student-kwargs", '{"gated": true}', "--trainable", "fc_out", "--steps-per-layer", "5",
-                "--layers", "1")
+    run_distill(
+        *TINY_DISTILL,
+        "--teacher",
+        teacher_dir,
+        "--data-dir",
+        tiny_data_dir,
+        "--out-dir",
+        out,
+        "--student-kind",
+        "prototype",
+        "--student-kwargs",
+        '{"gated": true}',
+        "--trainable",
+        "fc_out",
+        "--steps-per-layer",
+        "5",
+        "--layers",
+        "1",
+    )
     from common.checkpoint import load_model
     from common.students import make_student
+
     trained = load_model(os.path.join(out, "final")).model.layers[1].mlp
     teacher = load_model(teacher_dir)
     torch.manual_seed(1337 + 1)  # distill.py seeds layer i's student with SEED + i
     initial = make_student("mlp", "prototype", teacher.model.layers[1].mlp, teacher.config, gated=True)
     assert torch.equal(trained.fc_in.weight, initial.fc_in.weight)
     assert not torch.equal(trained.fc_out.weight, initial.fc_out.weight)
-    assert "matches no parameter" in run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir",
-                                                 str(tmp_path / "r2"), "--trainable", "nothing_like_this", check=False)
+    assert "matches no parameter" in run_distill(
+        *TINY_DISTILL,
+        "--teacher",
+        teacher_dir,
+        "--data-dir",
+        tiny_data_dir,
+        "--out-dir",
+        str(tmp_path / "r2"),
+        "--trainable",
+        "nothing_like_this",
+        check=False,
+    )
 
 
 def test_distill_sh_runs_both_phases(teacher_dir, tiny_data_dir, tmp_path):
     """./distill.sh: calibrated layer-wise phase, then the logits phase in the same run folder."""
     out = str(tmp_path / "run")
-    proc = subprocess.run([os.path.join(ROOT, "distill.sh"), "--teacher", teacher_dir, "--data-dir", tiny_data_dir,
-                           "--out-dir", out, *TINY_DISTILL, "--steps-per-layer", "2", "--calib-tokens", "1024", "--kd-steps", "2",
-                           "--warmup-steps", "1", "--kd-warmup-steps", "1", "--kd-val-every", "2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            os.path.join(ROOT, "distill.sh"),
+            "--teacher",
+            teacher_dir,
+            "--data-dir",
+            tiny_data_dir,
+            "--out-dir",
+            out,
+            *TINY_DISTILL,
+            "--steps-per-layer",
+            "2",
+            "--calib-tokens",
+            "1024",
+            "--kd-steps",
+            "2",
+            "--warmup-steps",
+            "1",
+            "--kd-warmup-steps",
+            "1",
+            "--kd-val-every",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(r["calib_rel_err"] < r["start_rel_err"] for r in layer_rows(out))
     assert os.path.isdir(os.path.join(out, "final")) and os.path.isdir(os.path.join(out, "logits_final"))

@@ -1,4 +1,5 @@
 """common/evaluate.py and common/generate.py on the tiny model: metrics, the CLI table and JSON, generation."""
+
 import copy
 import json
 import shutil
@@ -11,12 +12,14 @@ import torch.nn.functional as F
 import common.evaluate
 import common.generate
 from common.checkpoint import load_model, save_checkpoint
+from common.evaluate import evaluate, evaluate_models
+from common.evaluate import main as evaluate_main
+from common.generate import generate
+from common.generate import main as generate_main
+from common.kd import final_hidden
+from common.shards import val_batches
 from common.students import make_student
 from common.swap import get_block, set_block
-from common.evaluate import evaluate, evaluate_models, main as evaluate_main
-from common.shards import val_batches
-from common.generate import generate, main as generate_main
-from common.kd import final_hidden
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,9 @@ def test_teacher_against_itself(teacher, batches):
     assert abs(m["kl"]) <= 1e-6 and m["agreement"] == 1.0
     assert m["ce"] == m["teacher_ce"] and m["ppl"] == pytest.approx(torch.exp(torch.tensor(m["ce"])).item())
     with torch.no_grad():
-        ce = sum(F.cross_entropy(teacher(x).logits.flatten(0, 1), y.flatten()).item() for x, y in batches) / len(batches)
+        ce = sum(F.cross_entropy(teacher(x).logits.flatten(0, 1), y.flatten()).item() for x, y in batches) / len(
+            batches
+        )
     assert m["ce"] == pytest.approx(ce, rel=1e-5)
 
 
@@ -77,8 +82,24 @@ def keep_constants(module, monkeypatch):
 def test_cli_prints_table_and_writes_json(tiny_model_dir, tiny_data_dir, student_dir, tmp_path, capsys, monkeypatch):
     keep_constants(common.evaluate, monkeypatch)
     out = tmp_path / "eval" / "results.json"
-    evaluate_main([student_dir, tiny_model_dir, "--teacher", tiny_model_dir, "--data-dir", tiny_data_dir,
-                   "--val-tokens", "600", "--batch-size", "2", "--seq-len", "64", "--out", str(out)])
+    evaluate_main(
+        [
+            student_dir,
+            tiny_model_dir,
+            "--teacher",
+            tiny_model_dir,
+            "--data-dir",
+            tiny_data_dir,
+            "--val-tokens",
+            "600",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "64",
+            "--out",
+            str(out),
+        ]
+    )
     stdout = capsys.readouterr().out
     assert "512 val tokens" in stdout and "KL to teacher" in stdout and student_dir in stdout
     rows = json.loads(out.read_text())["results"]
@@ -99,8 +120,9 @@ def cli_error(main, argv):
     return e.value.code
 
 
-def test_cli_truncated_weights_and_bad_lengths_are_one_line(student_dir, tiny_model_dir, tiny_data_dir, tmp_path,
-                                                           monkeypatch):
+def test_cli_truncated_weights_and_bad_lengths_are_one_line(
+    student_dir, tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
+):
     keep_constants(common.evaluate, monkeypatch)
     keep_constants(common.generate, monkeypatch)
     cut = shutil.copytree(student_dir, tmp_path / "cut")
@@ -109,8 +131,9 @@ def test_cli_truncated_weights_and_bad_lengths_are_one_line(student_dir, tiny_mo
     message = f"{cut / 'model.safetensors'}: not a complete safetensors file"
     assert message in cli_error(evaluate_main, [str(cut), "--teacher", tiny_model_dir, "--data-dir", tiny_data_dir])
     assert message in cli_error(generate_main, [str(cut), "--tokenizer", tiny_model_dir])
-    assert "--max-new-tokens must be at least 1, got -3" in \
-        cli_error(generate_main, [student_dir, "--tokenizer", tiny_model_dir, "--max-new-tokens", "-3"])
+    assert "--max-new-tokens must be at least 1, got -3" in cli_error(
+        generate_main, [student_dir, "--tokenizer", tiny_model_dir, "--max-new-tokens", "-3"]
+    )
 
 
 def test_greedy_generation_is_the_step_by_step_argmax(teacher):
@@ -128,8 +151,23 @@ def test_greedy_generation_is_the_step_by_step_argmax(teacher):
 
 def test_generate_cli_from_checkpoint(student_dir, tiny_model_dir, capsys, monkeypatch):
     keep_constants(common.generate, monkeypatch)
-    generate_main([student_dir, "--prompt", "the cat sat", "--max-new-tokens", "6", "--temperature", "0.8",
-                   "--top-p", "0.9", "--seed", "1", "--tokenizer", tiny_model_dir])
+    generate_main(
+        [
+            student_dir,
+            "--prompt",
+            "the cat sat",
+            "--max-new-tokens",
+            "6",
+            "--temperature",
+            "0.8",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "1",
+            "--tokenizer",
+            tiny_model_dir,
+        ]
+    )
     text = capsys.readouterr()
     assert text.out.startswith("the cat sat") and len(text.out.strip()) > len("the cat sat")
     assert "new tokens" in text.err
@@ -137,12 +175,14 @@ def test_generate_cli_from_checkpoint(student_dir, tiny_model_dir, capsys, monke
 
 # --- --speed and --tasks: the comparison table ---------------------------------------------------
 
-MC_DOCS = [{"context": "the cat sat on a", "choices": ["mat", "sea", "park"], "label": 0},
-           {"context": "water flows down hills into", "choices": ["birds", "rivers", "the"], "label": 1},
-           {"context": "the dog ran to the", "choices": ["sun", "trees", "park"], "label": 2},
-           {"context": "birds sang in", "choices": ["trees", "water", "a"], "label": 0},
-           {"context": "rivers that reach the", "choices": ["cat", "sea", "dog"], "label": 1},
-           {"context": "under a bright", "choices": ["mat", "hills", "sun"], "label": 2}]
+MC_DOCS = [
+    {"context": "the cat sat on a", "choices": ["mat", "sea", "park"], "label": 0},
+    {"context": "water flows down hills into", "choices": ["birds", "rivers", "the"], "label": 1},
+    {"context": "the dog ran to the", "choices": ["sun", "trees", "park"], "label": 2},
+    {"context": "birds sang in", "choices": ["trees", "water", "a"], "label": 0},
+    {"context": "rivers that reach the", "choices": ["cat", "sea", "dog"], "label": 1},
+    {"context": "under a bright", "choices": ["mat", "hills", "sun"], "label": 2},
+]
 
 
 def write_mc_task(folder):
@@ -153,7 +193,8 @@ def write_mc_task(folder):
         "task: tiny_mc\ndataset_path: json\n"
         f"dataset_kwargs:\n  data_files:\n    test: {folder / 'tiny_mc.jsonl'}\n  cache_dir: {folder / 'cache'}\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{context}}'\ndoc_to_choice: '{{choices}}'\n"
-        "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n")
+        "doc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n"
+    )
 
 
 @torch.no_grad()
@@ -174,6 +215,7 @@ def direct_accuracy(model, tokenizer, docs):
 
 def test_cli_speed_and_local_lm_eval_task(tiny_model_dir, tiny_data_dir, teacher, tmp_path, capsys, monkeypatch):
     from transformers import AutoTokenizer
+
     keep_constants(common.evaluate, monkeypatch)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model = copy.deepcopy(teacher)  # linear attention in layer 0, a window in layer 1, pruned FFNs everywhere
@@ -185,9 +227,34 @@ def test_cli_speed_and_local_lm_eval_task(tiny_model_dir, tiny_data_dir, teacher
     save_checkpoint(ckpt, model, meta={"script": "test", "phase": "layerwise", "step": 0})
     write_mc_task(tmp_path / "tasks")
     out = tmp_path / "eval" / "report.json"
-    evaluate_main([ckpt, "--teacher", tiny_model_dir, "--data-dir", tiny_data_dir, "--val-tokens", "256",
-                   "--batch-size", "2", "--seq-len", "64", "--speed", "--contexts", "24,48", "--decode-steps", "4",
-                   "--tasks", "tiny_mc", "--task-dir", str(tmp_path / "tasks"), "--limit", "0", "--out", str(out)])
+    evaluate_main(
+        [
+            ckpt,
+            "--teacher",
+            tiny_model_dir,
+            "--data-dir",
+            tiny_data_dir,
+            "--val-tokens",
+            "256",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "64",
+            "--speed",
+            "--contexts",
+            "24,48",
+            "--decode-steps",
+            "4",
+            "--tasks",
+            "tiny_mc",
+            "--task-dir",
+            str(tmp_path / "tasks"),
+            "--limit",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     stdout = capsys.readouterr().out
     assert "decode tok/s @48" in stdout and "tiny_mc (acc)" in stdout and "mean task ratio" in stdout
     report = json.loads(out.read_text())
@@ -211,14 +278,30 @@ def test_cli_speed_and_local_lm_eval_task(tiny_model_dir, tiny_data_dir, teacher
     # lm-eval on the loaded models: the accuracies are the ones computed directly, for the teacher and the hybrid
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     task_row = next(r for r in report["comparison"] if r["metric"] == "tiny_mc (acc)")
-    assert task_row["values"] == {"teacher": direct_accuracy(teacher, tokenizer, MC_DOCS),
-                                  ckpt: direct_accuracy(load_model(ckpt).eval(), tokenizer, MC_DOCS)}
+    assert task_row["values"] == {
+        "teacher": direct_accuracy(teacher, tokenizer, MC_DOCS),
+        ckpt: direct_accuracy(load_model(ckpt).eval(), tokenizer, MC_DOCS),
+    }
 
 
 def test_tasks_without_lm_eval_is_one_line(tiny_model_dir, tiny_data_dir, monkeypatch):
     keep_constants(common.evaluate, monkeypatch)
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the package were not installed
     with pytest.raises(SystemExit) as e:
-        evaluate_main(["--teacher", tiny_model_dir, "--data-dir", tiny_data_dir, "--val-tokens", "128",
-                       "--batch-size", "2", "--seq-len", "64", "--tasks", "hellaswag"])
+        evaluate_main(
+            [
+                "--teacher",
+                tiny_model_dir,
+                "--data-dir",
+                tiny_data_dir,
+                "--val-tokens",
+                "128",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "64",
+                "--tasks",
+                "hellaswag",
+            ]
+        )
     assert "pip install lm_eval" in str(e.value) and "\n" not in str(e.value)

@@ -1,5 +1,6 @@
 """common/export.py: checkpoints as plain Hugging Face folders (loaded by transformers alone, equal logits,
 model.generate), and one-line refusals for what no standard class expresses."""
+
 import json
 import os
 
@@ -7,10 +8,10 @@ import pytest
 import torch
 
 from common.checkpoint import load_model, save_checkpoint
-from common.students import make_student
-from common.swap import get_block, set_block
 from common.export import main as export_main
 from common.generate import generate
+from common.students import make_student
+from common.swap import get_block, set_block
 from conftest import make_model_folder
 
 
@@ -33,13 +34,16 @@ def checkpoint(teacher_dir, folder, ffn=None, attn=None):
     os.makedirs(folder)
     with open(os.path.join(folder, "run.json"), "w") as f:
         json.dump({"run_id": "r1", "script": "distill.py", "config": {"TEACHER": teacher_dir}}, f)
-    save_checkpoint(os.path.join(folder, "final"), model, meta={"script": "distill.py", "phase": "layerwise", "step": 7})
+    save_checkpoint(
+        os.path.join(folder, "final"), model, meta={"script": "distill.py", "phase": "layerwise", "step": 7}
+    )
     return os.path.join(folder, "final")
 
 
 def run_export(*args):
     """export's main; returns its one-line exit message, or None when it wrote the folder."""
     import common.export
+
     saved = {n: getattr(common.export, n) for n in vars(common.export) if n.isupper()}
     try:
         export_main(list(args))
@@ -54,17 +58,24 @@ def logits(model, ids):
         return model(ids, use_cache=False).logits
 
 
-@pytest.mark.parametrize("ffn, width", [({i: ("pruned", {"scale": 0.5}) for i in range(3)}, 64),
-                                        ({i: ("copy", {}) for i in (0, 2)}, 128),
-                                        ({i: ("prototype", {"scale": 0.25, "gated": True, "activation": "silu"})
-                                          for i in range(3)}, 32)])
+@pytest.mark.parametrize(
+    "ffn, width",
+    [
+        ({i: ("pruned", {"scale": 0.5}) for i in range(3)}, 64),
+        ({i: ("copy", {}) for i in (0, 2)}, 128),
+        ({i: ("prototype", {"scale": 0.25, "gated": True, "activation": "silu"}) for i in range(3)}, 32),
+    ],
+)
 def test_export_loads_with_plain_transformers(teacher_dir, tmp_path, ffn, width):
     from transformers import AutoModelForCausalLM
+
     ckpt = checkpoint(teacher_dir, str(tmp_path / "run"), ffn=ffn)
     out = str(tmp_path / "hf")
     assert run_export(ckpt, "--out", out, "--tokenizer", teacher_dir) is None
     assert not os.path.exists(os.path.join(out, "students.json"))
-    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= set(os.listdir(out))
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"} <= set(
+        os.listdir(out)
+    )
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(exported).__module__.startswith("transformers.models.llama.")  # no code from this repo
     assert exported.config.intermediate_size == width and exported.config.hidden_act == "silu"
@@ -98,14 +109,30 @@ def test_refusals_are_one_line_and_write_nothing(teacher_dir, tmp_path):
 
 def test_pad_to_widest_is_exact(teacher_dir, tmp_path):
     from transformers import AutoModelForCausalLM
+
     ffn = {0: ("pruned", {"scale": 0.5}), 1: ("pruned", {"scale": 0.25})}  # layer 2 keeps the teacher's FFN
     ckpt = checkpoint(teacher_dir, str(tmp_path / "run"), ffn=ffn)
     assert "--pad-to-widest zero-pads them to 128" in run_export(ckpt, "--out", str(tmp_path / "hf"))
-    report = {"val_tokens": 512, "models": ["teacher", "ckpt"], "results": [],  # as common.evaluate --out writes it
-              "comparison": [{"metric": "val ppl", "unit": "ppl", "values": {"teacher": 10.0, "ckpt": 12.5}}]}
+    report = {
+        "val_tokens": 512,
+        "models": ["teacher", "ckpt"],
+        "results": [],  # as common.evaluate --out writes it
+        "comparison": [{"metric": "val ppl", "unit": "ppl", "values": {"teacher": 10.0, "ckpt": 12.5}}],
+    }
     (tmp_path / "eval.json").write_text(json.dumps(report))
-    assert run_export(ckpt, "--out", str(tmp_path / "hf"), "--pad-to-widest", "--tokenizer", teacher_dir,
-                      "--eval", str(tmp_path / "eval.json")) is None
+    assert (
+        run_export(
+            ckpt,
+            "--out",
+            str(tmp_path / "hf"),
+            "--pad-to-widest",
+            "--tokenizer",
+            teacher_dir,
+            "--eval",
+            str(tmp_path / "eval.json"),
+        )
+        is None
+    )
     exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
     assert exported.config.intermediate_size == 128
     ids = torch.randint(1, 320, (2, 40), generator=torch.Generator().manual_seed(2))

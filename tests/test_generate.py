@@ -1,14 +1,15 @@
 """common/generate.py: incremental decoding against the full re-run for every student kind and hybrids,
 batches of prompts of different lengths, and the size of the decoding state."""
+
 import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from common.students.attention import RecurrentState, WindowCache
 from common.checkpoint import load_model
-from common.students import make_student
-from common.swap import get_block, set_block, transformer_layers
 from common.generate import decoding_cache, forward_cached, generate, left_pad, state_bytes
+from common.students import make_student
+from common.students.attention import RecurrentState, WindowCache
+from common.swap import get_block, set_block, transformer_layers
 from conftest import make_model_folder
 
 PROMPTS = [[5, 17, 42, 9, 100, 3, 8, 77, 31, 2, 4], [7, 8, 9], [11, 12, 13, 14, 15, 16]]
@@ -28,13 +29,30 @@ def model_with(folder, setup):
     torch.manual_seed(0)
     for i in range(len(transformer_layers(model))):
         if setup == "pruned" or (setup == "hybrid" and i in (0, 2)):
-            set_block(model, i, "mlp", make_student("mlp", "pruned", get_block(model, i, "mlp"), model.config, scale=0.5))
+            set_block(
+                model, i, "mlp", make_student("mlp", "pruned", get_block(model, i, "mlp"), model.config, scale=0.5)
+            )
         if setup == "linear" or (setup == "hybrid" and i == 1):
-            set_block(model, i, "attn", make_student("attn", "linear", get_block(model, i, "attn"), model.config,
-                                                     chunk_size=4))
+            set_block(
+                model,
+                i,
+                "attn",
+                make_student("attn", "linear", get_block(model, i, "attn"), model.config, chunk_size=4),
+            )
         if setup in ("window", "window without sinks") or (setup == "hybrid" and i == 2):
-            set_block(model, i, "attn", make_student("attn", "window", get_block(model, i, "attn"), model.config,
-                                                     window=WINDOW, sink=0 if "without" in setup else SINK))
+            set_block(
+                model,
+                i,
+                "attn",
+                make_student(
+                    "attn",
+                    "window",
+                    get_block(model, i, "attn"),
+                    model.config,
+                    window=WINDOW,
+                    sink=0 if "without" in setup else SINK,
+                ),
+            )
     return model
 
 
@@ -50,7 +68,7 @@ def test_incremental_decoding_equals_the_rerun(teacher_dir, setup):
         assert torch.equal(out, ref)
         torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
         # in a left-padded batch each row continues exactly as its prompt alone
-        assert torch.equal(batch[b, ids.shape[1]:], ref[0, len(prompt):])
+        assert torch.equal(batch[b, ids.shape[1] :], ref[0, len(prompt) :])
         torch.testing.assert_close(batch_logits[b], ref_logits[0], rtol=0, atol=1e-4)
     assert ref_logits.abs().max() > 1  # logits of order 1: a 1e-4 match is fp32 rounding, not smallness
 
@@ -63,7 +81,7 @@ def test_rerun_refuses_padding_and_eos_stops_rows(teacher_dir):
     free = generate(model, ids, 6, real=real)
     eos = int(free[1, ids.shape[1] + 1])  # row 1's second new token: it stops there
     out = generate(model, ids, 6, real=real, eos_id=eos)
-    row = out[1, ids.shape[1]:]
+    row = out[1, ids.shape[1] :]
     assert row[1] == eos and (row[1:] == eos).all()
 
 
@@ -92,6 +110,7 @@ def test_decoding_state_per_student_kind(teacher_dir):
 
 def test_cli_generates_a_file_of_prompts_as_one_batch(tiny_model_dir, tmp_path, capsys, monkeypatch):
     import common.generate
+
     for name in [n for n in vars(common.generate) if n.isupper()]:  # the CLI overrides module constants
         monkeypatch.setattr(common.generate, name, getattr(common.generate, name))
     prompts = ["the cat sat on a mat and the dog", "water flows"]

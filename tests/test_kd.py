@@ -1,4 +1,5 @@
 """common/kd.py: the chunked KL/CE loss equals the naive full-logits loss, value and gradients."""
+
 import copy
 
 import pytest
@@ -11,10 +12,14 @@ from conftest import tiny_config
 
 def naive_loss(hs, ht, w, wt, y, temperature, ce_weight):
     zs, zt = hs @ w.T, ht @ wt.T
-    kl = F.kl_div((zs / temperature).log_softmax(-1).flatten(0, -2), (zt / temperature).log_softmax(-1).flatten(0, -2),
-                  log_target=True, reduction="batchmean")
+    kl = F.kl_div(
+        (zs / temperature).log_softmax(-1).flatten(0, -2),
+        (zt / temperature).log_softmax(-1).flatten(0, -2),
+        log_target=True,
+        reduction="batchmean",
+    )
     ce = F.cross_entropy(zs.flatten(0, -2), y.flatten()) if ce_weight else 0.0
-    return (1 - ce_weight) * temperature ** 2 * kl + ce_weight * ce
+    return (1 - ce_weight) * temperature**2 * kl + ce_weight * ce
 
 
 def inputs(n=13, d=6, v=11, dtype=torch.float64, seed=0):
@@ -54,7 +59,8 @@ def test_gradcheck_batched_input_and_frozen_head():
     hs = hs.detach().view(2, 4, 4).requires_grad_()
     assert torch.autograd.gradcheck(
         lambda h, wq: kd_loss(h, ht.view(2, 4, 4), wq, y.view(2, 4), 1.5, 0.2, teacher_weight=wt, chunk_tokens=3)[0],
-        (hs, w))
+        (hs, w),
+    )
     # a frozen head (KD_TRAINABLE=decoders) gets no gradient, none is even computed, and the body's gradient is the
     # one it gets when the head trains too
     head = torch.nn.Parameter(w.detach().clone(), requires_grad=False)
@@ -72,8 +78,9 @@ def test_loss_is_a_mean_per_token():
     hs, ht, w, wt, y = inputs(n=6)
     one, _ = kd_loss(hs, ht, w, y, 2.0, 0.5, teacher_weight=wt, chunk_tokens=4)
     longer, _ = kd_loss(hs.repeat(3, 1), ht.repeat(3, 1), w, y.repeat(3), 2.0, 0.5, teacher_weight=wt, chunk_tokens=4)
-    batched, _ = kd_loss(hs.expand(5, 6, 6), ht.expand(5, 6, 6), w, y.expand(5, 6), 2.0, 0.5, teacher_weight=wt,
-                         chunk_tokens=4)
+    batched, _ = kd_loss(
+        hs.expand(5, 6, 6), ht.expand(5, 6, 6), w, y.expand(5, 6), 2.0, 0.5, teacher_weight=wt, chunk_tokens=4
+    )
     torch.testing.assert_close(longer, one, rtol=1e-12, atol=0)
     torch.testing.assert_close(batched, one, rtol=1e-12, atol=0)
 
@@ -103,7 +110,9 @@ def test_metrics_match_full_logits():
     zs, zt = hs @ w.T, ht @ wt.T
     assert m["tokens"].item() == 20
     torch.testing.assert_close(m["ce"].item(), F.cross_entropy(zs, y, reduction="sum").item(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(m["teacher_ce"].item(), F.cross_entropy(zt, y, reduction="sum").item(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        m["teacher_ce"].item(), F.cross_entropy(zt, y, reduction="sum").item(), rtol=1e-5, atol=1e-5
+    )
     kl = F.kl_div(zs.log_softmax(-1), zt.log_softmax(-1), log_target=True, reduction="sum")
     torch.testing.assert_close(m["kl"].item(), kl.item(), rtol=1e-5, atol=1e-5)
     assert m["agree"].item() == (zs.argmax(-1) == zt.argmax(-1)).sum().item()
@@ -113,6 +122,7 @@ def test_metrics_match_full_logits():
 
 def test_kl_falls_when_training_a_perturbed_mlp():
     from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
     teacher = AutoModelForCausalLM.from_config(tiny_config(2), attn_implementation="sdpa")
     with torch.no_grad():

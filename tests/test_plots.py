@@ -1,4 +1,5 @@
 """common/plots.py: distill.py's OUT/layers.png at each layer boundary and in the logits phase."""
+
 import os
 import struct
 
@@ -18,6 +19,7 @@ def png_size(path):
 
 def test_layers_png_at_each_layer_boundary_and_in_the_logits_phase(tiny_data_dir, tmp_path, monkeypatch):
     import common.plots
+
     teacher = make_model_folder(str(tmp_path / "teacher"), initializer_range=0.2)
     out = str(tmp_path / "run")
     drawn = []  # the rows each drawing showed, recorded on the way to the real drawing
@@ -31,7 +33,18 @@ def test_layers_png_at_each_layer_boundary_and_in_the_logits_phase(tiny_data_dir
     monkeypatch.setattr(common.plots, "run_png", recording)  # distill.py is reloaded by run_distill: it imports this
     common_args = ["--teacher", teacher, "--data-dir", tiny_data_dir, "--out-dir", out]
     run_distill(*TINY_DISTILL, *common_args, "--student-kind", "pruned", "--steps-per-layer", "3")
-    run_distill(*TINY_DISTILL, *common_args, "--phase", "logits", "--kd-steps", "4", "--kd-val-every", "2", "--kd-save-every", "4")
+    run_distill(
+        *TINY_DISTILL,
+        *common_args,
+        "--phase",
+        "logits",
+        "--kd-steps",
+        "4",
+        "--kd-val-every",
+        "2",
+        "--kd-save-every",
+        "4",
+    )
     # one drawing per layer (one row more each time), then one per validation of the logits phase (steps 0, 2, 4),
     # which adds a second row of panels beside the layer-wise ones read back from layers.json
     assert [d[:2] for d in drawn] == [(1, 0), (2, 0), (3, 0), (0, 1), (0, 2), (0, 3)]

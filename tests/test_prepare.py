@@ -1,5 +1,6 @@
 """prepare.py end to end, offline: local .jsonl/.parquet/.txt through the datasets streaming path, a tiny model
 folder, shards checked by a reader written only from the README's format, resume after Ctrl-C and kill, bad inputs."""
+
 import hashlib
 import json
 import os
@@ -12,17 +13,23 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, make_text
 from tokenizers import Tokenizer
 
+from conftest import ROOT, make_text
+
 PREPARE = os.path.join(ROOT, "prepare.py")
-DOCS = make_text(3000, seed=3)           # ~690 kB of text, ~230k tokens with the tiny tokenizer
+DOCS = make_text(3000, seed=3)  # ~690 kB of text, ~230k tokens with the tiny tokenizer
 SIZES = ["--val-bytes", "50000", "--shard-tokens", "5000"]  # ~50 shards: room to interrupt a run between them
 
 
 def prepare(*args, cwd=ROOT, env=None):
-    return subprocess.run([sys.executable, PREPARE, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, PREPARE, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def fails(result, *phrases):
@@ -70,8 +77,19 @@ def corpus(tmp_path_factory):
 def reference(model, corpus, tmp_path_factory):
     """An uninterrupted run; the model is copied into its own --model-dir."""
     base = tmp_path_factory.mktemp("reference")
-    result = prepare("--model", model, "--model-dir", base / "model", "--dataset", corpus, "--out-dir", base / "data",
-                     "--workers", 2, *SIZES)
+    result = prepare(
+        "--model",
+        model,
+        "--model-dir",
+        base / "model",
+        "--dataset",
+        corpus,
+        "--out-dir",
+        base / "data",
+        "--workers",
+        2,
+        *SIZES,
+    )
     assert result.returncode == 0, result.stderr
     return base
 
@@ -84,7 +102,7 @@ def split_documents(data_dir, tokenizer, split):
         tokens = read_shard_independently(os.path.join(data_dir, shard["file"]))
         assert tokens[0] == eot and shard["ntok"] <= manifest["settings"]["shard_tokens"]  # whole documents
         cuts = np.flatnonzero(tokens == eot)
-        docs += [tokenizer.decode(tokens[a + 1:b].tolist()) for a, b in zip(cuts, list(cuts[1:]) + [len(tokens)])]
+        docs += [tokenizer.decode(tokens[a + 1 : b].tolist()) for a, b in zip(cuts, list(cuts[1:]) + [len(tokens)])]
     return docs
 
 
@@ -109,11 +127,13 @@ def test_prepare_offline_jsonl(reference, corpus, model):
     assert manifest["splits"]["val"]["text_bytes"] == sum(len(d.encode()) for d in val) >= 50000
     assert manifest["tokenizer"]["eos_token"] == "<|endoftext|>" and manifest["tokenizer"]["eos_id"] == 0
     assert manifest["source"]["files"] == [str(corpus)]
-    check = subprocess.run([sys.executable, "-m", "common.shards", "verify", str(data)], cwd=ROOT,
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-m", "common.shards", "verify", str(data)], cwd=ROOT, capture_output=True, text=True
+    )
     assert check.returncode == 0, check.stderr
-    again = prepare("--model", model, "--model-dir", reference / "model", "--dataset", corpus,
-                    "--out-dir", data, *SIZES)  # a finished run is left alone
+    again = prepare(
+        "--model", model, "--model-dir", reference / "model", "--dataset", corpus, "--out-dir", data, *SIZES
+    )  # a finished run is left alone
     assert again.returncode == 0 and "already complete" in again.stdout, again.stderr
 
 
@@ -121,6 +141,7 @@ def test_prepare_offline_jsonl(reference, corpus, model):
 def test_prepare_parquet_and_txt_through_the_same_path(kind, model, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     docs = DOCS[:300]
     if kind == "parquet":
         pq.write_table(pa.table({"text": docs[:150]}), tmp_path / "a.parquet")
@@ -131,12 +152,27 @@ def test_prepare_parquet_and_txt_through_the_same_path(kind, model, tmp_path):
         for i, d in enumerate(docs):
             (tmp_path / "txt" / f"doc_{i:04d}.txt").write_text(d)
         source = tmp_path / "txt"
-    result = prepare("--model", model, "--model-dir", model, "--dataset", source, "--out-dir", tmp_path / "data",
-                     "--val-bytes", 5000, "--workers", 1)
+    result = prepare(
+        "--model",
+        model,
+        "--model-dir",
+        model,
+        "--dataset",
+        source,
+        "--out-dir",
+        tmp_path / "data",
+        "--val-bytes",
+        5000,
+        "--workers",
+        1,
+    )
     assert result.returncode == 0, result.stderr
-    assert re.search(r"^time: start-up [\d.]+ s; then [\d.]+ s in which this process read the stream for [\d.]+ s, "
-                     r"wrote shards for [\d.]+ s .* 1 workers tokenized for [\d.]+ s \(\d+% busy\); limited by ",
-                     result.stdout, re.M), result.stdout
+    assert re.search(
+        r"^time: start-up [\d.]+ s; then [\d.]+ s in which this process read the stream for [\d.]+ s, "
+        r"wrote shards for [\d.]+ s .* 1 workers tokenized for [\d.]+ s \(\d+% busy\); limited by ",
+        result.stdout,
+        re.M,
+    ), result.stdout
     tokenizer = Tokenizer.from_file(os.path.join(model, "tokenizer.json"))
     data = tmp_path / "data"
     assert split_documents(data, tokenizer, "val") + split_documents(data, tokenizer, "train") == docs
@@ -158,13 +194,32 @@ def wait_for_shards(proc, progress, count, timeout=120):
 
 def test_resume_after_ctrl_c_and_kill_is_byte_identical(reference, model, corpus, tmp_path):
     """Interrupted twice, with another worker count and task size: the same bytes as the reference run."""
-    args = [sys.executable, PREPARE, "--model", model, "--model-dir", reference / "model",
-            "--dataset", corpus, "--out-dir", tmp_path, "--workers", 1, "--task-bytes", 4096, *SIZES]
+    args = [
+        sys.executable,
+        PREPARE,
+        "--model",
+        model,
+        "--model-dir",
+        reference / "model",
+        "--dataset",
+        corpus,
+        "--out-dir",
+        tmp_path,
+        "--workers",
+        1,
+        "--task-bytes",
+        4096,
+        *SIZES,
+    ]
     args = list(map(str, args))
     progress = tmp_path / "progress.json"
     # Ctrl-C's SIGINT, even where this test runs in a background job (which starts with SIGINT ignored)
-    sigint = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    sigint = dict(
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     proc = subprocess.Popen(args, **sigint)
     wait_for_shards(proc, progress, 2)
     proc.send_signal(signal.SIGINT)
@@ -183,11 +238,14 @@ def test_resume_after_ctrl_c_and_kill_is_byte_identical(reference, model, corpus
     assert file_hashes(tmp_path) == file_hashes(reference / "data")  # shards and manifest, byte for byte
 
 
-@pytest.mark.parametrize("records,phrases", [
-    ([{"text": "fine"}, {"text": ""}], ["document 1", "empty 'text'"]),
-    ([{"text": "fine"}, {"text": None}], ["document 1", "not a string"]),
-    ([{"body": "no text field"}], ["no 'text' field", "fields: body", "--text-field"]),
-])
+@pytest.mark.parametrize(
+    "records,phrases",
+    [
+        ([{"text": "fine"}, {"text": ""}], ["document 1", "empty 'text'"]),
+        ([{"text": "fine"}, {"text": None}], ["document 1", "not a string"]),
+        ([{"body": "no text field"}], ["no 'text' field", "fields: body", "--text-field"]),
+    ],
+)
 def test_bad_documents_are_refused_and_nothing_is_written(records, phrases, model, tmp_path):
     source = write_jsonl(tmp_path / "bad.jsonl", records)
     fails(prepare("--model", model, "--model-dir", model, "--dataset", source, "--out-dir", tmp_path / "out"), *phrases)
@@ -196,27 +254,65 @@ def test_bad_documents_are_refused_and_nothing_is_written(records, phrases, mode
 
 def test_unreadable_files_are_named(model, tmp_path):
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": "cut off\n')
-    err = fails(prepare("--model", model, "--model-dir", model, "--dataset", tmp_path / "broken.jsonl",
-                        "--out-dir", tmp_path / "out"), "cannot read")
+    err = fails(
+        prepare(
+            "--model",
+            model,
+            "--model-dir",
+            model,
+            "--dataset",
+            tmp_path / "broken.jsonl",
+            "--out-dir",
+            tmp_path / "out",
+        ),
+        "cannot read",
+    )
     assert "broken.jsonl" in err
     (tmp_path / "junk.parquet").write_bytes(b"not a parquet file")
-    err = fails(prepare("--model", model, "--model-dir", model, "--dataset", tmp_path / "junk.parquet",
-                        "--out-dir", tmp_path / "out"), "junk.parquet")
+    err = fails(
+        prepare(
+            "--model",
+            model,
+            "--model-dir",
+            model,
+            "--dataset",
+            tmp_path / "junk.parquet",
+            "--out-dir",
+            tmp_path / "out",
+        ),
+        "junk.parquet",
+    )
     assert not os.path.exists(tmp_path / "out")
     os.symlink(tmp_path / "gone.txt", tmp_path / "dangling.txt")
-    fails(prepare("--model", model, "--model-dir", model, "--dataset", tmp_path / "dangling.txt",
-                  "--out-dir", tmp_path / "out"), "dangling.txt", "cannot read")
+    fails(
+        prepare(
+            "--model",
+            model,
+            "--model-dir",
+            model,
+            "--dataset",
+            tmp_path / "dangling.txt",
+            "--out-dir",
+            tmp_path / "out",
+        ),
+        "dangling.txt",
+        "cannot read",
+    )
 
 
 def test_tokenizer_beyond_uint16_is_refused_before_writing(model, tmp_path, corpus):
     from tokenizers import models
+
     big = tmp_path / "big_vocab_model"
     os.makedirs(big)
     for name in ("config.json", "model.safetensors"):
         os.symlink(os.path.join(model, name), big / name)
     Tokenizer(models.WordLevel({f"w{i}": i for i in range(70000)}, unk_token="w0")).save(str(big / "tokenizer.json"))
-    fails(prepare("--model", big, "--model-dir", big, "--dataset", corpus, "--out-dir", tmp_path / "out"),
-          "69,999", "65,535")
+    fails(
+        prepare("--model", big, "--model-dir", big, "--dataset", corpus, "--out-dir", tmp_path / "out"),
+        "69,999",
+        "65,535",
+    )
     assert not os.path.exists(tmp_path / "out")
 
 
@@ -229,8 +325,9 @@ def test_damaged_shards_are_redone_by_the_same_command(reference, model, corpus,
     body[2000] ^= 1
     flipped.write_bytes(bytes(body))
     os.remove(data / "train_000020.bin")
-    check = subprocess.run([sys.executable, "-m", "common.shards", "verify", str(data)], cwd=ROOT,
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-m", "common.shards", "verify", str(data)], cwd=ROOT, capture_output=True, text=True
+    )
     assert check.returncode == 1 and "re-run the prepare.py command that wrote them" in check.stderr
     older = shutil.copytree(data, tmp_path / "older")  # as an older prepare.py wrote it: no per-shard counts
     manifest = json.loads((older / "manifest.json").read_text())
@@ -240,14 +337,17 @@ def test_damaged_shards_are_redone_by_the_same_command(reference, model, corpus,
     (older / "manifest.json").write_text(json.dumps(manifest))
 
     def same_command(out):
-        return prepare("--model", model, "--model-dir", reference / "model", "--dataset", corpus, "--out-dir", out,
-                       *SIZES)
+        return prepare(
+            "--model", model, "--model-dir", reference / "model", "--dataset", corpus, "--out-dir", out, *SIZES
+        )
 
     fails(same_command(older), f"delete {older} and run again")
     result = same_command(data)
     assert result.returncode == 0, result.stderr
-    assert f"{flipped}: differs from its recorded size or sha256 (and 1 more); redoing the train shards from 10 on" \
+    assert (
+        f"{flipped}: differs from its recorded size or sha256 (and 1 more); redoing the train shards from 10 on"
         in result.stdout
+    )
     assert file_hashes(data) == file_hashes(reference / "data")
     assert "already complete; every shard matches its sha256" in same_command(data).stdout
 
@@ -255,8 +355,12 @@ def test_damaged_shards_are_redone_by_the_same_command(reference, model, corpus,
 def test_damaged_tokenizer_is_refused_before_the_model_folder_is_written(model, corpus, tmp_path):
     source = shutil.copytree(model, tmp_path / "source")
     (source / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": ')
-    fails(prepare("--model", source, "--model-dir", tmp_path / "model", "--dataset", corpus,
-                  "--out-dir", tmp_path / "out"), f"{source}: its tokenizer does not load")
+    fails(
+        prepare(
+            "--model", source, "--model-dir", tmp_path / "model", "--dataset", corpus, "--out-dir", tmp_path / "out"
+        ),
+        f"{source}: its tokenizer does not load",
+    )
     assert sorted(os.listdir(tmp_path)) == ["source"]  # no model folder, no .partial, no data
 
 
@@ -265,21 +369,53 @@ def test_undecodable_txt_is_named(model, tmp_path):
     (tmp_path / "txt" / "a.txt").write_text("a fine document. " * 20)
     (tmp_path / "txt" / "b.txt").write_bytes(b"caf\xe9 in Latin-1, not UTF-8")
     (tmp_path / "txt" / "c.txt").write_text("another fine document. " * 20)
-    fails(prepare("--model", model, "--model-dir", model, "--dataset", tmp_path / "txt", "--out-dir", tmp_path / "out",
-                  "--val-bytes", 10), f"{tmp_path / 'txt' / 'b.txt'}: not UTF-8 text (invalid continuation byte")
+    fails(
+        prepare(
+            "--model",
+            model,
+            "--model-dir",
+            model,
+            "--dataset",
+            tmp_path / "txt",
+            "--out-dir",
+            tmp_path / "out",
+            "--val-bytes",
+            10,
+        ),
+        f"{tmp_path / 'txt' / 'b.txt'}: not UTF-8 text (invalid continuation byte",
+    )
     assert not os.path.exists(tmp_path / "out")
 
 
 def test_out_dir_of_a_different_run_is_refused_untouched(reference, corpus, tmp_path):
     before = file_hashes(reference / "data")
-    fails(prepare("--model", reference / "model", "--model-dir", reference / "model", "--dataset", corpus,
-                  "--out-dir", reference / "data", "--val-bytes", 60000, "--shard-tokens", 5000),
-          "different run", "settings.val_bytes: 50000 -> 60000")
+    fails(
+        prepare(
+            "--model",
+            reference / "model",
+            "--model-dir",
+            reference / "model",
+            "--dataset",
+            corpus,
+            "--out-dir",
+            reference / "data",
+            "--val-bytes",
+            60000,
+            "--shard-tokens",
+            5000,
+        ),
+        "different run",
+        "settings.val_bytes: 50000 -> 60000",
+    )
     stray = tmp_path / "stray"
     os.makedirs(stray)
     (stray / "train_000000.bin").write_bytes(b"x")
-    fails(prepare("--model", reference / "model", "--model-dir", reference / "model", "--dataset", corpus,
-                  "--out-dir", stray), "different run")
+    fails(
+        prepare(
+            "--model", reference / "model", "--model-dir", reference / "model", "--dataset", corpus, "--out-dir", stray
+        ),
+        "different run",
+    )
     assert file_hashes(reference / "data") == before and os.listdir(stray) == ["train_000000.bin"]
 
 

@@ -1,4 +1,5 @@
 """common/shards.py: the shard format, its errors, the distributed loader and manifest verification."""
+
 import hashlib
 import json
 import os
@@ -8,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, make_data_dir
 
 from common.shards import HEADER_BYTES, ShardError, TokenLoader, read_shard, shard_files, verify, write_shard
 from common.shards import main as shards_main
+from conftest import ROOT, make_data_dir
 
 
 def test_round_trip(tmp_path):
@@ -50,9 +51,16 @@ def corrupt(path, how):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("how,message", [("truncated", "truncated"), ("short header", "truncated header"),
-                                         ("wrong magic", "wrong magic 12345"), ("wrong version", "version 2"),
-                                         ("trailing bytes", "trailing bytes")])
+@pytest.mark.parametrize(
+    "how,message",
+    [
+        ("truncated", "truncated"),
+        ("short header", "truncated header"),
+        ("wrong magic", "wrong magic 12345"),
+        ("wrong version", "version 2"),
+        ("trailing bytes", "trailing bytes"),
+    ],
+)
 def test_bad_shards_are_named(tmp_path, how, message):
     path = tmp_path / "val_000000.bin"
     write_shard(path, np.arange(100))
@@ -145,12 +153,15 @@ def test_verify_detects_a_corrupted_shard(tmp_path):
     assert any("val_000000.bin" in p for p in verify(data))
 
 
-@pytest.mark.parametrize("text,message", [
-    ('{"splits": {"train": {"shards": [', "manifest.json: unreadable (not JSON"),
-    ("[1, 2]", "manifest.json: no 'splits' object"),
-    ('{"splits": {"val": []}}', "split 'val' has no 'shards' list"),
-    ('{"splits": {"val": {"shards": [{"file": "val_000000.bin"}]}}}', "shard 0 of split 'val' is not a"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ('{"splits": {"train": {"shards": [', "manifest.json: unreadable (not JSON"),
+        ("[1, 2]", "manifest.json: no 'splits' object"),
+        ('{"splits": {"val": []}}', "split 'val' has no 'shards' list"),
+        ('{"splits": {"val": {"shards": [{"file": "val_000000.bin"}]}}}', "shard 0 of split 'val' is not a"),
+    ],
+)
 def test_a_damaged_manifest_is_one_line(tmp_path, text, message):
     data = make_data_dir(str(tmp_path / "data"), train_tokens=4000, val_tokens=1000)
     with open(os.path.join(data, "manifest.json"), "w") as f:

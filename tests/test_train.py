@@ -1,6 +1,7 @@
 """train.py end to end on a tiny model (CPU, offline): the loss falls, resume after a kill is exact,
 two-process DDP equals one process with the same global batch, a distill checkpoint with student
 decoders loads and trains, and bad inputs get one-line errors."""
+
 import contextlib
 import io
 import json
@@ -17,23 +18,47 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import ROOT, another_run_in, read_metrics
 from common.checkpoint import load_model, save_checkpoint
+from common.shards import TokenLoader, shard_files, write_shard
 from common.students import make_student
 from common.swap import get_block, set_block
-from common.shards import TokenLoader, shard_files, write_shard
+from conftest import ROOT, another_run_in, read_metrics
 
 TRAIN = os.path.join(ROOT, "train.py")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun sets this too
 # 40 steps of 8 x 64 tokens: enough for the tiny model to learn much of the repeated phrase
-BASE = ["--batch-size", "8", "--seq-len", "64", "--grad-accum", "1", "--steps", "40", "--lr", "3e-3",
-        "--warmup-steps", "5", "--val-every", "20", "--val-tokens", "2048", "--log-every", "10",
-        "--save-every", "5", "--keep-last", "2"]
+BASE = [
+    "--batch-size",
+    "8",
+    "--seq-len",
+    "64",
+    "--grad-accum",
+    "1",
+    "--steps",
+    "40",
+    "--lr",
+    "3e-3",
+    "--warmup-steps",
+    "5",
+    "--val-every",
+    "20",
+    "--val-tokens",
+    "2048",
+    "--log-every",
+    "10",
+    "--save-every",
+    "5",
+    "--keep-last",
+    "2",
+]
 
 
 def train_cmd(args, model, data, out, nproc=None):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] \
-        if nproc else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+        if nproc
+        else [sys.executable]
+    )
     return launcher + [TRAIN, "--init", model, "--data-dir", data, "--out-dir", out, *args]
 
 
@@ -103,8 +128,13 @@ def test_loss_falls_and_run_folder_is_complete(reference):
     # the saved weights reproduce the logged final val loss
     loader = TokenLoader(shard_files(run["config"]["DATA_DIR"], "val"), 8, 64)
     with torch.no_grad():
-        loss = sum(F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten()).item()
-                   for x, y in (loader.next_batch() for _ in range(4))) / 4
+        loss = (
+            sum(
+                F.cross_entropy(model(input_ids=x).logits.flatten(0, 1), y.flatten()).item()
+                for x, y in (loader.next_batch() for _ in range(4))
+            )
+            / 4
+        )
     assert abs(loss - val[40]["val_loss"]) < 1e-4
 
 
@@ -127,8 +157,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def test_resume_after_kill_is_exact(reference, tiny_model_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
-    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, *train_cmd(BASE, tiny_model_dir, tiny_data_dir, out)[1:]],
-                          cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_RUN, *train_cmd(BASE, tiny_model_dir, tiny_data_dir, out)[1:]],
+        cwd=ROOT,
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert max(steps_logged(out)[0]) == KILL_AT
     assert sorted(n for n in os.listdir(out) if n.startswith("step")) == ["step000005"]
@@ -149,11 +185,35 @@ def test_resume_after_kill_is_exact(reference, tiny_model_dir, tiny_data_dir, tm
 
 def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_model_dir, tiny_data_dir, tmp_path):
     # 256 tokens per step: 2 ranks x 1 micro-step of 2 x 64, or 1 process x 2 micro-steps
-    args = ["--batch-size", "2", "--seq-len", "64", "--total-batch-tokens", "256", "--steps", "3", "--lr", "3e-3",
-            "--warmup-steps", "1", "--val-every", "3", "--val-tokens", "512", "--log-every", "1"]
+    args = [
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "64",
+        "--total-batch-tokens",
+        "256",
+        "--steps",
+        "3",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "1",
+        "--val-every",
+        "3",
+        "--val-tokens",
+        "512",
+        "--log-every",
+        "1",
+    ]
     ddp, single, rank0_only = (str(tmp_path / n) for n in ("ddp", "single", "rank0"))
-    proc = subprocess.run(train_cmd(args, tiny_model_dir, tiny_data_dir, ddp, nproc=2), cwd=ROOT,
-                          env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        train_cmd(args, tiny_model_dir, tiny_data_dir, ddp, nproc=2),
+        cwd=ROOT,
+        env=ONE_THREAD,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 1 micro-steps x 2 rank(s) = 256 tokens/step" in proc.stdout
     assert "x 2 micro-steps x 1 rank(s) = 256 tokens/step" in run_train(args, tiny_model_dir, tiny_data_dir, single)
@@ -183,9 +243,29 @@ def test_distill_checkpoint_with_students_loads_and_trains(tiny_model_dir, tiny_
     save_checkpoint(ckpt, model, meta={"script": "distill.py", "phase": "final", "step": 0})
 
     out = str(tmp_path / "run")
-    printed = run_train(["--batch-size", "4", "--seq-len", "32", "--grad-accum", "1", "--steps", "4",
-                         "--val-every", "0", "--log-every", "1", "--lr", "1e-3", "--warmup-steps", "1"],
-                        ckpt, tiny_data_dir, out)
+    printed = run_train(
+        [
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "32",
+            "--grad-accum",
+            "1",
+            "--steps",
+            "4",
+            "--val-every",
+            "0",
+            "--log-every",
+            "1",
+            "--lr",
+            "1e-3",
+            "--warmup-steps",
+            "1",
+        ],
+        ckpt,
+        tiny_data_dir,
+        out,
+    )
     assert "2 student decoders" in printed
     train, _ = steps_logged(out)
     # the first logged loss is the checkpoint model's own loss on the first batch: the students were in place
@@ -201,19 +281,58 @@ def test_distill_checkpoint_with_students_loads_and_trains(tiny_model_dir, tiny_
 
 def test_from_scratch_uses_only_the_config(tiny_model_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
-    run_train(["--from-scratch", "--batch-size", "4", "--seq-len", "32", "--grad-accum", "1", "--steps", "1",
-               "--val-every", "0"], tiny_model_dir, tiny_data_dir, out)
+    run_train(
+        [
+            "--from-scratch",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "32",
+            "--grad-accum",
+            "1",
+            "--steps",
+            "1",
+            "--val-every",
+            "0",
+        ],
+        tiny_model_dir,
+        tiny_data_dir,
+        out,
+    )
     fresh = load_file(os.path.join(out, "step000001", "model.safetensors"))
     given = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
-    assert not torch.allclose(fresh["model.layers.0.mlp.up_proj.weight"], given["model.layers.0.mlp.up_proj.weight"],
-                              atol=1e-2)
+    assert not torch.allclose(
+        fresh["model.layers.0.mlp.up_proj.weight"], given["model.layers.0.mlp.up_proj.weight"], atol=1e-2
+    )
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
-    message = train_error(["--batch-size", "4", "--seq-len", "32", "--grad-accum", "1", "--steps", "6",
-                           "--val-every", "0", "--lr", "1e30", "--warmup-steps", "0", "--save-every", "1",
-                           "--keep-last", "0"], tiny_model_dir, tiny_data_dir, out)
+    message = train_error(
+        [
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "32",
+            "--grad-accum",
+            "1",
+            "--steps",
+            "6",
+            "--val-every",
+            "0",
+            "--lr",
+            "1e30",
+            "--warmup-steps",
+            "0",
+            "--save-every",
+            "1",
+            "--keep-last",
+            "0",
+        ],
+        tiny_model_dir,
+        tiny_data_dir,
+        out,
+    )
     assert "non-finite" in message
     bad = int(message.split("at step ")[1].split(";")[0])
     saved = sorted(n for n in os.listdir(out) if n.startswith("step"))
@@ -255,16 +374,21 @@ def copy_of(reference, tmp_path):
     return str(shutil.copytree(reference, tmp_path / "run"))
 
 
-def test_resume_refuses_changed_defining_constants_and_lists_the_others(reference, tiny_model_dir, tiny_data_dir,
-                                                                         tmp_path):
+def test_resume_refuses_changed_defining_constants_and_lists_the_others(
+    reference, tiny_model_dir, tiny_data_dir, tmp_path
+):
     out = copy_of(reference, tmp_path)
-    for extra, model, message in ((["--seq-len", "32"], tiny_model_dir, "SEQ_LEN 64 -> 32"),
-                                  ([], str(tmp_path), f"INIT {tiny_model_dir!r} -> {str(tmp_path)!r}")):
+    for extra, model, message in (
+        (["--seq-len", "32"], tiny_model_dir, "SEQ_LEN 64 -> 32"),
+        ([], str(tmp_path), f"INIT {tiny_model_dir!r} -> {str(tmp_path)!r}"),
+    ):
         error = train_error(BASE + ["--resume"] + extra, model, tiny_data_dir, out)
         assert "run.json: this run's result depends on constants changed since it started" in error and message in error
     printed = run_train(BASE + ["--resume", "--lr", "1e-3", "--log-every", "5"], tiny_model_dir, tiny_data_dir, out)
-    assert "resuming with changed constants (the run is no longer exact): LOG_EVERY 10 -> 5, LR 0.003 -> 0.001" \
-        in printed and "nothing to do" in printed
+    assert (
+        "resuming with changed constants (the run is no longer exact): LOG_EVERY 10 -> 5, LR 0.003 -> 0.001" in printed
+        and "nothing to do" in printed
+    )
 
 
 def test_a_run_in_use_is_refused_until_its_holder_dies(reference, tiny_model_dir, tiny_data_dir, tmp_path):
@@ -280,8 +404,9 @@ def test_a_run_in_use_is_refused_until_its_holder_dies(reference, tiny_model_dir
     assert "nothing to do" in run_train(BASE + ["--resume"], tiny_model_dir, tiny_data_dir, out)
 
 
-def test_resume_passes_over_a_checkpoint_with_unreadable_meta(reference, tiny_model_dir, tiny_data_dir, tmp_path,
-                                                              capsys):
+def test_resume_passes_over_a_checkpoint_with_unreadable_meta(
+    reference, tiny_model_dir, tiny_data_dir, tmp_path, capsys
+):
     out = copy_of(reference, tmp_path)
     bad = os.path.join(out, "step000040")
     with open(os.path.join(bad, "meta.json"), "w") as f:

@@ -14,6 +14,7 @@ all_reduce(t) sums a tensor over ranks in place. Calibration accumulates fixed-s
 statistics in fp64 (Gram matrices, second moments) over the batches, never all activations, so its
 memory does not grow with the number of tokens.
 """
+
 from common.students import attention, ffn  # noqa: F401  (importing a kind's module registers it)
 from common.students.registry import STUDENTS, make_student, register
 

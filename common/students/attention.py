@@ -23,6 +23,7 @@ context), a `WindowCache` for `window` (keys and values of the sinks and the las
 Given such a cache, forward continues it over the new tokens; tokens at negative `position_ids` are
 left padding (several prompts of different lengths in one batch), which no state or later token sees.
 """
+
 import copy
 import functools
 import inspect
@@ -60,15 +61,17 @@ DECAY_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 GAIN_RIDGE = 1e-4
 
 
-def gla_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor,
-             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gla_step(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, state: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of the recurrence. q, k, g: (B, H, K); v: (B, H, V); state: (B, H, K, V)."""
     state = state * g.exp()[..., None] + k[..., None] * v[..., None, :]
     return scale * torch.einsum("bhk,bhkv->bhv", q, state), state
 
 
-def gla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float,
-                  state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gla_recurrent(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float, state: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The naive recurrence, token by token. q, k, g: (B, H, T, K); v: (B, H, T, V); state: (B, H, K, V)
     or None for zeros. Returns (o (B, H, T, V), final state)."""
     B, H, _, K = q.shape
@@ -81,8 +84,15 @@ def gla_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     return torch.stack(out, 2), state
 
 
-def gla_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, scale: float, chunk_size: int = 64,
-                state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def gla_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    chunk_size: int = 64,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The recurrence computed chunk by chunk: within a chunk as masked attention with the decay folded
     into queries and keys, across chunks through the state. Same arguments and results as
     gla_recurrent. exp(-sum of g over a chunk) must fit in the dtype (see MAX_LOG_DECAY)."""
@@ -141,8 +151,10 @@ def _refuse_incremental(student, past_key_values):
         return
     seen = vars(past_key_values).setdefault("_attention_students_seen", set())
     if id(student) in seen:
-        raise RuntimeError(f"{type(student).__name__} keeps no KV cache: decode with common.generate (it gives "
-                           f"students their own decoding cache), or re-run the whole sequence with use_cache=False")
+        raise RuntimeError(
+            f"{type(student).__name__} keeps no KV cache: decode with common.generate (it gives "
+            f"students their own decoding cache), or re-run the whole sequence with use_cache=False"
+        )
     seen.add(id(student))
 
 
@@ -174,8 +186,9 @@ class WindowCache:
         self.window, self.sink = window, sink
         self.keys = self.values = self.positions = None
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor,
-               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def update(
+        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Add the new tokens' keys and values at `positions` (B, T; negative = left padding). Returns the
         keys and values to attend over and the mask (B, 1, T, S) of what each new token sees; then keeps
         only what later tokens can see."""
@@ -183,18 +196,19 @@ class WindowCache:
         if self.keys is not None:
             keys, values = torch.cat([self.keys, keys], 2), torch.cat([self.values, values], 2)
             positions = torch.cat([self.positions, positions], 1)
-        mask = (positions >= 0)[:, None, None] & window_mask(q_pos[:, None, :, None], positions[:, None, None],
-                                                             self.window, self.sink)
+        mask = (positions >= 0)[:, None, None] & window_mask(
+            q_pos[:, None, :, None], positions[:, None, None], self.window, self.sink
+        )
         mask = mask | ~mask.any(-1, keepdim=True)  # padding sees no key: let it see all (never used) rather than NaN
         (B, H, S, D), keep = keys.shape, max(0, keys.shape[2] - (self.window - 1))
         is_sink = (positions >= 0) & (positions < self.sink)
         slot = torch.where(is_sink, positions, self.sink)  # slot `sink` takes everything else and is dropped
         sink_pos = positions.new_full((B, self.sink + 1), -1).scatter(1, slot, torch.where(is_sink, positions, -1))
         index = slot[:, None, :, None].expand(B, H, S, D)
-        sinks = [t.new_zeros(B, H, self.sink + 1, D).scatter(2, index, t)[:, :, :self.sink] for t in (keys, values)]
+        sinks = [t.new_zeros(B, H, self.sink + 1, D).scatter(2, index, t)[:, :, : self.sink] for t in (keys, values)]
         recent = positions[:, keep:]
         self.keys, self.values = (torch.cat([s, t[:, :, keep:]], 2) for s, t in zip(sinks, (keys, values)))
-        self.positions = torch.cat([sink_pos[:, :self.sink], recent.masked_fill(recent < self.sink, -1)], 1)
+        self.positions = torch.cat([sink_pos[:, : self.sink], recent.masked_fill(recent < self.sink, -1)], 1)
         return keys, values, mask
 
 
@@ -219,15 +233,21 @@ class LinearAttention(nn.Module):
     chunk_size only sets how the CPU/PyTorch path splits the sequence; results do not depend on it.
     """
 
-    def __init__(self, teacher: nn.Module, config: PreTrainedConfig, rope: bool = True, decay_rank: int = 32,
-                 chunk_size: int = 64) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        config: PreTrainedConfig,
+        rope: bool = True,
+        decay_rank: int = 32,
+        chunk_size: int = 64,
+    ) -> None:
         super().__init__()
         if not 1 <= chunk_size <= MAX_CHUNK:
             raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK} (fp32 range of the decay), got {chunk_size}")
         self.heads, self.head_dim = _heads(teacher)
         groups = self.heads * self.head_dim // teacher.k_proj.out_features
         self.rope, self.chunk_size = rope, chunk_size
-        self.scale = getattr(teacher, "scaling", self.head_dim ** -0.5)
+        self.scale = getattr(teacher, "scaling", self.head_dim**-0.5)
         self.q_proj, self.o_proj = copy.deepcopy(teacher.q_proj), copy.deepcopy(teacher.o_proj)
         self.k_proj = _expand_heads(teacher.k_proj, groups, self.head_dim)
         self.v_proj = _expand_heads(teacher.v_proj, groups, self.head_dim)
@@ -245,8 +265,9 @@ class LinearAttention(nn.Module):
         self.layer_idx = teacher.layer_idx  # its entry in a decoding cache
         self.to(teacher.q_proj.weight.dtype)
 
-    def features(self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def features(
+        self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v, log decay g for hidden states x (B, T, d), each (B, H, T, head_dim)."""
         shape = (*x.shape[:2], self.heads, self.head_dim)
         q = self.q_norm(self.q_proj(x).view(shape)).transpose(1, 2)
@@ -262,7 +283,12 @@ class LinearAttention(nn.Module):
     def normalised(o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """o normalised per head to the RMS of v, heads flattened: (B, H, T, head_dim) -> (B, T, H * head_dim)."""
         o, v = o.float(), v.float()
-        o = o * ((v.pow(2).mean(-1, keepdim=True) + OUT_NORM_EPS) / (o.pow(2).mean(-1, keepdim=True) + OUT_NORM_EPS)).sqrt()
+        o = (
+            o
+            * (
+                (v.pow(2).mean(-1, keepdim=True) + OUT_NORM_EPS) / (o.pow(2).mean(-1, keepdim=True) + OUT_NORM_EPS)
+            ).sqrt()
+        )
         return o.transpose(1, 2).flatten(2)
 
     def output(self, o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -278,9 +304,14 @@ class LinearAttention(nn.Module):
             f32 = torch.promote_types(q.dtype, torch.float32)
             return gla_chunked(q.to(f32), k.to(f32), v.to(f32), g.to(f32), self.scale, self.chunk_size)[0]
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
-                **kwargs: Any) -> tuple[torch.Tensor, None]:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
         cache = _decoding_cache(past_key_values, self.layer_idx)
         if isinstance(cache, RecurrentState):
             return self.decode(hidden_states, position_embeddings, cache, kwargs["position_ids"]), None
@@ -289,8 +320,13 @@ class LinearAttention(nn.Module):
         return self.output(self.mix(q, k, v, g), v), None
 
     @torch.no_grad()
-    def calibrate(self, teacher: nn.Module, batches: Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor | None]]],
-                  all_reduce: Callable[[torch.Tensor], object], pos_emb: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def calibrate(
+        self,
+        teacher: nn.Module,
+        batches: Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor | None]]],
+        all_reduce: Callable[[torch.Tensor], object],
+        pos_emb: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
         """A start fit to data: the initial decay rates scaled by each of DECAY_SCALES, each with the
         output gain that best maps the normalised output z to the teacher's (y = o_proj(z * gain) is
         linear in the gain: a least-squares fit from fp64 statistics); keeps the pair of least error."""
@@ -315,8 +351,12 @@ class LinearAttention(nn.Module):
         self.decay_base.copy_(best[1])
         self.out_gain.copy_(best[2])
 
-    def step(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-             state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        state: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The recurrent path: continue from `state` (None at the start) over the given tokens, one
         at a time. Returns (output, new state); the state is (B, H, head_dim, head_dim) in fp32."""
         q, k, v, g = (t.float() for t in self.features(hidden_states, position_embeddings))
@@ -326,8 +366,13 @@ class LinearAttention(nn.Module):
     def new_cache(self) -> RecurrentState:
         return RecurrentState()
 
-    def decode(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-               cache: RecurrentState, position_ids: torch.Tensor) -> torch.Tensor:
+    def decode(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        cache: RecurrentState,
+        position_ids: torch.Tensor,
+    ) -> torch.Tensor:
         """Incremental decoding: continue cache.state over the new tokens, one token by the recurrence
         (as `step`), a prompt chunk-parallel (the same numbers). Left padding (negative positions) gets
         zero values, so the state, which starts at zero, never sees it."""
@@ -357,9 +402,14 @@ class WindowAttention(nn.Module):
         self.attn, self.window, self.sink = copy.deepcopy(teacher), window, sink
         self.heads, self.head_dim = _heads(teacher)
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, past_key_values: Cache | None = None,
-                **kwargs: Any) -> tuple[torch.Tensor, None]:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
         a, (B, T, _) = self.attn, hidden_states.shape
         shape = (B, T, -1, self.head_dim)
         q = a.q_proj(hidden_states).view(shape)
@@ -379,8 +429,13 @@ class WindowAttention(nn.Module):
             k_pos = torch.arange(L, device=q.device)[None]
             mask = window_mask(q_pos, k_pos, self.window, self.sink)
         groups = self.heads // k.shape[1]
-        o = F.scaled_dot_product_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask,
-                                           scale=getattr(a, "scaling", self.head_dim ** -0.5))
+        o = F.scaled_dot_product_attention(
+            q,
+            repeat_kv(k, groups),
+            repeat_kv(v, groups),
+            attn_mask=mask,
+            scale=getattr(a, "scaling", self.head_dim**-0.5),
+        )
         return a.o_proj(o.transpose(1, 2).reshape(B, T, -1)), None
 
     def new_cache(self) -> WindowCache:

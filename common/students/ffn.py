@@ -5,6 +5,7 @@ latent x (B, T, d) and returning (B, T, d).
   prototype  two matrices with a chosen activation, fit by calibration on random features
   pruned     the teacher's own FFN class at a fraction of its channels, chosen and refit on data
 """
+
 import copy
 import functools
 import math
@@ -45,8 +46,16 @@ class PrototypeMLP(nn.Module):
     calibration fits it by ridge least squares on the student's random features (an extreme
     learning machine), so that it starts near the teacher."""
 
-    def __init__(self, teacher: nn.Module, config: PreTrainedConfig, scale: float = 1.0, activation: str = "relu2",
-                 gated: bool = False, bias: bool = False, ridge: float = 1e-3) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        config: PreTrainedConfig,
+        scale: float = 1.0,
+        activation: str = "relu2",
+        gated: bool = False,
+        bias: bool = False,
+        ridge: float = 1e-3,
+    ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} unknown; use {', '.join(ACTIVATIONS)}")
@@ -75,9 +84,13 @@ class PrototypeMLP(nn.Module):
         return self.fc_out(self.hidden(x))
 
     @torch.no_grad()
-    def calibrate(self, teacher: nn.Module, batches: Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor | None]]],
-                  all_reduce: Callable[[torch.Tensor], object],
-                  pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def calibrate(
+        self,
+        teacher: nn.Module,
+        batches: Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor | None]]],
+        all_reduce: Callable[[torch.Tensor], object],
+        pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         fit_linear(self.fc_out, self.hidden, batches, all_reduce, self.ridge)
 
 
@@ -95,8 +108,15 @@ class PrunedMLP(nn.Module):
                 diagonal of the Gram matrix), which takes over much of the dropped channels' work.
     With importance='weight' and refit=False calibration changes nothing."""
 
-    def __init__(self, teacher: nn.Module, config: PreTrainedConfig, scale: float = 0.5, importance: str = "activation",
-                 refit: bool = True, ridge: float = 1e-4) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        config: PreTrainedConfig,
+        scale: float = 0.5,
+        importance: str = "activation",
+        refit: bool = True,
+        ridge: float = 1e-4,
+    ) -> None:
         super().__init__()
         if importance not in ("activation", "weight"):
             raise ValueError(f"importance must be 'activation' or 'weight', got {importance!r}")
@@ -125,9 +145,13 @@ class PrunedMLP(nn.Module):
             self.block.down_proj.bias.copy_(teacher.down_proj.bias)
 
     @torch.no_grad()
-    def calibrate(self, teacher: nn.Module, batches: Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor | None]]],
-                  all_reduce: Callable[[torch.Tensor], object],
-                  pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def calibrate(
+        self,
+        teacher: nn.Module,
+        batches: Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor | None]]],
+        all_reduce: Callable[[torch.Tensor], object],
+        pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         if self.importance == "activation":
             square_sum = 0
             for x, _ in batches(targets=False):
@@ -135,8 +159,9 @@ class PrunedMLP(nn.Module):
             all_reduce(square_sum)
             self.keep_channels(teacher, square_sum.sqrt() * teacher.down_proj.weight.double().norm(dim=0))
         if self.refit:
-            fit_linear(self.block.down_proj, functools.partial(_swiglu_hidden, self.block), batches, all_reduce,
-                       self.ridge)
+            fit_linear(
+                self.block.down_proj, functools.partial(_swiglu_hidden, self.block), batches, all_reduce, self.ridge
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)

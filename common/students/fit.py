@@ -1,5 +1,6 @@
 """Least squares for calibration: ridge solves from fp64 Gram statistics accumulated batch by batch,
 so their memory does not grow with the number of tokens."""
+
 import torch
 import torch.nn as nn
 

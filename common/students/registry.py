@@ -1,5 +1,6 @@
 """The student registry: a kind is one nn.Module class registered with `@register(target, kind)`;
 `make_student` builds one by name, and a checkpoint rebuilds its students from their names and arguments."""
+
 import inspect
 
 import torch.nn as nn
