@@ -21,7 +21,7 @@ with its own optimizer and LR schedule.
 
 Map of this file: main() checks every constant, loads and checks the inputs, opens the run folder and runs
 one phase. layerwise_phase() -> train_rotation() -> distill_layer() -> train_layer(), or train_parallel();
-logits_phase() -> logits_step(). The pieces both phases share follow them.
+logits_phase() -> logits_losses() and validate_logits(). The pieces both phases share follow them.
 """
 
 import os
@@ -102,7 +102,7 @@ VAL_TOKENS = 8192                 # held-out val tokens (all ranks together), th
 VAL_EVERY = 0                     # also validate every N steps inside a layer (parallel: the whole run); 0 = off
 SAVE_EVERY = 0                    # parallel schedule: checkpoint every N steps; 0 = only the final one
 KEEP_LAST = 0                     # delete all but the newest K checkpoints of the phase (disk); 0 = keep all
-LATENT_CACHE = "auto"             # where the rotation's latent cache lives: auto, device, host or disk
+LATENT_CACHE = "auto"             # where the latent caches live: auto, device, host or disk
 # logits phase
 INIT = ""                         # checkpoint to start from; empty = this run's latest layer-wise checkpoint
 KD_TRAINABLE = "decoders"         # decoders: only the students train; all: the whole student model trains
@@ -185,23 +185,9 @@ def check_constants():
     for name, allowed in choices.items():
         if constants[name] not in allowed:
             fail(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {constants[name]!r}")
-    lowest = {
-        "ROTATIONS": 1,
-        "KD_STEPS": 1,
-        "BATCH_SIZE": 1,
-        "SEQ_LEN": 1,
-        "GRAD_ACCUM": 1,
-        "LOG_EVERY": 1,
-        "KD_VAL_EVERY": 1,
-        "KD_SAVE_EVERY": 1,
-        "STEPS_PER_LAYER": 0,
-        "CALIB_TOKENS": 0,
-        "WARMUP_STEPS": 0,
-        "KD_WARMUP_STEPS": 0,
-        "VAL_EVERY": 0,
-        "SAVE_EVERY": 0,
-        "KEEP_LAST": 0,
-    }
+    at_least_1 = "ROTATIONS KD_STEPS BATCH_SIZE SEQ_LEN GRAD_ACCUM LOG_EVERY KD_VAL_EVERY KD_SAVE_EVERY".split()
+    at_least_0 = "STEPS_PER_LAYER CALIB_TOKENS WARMUP_STEPS KD_WARMUP_STEPS VAL_EVERY SAVE_EVERY KEEP_LAST".split()
+    lowest = {**dict.fromkeys(at_least_1, 1), **dict.fromkeys(at_least_0, 0)}
     meaning_of_0 = {"STEPS_PER_LAYER": " (0: calibration only)", "CALIB_TOKENS": " (0 turns calibration off)"}
     for name, low in lowest.items():
         if constants[name] < low:
@@ -249,43 +235,16 @@ def may_change_on_resume():
     """Constants a resumed phase may change: where and how often it reports and saves, and the other phase's own
     constants. Every other constant (one added later too, until it is listed here) defines the phase's result,
     so a resume that changes it is refused."""
-    reporting = {
-        "OUT_DIR",
-        "RESUME",
-        "LOG_EVERY",
-        "VAL_EVERY",
-        "SAVE_EVERY",
-        "KEEP_LAST",
-        "LATENT_CACHE",
-        "KD_VAL_EVERY",
-        "KD_SAVE_EVERY",
-    }
-    layerwise_only = {
-        "TARGET",
-        "STUDENT_KIND",
-        "STUDENT_KWARGS",
-        "LAYERS",
-        "KEEP_TEACHER_LAYERS",
-        "SCHEDULE",
-        "ROTATIONS",
-        "STEPS_PER_LAYER",
-        "LR",
-        "WARMUP_STEPS",
-        "DECODER_LOSS",
-        "TRAINABLE",
-        "CALIB_TOKENS",
-        "LATENT_STREAM",
-    }
-    logits_only = {
-        "INIT",
-        "KD_TRAINABLE",
-        "KD_STEPS",
-        "KD_LR",
-        "KD_WARMUP_STEPS",
-        "KD_TEMPERATURE",
-        "KD_CE_WEIGHT",
-        "KD_FRESH_TOKENS",
-    }
+    reporting = set(
+        "OUT_DIR RESUME LOG_EVERY VAL_EVERY SAVE_EVERY KEEP_LAST LATENT_CACHE KD_VAL_EVERY KD_SAVE_EVERY".split()
+    )
+    layerwise_only = set(
+        "TARGET STUDENT_KIND STUDENT_KWARGS LAYERS KEEP_TEACHER_LAYERS SCHEDULE ROTATIONS STEPS_PER_LAYER LR "
+        "WARMUP_STEPS DECODER_LOSS TRAINABLE CALIB_TOKENS LATENT_STREAM".split()
+    )
+    logits_only = set(
+        "INIT KD_TRAINABLE KD_STEPS KD_LR KD_WARMUP_STEPS KD_TEMPERATURE KD_CE_WEIGHT KD_FRESH_TOKENS".split()
+    )
     return reporting | (logits_only if PHASE == "layerwise" else layerwise_only)
 
 
@@ -331,14 +290,8 @@ def layerwise_phase(run, model, layers, val):
     )
     train = train_rotation if SCHEDULE == "rotation" else train_parallel
     students, rows, step, state = train(run, model, layers, val, teacher_ce)
-    write_checkpoint(
-        run,
-        "final",
-        model,
-        {(i, TARGET): students[i] for i in layers},
-        {"phase": "layerwise", "schedule": SCHEDULE, "step": step},
-        state,
-    )
+    meta = {"phase": "layerwise", "schedule": SCHEDULE, "step": step}
+    write_checkpoint(run, "final", model, {(i, TARGET): students[i] for i in layers}, meta, state)
     if rt.master:
         print(f"\nper-layer validation ({TARGET} -> {STUDENT_KIND}); teacher val ce {teacher_ce:.4f}")
         print_table(
@@ -373,13 +326,13 @@ def train_rotation(run, model, layers, val, teacher_ce):
         vcache = LatentCache(rt, model, val_inputs(val), TARGET, BATCH_SIZE, where, f"{files}_val")
         for k in range(first_layer, len(layers)):
             i = layers[k]
-            errors, times, step = distill_layer(run, model, i, students, cache, vcache, rotation, step)
+            errors, times, calibrated, step = distill_layer(run, model, i, students, cache, vcache, rotation, step)
             trained.add(i)
             trained_blocks = {(j, TARGET): students[j] for j in trained}
             ce = hybrid_ce(rt, model, val, trained_blocks)
             hybrid = {"hybrid_ce": ce, "hybrid_ppl": float(np.exp(ce)), "teacher_ce": teacher_ce}
             rows.append({"rotation": rotation, "layer": i, **errors, **hybrid, **times, "seconds": time.time() - t0})
-            report_layer(run, rows, step)
+            report_layer(run, rows, step, calibrated)
             vcache.finish(stream_students(students).get(i))
             last = k + 1 == len(layers)  # then the next rotation starts after this one's tokens
             position = {"loader": loader.state() if last else rotation_start, "rng": get_rng_state()}
@@ -413,7 +366,7 @@ def resume_rotation(run, loader, students, n_layers):
 def distill_layer(run, model, i, students, cache, vcache, rotation, step):
     """Layer i's turn in a rotation: split both caches at layer i, calibrate its student (first rotation only),
     train it, then move the training cache past the layer. Returns its val errors (before, after calibration,
-    after training), its timings and the step count."""
+    after training), its timings, whether it calibrated and the step count."""
     rt, student, teacher_block = run.rt, students[i], get_block(model, i, TARGET)
     vcache.split_at(i, stream_students(students))
     start_err = layer_error(rt, student, teacher_block, vcache)
@@ -423,16 +376,7 @@ def distill_layer(run, model, i, students, cache, vcache, rotation, step):
     calib_err = layer_error(rt, student, teacher_block, vcache) if calib_s is not None else start_err
     rt.synchronize()
     t_steps = time.time()
-    step = train_layer(
-        run,
-        student,
-        teacher_block,
-        cache,
-        vcache,
-        f"rot {rotation} layer {i}",
-        {"rotation": rotation, "layer": i},
-        step,
-    )
+    step = train_layer(run, student, teacher_block, cache, vcache, rotation, i, step)
     rt.synchronize()
     step_ms = 1000 * (time.time() - t_steps) / max(1, STEPS_PER_LAYER)
     cache.finish(stream_students(students).get(i))
@@ -443,19 +387,19 @@ def distill_layer(run, model, i, students, cache, vcache, rotation, step):
         "mse_start": start_err["val_mse"],
         "mse_end": end_err["val_mse"],
         "start_rel_err": start_err["val_rel_err"],
-        "calib_rel_err": calib_err["val_rel_err"] if calib_s is not None else None,
+        "calib_rel_err": calib_err["val_rel_err"],
         "rel_err": end_err["val_rel_err"],
     }
-    return errors, {"step_ms": step_ms, "calib_s": calib_s or 0.0, "train_s": train_s}, step
+    return errors, {"step_ms": step_ms, "calib_s": calib_s or 0.0, "train_s": train_s}, calib_s is not None, step
 
 
-def train_layer(run, student, teacher_block, cache, vcache, desc, where, step):
-    """STEPS_PER_LAYER optimizer steps of one student on the cache's latents, each token once. `where` (rotation,
-    layer) goes into every log record. Returns the step count."""
+def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, step):
+    """STEPS_PER_LAYER optimizer steps of one student on the cache's latents, each token once. Returns the step
+    count."""
     rt = run.rt
-    params = trainable_params(student, f"layer {where['layer']}")
+    params = trainable_params(student, f"layer {layer}")
     opt = new_optimizer(params, LR)
-    bar = tqdm(range(STEPS_PER_LAYER), desc=desc, disable=not rt.master, leave=False)
+    bar = tqdm(range(STEPS_PER_LAYER), desc=f"rot {rotation} layer {layer}", disable=not rt.master, leave=False)
     for s in bar:
         lr = lr_at(s, STEPS_PER_LAYER, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
         loss_sum = 0.0
@@ -470,7 +414,7 @@ def train_layer(run, student, teacher_block, cache, vcache, desc, where, step):
             loss_sum += loss.detach()
         (norm,) = step_optimizer(rt, opt, [params], lr)
         step += 1
-        record = {"phase": "layerwise", **where, "step": step, "layer_step": s + 1}
+        record = {"phase": "layerwise", "rotation": rotation, "layer": layer, "step": step, "layer_step": s + 1}
         if s % LOG_EVERY == 0 or s == STEPS_PER_LAYER - 1:
             loss_val = rt.all_mean(loss_sum.item())
             bar.set_postfix(loss=f"{loss_val:.4g}")
@@ -480,16 +424,16 @@ def train_layer(run, student, teacher_block, cache, vcache, desc, where, step):
     return step
 
 
-def report_layer(run, rows, step):
+def report_layer(run, rows, step, calibrated):
     """Log, plot and print the row of the layer just distilled (the last of `rows`)."""
     row = rows[-1]
     if run.rt.master:
         run_png(run.out_dir, rows)
     run.log.log(phase="layerwise", step=step, **row)
-    calibrated = f"calibrated {row['calib_rel_err']:.4g}, " if row["calib_rel_err"] is not None else ""
+    calibration = f"calibrated {row['calib_rel_err']:.4g}, " if calibrated else ""
     run.rt.print(
         f"rot {row['rotation']} layer {row['layer']:3d} | val rel err {row['start_rel_err']:.4g} -> "
-        f"{calibrated}trained {row['rel_err']:.4g} | hybrid val ce {row['hybrid_ce']:.4f} (teacher "
+        f"{calibration}trained {row['rel_err']:.4g} | hybrid val ce {row['hybrid_ce']:.4f} (teacher "
         f"{row['teacher_ce']:.4f}) | {row['step_ms']:.0f} ms/step, {row['seconds']:.1f}s"
     )
 

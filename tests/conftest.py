@@ -134,6 +134,12 @@ def run_distill(*args, check=True):
         sys.argv = argv
 
 
+def run_tiny_distill(teacher, data_dir, out_dir, *args, check=True):
+    """run_distill at test size (TINY_DISTILL) with a teacher, a data folder and a run folder."""
+    paths = ["--teacher", teacher, "--data-dir", data_dir, "--out-dir", out_dir]
+    return run_distill(*TINY_DISTILL, *paths, *args, check=check)
+
+
 def read_metrics(out_dir, **match):
     """The records of a run folder's metrics.jsonl that hold every key=value of `match`."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import TINY_DISTILL, layer_rows, run_distill, tiny_config
+from conftest import layer_rows, run_tiny_distill, tiny_config
 
 
 def teacher_mlp(seed=0):
@@ -159,20 +159,7 @@ TINY_RUN = ["--steps-per-layer", "2", "--calib-tokens", "2048", "--lr", "1e-3"]
 @pytest.mark.parametrize("kind,kwargs", [("pruned", '{"scale": 0.5}'), ("prototype", "{}")])
 def test_distill_logs_calibration_and_it_helps(teacher_dir, tiny_data_dir, tmp_path, kind, kwargs):
     out = str(tmp_path / "run")
-    run_distill(
-        *TINY_DISTILL,
-        "--teacher",
-        teacher_dir,
-        "--data-dir",
-        tiny_data_dir,
-        "--out-dir",
-        out,
-        "--student-kind",
-        kind,
-        "--student-kwargs",
-        kwargs,
-        *TINY_RUN,
-    )
+    run_tiny_distill(teacher_dir, tiny_data_dir, out, "--student-kind", kind, "--student-kwargs", kwargs, *TINY_RUN)
     rows = layer_rows(out)
     assert len(rows) == 3 and all(r["calib_rel_err"] < r["start_rel_err"] for r in rows)
 
@@ -182,13 +169,9 @@ def test_student_stream_feeds_later_layers_the_students_output(teacher_dir, tiny
     rows = {}
     for stream in ("teacher", "student"):
         out = str(tmp_path / stream)
-        run_distill(
-            *TINY_DISTILL,
-            "--teacher",
+        run_tiny_distill(
             teacher_dir,
-            "--data-dir",
             tiny_data_dir,
-            "--out-dir",
             out,
             "--student-kind",
             "pruned",
@@ -205,13 +188,9 @@ def test_student_stream_feeds_later_layers_the_students_output(teacher_dir, tiny
 
 def test_parallel_schedule_calibrates(teacher_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
-    run_distill(
-        *TINY_DISTILL,
-        "--teacher",
+    run_tiny_distill(
         teacher_dir,
-        "--data-dir",
         tiny_data_dir,
-        "--out-dir",
         out,
         "--student-kind",
         "pruned",
@@ -238,15 +217,5 @@ def test_parallel_schedule_calibrates(teacher_dir, tiny_data_dir, tmp_path):
     ],
 )
 def test_bad_calibration_arguments_are_one_line(teacher_dir, tiny_data_dir, tmp_path, args, message):
-    error = run_distill(
-        *TINY_DISTILL,
-        "--teacher",
-        teacher_dir,
-        "--data-dir",
-        tiny_data_dir,
-        "--out-dir",
-        str(tmp_path / "r"),
-        *args,
-        check=False,
-    )
+    error = run_tiny_distill(teacher_dir, tiny_data_dir, str(tmp_path / "r"), *args, check=False)
     assert error is not None and message in error and "\n" not in error, error

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_DISTILL, another_run_in, layer_rows, read_metrics, run_distill
+from conftest import ROOT, TINY_DISTILL, another_run_in, layer_rows, read_metrics, run_distill, run_tiny_distill
 
 
 def distill_command(*args, launcher=(sys.executable,)):
@@ -46,19 +46,7 @@ def test_latent_cache_is_the_teachers_hidden_state(teacher_dir, tiny_data_dir, t
 
 def test_copy_student_is_exact_and_checkpoints_keep_the_backbone(teacher_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
-    run_distill(
-        *TINY_DISTILL,
-        "--teacher",
-        teacher_dir,
-        "--data-dir",
-        tiny_data_dir,
-        "--out-dir",
-        out,
-        "--student-kind",
-        "copy",
-        "--steps-per-layer",
-        "3",
-    )
+    run_tiny_distill(teacher_dir, tiny_data_dir, out, "--student-kind", "copy", "--steps-per-layer", "3")
     first = read_metrics(out, phase="layerwise", layer_step=1)
     assert len(first) == 3 and all(r["loss"] == 0.0 for r in first)
     from common.checkpoint import load_model
@@ -78,13 +66,9 @@ def test_copy_student_is_exact_and_checkpoints_keep_the_backbone(teacher_dir, ti
 @pytest.mark.parametrize("kind,schedule", [("prototype", "rotation"), ("pruned", "rotation"), ("pruned", "parallel")])
 def test_student_mse_falls(teacher_dir, tiny_data_dir, tmp_path, kind, schedule):
     out = str(tmp_path / "run")
-    run_distill(
-        *TINY_DISTILL,
-        "--teacher",
+    run_tiny_distill(
         teacher_dir,
-        "--data-dir",
         tiny_data_dir,
-        "--out-dir",
         out,
         "--student-kind",
         kind,
@@ -278,19 +262,7 @@ def test_bad_input_is_one_clear_line(teacher_dir, tiny_data_dir, tmp_path, args,
     """Each mistake ends the run with one line that says what to do (a SystemExit, not a traceback), before the
     run folder exists: the corrected command is not refused for a folder that "already holds files"."""
     out = tmp_path / "r"
-    error = run_distill(
-        *TINY_DISTILL,
-        "--teacher",
-        teacher_dir,
-        "--data-dir",
-        tiny_data_dir,
-        "--out-dir",
-        str(out),
-        "--student-kind",
-        "prototype",
-        *args,
-        check=False,
-    )
+    error = run_tiny_distill(teacher_dir, tiny_data_dir, str(out), "--student-kind", "prototype", *args, check=False)
     assert error is not None and message in error and "\n" not in error, error
     assert not out.exists()
 
@@ -300,9 +272,7 @@ def test_truncated_teacher_is_one_line_and_no_run_folder(teacher_dir, tiny_data_
     weights = cut / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
-    error = run_distill(
-        *TINY_DISTILL, "--teacher", str(cut), "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"), check=False
-    )
+    error = run_tiny_distill(str(cut), tiny_data_dir, str(tmp_path / "r"), check=False)
     assert f"{weights}: not a complete safetensors file" in error and "\n" not in error, error
     assert not (tmp_path / "r").exists()
 
@@ -316,7 +286,7 @@ def stopped_run(teacher_dir, tiny_data_dir, tmp_path_factory):
     the same run uninterrupted. Tests resume copies of it."""
     base = tmp_path_factory.mktemp("stopped")
     out = str(base / "run")
-    run_distill(*TINY_DISTILL, "--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, *RUN)
+    run_tiny_distill(teacher_dir, tiny_data_dir, out, *RUN)
     whole = load_file(os.path.join(out, "final", "model.safetensors"))
     for name in ("final", "rot0_layer002"):
         shutil.rmtree(os.path.join(out, name))
@@ -339,19 +309,7 @@ def test_resume_refuses_changed_constants(stopped_run, teacher_dir, tiny_data_di
     out = shutil.copytree(stopped_run[0], tmp_path / "run")
     before = sorted(os.listdir(out))
     change = [str(tmp_path) if c == "ELSEWHERE" else c for c in change]
-    error = run_distill(
-        *TINY_DISTILL,
-        "--teacher",
-        teacher_dir,
-        "--data-dir",
-        tiny_data_dir,
-        "--out-dir",
-        str(out),
-        "--resume",
-        *RUN,
-        *change,
-        check=False,
-    )
+    error = run_tiny_distill(teacher_dir, tiny_data_dir, str(out), "--resume", *RUN, *change, check=False)
     assert error and message in error and "config_layerwise.json" in error and "\n" not in error, error
     assert sorted(os.listdir(out)) == before
 
@@ -365,13 +323,9 @@ def test_resume_clears_torn_files_and_may_change_reporting(stopped_run, teacher_
     (out / ".latent_train_h_rank0.npy").write_bytes(b"a disk latent cache")
     (out / "layers.json.tmp4242").write_bytes(b"[")
     os.rename(out / "rot0_layer001", out / ".old_rot0_layer001_4242")  # killed while replacing it: put back
-    run_distill(
-        *TINY_DISTILL,
-        "--teacher",
+    run_tiny_distill(
         teacher_dir,
-        "--data-dir",
         tiny_data_dir,
-        "--out-dir",
         str(out),
         "--resume",
         *RUN,
@@ -437,9 +391,7 @@ def test_unsupported_model_is_refused(tiny_data_dir, tmp_path):
 
     folder = str(tmp_path / "gpt2")
     GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2)).save_pretrained(folder)
-    error = run_distill(
-        *TINY_DISTILL, "--teacher", folder, "--data-dir", tiny_data_dir, "--out-dir", str(tmp_path / "r"), check=False
-    )
+    error = run_tiny_distill(folder, tiny_data_dir, str(tmp_path / "r"), check=False)
     assert "model type 'gpt2' is not supported" in error
 
 
@@ -482,13 +434,9 @@ def test_attention_students_rotation_then_logits_then_evaluation(teacher_dir, ti
 
 def test_trainable_trains_only_the_named_parameters(teacher_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
-    run_distill(
-        *TINY_DISTILL,
-        "--teacher",
+    run_tiny_distill(
         teacher_dir,
-        "--data-dir",
         tiny_data_dir,
-        "--out-dir",
         out,
         "--student-kind",
         "prototype",
@@ -510,17 +458,8 @@ def test_trainable_trains_only_the_named_parameters(teacher_dir, tiny_data_dir, 
     initial = make_student("mlp", "prototype", teacher.model.layers[1].mlp, teacher.config, gated=True)
     assert torch.equal(trained.fc_in.weight, initial.fc_in.weight)
     assert not torch.equal(trained.fc_out.weight, initial.fc_out.weight)
-    assert "matches no parameter" in run_distill(
-        *TINY_DISTILL,
-        "--teacher",
-        teacher_dir,
-        "--data-dir",
-        tiny_data_dir,
-        "--out-dir",
-        str(tmp_path / "r2"),
-        "--trainable",
-        "nothing_like_this",
-        check=False,
+    assert "matches no parameter" in run_tiny_distill(
+        teacher_dir, tiny_data_dir, str(tmp_path / "r2"), "--trainable", "nothing_like_this", check=False
     )
 
 

@@ -28,7 +28,7 @@ import copy
 import functools
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-from common.students.fit import ridge_solve
+from common.students.fit import AllReduce, Batches, ridge_solve
 from common.students.registry import register
 
 # Log decay per step is bounded to [-MAX_LOG_DECAY, 0], RWKV-7's bound (decay >= exp(-e^-0.5) = 0.545
@@ -323,8 +323,8 @@ class LinearAttention(nn.Module):
     def calibrate(
         self,
         teacher: nn.Module,
-        batches: Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor | None]]],
-        all_reduce: Callable[[torch.Tensor], object],
+        batches: Batches,
+        all_reduce: AllReduce,
         pos_emb: tuple[torch.Tensor, torch.Tensor],
     ) -> None:
         """A start fit to data: the initial decay rates scaled by each of DECAY_SCALES, each with the

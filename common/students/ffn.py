@@ -9,14 +9,13 @@ latent x (B, T, d) and returning (B, T, d).
 import copy
 import functools
 import math
-from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PreTrainedConfig
 
-from common.students.fit import fit_linear
+from common.students.fit import AllReduce, Batches, fit_linear
 from common.students.registry import register
 
 
@@ -87,8 +86,8 @@ class PrototypeMLP(nn.Module):
     def calibrate(
         self,
         teacher: nn.Module,
-        batches: Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor | None]]],
-        all_reduce: Callable[[torch.Tensor], object],
+        batches: Batches,
+        all_reduce: AllReduce,
         pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         fit_linear(self.fc_out, self.hidden, batches, all_reduce, self.ridge)
@@ -148,8 +147,8 @@ class PrunedMLP(nn.Module):
     def calibrate(
         self,
         teacher: nn.Module,
-        batches: Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor | None]]],
-        all_reduce: Callable[[torch.Tensor], object],
+        batches: Batches,
+        all_reduce: AllReduce,
         pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         if self.importance == "activation":

@@ -1,8 +1,15 @@
 """Least squares for calibration: ridge solves from fp64 Gram statistics accumulated batch by batch,
 so their memory does not grow with the number of tokens."""
 
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn as nn
+
+# The calibration interface (see common/students/__init__.py): batches() yields (latent x, teacher output y),
+# batches(targets=False) yields (x, None); all_reduce(t) sums t over ranks in place.
+Batches = Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor | None]]]
+AllReduce = Callable[[torch.Tensor], object]
 
 
 def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -12,7 +19,13 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.
     return torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), cross)
 
 
-def fit_linear(linear: nn.Linear, features, batches, all_reduce, ridge: float) -> None:
+def fit_linear(
+    linear: nn.Linear,
+    features: Callable[[torch.Tensor], torch.Tensor],
+    batches: Batches,
+    all_reduce: AllReduce,
+    ridge: float,
+) -> None:
     """Refit `linear` (weight and bias) by ridge least squares so that linear(features(x)) matches y,
     from the Gram statistics of the features accumulated in fp64 over the batches."""
     gram = cross = None
