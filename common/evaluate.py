@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from common import swap
 from common.checkpoint import load_model
-from common.config import override
+from common.config import fail, override
 from common.files import write_json_atomic
 from common.generate import decoding_cache, forward_cached, generate, has_tokenizer, state_bytes
 from common.kd import final_hidden, head_weight, kd_metrics
@@ -358,9 +358,9 @@ def main(argv: list[str]) -> None:
     try:
         rt = Runtime(DEVICE, DTYPE)
     except ValueError as e:
-        sys.exit(str(e))
+        fail(str(e))
     if (SPEED or TASKS) and rt.ddp:
-        sys.exit("--speed and --tasks measure models in one process: run them with python, not torchrun")
+        fail("--speed and --tasks measure models in one process: run them with python, not torchrun")
     models = {path: _load(path, rt.device) for path in paths}
     teacher = _load(TEACHER, rt.device) if TEACHER else None
     every = {**({"teacher": teacher} if teacher else {}), **models}  # the comparison's columns, teacher first
@@ -387,21 +387,21 @@ def check_arguments(paths: list[str], usage: str) -> str | None:
     """Exit with one line for arguments that cannot work, before any model loads; return the folder to take a
     tokenizer from (None: none has one)."""
     if not paths and not TEACHER:
-        sys.exit(f"usage: {usage}  (--help lists the options)")
+        fail(f"usage: {usage}  (--help lists the options)")
     for path in paths + ([TEACHER] if TEACHER else []):  # every folder, before loading any model
         if not os.path.isfile(os.path.join(path, "config.json")):
-            sys.exit(
+            fail(
                 f"{path}: not a model or checkpoint folder (no config.json); pass a checkpoint folder such as "
                 f"runs/NAME/final, or the model folder prepare.py wrote"
             )
     if SPEED and (not CONTEXTS or min(CONTEXTS) <= DECODE_STEPS or DECODE_STEPS < 1):
-        sys.exit(
+        fail(
             f"--contexts {CONTEXTS} must each exceed --decode-steps {DECODE_STEPS} (>= 1): each context is a "
             f"prefill of context - decode-steps tokens, then the decoded ones"
         )
     tok_dir = next((p for p in [TEACHER, *paths] if p and has_tokenizer(p)), None)
     if TASKS and tok_dir is None:
-        sys.exit("--tasks needs a tokenizer: neither the teacher nor any checkpoint folder has tokenizer files")
+        fail("--tasks needs a tokenizer: neither the teacher nor any checkpoint folder has tokenizer files")
     return tok_dir
 
 
@@ -409,7 +409,7 @@ def _load(path, device):
     try:
         return load_model(path, device)
     except (OSError, ValueError, RuntimeError) as e:
-        sys.exit(f"{path}: cannot load it as a model: {str(e).splitlines()[0]}")
+        fail(f"{path}: cannot load it as a model: {str(e).splitlines()[0]}")
 
 
 def read_val(models: dict[str, nn.Module], rt: Runtime) -> tuple[list, torch.Tensor | None]:
@@ -417,17 +417,17 @@ def read_val(models: dict[str, nn.Module], rt: Runtime) -> tuple[list, torch.Ten
     when the models do not fit the data or the contexts."""
     vocab = {name: m.config.vocab_size for name, m in models.items()}
     if len(set(vocab.values())) > 1:
-        sys.exit(f"the models have different vocabularies ({vocab}); compare checkpoints of one teacher")
+        fail(f"the models have different vocabularies ({vocab}); compare checkpoints of one teacher")
     limit = min(getattr(m.config, "max_position_embeddings", math.inf) for m in models.values())
     if SPEED and max(CONTEXTS) > limit:
-        sys.exit(f"--contexts {CONTEXTS} go beyond the models' {limit} positions; lower them")
+        fail(f"--contexts {CONTEXTS} go beyond the models' {limit} positions; lower them")
     try:
         batches = val_batches(
             DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, next(iter(vocab.values()))
         )
         tokens = val_batches(DATA_DIR, max(CONTEXTS), 1, max(CONTEXTS))[0][0].to(rt.device) if SPEED else None
     except (ShardError, ValueError) as e:
-        sys.exit(str(e))
+        fail(str(e))
     return batches, tokens
 
 
@@ -456,7 +456,7 @@ def compare(
     try:
         tasks = harness_scores(models, AutoTokenizer.from_pretrained(tok_dir), rt) if TASKS else {}
     except ValueError as e:
-        sys.exit(str(e))
+        fail(str(e))
     names = list(models)
     table = comparison(names, quality, params, speed, tasks)
     where = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"{torch.get_num_threads()} threads"

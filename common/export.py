@@ -31,7 +31,7 @@ import torch.nn as nn
 from transformers import PreTrainedConfig
 
 from common.checkpoint import load_model
-from common.config import override
+from common.config import fail, override
 from common.evaluate import format_comparison
 from common.files import read_json
 from common.generate import has_tokenizer
@@ -212,19 +212,19 @@ def main(argv: list[str]) -> None:
     usage = "python -m common.export CHECKPOINT --out DIR [--name value ...]"
     if not argv or argv[0].startswith("-"):
         override(globals(), argv, usage)  # --help prints the options and exits
-        sys.exit(f"usage: {usage}  (--help lists the options)")
+        fail(f"usage: {usage}  (--help lists the options)")
     checkpoint = argv.pop(0)
     override(globals(), argv, usage)
     if not OUT:
-        sys.exit("--out DIR is needed: the folder to write the exported model to")
+        fail("--out DIR is needed: the folder to write the exported model to")
     if os.path.exists(OUT):
-        sys.exit(f"{OUT} already exists; choose a new --out (an export never overwrites a folder)")
+        fail(f"{OUT} already exists; choose a new --out (an export never overwrites a folder)")
     if EVAL and not os.path.isfile(EVAL):
-        sys.exit(f"--eval {EVAL}: no such file; write one with python -m common.evaluate ... --out FILE.json")
+        fail(f"--eval {EVAL}: no such file; write one with python -m common.evaluate ... --out FILE.json")
     try:
         max_diff, described = export(checkpoint, OUT)
     except (OSError, ValueError, RuntimeError) as e:
-        sys.exit(f"{checkpoint}: cannot export: {str(e).splitlines()[0]}")
+        fail(f"{checkpoint}: cannot export: {str(e).splitlines()[0]}")
     print(f"wrote {OUT}: {described}; reloaded with plain transformers, max |logit difference| {max_diff:.2e}")
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 from transformers.cache_utils import Cache
 
 from common.checkpoint import load_model
-from common.config import override
+from common.config import fail, override
 from common.runtime import Runtime
 from common.students.attention import RecurrentState
 from common.swap import transformer_layers
@@ -167,7 +167,7 @@ def main(argv: list[str]) -> None:
     usage = 'python -m common.generate CHECKPOINT --prompt "..." [--name value ...]'
     if not argv or argv[0].startswith("-"):
         override(globals(), argv, usage)  # --help prints the options and exits
-        sys.exit(f"usage: {usage}  (--help lists the options)")
+        fail(f"usage: {usage}  (--help lists the options)")
     folder = argv.pop(0)
     override(globals(), argv, usage)
     tok_dir = check_arguments(folder)
@@ -177,13 +177,13 @@ def main(argv: list[str]) -> None:
     try:
         rt = Runtime(DEVICE, DTYPE)
     except ValueError as e:
-        sys.exit(str(e))
+        fail(str(e))
     try:
         model = load_model(folder, rt.device).eval()
     except (OSError, ValueError, RuntimeError) as e:
-        sys.exit(f"{folder}: cannot load it as a model: {str(e).splitlines()[0]}")
+        fail(f"{folder}: cannot load it as a model: {str(e).splitlines()[0]}")
     if len(tokenizer) > model.config.vocab_size:
-        sys.exit(
+        fail(
             f"the tokenizer from {tok_dir} has {len(tokenizer)} ids but the model only {model.config.vocab_size}; "
             f"pass the --tokenizer of the model this checkpoint was distilled from"
         )
@@ -192,7 +192,7 @@ def main(argv: list[str]) -> None:
     longest = max(len(p) for p in prompt_ids)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and longest + MAX_NEW_TOKENS > limit:
-        sys.exit(
+        fail(
             f"prompt ({longest} tokens) + --max-new-tokens {MAX_NEW_TOKENS} exceeds the model's "
             f"{limit} positions; shorten the prompt or lower --max-new-tokens"
         )
@@ -220,17 +220,17 @@ def main(argv: list[str]) -> None:
 def check_arguments(folder: str) -> str:
     """Exit with one line for arguments that cannot work, before the model loads; return the tokenizer's folder."""
     if not os.path.isfile(os.path.join(folder, "config.json")):
-        sys.exit(
+        fail(
             f"{folder}: not a model or checkpoint folder (no config.json); pass a checkpoint folder such as "
             f"runs/NAME/final, or the model folder prepare.py wrote"
         )
     if TEMPERATURE < 0 or not 0 < TOP_P <= 1:
-        sys.exit(f"--temperature must be >= 0 (0 = greedy) and --top-p in (0, 1]; got {TEMPERATURE} and {TOP_P}")
+        fail(f"--temperature must be >= 0 (0 = greedy) and --top-p in (0, 1]; got {TEMPERATURE} and {TOP_P}")
     if MAX_NEW_TOKENS < 1:
-        sys.exit(f"--max-new-tokens must be at least 1, got {MAX_NEW_TOKENS}")
+        fail(f"--max-new-tokens must be at least 1, got {MAX_NEW_TOKENS}")
     tok_dir = folder if has_tokenizer(folder) else TOKENIZER
     if not has_tokenizer(tok_dir):
-        sys.exit(
+        fail(
             f"{folder} has no tokenizer files and neither has {tok_dir}; pass --tokenizer with the teacher's "
             f"model folder (run prepare.py to write models/smolllm2_135m)"
         )
@@ -245,9 +245,9 @@ def read_prompts() -> list[str]:
         with open(PROMPTS_FILE) as f:
             prompts = [line.rstrip("\n") for line in f if line.strip()]
     except OSError as e:
-        sys.exit(f"--prompts-file {PROMPTS_FILE}: {e.strerror}")
+        fail(f"--prompts-file {PROMPTS_FILE}: {e.strerror}")
     if not prompts:
-        sys.exit(f"--prompts-file {PROMPTS_FILE} holds no prompt; write one prompt per line")
+        fail(f"--prompts-file {PROMPTS_FILE} holds no prompt; write one prompt per line")
     return prompts
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from common.config import fail
 from common.files import atomic_write_bytes, read_json
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that prepare.py starts without it
@@ -232,15 +233,15 @@ def main(argv: list[str]) -> None:
         if argv in (["--help"], ["-h"]):
             print(usage)
             sys.exit(0)
-        sys.exit(usage)
+        fail(usage)
     try:
         problems = verify(argv[1])
     except ShardError as e:
-        sys.exit(str(e))
+        fail(str(e))
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
-        sys.exit(
+        fail(
             f"{argv[1]}: {len(problems)} problem(s) with the shards; re-run the prepare.py command that wrote "
             f"them: it re-hashes every shard and redoes the damaged ones"
         )
