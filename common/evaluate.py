@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 from tqdm import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from common import swap
 from common.checkpoint import load_model
@@ -223,7 +224,7 @@ def speed_rows(models: dict[str, nn.Module], tokens: torch.Tensor, rt: Runtime) 
 
 
 # ---------------------------------------------------------------------------------------------- --tasks
-def harness_scores(models: dict[str, nn.Module], tokenizer, rt: Runtime) -> dict[str, dict]:
+def harness_scores(models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase, rt: Runtime) -> dict[str, dict]:
     """Each model's accuracy on TASKS through lm-evaluation-harness: {name: {task: {metric, value}}}, the
     metric being acc_norm where the task reports it, else acc, else exact_match (generation tasks).
     The loaded models are wrapped as lm_eval's HFLM, so students of every kind run as they do here;

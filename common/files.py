@@ -4,9 +4,11 @@ sees half a file, a killed writer leaves at most a temp file), and JSON read bac
 import hashlib
 import json
 import os
+from collections.abc import Iterable
+from typing import Any
 
 
-def atomic_write_bytes(path: str, chunks) -> str:
+def atomic_write_bytes(path: str, chunks: Iterable[bytes]) -> str:
     """Write an iterable of byte chunks to path through a temp file and rename; return sha256 hex."""
     tmp = f"{path}.tmp{os.getpid()}"
     h = hashlib.sha256()
@@ -25,12 +27,12 @@ def atomic_write_bytes(path: str, chunks) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: str, obj) -> None:
+def write_json_atomic(path: str, obj: object) -> None:
     """Write obj as indented JSON through a temp file and rename."""
     atomic_write_bytes(path, [(json.dumps(obj, indent=2, default=str) + "\n").encode()])
 
 
-def read_json(path: str, remedy: str, error: type[Exception] = ValueError):
+def read_json(path: str, remedy: str, error: type[Exception] = ValueError) -> Any:
     """The JSON in path; a file that cannot be read or parsed raises `error`, one line naming it and the remedy."""
     try:
         with open(path, encoding="utf-8") as f:

@@ -4,6 +4,7 @@ runs later layers or the head). The cache lives on the device, in host memory or
 batches move to the device as they are used."""
 
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ class LatentCache:
                 self.h[s : s + batch_size].copy_(model.model.embed_tokens(tokens[s : s + batch_size].to(rt.device)))
         self.pe = position_embeddings(model, self.h[:1].to(rt.device))
 
-    def batches(self, buffer: torch.Tensor, n: int | None = None):
+    def batches(self, buffer: torch.Tensor, n: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """(start, batch on the device) over the first n sequences (default all) of a cache buffer."""
         n = len(buffer) if n is None else n
         for s in range(0, n, self.batch_size):

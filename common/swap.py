@@ -102,7 +102,9 @@ def position_embeddings(model: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor
     return model.model.rotary_emb(h, pos)
 
 
-def decoder_input(layer: nn.Module, h: torch.Tensor, target: str, pos_emb) -> tuple[torch.Tensor, torch.Tensor]:
+def decoder_input(
+    layer: nn.Module, h: torch.Tensor, target: str, pos_emb: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Split layer at its target block: return (latent the block sees, residual beside it)."""
     if target == "attn":
         return layer.input_layernorm(h), h
@@ -111,7 +113,9 @@ def decoder_input(layer: nn.Module, h: torch.Tensor, target: str, pos_emb) -> tu
     return layer.post_attention_layernorm(r), r
 
 
-def run_block(block: nn.Module, x: torch.Tensor, target: str, pos_emb) -> torch.Tensor:
+def run_block(
+    block: nn.Module, x: torch.Tensor, target: str, pos_emb: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     """The block's output on latent x (attention blocks take the rotary embeddings, no mask: causal)."""
     if target == "mlp":
         return block(x)

@@ -2,13 +2,15 @@
 `make_student` builds one by name, and a checkpoint rebuilds its students from their names and arguments."""
 
 import inspect
+from collections.abc import Callable
 
 import torch.nn as nn
+from transformers import PreTrainedConfig
 
 STUDENTS = {}  # (target, kind) -> class
 
 
-def register(target: str, kind: str):
+def register(target: str, kind: str) -> Callable[[type], type]:
     """Class decorator: make the class the student `kind` for `target` ('mlp' or 'attn')."""
 
     def add(cls):
@@ -19,7 +21,9 @@ def register(target: str, kind: str):
     return add
 
 
-def make_student(target: str, kind: str, teacher_block: nn.Module, config, **kwargs) -> nn.Module:
+def make_student(
+    target: str, kind: str, teacher_block: nn.Module, config: PreTrainedConfig, **kwargs: object
+) -> nn.Module:
     """A new student of `kind` for `teacher_block`, on its device; it records every argument (defaults too)
     in `.kwargs`, so that a checkpoint says what was used. Raises ValueError for an unknown kind or bad kwargs."""
     cls = STUDENTS.get((target, kind))
