@@ -308,8 +308,8 @@ def train_rotation(run, model, layers, val, teacher_ce):
     rt = run.rt
     # per rank: one layer's steps, each token once, extended when calibration wants more tokens
     n_seq = max(STEPS_PER_LAYER * GRAD_ACCUM, calib_batches(rt)) * BATCH_SIZE
-    cache_bytes = 2 * 4 * model.config.hidden_size * SEQ_LEN * (n_seq + len(val) * BATCH_SIZE)
-    where = place_cache(rt, cache_bytes, LATENT_CACHE, run.out_dir)
+    cache_tokens = SEQ_LEN * (n_seq + len(val) * BATCH_SIZE)  # the rotation's and the val cache
+    where = place_cache(rt, cache_tokens, model.config.hidden_size, LATENT_CACHE, run.out_dir)
     loader = train_loader(rt, model.config.vocab_size)
     students = make_students(model, layers)
     state = resume_rotation(run, loader, students, len(layers))
@@ -453,14 +453,16 @@ def train_parallel(run, model, layers, val, teacher_ce):
         step = restore_training(load_state(ckpt), loader, opt)
         rt.print(f"resuming from {ckpt} at step {step}")
     blocks = {(i, TARGET): students[i] for i in layers}
-    where = place_cache(rt, 2 * 4 * model.config.hidden_size * val_inputs(val).numel(), LATENT_CACHE, run.out_dir)
+    val_tokens = len(val) * BATCH_SIZE * SEQ_LEN
+    where = place_cache(rt, val_tokens, model.config.hidden_size, LATENT_CACHE, run.out_dir)
     start_errors = calib_errors = student_val_errors(run, model, students, val, where)
     if step == 0 and calibrate_all(run, model, students):
         calib_errors = student_val_errors(run, model, students, val, where)
+    pe = position_embeddings(model, torch.zeros(1, SEQ_LEN, model.config.hidden_size, device=rt.device))
     bar = tqdm(range(step, total), desc="parallel", disable=not rt.master)
     for step in bar:
         lr = lr_at(step, total, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
-        losses = parallel_losses(rt, model, loader, students, layers)
+        losses = parallel_losses(rt, model, loader, students, layers, pe)
         norms = step_optimizer(rt, opt, groups, lr)
         steps_done = step + 1
         if step % LOG_EVERY == 0 or steps_done == total:
@@ -513,10 +515,10 @@ def parallel_row(layer, start, calibrated, end, ce, teacher_ce):
     }
 
 
-def parallel_losses(rt, model, loader, students, layers):
+def parallel_losses(rt, model, loader, students, layers, pe):
     """GRAD_ACCUM micro-batches through the teacher, each student's loss on its own layer's teacher input
-    back-propagated on the way: the per-layer losses (a tensor: no host sync)."""
-    pe = position_embeddings(model, torch.zeros(1, SEQ_LEN, model.config.hidden_size, device=rt.device))
+    back-propagated on the way (pe: the rotary embeddings of SEQ_LEN positions): the per-layer losses (a tensor:
+    no host sync)."""
     losses = torch.zeros(len(layers), device=rt.device)
     for _ in range(GRAD_ACCUM):
         x = loader.next_batch()[0].to(rt.device)
@@ -547,7 +549,7 @@ def calibrate_all(run, model, students):
     if not CALIB_TOKENS or not any(hasattr(s, "calibrate") for s in students.values()):
         return False
     tokens = read_tokens(train_loader(rt, model.config.vocab_size), calib_batches(rt))
-    where = place_cache(rt, 2 * 4 * model.config.hidden_size * tokens.numel(), LATENT_CACHE, run.out_dir)
+    where = place_cache(rt, tokens.numel(), model.config.hidden_size, LATENT_CACHE, run.out_dir)
     cache = LatentCache(rt, model, tokens, TARGET, BATCH_SIZE, where, os.path.join(run.out_dir, ".latent_calib"))
     for i in tqdm(sorted(students), desc="calibrate", disable=not rt.master, leave=False):
         cache.split_at(i, stream_students(students))
