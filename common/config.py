@@ -97,6 +97,11 @@ def _documentation(path):
     return docs, sections, lines
 
 
+def _option(name):
+    """The command-line option of a constant: STEPS_PER_LAYER -> --steps-per-layer."""
+    return "--" + name.lower().replace("_", "-")
+
+
 def _typed(value):
     """A default as it would be typed on the command line."""
     if isinstance(value, bool):
@@ -122,7 +127,7 @@ def _help(constants, names, usage=None):
         "true). Defaults:",
     ]
     names = sorted(names, key=lambda n: (lines.get(n, float("inf")), n))
-    options = {n: "--" + n.lower().replace("_", "-") for n in names}
+    options = {n: _option(n) for n in names}
     width = max(len(o) for o in options.values()) if names else 0
     shown = {n: _typed(constants[n]) for n in names}
     column = max((len(v) for v in shown.values() if len(v) <= 28), default=0)  # a longer one overflows
@@ -156,9 +161,7 @@ def override(constants: dict, argv: list[str] | None = None, usage: str | None =
             key, eq, text = arg[2:].partition("=")
             name = key.replace("-", "_").upper()
             if name not in names:
-                raise ValueError(
-                    f"unknown option --{key}; known: " + " ".join("--" + n.lower().replace("_", "-") for n in names)
-                )
+                raise ValueError(f"unknown option --{key}; known: " + " ".join(_option(n) for n in names))
             default = constants[name]
             if not eq:
                 nxt = argv[i + 1] if i + 1 < len(argv) else None
