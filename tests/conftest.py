@@ -169,6 +169,31 @@ def tiny_data_dir(tmp_path_factory):
     return make_data_dir(str(tmp_path_factory.mktemp("tiny_data")))
 
 
+# A script run in a subprocess that SIGKILLs itself right after its metrics.jsonl gets a record for which an
+# expression over `record` is true: a kill at a fixed point of the run, with no polling race.
+_KILLED_RUN = """
+import os, runpy, signal, sys
+from common.runtime import RunLog
+log = RunLog.log
+def log_then_die(self, **record):
+    log(self, **record)
+    if {kill_when}:
+        os.kill(os.getpid(), signal.SIGKILL)
+RunLog.log = log_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_killed(script_args, kill_when, **kwargs):
+    """python SCRIPT ARGS (script_args) in a subprocess that is SIGKILLed right after it logs a metrics record for
+    which `kill_when` (a Python expression over `record`) is true; returns the CompletedProcess."""
+    code = _KILLED_RUN.format(kill_when=kill_when)
+    return subprocess.run(
+        [sys.executable, "-c", code, *script_args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kwargs
+    )
+
+
 @contextlib.contextmanager
 def another_run_in(folder):
     """A separate process holding the run folder's lock (common.checkpoint.lock_run), as a run still going there

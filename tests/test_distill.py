@@ -6,13 +6,21 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_DISTILL, another_run_in, layer_rows, read_metrics, run_distill, run_tiny_distill
+from conftest import (
+    ROOT,
+    TINY_DISTILL,
+    another_run_in,
+    layer_rows,
+    read_metrics,
+    run_distill,
+    run_killed,
+    run_tiny_distill,
+)
 
 
 def distill_command(*args, launcher=(sys.executable,)):
@@ -114,15 +122,11 @@ def test_resume_after_kill_is_exact(teacher_dir, tiny_data_dir, tmp_path):
     )  # same numbers wherever the cache lives
     assert not [n for n in os.listdir(whole) if n.startswith(".latent")]
 
-    proc = subprocess.Popen(
-        distill_command("--out-dir", cut, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.time() + 120
-    while not os.path.exists(os.path.join(cut, "rot0_layer000")) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(os.path.join(cut, "final")), "the run ended before it could be killed"
+    # killed at layer 2's first step of rotation 0: after rot0_layer000 is saved, at a fixed point (no polling race)
+    kill_when = 'record.get("rotation") == 0 and record.get("layer") == 2 and record.get("layer_step") == 1'
+    proc = run_killed(distill_command("--out-dir", cut, *args)[1:], kill_when)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert sorted(n for n in os.listdir(cut) if n.startswith(("rot", "final"))) == ["rot0_layer000"]
     assert "--resume" in run_distill(*TINY_DISTILL, "--out-dir", cut, *args, check=False)
     run_distill(*TINY_DISTILL, "--out-dir", cut, "--resume", *args)
 

@@ -22,7 +22,7 @@ from common.checkpoint import load_model, save_checkpoint
 from common.shards import TokenLoader, shard_files, write_shard
 from common.students import make_student
 from common.swap import get_block, set_block
-from conftest import ROOT, another_run_in, read_metrics
+from conftest import ROOT, another_run_in, read_metrics, run_killed
 
 TRAIN = os.path.join(ROOT, "train.py")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun sets this too
@@ -138,33 +138,14 @@ def test_loss_falls_and_run_folder_is_complete(reference):
     assert abs(loss - val[40]["val_loss"]) < 1e-4
 
 
-# train.py as a subprocess that SIGKILLs itself right after metrics.jsonl gets step KILL_AT's line: a kill at a fixed
-# point (no polling race) that leaves steps logged after the last checkpoint, which a resume must drop and redo
 KILL_AT = 10  # BASE logs every 10 steps and saves every 5: steps 6-10 are logged, then step000010 would be saved
-KILLED_RUN = f"""
-import os, runpy, signal, sys
-from common.runtime import RunLog
-log = RunLog.log
-def log_then_die(self, **record):
-    log(self, **record)
-    if record.get("step") == {KILL_AT} and "loss" in record:
-        os.kill(os.getpid(), signal.SIGKILL)
-RunLog.log = log_then_die
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 def test_resume_after_kill_is_exact(reference, tiny_model_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
-    proc = subprocess.run(
-        [sys.executable, "-c", KILLED_RUN, *train_cmd(BASE, tiny_model_dir, tiny_data_dir, out)[1:]],
-        cwd=ROOT,
-        env=ONE_THREAD,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # killed right after step KILL_AT's metrics line: steps logged after the last checkpoint, which a resume drops
+    kill_when = f'record.get("step") == {KILL_AT} and "loss" in record'
+    proc = run_killed(train_cmd(BASE, tiny_model_dir, tiny_data_dir, out)[1:], kill_when, env=ONE_THREAD)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert max(steps_logged(out)[0]) == KILL_AT
     assert sorted(n for n in os.listdir(out) if n.startswith("step")) == ["step000005"]
