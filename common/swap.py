@@ -1,52 +1,63 @@
-"""The decoder swap: a decoder is the swappable block of a transformer layer, the slot a student takes.
+"""The decoder swap, for any decoder-only model in transformers: a decoder is the swappable block of a
+transformer layer, the slot a student takes.
 
-A target names the block: 'mlp' (the FFN) or 'attn' (self-attention). For the Llama family of
-pre-norm layers (Llama, Mistral, Qwen2/3, SmolLM) a layer computes
-    h -> r = h + attn(norm1(h)) -> r + mlp(norm2(r)).
-`decoder_input` splits a layer just before its target block, `run_block` runs a block on a
-latent, `finish_layer` completes the layer from the block's output: together they advance the
-teacher's residual stream one layer at a time without the model's own forward.
+A target names the block: 'mlp' (the FFN, or a mixture of experts) or 'attn' (self-attention). Families name
+their blocks differently (BLOCK_NAMES); nothing else here is per family. This module computes no layer
+math of its own: the teacher's own decoder-layer forward computes every layer, called with the very
+arguments the model's own forward gives it (attention masks, sliding windows, rotary embeddings, local or
+global, positions), captured from that forward once per batch shape (LayerCalls). The latent a block sees
+and its output are taken where the layer computes them, with hooks on the block module (run_layer), and a
+student is swapped in by replacing the block module (swapped).
 
-`swapped(model, blocks)` puts students into their layers' slots for the length of a `with` block;
 `student_specs` lists the students a model holds (a checkpoint writes them to students.json).
 """
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from common.students import STUDENTS
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
-TARGET_ATTRS = {"mlp": "mlp", "attn": "self_attn"}
+# The attribute that holds each target's block in a decoder layer, by family: Llama and most others use
+# mlp/self_attn; GPT-2 attn, GPT-NeoX attention, Falcon self_attention; Mixtral-style MoE block_sparse_moe.
+BLOCK_NAMES = {
+    "mlp": ("mlp", "feed_forward", "block_sparse_moe"),
+    "attn": ("self_attn", "self_attention", "attention", "attn"),
+}
 
 
 def transformer_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's transformer layers; a clear error for a model whose structure is not handled."""
-    mtype = getattr(model.config, "model_type", "?")
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if mtype not in SUPPORTED_MODEL_TYPES or layers is None:
+    """The model's decoder layers: the one ModuleList of its base model that holds num_hidden_layers modules."""
+    n = model.config.num_hidden_layers
+    found = [m for m in model.base_model.children() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if len(found) != 1:
         raise ValueError(
-            f"model type {mtype!r} is not supported: decoder swap handles the Llama family "
-            f"({', '.join(SUPPORTED_MODEL_TYPES)}); add its layer structure to common/swap.py"
+            f"{type(model).__name__}: no single list of {n} decoder layers in {type(model.base_model).__name__}, "
+            f"so it is not a decoder-only model this repo can swap blocks in"
         )
-    impl = getattr(model.config, "_attn_implementation", None)
-    if impl not in ("sdpa", "flash_attention_2", "flash_attention_3"):
-        raise ValueError(
-            f"attention implementation {impl!r} needs an explicit mask; load the model with "
-            f"attn_implementation='sdpa' (common.checkpoint.load_model does)"
-        )
-    return layers
+    return found[0]
+
+
+def block_name(layer: nn.Module, target: str) -> str:
+    """The attribute of `layer` that holds its `target` block; ValueError when it has none."""
+    if target not in BLOCK_NAMES:
+        raise ValueError(f"unknown TARGET {target!r}: use one of {', '.join(BLOCK_NAMES)}")
+    for name in BLOCK_NAMES[target]:
+        if isinstance(getattr(layer, name, None), nn.Module):
+            return name
+    raise ValueError(
+        f"{type(layer).__name__} has no {target} block (none of {', '.join(BLOCK_NAMES[target])}), so "
+        f"TARGET={target!r} cannot be swapped; add its name to BLOCK_NAMES in common/swap.py"
+    )
 
 
 def check_target(model: nn.Module, target: str) -> None:
-    """Raise ValueError unless `target` names a block this model's layers have."""
-    if target not in TARGET_ATTRS:
-        raise ValueError(f"unknown TARGET {target!r}: use one of {', '.join(TARGET_ATTRS)}")
-    layer = transformer_layers(model)[0]
-    if not hasattr(layer, TARGET_ATTRS[target]):
-        raise ValueError(
-            f"{type(layer).__name__} has no '{TARGET_ATTRS[target]}' block, so TARGET={target!r} cannot be swapped"
-        )
+    """Raise ValueError unless every layer of the model has a `target` block."""
+    for layer in transformer_layers(model):
+        block_name(layer, target)
 
 
 def check_layers(model: nn.Module, layers: list[int], name: str = "LAYERS") -> None:
@@ -59,14 +70,16 @@ def check_layers(model: nn.Module, layers: list[int], name: str = "LAYERS") -> N
 
 def get_block(model: nn.Module, i: int, target: str) -> nn.Module:
     """Layer i's `target` block (its decoder)."""
-    return getattr(transformer_layers(model)[i], TARGET_ATTRS[target])
+    layer = transformer_layers(model)[i]
+    return getattr(layer, block_name(layer, target))
 
 
 def set_block(model: nn.Module, i: int, target: str, block: nn.Module) -> nn.Module:
     """Put `block` in layer i's target slot; return the block it replaced."""
     layer = transformer_layers(model)[i]
-    old = getattr(layer, TARGET_ATTRS[target])
-    setattr(layer, TARGET_ATTRS[target], block)
+    name = block_name(layer, target)
+    old = getattr(layer, name)
+    setattr(layer, name, block)
     return old
 
 
@@ -74,10 +87,10 @@ def student_specs(model: nn.Module) -> list[dict]:
     """[{layer, target, kind, kwargs}] for every student in the model, in layer order."""
     specs = []
     for i, layer in enumerate(transformer_layers(model)):
-        for target, attr in TARGET_ATTRS.items():
-            block = getattr(layer, attr)
-            if (target, getattr(block, "kind", None)) in STUDENTS:
-                specs.append({"layer": i, "target": target, "kind": block.kind, "kwargs": block.kwargs})
+        for target, names in BLOCK_NAMES.items():
+            for block in (getattr(layer, name, None) for name in names):
+                if (target, getattr(block, "kind", None)) in STUDENTS:
+                    specs.append({"layer": i, "target": target, "kind": block.kind, "kwargs": block.kwargs})
     return specs
 
 
@@ -96,35 +109,174 @@ class swapped:
             set_block(self.model, *key, b)
 
 
-def position_embeddings(model: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary (cos, sin) for positions 0..T-1 of h (B, T, d), as the model's forward makes them."""
-    pos = torch.arange(h.shape[1], device=h.device)[None]
-    return model.model.rotary_emb(h, pos)
+# ---------------------------------------------------------------------------------------------- calls
+@dataclass(frozen=True)
+class Call:
+    """How the model's own forward calls a module (a layer or a block) for one batch shape, less the hidden
+    states: `call(module, h)` calls it so on h and returns its output tensor (the first of a tuple)."""
+
+    args: tuple  # positional arguments after the hidden states
+    kwargs: dict
+    key: str | None  # the hidden states' keyword, or None when they come first among args
+
+    def __call__(self, module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        out = self.raw(module, h)
+        return out[0] if isinstance(out, tuple) else out
+
+    def raw(self, module: nn.Module, h: torch.Tensor) -> object:
+        """The module's output as it returns it (a tensor, or a tuple whose first item is the tensor)."""
+        if self.key is None:
+            return module(h, *self.args, **self.kwargs)
+        return module(*self.args, **{**self.kwargs, self.key: h})
 
 
-def decoder_input(
-    layer: nn.Module, h: torch.Tensor, target: str, pos_emb: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split layer at its target block: return (latent the block sees, residual beside it)."""
-    if target == "attn":
-        return layer.input_layernorm(h), h
-    a = layer.self_attn(layer.input_layernorm(h), position_embeddings=pos_emb, attention_mask=None)[0]
-    r = h + a
-    return layer.post_attention_layernorm(r), r
+def _split_call(args, kwargs):
+    """(hidden states, Call) from a module's call arguments."""
+    if args:
+        return args[0], Call(tuple(args[1:]), dict(kwargs), None)
+    return kwargs["hidden_states"], Call((), {k: v for k, v in kwargs.items() if k != "hidden_states"}, "hidden_states")
 
 
-def run_block(
-    block: nn.Module, x: torch.Tensor, target: str, pos_emb: tuple[torch.Tensor, torch.Tensor]
+class _Stop(Exception):
+    """Raised by a hook to end a forward once it has what it came for."""
+
+
+@contextlib.contextmanager
+def _hook(module: nn.Module, pre: Callable | None = None, post: Callable | None = None) -> Iterator[None]:
+    """module's forward pre-hook pre(h, call) and/or forward hook post(h, out) -> replacement output or None,
+    for the length of a `with` block (h: the hidden states it was called on; out: its output tensor)."""
+    handles = []
+    if pre is not None:
+        handles.append(module.register_forward_pre_hook(lambda m, a, kw: pre(*_split_call(a, kw)), with_kwargs=True))
+    if post is not None:
+
+        def after(m, a, kw, out):
+            new = post(_split_call(a, kw)[0], out[0] if isinstance(out, tuple) else out)
+            if new is not None:
+                return (new, *out[1:]) if isinstance(out, tuple) else new
+
+        handles.append(module.register_forward_hook(after, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _forward_until(model: nn.Module, module: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, Call]:
+    """Run the base model's forward on ids until `module` is called: (its hidden states, its Call)."""
+    seen = []
+
+    def stop(h, call):
+        seen.append((h, call))
+        raise _Stop
+
+    with _hook(module, pre=stop), contextlib.suppress(_Stop):
+        model.base_model(input_ids=ids, use_cache=False)
+    return seen[0]
+
+
+@torch.no_grad()
+def embed(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The input of the first decoder layer for token ids (B, T), as the model's forward computes it (token and
+    position embeddings, any scaling): the start of the residual stream."""
+    return _forward_until(model, transformer_layers(model)[0], ids)[0]
+
+
+class LayerCalls:
+    """How the model's own forward calls each decoder layer, and each layer's `target` block within it, for
+    batches of shape (B, T): captured from the model's forward once per shape, on dummy tokens (nothing it
+    captures depends on the token ids, only on the shape)."""
+
+    def __init__(self, model: nn.Module, target: str) -> None:
+        self.model, self.target = model, target
+        self._layers, self._blocks = {}, {}
+
+    def layer(self, i: int, shape: tuple[int, int]) -> Call:
+        """Layer i's Call for batches of shape (B, T)."""
+        shape = tuple(shape)
+        if shape not in self._layers:
+            self._layers[shape] = self._capture_layers(shape)
+        return self._layers[shape][i]
+
+    def block(self, i: int, shape: tuple[int, int]) -> Call:
+        """Layer i's target block's Call for batches of shape (B, T)."""
+        key = (i, tuple(shape))
+        if key not in self._blocks:
+            layer = transformer_layers(self.model)[i]
+            seen = []
+
+            def stop(h, call):
+                seen.append(call)
+                raise _Stop
+
+            h = torch.zeros(*shape, self.model.config.hidden_size, device=self.device)
+            call = self.layer(i, shape)  # before the hook: capturing the layers' calls runs layer 0
+            with torch.no_grad(), _hook(getattr(layer, block_name(layer, self.target)), pre=stop):
+                with contextlib.suppress(_Stop):
+                    call(layer, h)
+            self._blocks[key] = seen[0]
+        return self._blocks[key]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def _capture_layers(self, shape):
+        """Every layer's Call, from one forward of the base model whose layers are stand-ins that record how
+        they are called and pass the hidden states on (the layers' own compute is skipped)."""
+        layers = transformer_layers(self.model)
+        ids = torch.zeros(shape, dtype=torch.long, device=self.device)
+        h, first = _forward_until(self.model, layers[0], ids)
+        real = first.raw(layers[0], h)  # the form of a layer's output, which the stand-ins return
+        calls = []
+
+        def record(*args, **kwargs):
+            h, call = _split_call(args, kwargs)
+            calls.append(call)
+            if len(calls) == len(layers):
+                raise _Stop
+            return (h, *[None] * (len(real) - 1)) if isinstance(real, tuple) else h
+
+        for layer in layers:
+            layer.forward = record  # an instance attribute: the model's loop calls it instead of the class's
+        try:
+            with contextlib.suppress(_Stop):
+                self.model.base_model(input_ids=ids, use_cache=False)
+        finally:
+            for layer in layers:
+                del layer.forward
+        return calls
+
+
+def run_layer(
+    model: nn.Module,
+    calls: LayerCalls,
+    i: int,
+    h: torch.Tensor,
+    on_block: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """The block's output on latent x (attention blocks take the rotary embeddings, no mask: causal)."""
-    if target == "mlp":
-        return block(x)
-    return block(x, position_embeddings=pos_emb, attention_mask=None)[0]
+    """Layer i's output on residual h (B, T, d), computed by the layer's own forward as the model calls it.
+    on_block(x, y), when given, sees the target block's input latent x and output y and may return a
+    replacement for y (the rest of the layer then continues from it)."""
+    layer = transformer_layers(model)[i]
+    call = calls.layer(i, h.shape[:2])
+    if on_block is None:
+        return call(layer, h)
+    with _hook(getattr(layer, block_name(layer, calls.target)), post=on_block):
+        return call(layer, h)
 
 
-def finish_layer(layer: nn.Module, residual: torch.Tensor, y: torch.Tensor, target: str) -> torch.Tensor:
-    """The layer's output, given the residual from decoder_input and the target block's output y."""
-    h = residual + y
-    if target == "attn":
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return h
+def block_input(model: nn.Module, calls: LayerCalls, i: int, h: torch.Tensor) -> torch.Tensor:
+    """The latent layer i's target block sees for residual h: the layer's forward run up to that block."""
+    layer, call = transformer_layers(model)[i], calls.layer(i, h.shape[:2])
+    seen = []
+
+    def stop(x, block_call):
+        seen.append(x)
+        raise _Stop
+
+    with _hook(getattr(layer, block_name(layer, calls.target)), pre=stop), contextlib.suppress(_Stop):
+        call(layer, h)
+    return seen[0]
