@@ -50,20 +50,20 @@ from common.checkpoint import (
 from common.config import fail, override
 from common.evaluate import evaluate
 from common.files import read_json, write_json_atomic
-from common.kd import final_hidden, head_weight, kd_loss
+from common.kd import final_hidden, kd_loss, lm_head
 from common.latent_cache import LatentCache, place_cache
 from common.plots import run_png
 from common.runtime import RunLog, Runtime, environment, get_rng_state, lr_at
 from common.shards import ShardError, TokenLoader, read_shard, shard_files, val_batches
 from common.students import make_student
 from common.swap import (
+    LayerCalls,
+    block_path,
     check_layers,
     check_target,
-    decoder_input,
-    finish_layer,
+    embed,
     get_block,
-    position_embeddings,
-    run_block,
+    run_layer,
     student_specs,
     swapped,
     transformer_layers,
@@ -289,7 +289,8 @@ def layerwise_phase(run, model, layers, val):
         f"{len(val) * BATCH_SIZE * SEQ_LEN * rt.world_size:,} tokens"
     )
     train = train_rotation if SCHEDULE == "rotation" else train_parallel
-    students, rows, step, state = train(run, model, layers, val, teacher_ce)
+    calls = LayerCalls(model, TARGET)  # how the model's own forward calls each layer and block, per batch shape
+    students, rows, step, state = train(run, calls, layers, val, teacher_ce)
     meta = {"phase": "layerwise", "schedule": SCHEDULE, "step": step}
     write_checkpoint(run, "final", model, {(i, TARGET): students[i] for i in layers}, meta, state)
     if rt.master:
@@ -302,10 +303,10 @@ def layerwise_phase(run, model, layers, val):
         print(f"final model: {os.path.join(run.out_dir, 'final')}")
 
 
-def train_rotation(run, model, layers, val, teacher_ce):
+def train_rotation(run, calls, layers, val, teacher_ce):
     """One layer at a time over a cached teacher stream; a checkpoint after each layer. Returns the students,
     the per-layer rows, the step count and the last checkpoint's training state."""
-    rt = run.rt
+    rt, model = run.rt, calls.model
     # per rank: one layer's steps, each token once, extended when calibration wants more tokens
     n_seq = max(STEPS_PER_LAYER * GRAD_ACCUM, calib_batches(rt)) * BATCH_SIZE
     cache_tokens = SEQ_LEN * (n_seq + len(val) * BATCH_SIZE)  # the rotation's and the val cache
@@ -322,8 +323,8 @@ def train_rotation(run, model, layers, val, teacher_ce):
         tokens = read_tokens(loader, n_seq // BATCH_SIZE)
         assert tokens.shape == (n_seq, SEQ_LEN), tokens.shape
         files = os.path.join(run.out_dir, ".latent")  # where=disk: the memory maps' names
-        cache = LatentCache(rt, model, tokens, TARGET, BATCH_SIZE, where, f"{files}_train")
-        vcache = LatentCache(rt, model, val_inputs(val), TARGET, BATCH_SIZE, where, f"{files}_val")
+        cache = LatentCache(rt, model, tokens, calls, BATCH_SIZE, where, f"{files}_train")
+        vcache = LatentCache(rt, model, val_inputs(val), calls, BATCH_SIZE, where, f"{files}_val")
         for k in range(first_layer, len(layers)):
             i = layers[k]
             errors, times, calibrated, step = distill_layer(run, model, i, students, cache, vcache, rotation, step)
@@ -407,9 +408,9 @@ def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, ste
             j = (s * GRAD_ACCUM + m) * BATCH_SIZE
             xb = cache.x[j : j + BATCH_SIZE].to(rt.device, non_blocking=True)
             with torch.no_grad(), rt.autocast():
-                target = run_block(teacher_block, xb, TARGET, cache.pe)
+                target = cache.run_block(teacher_block, xb)
             with rt.autocast():
-                loss = decoder_loss(run_block(student, xb, TARGET, cache.pe), target) / GRAD_ACCUM
+                loss = decoder_loss(cache.run_block(student, xb), target) / GRAD_ACCUM
             loss.backward()
             loss_sum += loss.detach()
         (norm,) = step_optimizer(rt, opt, [params], lr)
@@ -438,10 +439,10 @@ def report_layer(run, rows, step, calibrated):
     )
 
 
-def train_parallel(run, model, layers, val, teacher_ce):
+def train_parallel(run, calls, layers, val, teacher_ce):
     """Every layer per teacher pass: each student trains on its own teacher input and target. Returns what
     train_rotation returns."""
-    rt = run.rt
+    rt, model = run.rt, calls.model
     loader = train_loader(rt, model.config.vocab_size)
     students = make_students(model, layers)
     groups = [trainable_params(students[i], f"layer {i}") for i in layers]
@@ -455,14 +456,13 @@ def train_parallel(run, model, layers, val, teacher_ce):
     blocks = {(i, TARGET): students[i] for i in layers}
     val_tokens = len(val) * BATCH_SIZE * SEQ_LEN
     where = place_cache(rt, val_tokens, model.config.hidden_size, LATENT_CACHE, run.out_dir)
-    start_errors = calib_errors = student_val_errors(run, model, students, val, where)
-    if step == 0 and calibrate_all(run, model, students):
-        calib_errors = student_val_errors(run, model, students, val, where)
-    pe = position_embeddings(model, torch.zeros(1, SEQ_LEN, model.config.hidden_size, device=rt.device))
+    start_errors = calib_errors = student_val_errors(run, calls, students, val, where)
+    if step == 0 and calibrate_all(run, calls, students):
+        calib_errors = student_val_errors(run, calls, students, val, where)
     bar = tqdm(range(step, total), desc="parallel", disable=not rt.master)
     for step in bar:
         lr = lr_at(step, total, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
-        losses = parallel_losses(rt, model, loader, students, layers, pe)
+        losses = parallel_losses(rt, calls, loader, students, layers)
         norms = step_optimizer(rt, opt, groups, lr)
         steps_done = step + 1
         if step % LOG_EVERY == 0 or steps_done == total:
@@ -477,7 +477,7 @@ def train_parallel(run, model, layers, val, teacher_ce):
                 grad_norm={i: n.item() for i, n in zip(layers, norms)},
             )
         if VAL_EVERY and steps_done % VAL_EVERY == 0 and steps_done < total:
-            errors = student_val_errors(run, model, students, val, where)
+            errors = student_val_errors(run, calls, students, val, where)
             run.log.log(
                 phase="layerwise",
                 step=steps_done,
@@ -489,7 +489,7 @@ def train_parallel(run, model, layers, val, teacher_ce):
             write_checkpoint(
                 run, f"parallel_step{steps_done:06d}", model, blocks, meta, training_state(steps_done, opt, loader)
             )
-    errors = student_val_errors(run, model, students, val, where)
+    errors = student_val_errors(run, calls, students, val, where)
     ce = hybrid_ce(rt, model, val, blocks)
     rows = [parallel_row(i, start_errors[i], calib_errors[i], errors[i], ce, teacher_ce) for i in layers]
     if rt.master:
@@ -515,42 +515,40 @@ def parallel_row(layer, start, calibrated, end, ce, teacher_ce):
     }
 
 
-def parallel_losses(rt, model, loader, students, layers, pe):
-    """GRAD_ACCUM micro-batches through the teacher, each student's loss on its own layer's teacher input
-    back-propagated on the way (pe: the rotary embeddings of SEQ_LEN positions): the per-layer losses (a tensor:
-    no host sync)."""
+def parallel_losses(rt, calls, loader, students, layers):
+    """GRAD_ACCUM micro-batches through the teacher, layer by layer, each student's loss on its own layer's teacher
+    input and output (taken where the layer computes them) back-propagated on the way: the per-layer losses (a
+    tensor: no host sync)."""
+    model = calls.model
     losses = torch.zeros(len(layers), device=rt.device)
+
+    def train_student(i, x, y):  # on_block for layer i: x, y are the teacher block's input and output
+        with torch.enable_grad(), rt.autocast():
+            student_out = calls.block(i, x.shape[:2])(students[i], x)
+            loss = decoder_loss(student_out, y) / GRAD_ACCUM
+        loss.backward()
+        losses[layers.index(i)] += loss.detach()
+        return student_out.detach() if LATENT_STREAM == "student" else None
+
     for _ in range(GRAD_ACCUM):
-        x = loader.next_batch()[0].to(rt.device)
-        with torch.no_grad():
-            h = model.model.embed_tokens(x)
-        for i, layer in enumerate(transformer_layers(model)[: layers[-1] + 1]):
+        h = embed(model, loader.next_batch()[0].to(rt.device))
+        for i in range(layers[-1] + 1):
+            on_block = (lambda x, y, i=i: train_student(i, x, y)) if i in students else None
             with torch.no_grad(), rt.autocast():
-                lat, res = decoder_input(layer, h, TARGET, pe)
-                out = run_block(get_block(model, i, TARGET), lat, TARGET, pe)
-            if i in students:
-                with rt.autocast():
-                    student_out = run_block(students[i], lat, TARGET, pe)
-                    loss = decoder_loss(student_out, out) / GRAD_ACCUM
-                loss.backward()
-                losses[layers.index(i)] += loss.detach()
-                if LATENT_STREAM == "student":
-                    out = student_out.detach()
-            with torch.no_grad(), rt.autocast():
-                h = finish_layer(layer, res, out, TARGET)
+                h = run_layer(model, calls, i, h, on_block)
     return losses
 
 
-def calibrate_all(run, model, students):
+def calibrate_all(run, calls, students):
     """Parallel schedule: calibrate every student, layer by layer, on the first CALIB_TOKENS of the
     training stream (the tokens the first steps train on), through a latent cache of those tokens.
     Returns whether any student calibrated."""
-    rt = run.rt
+    rt, model = run.rt, calls.model
     if not CALIB_TOKENS or not any(hasattr(s, "calibrate") for s in students.values()):
         return False
     tokens = read_tokens(train_loader(rt, model.config.vocab_size), calib_batches(rt))
     where = place_cache(rt, tokens.numel(), model.config.hidden_size, LATENT_CACHE, run.out_dir)
-    cache = LatentCache(rt, model, tokens, TARGET, BATCH_SIZE, where, os.path.join(run.out_dir, ".latent_calib"))
+    cache = LatentCache(rt, model, tokens, calls, BATCH_SIZE, where, os.path.join(run.out_dir, ".latent_calib"))
     for i in tqdm(sorted(students), desc="calibrate", disable=not rt.master, leave=False):
         cache.split_at(i, stream_students(students))
         calibrate(rt, students[i], get_block(model, i, TARGET), cache, len(tokens))
@@ -612,7 +610,7 @@ def logits_inputs(run):
 
 def backbone_differs(teacher, model, blocks):
     """Names of non-student weights where `model` differs from the teacher (empty: shared backbone)."""
-    prefixes = tuple(f"model.layers.{i}.{'mlp' if t == 'mlp' else 'self_attn'}." for i, t in blocks)
+    prefixes = tuple(f"{block_path(model, i, t)}." for i, t in blocks)
     theirs = model.state_dict()
     return [
         k
@@ -689,11 +687,11 @@ def logits_losses(rt, models, loader):
             loss, parts = kd_loss(
                 final_hidden(models.model, x),
                 ht,
-                head_weight(models.model),
+                lm_head(models.model),
                 y,
                 KD_TEMPERATURE,
                 KD_CE_WEIGHT,
-                teacher_weight=head_weight(models.teacher),
+                teacher_head=lm_head(models.teacher),
             )
             (loss / GRAD_ACCUM).backward()
         loss_sum += loss.detach() / GRAD_ACCUM
@@ -862,9 +860,9 @@ def calibrate(rt, student, teacher_block, cache, n_seq):
 
     def batches(targets=True):
         for _, xb in cache.batches(cache.x, n_seq):
-            yield xb, run_block(teacher_block, xb, TARGET, cache.pe) if targets else None
+            yield xb, cache.run_block(teacher_block, xb) if targets else None
 
-    student.calibrate(teacher_block, batches, rt.all_sum_, cache.pe)
+    student.calibrate(teacher_block, batches, rt.all_sum_, cache.run_block)
     rt.synchronize()
     return time.time() - t0
 
@@ -876,8 +874,8 @@ def layer_error(rt, student, teacher_block, cache):
     se = sq = count = 0.0
     for _, xb in cache.batches(cache.x):
         with rt.autocast():
-            t = run_block(teacher_block, xb, TARGET, cache.pe).float()
-            s = run_block(student, xb, TARGET, cache.pe).float()
+            t = cache.run_block(teacher_block, xb).float()
+            s = cache.run_block(student, xb).float()
         se += (s - t).square().sum().item()
         sq += t.square().sum().item()
         count += t.numel()
@@ -885,10 +883,11 @@ def layer_error(rt, student, teacher_block, cache):
     return {"val_mse": se / count, "val_rel_err": se / max(sq, 1e-30)}
 
 
-def student_val_errors(run, model, students, val, where):
+def student_val_errors(run, calls, students, val, where):
     """Val error of every student ({layer: layer_error}), from one pass of the stream over the val tokens (O(L))."""
+    model = calls.model
     cache = LatentCache(
-        run.rt, model, val_inputs(val), TARGET, BATCH_SIZE, where, os.path.join(run.out_dir, ".latent_val")
+        run.rt, model, val_inputs(val), calls, BATCH_SIZE, where, os.path.join(run.out_dir, ".latent_val")
     )
     errors = {}
     for i in sorted(students):

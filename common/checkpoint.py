@@ -27,8 +27,10 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
+from transformers import PreTrainedConfig
 
 from common.files import read_json, write_json_atomic
+from common.kd import check_head
 from common.runtime import get_rng_state, set_rng_state
 from common.shards import TokenLoader
 from common.students import make_student
@@ -38,7 +40,10 @@ LOCK = "run.lock"  # in a run folder: flock'ed by the process running it, holds 
 
 
 def load_model(folder: str, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> nn.Module:
-    """A ready fp32 model from a checkpoint folder or a Hugging Face model folder, students in place."""
+    """A ready fp32 model from a checkpoint folder or a Hugging Face model folder, students in place, with the
+    attention implementation transformers picks for its family (SDPA where it can, eager where the family needs it).
+    Raises ValueError for a model that is not a decoder-only causal LM, or whose logits common/kd.py cannot
+    reproduce."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -47,26 +52,43 @@ def load_model(folder: str, device: str | torch.device = "cpu", trust_remote_cod
             f"run prepare.py to fetch the model, or point to a checkpoint folder (OUT/final)"
         )
     check_weights(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    check_decoder_only(config, folder, trust_remote_code)
     students_path = os.path.join(folder, "students.json")
     if not os.path.exists(students_path):
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=trust_remote_code
-        )
-        return model.to(device)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_config(
-        config, dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=trust_remote_code
-    )
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        transformer_layers(model)
+        specs = read_json(students_path, "the checkpoint is damaged; use another one")
+        for s in specs:
+            teacher = get_block(model, s["layer"], s["target"])
+            student = make_student(s["target"], s["kind"], teacher, config, **s["kwargs"])
+            set_block(model, s["layer"], s["target"], student)
+        weights = os.path.join(folder, "model.safetensors")
+        if not os.path.exists(weights):
+            raise FileNotFoundError(f"{weights}: missing; the checkpoint is incomplete, use another one")
+        load_safetensors_model(model, weights, strict=True)
+    model = model.to(device)
     transformer_layers(model)
-    specs = read_json(students_path, "the checkpoint is damaged; use another one")
-    for s in specs:
-        teacher = get_block(model, s["layer"], s["target"])
-        set_block(model, s["layer"], s["target"], make_student(s["target"], s["kind"], teacher, config, **s["kwargs"]))
-    weights = os.path.join(folder, "model.safetensors")
-    if not os.path.exists(weights):
-        raise FileNotFoundError(f"{weights}: missing; the checkpoint is incomplete, use another one")
-    load_safetensors_model(model, weights, strict=True)
-    return model.to(device)
+    check_head(model)
+    return model
+
+
+def check_decoder_only(config: PreTrainedConfig, folder: str, remote_code: bool = False) -> None:
+    """Raise ValueError in one line unless the config is that of a decoder-only model with a causal LM head (a
+    model with remote code brings its own classes, which transformers' mapping does not list)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{folder}: {config.model_type} is an encoder-decoder model; this repo distills decoder-only causal LMs"
+        )
+    if not remote_code and type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(
+            f"{folder}: {config.model_type} has no causal LM head in transformers (no AutoModelForCausalLM class); "
+            f"this repo distills decoder-only causal LMs"
+        )
 
 
 def check_weights(folder: str) -> None:

@@ -38,7 +38,7 @@ from common.checkpoint import load_model
 from common.config import fail, override
 from common.files import write_json_atomic
 from common.generate import decoding_cache, forward_cached, generate, has_tokenizer, state_bytes
-from common.kd import final_hidden, head_weight, kd_metrics
+from common.kd import final_hidden, kd_metrics, lm_head
 from common.plots import comparison_png
 from common.runtime import Runtime
 from common.shards import ShardError, val_batches
@@ -95,16 +95,16 @@ def evaluate_models(
                 if teacher_model is not None:
                     ht = final_hidden(teacher_model, x)
                     if not models:
-                        _add(teacher_sums, kd_metrics(ht, head_weight(teacher_model), y))
+                        _add(teacher_sums, kd_metrics(ht, lm_head(teacher_model), y))
                 elif teacher is not None:
                     ht = teacher(x)
                 for k, (name, model) in enumerate(models.items()):
                     m = kd_metrics(
                         final_hidden(model, x),
-                        head_weight(model),
+                        lm_head(model),
                         y,
                         ht,
-                        None if teacher_model is None else head_weight(teacher_model),
+                        None if teacher_model is None else lm_head(teacher_model),
                     )
                     teacher_ce = m.pop("teacher_ce", None)
                     if teacher_ce is not None and k == 0:
@@ -150,18 +150,17 @@ def _finish(sums, rt):
 # ---------------------------------------------------------------------------------------------- --speed
 def parameter_counts(model: nn.Module) -> dict[str, int]:
     """Parameters by where they sit: total, embedding (input embeddings, and the head when untied),
-    attention, ffn and other (norms). Tied weights count once."""
+    attention, ffn and other (norms, position embeddings). Tied weights count once."""
     counts = dict.fromkeys(("total", "embedding", "attention", "ffn", "other"), 0)
+    blocks = {
+        f"{swap.block_path(model, i, target)}.": "attention" if target == "attn" else "ffn"
+        for i in range(len(swap.transformer_layers(model)))
+        for target in swap.BLOCK_NAMES
+    }
+    embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
     for name, p in model.named_parameters():
-        part = (
-            "attention"
-            if f".{swap.TARGET_ATTRS['attn']}." in name
-            else "ffn"
-            if f".{swap.TARGET_ATTRS['mlp']}." in name
-            else "embedding"
-            if "embed" in name or "lm_head" in name
-            else "other"
-        )
+        part = next((part for prefix, part in blocks.items() if name.startswith(prefix)), None)
+        part = part or ("embedding" if id(p) in embeddings else "other")
         counts[part] += p.numel()
         counts["total"] += p.numel()
     return counts

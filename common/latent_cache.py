@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from common.runtime import Runtime
-from common.swap import decoder_input, finish_layer, get_block, position_embeddings, run_block, transformer_layers
+from common.swap import LayerCalls, block_input, embed, run_layer, swapped
 
 PLACES = ("device", "host", "disk")
 
@@ -55,29 +55,29 @@ def _buffer(rt: Runtime, where: str, shape: tuple, path: str) -> torch.Tensor:
 
 class LatentCache:
     """h: the teacher's residual stream for `tokens` (n, T) at the input of layer `self.layer`; after split(),
-    x: the latent that layer's `target` block sees. Batches of `batch_size` sequences go to the device as they
-    are used. With where='disk' both live in memory maps at `{file_prefix}_{h|x}_rank{rank}.npy`."""
+    x: the latent that layer's target block sees. Every layer is computed by the model's own layer forward, called
+    as the model calls it (`calls`, a LayerCalls for the target). Batches of `batch_size` sequences go to the
+    device as they are used. With where='disk' both live in memory maps at `{file_prefix}_{h|x}_rank{rank}.npy`."""
 
     def __init__(
         self,
         rt: Runtime,
         model: nn.Module,
         tokens: torch.Tensor,
-        target: str,
+        calls: LayerCalls,
         batch_size: int,
         where: str,
         file_prefix: str,
     ):
-        self.rt, self.model, self.target, self.batch_size = rt, model, target, batch_size
+        self.rt, self.model, self.calls, self.batch_size = rt, model, calls, batch_size
         n, seq_len = tokens.shape
         shape = (n, seq_len, model.config.hidden_size)
         self.paths = [f"{file_prefix}_{part}_rank{rt.rank}.npy" for part in "hx"]
         self.h, self.x = (_buffer(rt, where, shape, path) for path in self.paths)
         self.layer = 0  # h is the input to this layer
-        with torch.no_grad():
-            for s in range(0, n, batch_size):
-                self.h[s : s + batch_size].copy_(model.model.embed_tokens(tokens[s : s + batch_size].to(rt.device)))
-        self.pe = position_embeddings(model, self.h[:1].to(rt.device))
+        self.advanced = False  # split() already moved h past this layer through the teacher's block
+        for s in range(0, n, batch_size):
+            self.h[s : s + batch_size].copy_(embed(model, tokens[s : s + batch_size].to(rt.device)))
 
     def batches(self, buffer: torch.Tensor, n: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """(start, batch on the device) over the first n sequences (default all) of a cache buffer."""
@@ -85,38 +85,49 @@ class LatentCache:
         for s in range(0, n, self.batch_size):
             yield s, buffer[s : min(s + self.batch_size, n)].to(self.rt.device, non_blocking=True)
 
+    def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A block (the teacher's or a student) on latents x of this layer, called as the layer calls its block."""
+        return self.calls.block(self.layer, x.shape[:2])(block, x)
+
     @torch.no_grad()
-    def split(self) -> None:
-        """x <- latent into this layer's target block; h <- the residual beside it."""
-        layer = transformer_layers(self.model)[self.layer]
+    def split(self, stream_block: nn.Module | None = None) -> None:
+        """x <- the latent into this layer's target block. When the stream goes on through the teacher's block
+        (stream_block None), the same pass moves h past the layer, and finish() has nothing left to compute."""
         for s, hb in self.batches(self.h):
             with self.rt.autocast():
-                lat, res = decoder_input(layer, hb, self.target, self.pe)
-            self.x[s : s + len(hb)].copy_(lat)
-            self.h[s : s + len(hb)].copy_(res)
+                if stream_block is None:
+                    seen = {}
+                    out = run_layer(self.model, self.calls, self.layer, hb, lambda x, y: seen.update(x=x))
+                    self.h[s : s + len(hb)].copy_(out)
+                    self.x[s : s + len(hb)].copy_(seen["x"])
+                else:
+                    self.x[s : s + len(hb)].copy_(block_input(self.model, self.calls, self.layer, hb))
+        self.advanced = stream_block is None
 
     @torch.no_grad()
     def finish(self, block: nn.Module | None = None) -> None:
-        """h <- this layer's output with `block` (default: the teacher's); move to the next layer."""
-        layer = transformer_layers(self.model)[self.layer]
-        block = block or get_block(self.model, self.layer, self.target)
-        for s, xb in self.batches(self.x):
-            hb = self.h[s : s + len(xb)].to(self.rt.device)
-            with self.rt.autocast():
-                out = finish_layer(layer, hb, run_block(block, xb, self.target, self.pe), self.target)
-            self.h[s : s + len(xb)].copy_(out)
+        """h <- this layer's output with `block` in its slot (default: the teacher's); move to the next layer."""
+        assert block is None or not self.advanced, "split() moved h on through the teacher's block already"
+        if block is not None or not self.advanced:
+            with swapped(self.model, {(self.layer, self.calls.target): block} if block is not None else {}):
+                for s, hb in self.batches(self.h):
+                    with self.rt.autocast():
+                        self.h[s : s + len(hb)].copy_(run_layer(self.model, self.calls, self.layer, hb))
         self.layer += 1
+        self.advanced = False
 
     def advance_to(self, layer_index: int, blocks: dict | None = None) -> None:
         """Advance to layer_index through the teacher's blocks, or those in `blocks` ({layer: block})."""
         while self.layer < layer_index:
-            self.split()
-            self.finish((blocks or {}).get(self.layer))
+            block = (blocks or {}).get(self.layer)
+            if block is None:
+                self.split()
+            self.finish(block)
 
     def split_at(self, layer_index: int, blocks: dict | None = None) -> None:
         """advance_to(layer_index, blocks), then split: x is that layer's latent."""
         self.advance_to(layer_index, blocks)
-        self.split()
+        self.split((blocks or {}).get(layer_index))
 
     def close(self) -> None:
         """Free the buffers and delete their files when the cache lives on disk."""

@@ -83,6 +83,13 @@ def set_block(model: nn.Module, i: int, target: str, block: nn.Module) -> nn.Mod
     return old
 
 
+def block_path(model: nn.Module, i: int, target: str) -> str:
+    """The qualified name of layer i's target block in the model: its state_dict keys start with it and a dot."""
+    layer = transformer_layers(model)[i]
+    layer_path = next(name for name, m in model.named_modules() if m is layer)
+    return f"{layer_path}.{block_name(layer, target)}"
+
+
 def student_specs(model: nn.Module) -> list[dict]:
     """[{layer, target, kind, kwargs}] for every student in the model, in layer order."""
     specs = []

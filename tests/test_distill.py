@@ -32,14 +32,15 @@ def test_latent_cache_is_the_teachers_hidden_state(teacher_dir, tiny_data_dir, t
     from common.latent_cache import LatentCache
     from common.runtime import Runtime
     from common.shards import TokenLoader, shard_files
-    from common.swap import transformer_layers
+    from common.swap import LayerCalls, transformer_layers
 
     model = load_model(teacher_dir).eval()
     tokens = TokenLoader(shard_files(tiny_data_dir, "train"), 5, 16).next_batch()[0]
     with torch.no_grad():
         hidden = model(tokens, output_hidden_states=True).hidden_states
     for target, where in (("mlp", "host"), ("attn", "disk")):
-        cache = LatentCache(Runtime(), model, tokens, target, 2, where, str(tmp_path / f".latent_{target}"))
+        calls = LayerCalls(model, target)
+        cache = LatentCache(Runtime(), model, tokens, calls, 2, where, str(tmp_path / f".latent_{target}"))
         for i, layer in enumerate(transformer_layers(model)):
             assert cache.layer == i
             torch.testing.assert_close(cache.h, hidden[i], rtol=0, atol=1e-5)
@@ -390,13 +391,15 @@ def test_parallel_and_logits_resumes_refuse_changed_constants(teacher_dir, tiny_
     assert os.path.isdir(os.path.join(out, "logits_final"))
 
 
-def test_unsupported_model_is_refused(tiny_data_dir, tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_what_is_not_a_decoder_only_lm_is_refused_in_one_line(tiny_data_dir, tmp_path):
+    from transformers import T5Config, ViTConfig
 
-    folder = str(tmp_path / "gpt2")
-    GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2)).save_pretrained(folder)
-    error = run_tiny_distill(folder, tiny_data_dir, str(tmp_path / "r"), check=False)
-    assert "model type 'gpt2' is not supported" in error
+    for config, why in ((T5Config(), "t5 is an encoder-decoder model"), (ViTConfig(), "vit has no causal LM head")):
+        folder = tmp_path / config.model_type
+        config.save_pretrained(folder)
+        error = run_tiny_distill(str(folder), tiny_data_dir, str(tmp_path / "r"), check=False)
+        assert why in error and "\n" not in error
+        assert not (tmp_path / "r").exists()
 
 
 def test_attention_students_rotation_then_logits_then_evaluation(teacher_dir, tiny_data_dir, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.kd import final_hidden, head_weight, kd_loss, kd_metrics
+from common.kd import Head, final_hidden, kd_loss, kd_metrics, lm_head
 from conftest import tiny_config
 
 
@@ -44,7 +44,7 @@ def test_kl_is_zero_when_student_equals_teacher():
 @pytest.mark.parametrize("temperature,ce_weight", [(1.0, 0.0), (2.0, 0.3), (0.5, 1.0)])
 def test_chunked_equals_naive_loss_and_gradients(chunk, temperature, ce_weight):
     hs, ht, w, wt, y = inputs()
-    loss, parts = kd_loss(hs, ht, w, y, temperature, ce_weight, teacher_weight=wt, chunk_tokens=chunk)
+    loss, parts = kd_loss(hs, ht, w, y, temperature, ce_weight, teacher_head=wt, chunk_tokens=chunk)
     gh, gw = torch.autograd.grad(loss, (hs, w))
     ref = naive_loss(hs, ht, w, wt, y, temperature, ce_weight)
     rh, rw = torch.autograd.grad(ref, (hs, w))
@@ -58,7 +58,7 @@ def test_gradcheck_batched_input_and_frozen_head():
     hs, ht, w, wt, y = inputs(n=8, d=4, v=7)
     hs = hs.detach().view(2, 4, 4).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda h, wq: kd_loss(h, ht.view(2, 4, 4), wq, y.view(2, 4), 1.5, 0.2, teacher_weight=wt, chunk_tokens=3)[0],
+        lambda h, wq: kd_loss(h, ht.view(2, 4, 4), wq, y.view(2, 4), 1.5, 0.2, teacher_head=wt, chunk_tokens=3)[0],
         (hs, w),
     )
     # a frozen head (KD_TRAINABLE=decoders) gets no gradient, none is even computed, and the body's gradient is the
@@ -76,10 +76,10 @@ def test_gradcheck_batched_input_and_frozen_head():
 def test_loss_is_a_mean_per_token():
     """Repeating the same rows (longer sequences, bigger batches) leaves the loss unchanged."""
     hs, ht, w, wt, y = inputs(n=6)
-    one, _ = kd_loss(hs, ht, w, y, 2.0, 0.5, teacher_weight=wt, chunk_tokens=4)
-    longer, _ = kd_loss(hs.repeat(3, 1), ht.repeat(3, 1), w, y.repeat(3), 2.0, 0.5, teacher_weight=wt, chunk_tokens=4)
+    one, _ = kd_loss(hs, ht, w, y, 2.0, 0.5, teacher_head=wt, chunk_tokens=4)
+    longer, _ = kd_loss(hs.repeat(3, 1), ht.repeat(3, 1), w, y.repeat(3), 2.0, 0.5, teacher_head=wt, chunk_tokens=4)
     batched, _ = kd_loss(
-        hs.expand(5, 6, 6), ht.expand(5, 6, 6), w, y.expand(5, 6), 2.0, 0.5, teacher_weight=wt, chunk_tokens=4
+        hs.expand(5, 6, 6), ht.expand(5, 6, 6), w, y.expand(5, 6), 2.0, 0.5, teacher_head=wt, chunk_tokens=4
     )
     torch.testing.assert_close(longer, one, rtol=1e-12, atol=0)
     torch.testing.assert_close(batched, one, rtol=1e-12, atol=0)
@@ -89,7 +89,7 @@ def test_bf16_autocast_upcasts_and_keeps_dtypes():
     hs, ht, w, wt, y = inputs(n=16, d=32, v=64, dtype=torch.float32)
     hb = hs.detach().bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = kd_loss(hb, ht.bfloat16(), w, y, 2.0, 0.5, teacher_weight=wt, chunk_tokens=5)
+        loss, _ = kd_loss(hb, ht.bfloat16(), w, y, 2.0, 0.5, teacher_head=wt, chunk_tokens=5)
     loss.backward()
     ref = naive_loss(hs, ht, w, wt, y, 2.0, 0.5)
     assert loss.dtype == torch.float32 and hb.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
@@ -141,10 +141,39 @@ def test_kl_falls_when_training_a_perturbed_mlp():
     kls = []
     for step in range(40):
         x, ht = ids[step % 4], targets[step % 4]
-        loss, parts = kd_loss(final_hidden(student, x), ht, head_weight(student), temperature=1.0, chunk_tokens=50)
+        loss, parts = kd_loss(final_hidden(student, x), ht, lm_head(student), temperature=1.0, chunk_tokens=50)
         opt.zero_grad()
         loss.backward()
         opt.step()
         kls.append(parts["kl"].item())
     assert kls[0] > 0.05
     assert sum(kls[-4:]) / 4 < 0.1 * kls[0]
+
+
+def test_head_with_bias_scale_and_softcap_equals_naive_loss_and_gradients():
+    """The model's own logit transform (Gemma's softcapping, Granite/Cohere scaling, a head bias) is in the loss
+    and in its gradients (head bias included)."""
+    hs, ht, w, wt, y = inputs()
+    g = torch.Generator().manual_seed(1)
+    b = torch.randn(w.shape[0], dtype=w.dtype, generator=g).requires_grad_()
+    bt = torch.randn(w.shape[0], dtype=w.dtype, generator=g)
+    head, teacher = Head(w, b, 0.5, 3.0), Head(wt, bt, 0.5, 3.0)
+
+    def logits(h, hd):
+        return hd.softcap * torch.tanh(hd.scale * (h @ hd.weight.T + hd.bias) / hd.softcap)
+
+    loss, parts = kd_loss(hs, ht, head, y, 2.0, 0.3, teacher_head=teacher, chunk_tokens=5)
+    zs, zt = logits(hs, head), logits(ht, teacher)
+    kl = F.kl_div((zs / 2).log_softmax(-1), (zt / 2).log_softmax(-1), log_target=True, reduction="batchmean")
+    ref = 0.7 * 4 * kl + 0.3 * F.cross_entropy(zs, y)
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(loss, (hs, w, b)), torch.autograd.grad(ref, (hs, w, b))):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    m = kd_metrics(hs, head, y, ht, teacher, chunk_tokens=4)
+    torch.testing.assert_close(m["ce"].item() / 13, F.cross_entropy(zs, y).item(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        m["kl"].item() / 13,
+        F.kl_div(zs.log_softmax(-1), zt.log_softmax(-1), log_target=True, reduction="batchmean").item(),
+        rtol=1e-10,
+        atol=0,
+    )
