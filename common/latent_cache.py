@@ -98,8 +98,8 @@ class LatentCache:
                 if stream_block is None:
                     seen = {}
                     out = run_layer(self.model, self.calls, self.layer, hb, lambda x, y: seen.update(x=x))
+                    self.x[s : s + len(hb)].copy_(seen["x"])  # first: x may be hb itself, a view of h (OLMo 2)
                     self.h[s : s + len(hb)].copy_(out)
-                    self.x[s : s + len(hb)].copy_(seen["x"])
                 else:
                     self.x[s : s + len(hb)].copy_(block_input(self.model, self.calls, self.layer, hb))
         self.advanced = stream_block is None
