@@ -44,20 +44,24 @@ def folders(tmp_path_factory):
     return folder
 
 
+def _hidden(args, kwargs):
+    return (args[0] if args else kwargs["hidden_states"]).clone()
+
+
 def reference_stream(model, ids, target):
     """What the model's own forward computes: each layer's input and each target block's input and output,
     taken with hooks on its own modules."""
     layer_in, block_io, handles = [], [], []
+
+    def keep_input(module, args, kwargs):
+        layer_in.append(_hidden(args, kwargs))
+
+    def keep_block(module, args, kwargs, out):
+        block_io.append((_hidden(args, kwargs), (out[0] if isinstance(out, tuple) else out).clone()))
+
     for i, layer in enumerate(transformer_layers(model)):
-        first = lambda a, kw: (a[0] if a else kw["hidden_states"]).clone()  # noqa: E731
-        handles.append(
-            layer.register_forward_pre_hook(lambda m, a, kw: layer_in.append(first(a, kw)), with_kwargs=True)
-        )
-        block = get_block(model, i, target)
-        keep = lambda m, a, kw, out: block_io.append(
-            (first(a, kw), (out[0] if isinstance(out, tuple) else out).clone())
-        )  # noqa: E731
-        handles.append(block.register_forward_hook(keep, with_kwargs=True))
+        handles.append(layer.register_forward_pre_hook(keep_input, with_kwargs=True))
+        handles.append(get_block(model, i, target).register_forward_hook(keep_block, with_kwargs=True))
     with torch.no_grad():
         model(ids)
     for h in handles:
