@@ -7,10 +7,11 @@
 
 A student's constructor takes (teacher_block, config, **kwargs) and starts from the teacher block it
 replaces (a copy, a pruned copy, or fresh weights). A kind may also define
-    calibrate(teacher_block, batches, all_reduce, pos_emb)
+    calibrate(teacher_block, batches, all_reduce, forward)
 to fit itself to data before training: batches() iterates (latent x, teacher output y) pairs of
 shape (B, T, d), batches(targets=False) the latents alone (y is None: no teacher forward);
-all_reduce(t) sums a tensor over ranks in place. Calibration accumulates fixed-size
+all_reduce(t) sums a tensor over ranks in place; forward(module, x) runs a block module on latent x
+as the layer calls it (with the masks and position embeddings the model gives that layer). Calibration accumulates fixed-size
 statistics in fp64 (Gram matrices, second moments) over the batches, never all activations, so its
 memory does not grow with the number of tokens.
 """
