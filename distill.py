@@ -45,6 +45,7 @@ from common.checkpoint import (
     restore_training,
     save_checkpoint,
     start_run,
+    teacher_ref,
     training_state,
 )
 from common.config import fail, override
@@ -127,6 +128,7 @@ class Run:
     rt: Runtime
     out_dir: str
     log: RunLog | None = None
+    teacher: dict | None = None  # teacher_ref(TEACHER), for checkpoints of the students alone (rank 0)
 
 
 def main():
@@ -157,6 +159,7 @@ def main():
             os.path.join(run.out_dir, f"config_{PHASE}.json"), {"config": config, "environment": environment(rt)}
         )
     run.log = RunLog(rt, run.out_dir)
+    run.teacher = teacher_ref(TEACHER) if rt.master else None
     rt.print(
         f"run folder {run.out_dir} | device {rt.device} | dtype {str(rt.dtype).replace('torch.', '')} | "
         f"world size {rt.world_size}"
@@ -292,7 +295,7 @@ def layerwise_phase(run, model, layers, val):
     calls = LayerCalls(model, TARGET)  # how the model's own forward calls each layer and block, per batch shape
     students, rows, step, state = train(run, calls, layers, val, teacher_ce)
     meta = {"phase": "layerwise", "schedule": SCHEDULE, "step": step}
-    write_checkpoint(run, "final", model, {(i, TARGET): students[i] for i in layers}, meta, state)
+    write_checkpoint(run, "final", model, {(i, TARGET): students[i] for i in layers}, meta, state, complete=True)
     if rt.master:
         print(f"\nper-layer validation ({TARGET} -> {STUDENT_KIND}); teacher val ce {teacher_ce:.4f}")
         print_table(
@@ -672,7 +675,8 @@ def logits_checkpoint(run, models, name, step, opt, loader):
     """OUT/name: the student model (students swapped into the teacher with KD_TRAINABLE=decoders) and what resumes
     the phase."""
     meta = {"phase": "logits", "step": step, "init": models.init, "kd_trainable": KD_TRAINABLE}
-    write_checkpoint(run, name, models.model, models.blocks, meta, training_state(step, opt, loader))
+    state = training_state(step, opt, loader)
+    write_checkpoint(run, name, models.model, models.blocks, meta, state, complete=name == "logits_final")
 
 
 def logits_losses(rt, models, loader):
@@ -904,11 +908,15 @@ def hybrid_ce(rt, model, val, blocks=None):
         return evaluate(model, val, rt=rt)["ce"]
 
 
-def write_checkpoint(run, name, model, blocks, meta, state):
-    """Rank 0 writes OUT/name with `blocks` ({(layer, target): student}) swapped into the model."""
+def write_checkpoint(run, name, model, blocks, meta, state, complete=False):
+    """Rank 0 writes OUT/name with `blocks` ({(layer, target): student}) swapped into the model: every weight when
+    `complete` (final, logits_final) or the model is not the teacher's, else the students alone on the teacher."""
     if run.rt.master:
+        teacher = None if complete or not blocks else run.teacher
         with swapped(model, blocks):
-            save_checkpoint(os.path.join(run.out_dir, name), model, meta={"script": "distill.py", **meta}, state=state)
+            save_checkpoint(
+                os.path.join(run.out_dir, name), model, {"script": "distill.py", **meta}, state, teacher=teacher
+            )
         if KEEP_LAST > 0:
             for old in list_checkpoints(run.out_dir, meta["phase"])[:-KEEP_LAST]:
                 if os.path.basename(old) != "final":

@@ -2,8 +2,10 @@
 
 A checkpoint folder holds:
   config.json        the teacher's (backbone's) Hugging Face config
-  model.safetensors  every weight: backbone plus student blocks
+  model.safetensors  every weight: backbone plus student blocks; or, with teacher.json, the students' alone
   students.json      [{layer, target, kind, kwargs}] for each swapped-in student (may be empty)
+  teacher.json       only in a checkpoint of the students alone: {path, sha256} of the teacher they go on,
+                     whose weights load_model checks are unchanged (distill.py's per-layer and step checkpoints)
   meta.json          what wrote it: script, phase, step, rotation, layer, run id
   state.pt           training state (optimizer, step, data position, RNG), tensors and plain types only
 A Hugging Face model folder (no students.json) loads too. Folders are written to a temp name
@@ -15,6 +17,7 @@ folder is refused; a killed holder releases it.
 """
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -25,7 +28,9 @@ import uuid
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import load_model as load_safetensors_model
+from safetensors.torch import save_file as save_safetensors_file
 from safetensors.torch import save_model as save_safetensors_model
 from transformers import PreTrainedConfig
 
@@ -34,8 +39,9 @@ from common.kd import check_head
 from common.runtime import get_rng_state, set_rng_state
 from common.shards import TokenLoader
 from common.students import make_student
-from common.swap import get_block, set_block, student_specs, transformer_layers
+from common.swap import block_path, get_block, set_block, student_specs, transformer_layers
 
+TEACHER_REF = "teacher.json"  # in a checkpoint that holds only its students: the teacher's folder and weights' hash
 LOCK = "run.lock"  # in a run folder: flock'ed by the process running it, holds that process's pid
 
 
@@ -55,17 +61,16 @@ def load_model(folder: str, device: str | torch.device = "cpu", trust_remote_cod
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     check_decoder_only(config, folder, trust_remote_code)
     students_path = os.path.join(folder, "students.json")
-    if not os.path.exists(students_path):
+    weights = os.path.join(folder, "model.safetensors")
+    if os.path.exists(os.path.join(folder, TEACHER_REF)):  # the students alone, on the teacher they came from
+        model = load_model(checked_teacher(folder), trust_remote_code=trust_remote_code)
+        add_students(model, read_json(students_path, "the checkpoint is damaged; use another one"))
+        load_students_only(model, weights)
+    elif not os.path.exists(students_path):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-        transformer_layers(model)
-        specs = read_json(students_path, "the checkpoint is damaged; use another one")
-        for s in specs:
-            teacher = get_block(model, s["layer"], s["target"])
-            student = make_student(s["target"], s["kind"], teacher, config, **s["kwargs"])
-            set_block(model, s["layer"], s["target"], student)
-        weights = os.path.join(folder, "model.safetensors")
+        add_students(model, read_json(students_path, "the checkpoint is damaged; use another one"))
         if not os.path.exists(weights):
             raise FileNotFoundError(f"{weights}: missing; the checkpoint is incomplete, use another one")
         load_safetensors_model(model, weights, strict=True)
@@ -73,6 +78,66 @@ def load_model(folder: str, device: str | torch.device = "cpu", trust_remote_cod
     transformer_layers(model)
     check_head(model)
     return model
+
+
+def add_students(model: nn.Module, specs: list[dict]) -> None:
+    """Swap a new student of each spec ({layer, target, kind, kwargs}, students.json) into the model."""
+    for s in specs:
+        teacher = get_block(model, s["layer"], s["target"])
+        set_block(
+            model, s["layer"], s["target"], make_student(s["target"], s["kind"], teacher, model.config, **s["kwargs"])
+        )
+
+
+def student_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict entries of the model's students (what a checkpoint on its teacher holds)."""
+    prefixes = tuple(f"{block_path(model, s['layer'], s['target'])}." for s in student_specs(model))
+    return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+
+
+def load_students_only(model: nn.Module, weights: str) -> None:
+    """Load a checkpoint's students' weights (and nothing else) into a model that holds those students."""
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"{weights}: missing; the checkpoint is incomplete, use another one")
+    saved, expected = load_safetensors_file(weights), set(student_weights(model))
+    if set(saved) != expected:
+        raise ValueError(
+            f"{weights}: holds {len(saved)} tensors where its students have {len(expected)} (e.g. "
+            f"{sorted(set(saved) ^ expected)[0]}); the checkpoint is damaged, use another one"
+        )
+    model.load_state_dict(saved, strict=False)
+
+
+def weights_hash(folder: str) -> str:
+    """sha256 over a model folder's config.json, students.json (if any) and safetensors files: what its weights are."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors") or name in ("config.json", "students.json"):
+            digest.update(name.encode())
+            with open(os.path.join(folder, name), "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def teacher_ref(folder: str) -> dict:
+    """What a checkpoint that holds only its students records of its teacher: the folder and its weights' hash."""
+    return {"path": os.path.realpath(folder), "sha256": weights_hash(folder)}
+
+
+def checked_teacher(checkpoint: str) -> str:
+    """The teacher folder a students-only checkpoint was written on, once its weights are found unchanged; else
+    ValueError in one line."""
+    ref = read_json(os.path.join(checkpoint, TEACHER_REF), "the checkpoint is damaged; use another one")
+    advice = "put that teacher back, or use the run's final/ checkpoint (it holds every weight)"
+    if not os.path.isfile(os.path.join(ref["path"], "config.json")):
+        raise ValueError(f"{checkpoint}: holds only its students, and its teacher {ref['path']} is missing; {advice}")
+    if weights_hash(ref["path"]) != ref["sha256"]:
+        raise ValueError(
+            f"{checkpoint}: holds only its students, and its teacher {ref['path']} has changed since (its weights' "
+            f"sha256 differs); {advice}"
+        )
+    return ref["path"]
 
 
 def check_decoder_only(config: PreTrainedConfig, folder: str, remote_code: bool = False) -> None:
@@ -140,9 +205,16 @@ def training_state(step: int, optimizer: torch.optim.Optimizer, loader: TokenLoa
 
 
 def save_checkpoint(
-    folder: str, model: nn.Module, meta: dict, state: dict | None = None, keep_tokenizer_from: str | None = None
+    folder: str,
+    model: nn.Module,
+    meta: dict,
+    state: dict | None = None,
+    keep_tokenizer_from: str | None = None,
+    teacher: dict | None = None,
 ) -> None:
-    """Write a checkpoint folder atomically (temp folder, then rename); replaces one of the same name."""
+    """Write a checkpoint folder atomically (temp folder, then rename); replaces one of the same name. With
+    `teacher` (teacher_ref(TEACHER_FOLDER)), it holds only the students' weights and that reference: a layer's
+    checkpoint costs the students' bytes, not the model's."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp_{os.path.basename(folder)}_{os.getpid()}")
@@ -150,7 +222,12 @@ def save_checkpoint(
     os.makedirs(tmp)
     try:
         model.config.save_pretrained(tmp)
-        save_safetensors_model(model, os.path.join(tmp, "model.safetensors"))
+        if teacher is None:
+            save_safetensors_model(model, os.path.join(tmp, "model.safetensors"))
+        else:
+            tensors = {k: v.detach().contiguous() for k, v in student_weights(model).items()}
+            save_safetensors_file(tensors, os.path.join(tmp, "model.safetensors"))
+            write_json_atomic(os.path.join(tmp, TEACHER_REF), teacher)
         write_json_atomic(os.path.join(tmp, "students.json"), student_specs(model))
         write_json_atomic(os.path.join(tmp, "meta.json"), meta)
         if state is not None:

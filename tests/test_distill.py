@@ -504,3 +504,34 @@ def test_distill_sh_runs_both_phases(teacher_dir, tiny_data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(r["calib_rel_err"] < r["start_rel_err"] for r in layer_rows(out))
     assert os.path.isdir(os.path.join(out, "final")) and os.path.isdir(os.path.join(out, "logits_final"))
+
+
+def test_layer_checkpoints_hold_the_students_alone_on_a_checked_teacher(teacher_dir, tiny_data_dir, tmp_path):
+    """A per-layer checkpoint is the students trained so far plus a reference to the teacher (path and weights'
+    hash); load_model rebuilds the same model a complete checkpoint gives, and refuses a teacher that is missing or
+    has changed. final/ stays complete."""
+    from common.checkpoint import load_model
+    from common.swap import get_block, swapped
+
+    teacher = str(tmp_path / "teacher")
+    shutil.copytree(teacher_dir, teacher)
+    out = tmp_path / "run"
+    run_tiny_distill(teacher, tiny_data_dir, str(out), "--student-kind", "pruned", "--steps-per-layer", "2")
+    layer1, final = out / "rot0_layer001", out / "final"
+    assert (layer1 / "teacher.json").exists() and not (final / "teacher.json").exists()
+    assert (layer1 / "model.safetensors").stat().st_size < (final / "model.safetensors").stat().st_size / 3
+    complete = load_model(str(final))
+    expected = load_model(teacher)
+    with swapped(expected, {(i, "mlp"): get_block(complete, i, "mlp") for i in (0, 1)}):
+        want = expected.state_dict()
+    got = load_model(str(layer1)).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    model = load_model(teacher)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[0, 0] += 1
+    model.save_pretrained(teacher)
+    with pytest.raises(ValueError, match="has changed since"):
+        load_model(str(layer1))
+    shutil.rmtree(teacher)
+    with pytest.raises(ValueError, match="is missing; put that teacher back, or use the run's final/"):
+        load_model(str(layer1))
