@@ -3,13 +3,17 @@
 
     python -m common.export CHECKPOINT --out DIR [--tokenizer DIR] [--eval FILE.json] [--pad-to-widest]
 
-A standard class holds, exactly:
+A standard class holds, exactly, for any family of decoder-only model:
   - no students, or `copy` FFN students: the teacher's architecture and config;
-  - FFNs of one width in every layer, of the teacher's own gated form (`pruned` students, or gated
-    `prototype` students without biases): the teacher's class with intermediate_size set to that width
-    (and hidden_act to the prototypes' activation).
+  - FFNs of one width in every layer, of the teacher's own form (`pruned` students, whatever the FFN's shape:
+    gated, fused, plain, Conv1D, or a mixture of experts pruned expert by expert): the teacher's class with
+    its width attribute set to that width. The attribute is found, not listed per family: of WIDTH_ATTRIBUTES,
+    the one that, set to the width, gives a model (built on the meta device) whose weights have the shapes of
+    the students'; with none, the export is refused;
+  - gated `prototype` students without biases, where the teacher's FFN is gate_proj/up_proj/down_proj
+    without biases: likewise, with the config's activation set to the prototypes'.
 Every other mix is refused with one line naming the layers: attention students (no transformers class
-mixes gated linear or sink-and-window attention with softmax layers), ungated prototypes, FFNs of
+mixes gated linear or sink-and-window attention with softmax layers), other prototypes, FFNs of
 different widths (teacher FFNs kept among pruned ones included). With --pad-to-widest, narrower FFNs
 are zero-padded to the widest: exact, but the zeros are stored and computed, so it saves nothing.
 
@@ -28,13 +32,14 @@ import sys
 
 import torch
 import torch.nn as nn
-from transformers import PreTrainedConfig
+from transformers import AutoModelForCausalLM, PreTrainedConfig
 
 from common.checkpoint import load_model
 from common.config import fail, override
 from common.evaluate import format_comparison
 from common.files import read_json
 from common.generate import has_tokenizer
+from common.students.ffn import ffn_layout
 from common.swap import get_block, student_specs, transformer_layers
 
 # fmt: off
@@ -45,6 +50,11 @@ PAD_TO_WIDEST = False               # FFNs of different widths: zero-pad each to
 CHECK_TOKENS = 64                   # tokens of the logits check between the checkpoint and the reloaded folder
 # fmt: on
 _HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "relu2": "relu2"}  # prototype activation -> transformers' name
+# The config attributes that may hold a family's FFN width (Llama and most: intermediate_size; GPT-2 n_inner,
+# Falcon ffn_hidden_size, Qwen-MoE moe_intermediate_size) or its activation; export_state finds which one does.
+WIDTH_ATTRIBUTES = ("intermediate_size", "n_inner", "ffn_hidden_size", "moe_intermediate_size", "ffn_dim")
+ACTIVATION_ATTRIBUTES = ("hidden_act", "hidden_activation", "activation_function", "activation")
+_PROTOTYPE_KEYS = {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}
 
 
 def spans(layers: list[int]) -> str:
@@ -59,13 +69,20 @@ def spans(layers: list[int]) -> str:
     return ", ".join(out)
 
 
+def activation_attribute(config: PreTrainedConfig) -> str | None:
+    """The config attribute that names the FFN activation, or None."""
+    return next((a for a in ACTIVATION_ATTRIBUTES if getattr(config, a, None) is not None), None)
+
+
 def ffn_weights(block: nn.Module, config: PreTrainedConfig) -> tuple[str, int, str, dict[str, torch.Tensor]]:
-    """A gated FFN as (what it is, width, activation, {gate_proj/up_proj/down_proj .weight/.bias: tensor}),
-    or ValueError saying why the teacher's FFN class cannot hold it."""
-    kind = getattr(block, "kind", None)
-    if kind in (None, "copy", "pruned"):
+    """A layer's FFN as (what it is, width, activation, its weights under the keys of the teacher's FFN
+    block), or ValueError saying why the teacher's FFN class cannot hold it."""
+    kind, activation = getattr(block, "kind", None), getattr(config, activation_attribute(config) or "", None)
+    if kind in (None, "copy"):
         inner = block if kind is None else block.block
-        return kind or "teacher", inner.gate_proj.out_features, config.hidden_act, inner.state_dict()
+        return kind or "teacher", ffn_layout(inner, config.hidden_size).width, activation, inner.state_dict()
+    if kind == "pruned":  # its width may equal the hidden size, which ffn_layout cannot tell from the shapes
+        return "pruned", block.width, activation, block.block.state_dict()
     if kind == "prototype" and block.gated and block.fc_in.bias is None and block.activation in _HF_ACTIVATION:
         gate, up = block.fc_in.weight.chunk(2)
         return (
@@ -76,6 +93,69 @@ def ffn_weights(block: nn.Module, config: PreTrainedConfig) -> tuple[str, int, s
         )
     why = "ungated or with biases" if kind == "prototype" else "an unknown kind"
     raise ValueError(f"{kind} FFN students ({why}) have no standard transformers class")
+
+
+def meta_shapes(config: PreTrainedConfig) -> dict[str, torch.Size]:
+    """The state dict shapes of the model `config` builds, built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+
+
+def _pad(t: torch.Tensor, shape: torch.Size, extra: int) -> torch.Tensor | None:
+    """t zero-padded to `shape` where their sizes differ by `extra` channels (appended) or by 2 x extra (a
+    fused gate_up: each half padded); None when they differ otherwise."""
+    if t.dim() != len(shape):
+        return None
+    for dim, (n, m) in enumerate(zip(t.shape, shape)):
+        parts = {n: 0, n + extra: 1, n + 2 * extra: 2}.get(m) if extra > 0 else {n: 0}.get(m)
+        if parts is None:
+            return None
+        if parts:
+            zeros = t.new_zeros(t.shape[:dim] + (extra,) + t.shape[dim + 1 :])
+            t = torch.cat([piece for half in t.chunk(parts, dim) for piece in (half, zeros)], dim)
+    return t
+
+
+def layer_ffns(model: nn.Module) -> list[tuple[str, tuple]]:
+    """[(the name of layer i's FFN block in the model, its ffn_weights)] for every layer; ValueError naming the
+    first layer whose FFN no standard class holds."""
+    names = {id(m): n for n, m in model.named_modules()}
+    ffns = []
+    for i in range(len(transformer_layers(model))):
+        block = get_block(model, i, "mlp")
+        try:
+            ffns.append((names[id(block)], ffn_weights(block, model.config)))
+        except ValueError as e:
+            raise ValueError(f"layer {i}: {e}") from None
+    return ffns
+
+
+def check_prototypes(config: PreTrainedConfig, ffns: list[tuple[str, tuple]]) -> None:
+    """ValueError unless every prototype's layer holds, in the teacher's class, gate_proj, up_proj and down_proj
+    without biases (the weights a gated prototype maps to), and the config names the activation."""
+    teacher = meta_shapes(config)
+    for i, (prefix, (what, *_)) in enumerate(ffns):
+        keys = {k[len(prefix) + 1 :] for k in teacher if k.startswith(prefix + ".")}
+        if what == "prototype" and (keys != _PROTOTYPE_KEYS or activation_attribute(config) is None):
+            raise ValueError(
+                f"layer {i}: gated prototype FFN students map only to a teacher FFN of gate_proj, up_proj and "
+                f"down_proj without biases, whose activation the config names; this teacher's FFN has "
+                f"{', '.join(sorted(keys))}"
+            )
+
+
+def padded_state(config: PreTrainedConfig, width: int, state: dict, ffns: list[tuple[str, tuple]]) -> dict | None:
+    """`state` with every layer's FFN weights, narrower ones zero-padded to `width`: the state dict of the model
+    `config` builds; None when that model's weights have other keys or shapes."""
+    shapes = meta_shapes(config)
+    full = dict(state)
+    for prefix, (_, w, _, weights) in ffns:
+        for name, t in weights.items():
+            key = f"{prefix}.{name}"
+            full[key] = _pad(t.detach(), shapes[key], width - w) if key in shapes else None
+    if full.keys() != shapes.keys() or any(v is None or v.shape != shapes[k] for k, v in full.items()):
+        return None
+    return full
 
 
 def export_state(model: nn.Module) -> tuple[PreTrainedConfig, dict[str, torch.Tensor], str]:
@@ -90,40 +170,51 @@ def export_state(model: nn.Module) -> tuple[PreTrainedConfig, dict[str, torch.Te
             f"no transformers class mixes gated linear or sink-and-window attention with the teacher's "
             f"softmax layers; export needs the teacher's attention in every layer"
         )
-    ffns = []
-    for i in range(len(transformer_layers(model))):
-        try:
-            ffns.append(ffn_weights(get_block(model, i, "mlp"), config))
-        except ValueError as e:
-            raise ValueError(f"layer {i}: {e}") from None
+    ffns = layer_ffns(model)
     groups = {}
-    for i, (what, width, act, _) in enumerate(ffns):
+    for i, (_, (what, width, act, _)) in enumerate(ffns):
         groups.setdefault((what, width, act), []).append(i)
     described = "; ".join(
         f"layer{'s' * (len(ls) > 1)} {spans(ls)}: {what} FFN, width {w}, {a}" for (what, w, a), ls in groups.items()
     )
-    if len({act for _, _, act, _ in ffns}) > 1:
-        raise ValueError(f"the FFN activations differ ({described}): the config has one hidden_act for every layer")
-    widest = max(width for _, width, _, _ in ffns)
-    if len({width for _, width, _, _ in ffns}) > 1 and not PAD_TO_WIDEST:
+    activations = {act for _, (_, _, act, _) in ffns}
+    if len(activations) > 1:
+        raise ValueError(f"the FFN activations differ ({described}): the config has one activation for every layer")
+    widths = {width for _, (_, width, _, _) in ffns}
+    widest = max(widths)
+    if len(widths) > 1 and not PAD_TO_WIDEST:
         raise ValueError(
-            f"the FFN widths differ ({described}): the config has one intermediate_size for every layer; "
+            f"the FFN widths differ ({described}): the config has one FFN width for every layer; "
             f"--pad-to-widest zero-pads them to {widest} (exact, but saves nothing)"
         )
-    if len({width for _, width, _, _ in ffns}) > 1:
+    if len(widths) > 1:
         described += f"; zero-padded to width {widest} (--pad-to-widest: exact, saves nothing)"
-    state = {k: v for k, v in model.state_dict().items() if ".mlp." not in k}
-    for i, (_, width, _, weights) in enumerate(ffns):
-        extra = widest - width  # zero rows of gate and up (and their biases), zero columns of down
-        for name, w in weights.items():
-            pad = {"down_proj.weight": (0, extra), "down_proj.bias": (0, 0)}.get(
-                name, (0, 0) * (w.dim() - 1) + (0, extra)
-            )
-            state[f"model.layers.{i}.mlp.{name}"] = torch.nn.functional.pad(w.detach(), pad)
+    check_prototypes(config, ffns)
     exported = copy.deepcopy(config)
-    exported.intermediate_size, exported.hidden_act = widest, ffns[0][2]
     exported.architectures = [type(model).__name__]
-    return exported, state, described
+    attribute, activation = activation_attribute(config), activations.pop()
+    if attribute:
+        setattr(exported, attribute, activation)
+        read_back = getattr(type(exported).from_dict(exported.to_dict()), attribute)
+        if read_back != activation:  # Gemma's config reads "gelu" as its legacy name of the tanh approximation
+            raise ValueError(
+                f"the {config.model_type} config reads {attribute}={activation!r} back as {read_back!r}; the "
+                f"prototypes need another activation to be exported to this family"
+            )
+    # The FFN width's attribute: none when the teacher's width fits, else the first that, set to it, fits.
+    state = {k: v for k, v in model.state_dict().items() if not any(k.startswith(p + ".") for p, _ in ffns)}
+    candidates = [a for a in WIDTH_ATTRIBUTES if hasattr(config, a)]
+    for attribute in (None, *candidates):
+        trial = copy.deepcopy(exported)
+        if attribute:
+            setattr(trial, attribute, widest)
+        full = padded_state(trial, widest, state, ffns)
+        if full is not None:
+            return trial, full, described + (f"; config {attribute} = {widest}" if attribute else "")
+    raise ValueError(
+        f"no FFN width attribute of the {config.model_type} config ({', '.join(WIDTH_ATTRIBUTES)}), set to {widest}, "
+        f"gives a model with the shapes of the students' weights; add this family's to WIDTH_ATTRIBUTES"
+    )
 
 
 def model_card(checkpoint: str, config: PreTrainedConfig, described: str, n_params: int, max_diff: float) -> str:
@@ -141,8 +232,7 @@ def model_card(checkpoint: str, config: PreTrainedConfig, described: str, n_para
         "",
         f"# {os.path.basename(os.path.abspath(OUT))}",
         "",
-        f"A {config.architectures[0]} with {n_params / 1e6:.2f}M parameters (FFN width {config.intermediate_size}), "
-        f"exported by `python -m common.export` of layerwise-decoder-distillation from the checkpoint "
+        f"A {config.architectures[0]} with {n_params / 1e6:.2f}M parameters, exported by `python -m common.export` of layerwise-decoder-distillation from the checkpoint "
         f"`{checkpoint}`. It loads with `transformers.AutoModelForCausalLM.from_pretrained` alone.",
         "",
         f"- teacher: `{teacher}`",
@@ -168,12 +258,19 @@ def model_card(checkpoint: str, config: PreTrainedConfig, described: str, n_para
 
 @torch.no_grad()
 def export(checkpoint: str, out: str) -> tuple[float, str]:
-    """Write the export of `checkpoint` to `out` (temp folder, check, rename). Returns the max logit difference."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
+    """Write the export of `checkpoint` to `out`. Returns the max logit difference and the FFNs' description."""
     model = load_model(checkpoint).eval()
+    return export_model(model, checkpoint, out, checkpoint if has_tokenizer(checkpoint) else TOKENIZER)
+
+
+@torch.no_grad()
+def export_model(model: nn.Module, checkpoint: str, out: str, tok_dir: str) -> tuple[float, str]:
+    """Write the export of `model` (loaded from `checkpoint`, students in place) to `out`, with tok_dir's
+    tokenizer: a temp folder, reloaded with plain transformers and checked to give the model's logits, then
+    renamed. Returns the max logit difference and the FFNs' description."""
+    from transformers import AutoTokenizer, GenerationConfig
+
     config, state, described = export_state(model)
-    tok_dir = checkpoint if has_tokenizer(checkpoint) else TOKENIZER
     if not has_tokenizer(tok_dir):
         raise ValueError(
             f"{checkpoint} has no tokenizer files and neither has {tok_dir}; pass --tokenizer with the "

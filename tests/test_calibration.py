@@ -34,6 +34,11 @@ def no_reduce(t):
     return t
 
 
+def call(module, x):
+    """How a layer calls its FFN block: module(x)."""
+    return module(x)
+
+
 def student(kind, teacher, **kwargs):
     from common.students import make_student
 
@@ -50,21 +55,19 @@ def rel_err(s, teacher, xs):
 def test_statistics_in_chunks_equal_one_shot(kind, kwargs):
     teacher, xs = teacher_mlp(), latents()
     chunked, whole = student(kind, teacher, **kwargs), student(kind, teacher, **kwargs)
-    chunked.calibrate(teacher, data(teacher, xs), no_reduce)
-    whole.calibrate(teacher, data(teacher, [torch.cat(xs)]), no_reduce)
+    chunked.calibrate(teacher, data(teacher, xs), no_reduce, call)
+    whole.calibrate(teacher, data(teacher, [torch.cat(xs)]), no_reduce, call)
     for (name, a), b in zip(chunked.state_dict().items(), whole.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_refit_solves_least_squares():
     """With ridge 0 the refit down projection is the least-squares solution on the kept channels."""
-    from common.students.ffn import _swiglu_hidden
-
     teacher, xs = teacher_mlp(), latents()
     s = student("pruned", teacher, scale=0.5, ridge=0.0)
-    s.calibrate(teacher, data(teacher, xs), no_reduce)
+    s.calibrate(teacher, data(teacher, xs), no_reduce, call)
     x = torch.cat(xs).flatten(0, 1)
-    a = _swiglu_hidden(s.block, x).double()
+    a = (s.block.act_fn(s.block.gate_proj(x)) * s.block.up_proj(x)).double()
     want = torch.linalg.lstsq(a, teacher(x).double()).solution.T
     torch.testing.assert_close(s.block.down_proj.weight.double(), want, rtol=1e-4, atol=1e-5)
 
@@ -81,7 +84,7 @@ def test_activation_importance_keeps_the_channels_that_matter():
         teacher.up_proj.weight[:8] = 5 * silent[8:] / silent[8:].norm(dim=1, keepdim=True)
     by_weight = student("pruned", teacher, scale=0.5, importance="weight", refit=False)
     by_activation = student("pruned", teacher, scale=0.5, refit=False)
-    by_activation.calibrate(teacher, data(teacher, xs), no_reduce)
+    by_activation.calibrate(teacher, data(teacher, xs), no_reduce, call)
 
     def dropped(s):  # the student keeps none of the teacher's first 8 channels
         return not any(
@@ -105,7 +108,7 @@ def test_calibration_lowers_held_out_error(kind, kwargs):
     teacher, xs, held_out = teacher_mlp(), latents(), latents(seed=2)
     s = student(kind, teacher, **kwargs)
     before = rel_err(s, teacher, held_out)
-    s.calibrate(teacher, data(teacher, xs), no_reduce)
+    s.calibrate(teacher, data(teacher, xs), no_reduce, call)
     assert rel_err(s, teacher, held_out) < 0.8 * before
 
 
@@ -116,7 +119,7 @@ def test_weight_importance_without_refit_is_todays_student():
     g, u, d = teacher.gate_proj.weight, teacher.up_proj.weight, teacher.down_proj.weight
     keep = (g.norm(dim=1) * u.norm(dim=1) * d.norm(dim=0)).topk(64).indices.sort().values
     s = student("pruned", teacher, scale=0.5, importance="weight", refit=False)
-    s.calibrate(teacher, data(teacher, xs), no_reduce)
+    s.calibrate(teacher, data(teacher, xs), no_reduce, call)
     assert torch.equal(s.block.gate_proj.weight, g[keep]) and torch.equal(s.block.up_proj.weight, u[keep])
     assert torch.equal(s.block.down_proj.weight, d[:, keep])
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from common.checkpoint import load_model, save_checkpoint
+from common.export import export_model
 from common.export import main as export_main
 from common.generate import generate
 from common.students import make_student
-from common.swap import get_block, set_block
+from common.swap import get_block, set_block, student_specs
 from conftest import make_model_folder
+from families import FAMILIES, family_model
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +141,58 @@ def test_pad_to_widest_is_exact(teacher_dir, tmp_path):
     torch.testing.assert_close(logits(exported, ids), logits(load_model(ckpt).eval(), ids), rtol=0, atol=1e-5)
     card = open(str(tmp_path / "hf" / "README.md")).read()
     assert "zero-padded to width 128" in card and "| val ppl | 10.00 | 12.50 | 1.25x |" in card
+
+
+def pruned_family_model(family, layers=(0, 1), scale=0.5):
+    """The family's tiny model (tests/families.py) with pruned FFN students in `layers`."""
+    model = family_model(family)
+    for i in layers:
+        set_block(model, i, "mlp", make_student("mlp", "pruned", get_block(model, i, "mlp"), model.config, scale=scale))
+    return model
+
+
+def assert_reloads_with_equal_logits(folder, model):
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert type(exported) is type(model) and not student_specs(exported)
+    ids = torch.randint(1, 320, (2, 40), generator=torch.Generator().manual_seed(1))
+    expected = logits(model, ids)
+    assert (logits(exported, ids) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_ffns_export_for_every_family(teacher_dir, tmp_path, family):
+    """The width attribute is found per family (intermediate_size, GPT-2 n_inner, Falcon ffn_hidden_size,
+    Qwen-MoE moe_intermediate_size): the export is the teacher's class at the students' width."""
+    model = pruned_family_model(family)
+    out = str(tmp_path / "hf")
+    _, described = export_model(model, str(tmp_path / "ckpt"), out, teacher_dir)
+    width = get_block(model, 0, "mlp").width
+    assert f"layers 0-1: pruned FFN, width {width}" in described
+    assert_reloads_with_equal_logits(out, model)
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt2", "qwen3_moe"])
+def test_pad_to_widest_pads_every_ffn_shape(teacher_dir, tmp_path, monkeypatch, family):
+    """A fused gate_up is padded half by half, a Conv1D along its input rows, experts one by one."""
+    import common.export
+
+    monkeypatch.setattr(common.export, "PAD_TO_WIDEST", True)
+    model = pruned_family_model(family, layers=[0])  # layer 1 keeps the teacher's FFN
+    out = str(tmp_path / "hf")
+    _, described = export_model(model, str(tmp_path / "ckpt"), out, teacher_dir)
+    assert "zero-padded to width" in described
+    assert_reloads_with_equal_logits(out, model)
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt2", "qwen3_moe"])
+def test_gated_prototypes_of_other_ffn_shapes_are_refused_in_one_line(teacher_dir, tmp_path, family):
+    model = family_model(family)
+    for i in range(2):
+        kwargs = {"gated": True, "activation": "silu"}
+        set_block(model, i, "mlp", make_student("mlp", "prototype", get_block(model, i, "mlp"), model.config, **kwargs))
+    with pytest.raises(ValueError) as e:
+        export_model(model, str(tmp_path / "ckpt"), str(tmp_path / "hf"), teacher_dir)
+    assert str(e.value).startswith("layer 0: gated prototype FFN students map only to") and "\n" not in str(e.value)
+    assert not os.listdir(tmp_path)

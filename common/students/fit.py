@@ -5,11 +5,20 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
 
 # The calibration interface (see common/students/__init__.py): batches() yields (latent x, teacher output y),
-# batches(targets=False) yields (x, None); all_reduce(t) sums t over ranks in place.
+# batches(targets=False) yields (x, None); all_reduce(t) sums t over ranks in place; forward(module, x) runs a
+# block module on latent x as its layer calls it and returns the output tensor.
 Batches = Callable[..., Iterable[tuple[torch.Tensor, torch.Tensor | None]]]
 AllReduce = Callable[[torch.Tensor], object]
+Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def linear_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight of a Linear, or of a transformers Conv1D (GPT-2's, stored (in, out)), as (out, in): a view,
+    so writing it writes the module's weight."""
+    return linear.weight.T if isinstance(linear, Conv1D) else linear.weight
 
 
 def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -20,13 +29,13 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.
 
 
 def fit_linear(
-    linear: nn.Linear,
+    linear: nn.Module,
     features: Callable[[torch.Tensor], torch.Tensor],
     batches: Batches,
     all_reduce: AllReduce,
     ridge: float,
 ) -> None:
-    """Refit `linear` (weight and bias) by ridge least squares so that linear(features(x)) matches y,
+    """Refit `linear` (a Linear or Conv1D; weight and bias) by ridge least squares so that linear(features(x)) matches y,
     from the Gram statistics of the features accumulated in fp64 over the batches."""
     gram = cross = None
     for x, y in batches():
@@ -42,4 +51,4 @@ def fit_linear(
     if linear.bias is not None:
         w, b = w[:, :-1], w[:, -1]
         linear.bias.copy_(b)
-    linear.weight.copy_(w)
+    linear_weight(linear).copy_(w)
