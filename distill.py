@@ -52,7 +52,8 @@ from common.config import fail, override
 from common.evaluate import evaluate
 from common.files import read_json, write_json_atomic
 from common.kd import final_hidden, kd_loss, lm_head
-from common.latent_cache import LatentCache, place_cache
+from common.latent_cache import LatentCache, free_bytes, place_cache
+from common.offload import offload_layers, resident
 from common.plots import run_png
 from common.runtime import RunLog, Runtime, environment, get_rng_state, lr_at
 from common.shards import ShardError, TokenLoader, read_shard, shard_files, val_batches
@@ -104,6 +105,8 @@ VAL_EVERY = 0                     # also validate every N steps inside a layer (
 SAVE_EVERY = 0                    # parallel schedule: checkpoint every N steps; 0 = only the final one
 KEEP_LAST = 0                     # delete all but the newest K checkpoints of the phase (disk); 0 = keep all
 LATENT_CACHE = "auto"             # where the latent caches live: auto, device, host or disk
+TEACHER_ON = "auto"               # teacher layers: device, or host (each visits the device to compute: device memory
+                                  # of one layer whatever the depth); auto: host when they fill over half the device
 # logits phase
 INIT = ""                         # checkpoint to start from; empty = this run's latest layer-wise checkpoint
 KD_TRAINABLE = "decoders"         # decoders: only the students train; all: the whole student model trains
@@ -183,6 +186,7 @@ def check_constants():
         "DECODER_LOSS": ("mse", "nmse", "cosine"),
         "LATENT_STREAM": ("teacher", "student"),
         "LATENT_CACHE": ("auto", "device", "host", "disk"),
+        "TEACHER_ON": ("auto", "device", "host"),
         "KD_TRAINABLE": ("decoders", "all"),
     }
     for name, allowed in choices.items():
@@ -239,7 +243,7 @@ def may_change_on_resume():
     constants. Every other constant (one added later too, until it is listed here) defines the phase's result,
     so a resume that changes it is refused."""
     reporting = set(
-        "OUT_DIR RESUME LOG_EVERY VAL_EVERY SAVE_EVERY KEEP_LAST LATENT_CACHE KD_VAL_EVERY KD_SAVE_EVERY".split()
+        "OUT_DIR RESUME LOG_EVERY VAL_EVERY SAVE_EVERY KEEP_LAST LATENT_CACHE TEACHER_ON KD_VAL_EVERY KD_SAVE_EVERY".split()
     )
     layerwise_only = set(
         "TARGET STUDENT_KIND STUDENT_KWARGS LAYERS KEEP_TEACHER_LAYERS SCHEDULE ROTATIONS STEPS_PER_LAYER LR "
@@ -255,7 +259,7 @@ def may_change_on_resume():
 def layerwise_inputs(rt):
     """The teacher, the layers to distill and the val batches, with a student of the kind asked for built once
     and the data opened: everything the phase needs, checked before the run folder exists."""
-    model = load_model(TEACHER, rt.device).eval().requires_grad_(False)
+    model = place_teacher(rt, load_model(TEACHER).eval().requires_grad_(False))
     check_target(model, TARGET)
     layers = LAYERS if LAYERS else list(range(len(transformer_layers(model))))
     check_layers(model, layers)
@@ -266,6 +270,19 @@ def layerwise_inputs(rt):
     with torch.random.fork_rng(devices=[]):  # STUDENT_KIND, STUDENT_KWARGS and TRAINABLE; the RNG is left as it was
         trainable_params(make_students(model, layers[:1])[layers[0]], f"layer {layers[0]}")
     return model, layers, check_data(rt, model.config.vocab_size)
+
+
+def place_teacher(rt, model):
+    """The teacher on the device, or (TEACHER_ON=host) with its decoder layers in host memory, each visiting the
+    device while it computes (common/offload.py)."""
+    where = TEACHER_ON
+    if where == "auto":
+        layer_bytes = sum(p.numel() * p.element_size() for p in transformer_layers(model).parameters())
+        where = "host" if rt.device.type == "cuda" and layer_bytes > 0.5 * free_bytes("device", rt, ".") else "device"
+    if where == "host":
+        rt.print(f"teacher layers in host memory, one at a time on {rt.device} (TEACHER_ON={TEACHER_ON})")
+        return offload_layers(model, rt.device)
+    return model.to(rt.device)
 
 
 def layerwise_phase(run, model, layers, val):
@@ -330,7 +347,8 @@ def train_rotation(run, calls, layers, val, teacher_ce):
         vcache = LatentCache(rt, model, val_inputs(val), calls, BATCH_SIZE, where, f"{files}_val")
         for k in range(first_layer, len(layers)):
             i = layers[k]
-            errors, times, calibrated, step = distill_layer(run, model, i, students, cache, vcache, rotation, step)
+            with resident(transformer_layers(model)[i]):  # a streamed teacher keeps layer i on the device for its turn
+                errors, times, calibrated, step = distill_layer(run, model, i, students, cache, vcache, rotation, step)
             trained.add(i)
             trained_blocks = {(j, TARGET): students[j] for j in trained}
             ce = hybrid_ce(rt, model, val, trained_blocks)
@@ -771,7 +789,9 @@ def make_students(model, layers):
     students = {}
     for i in layers:
         torch.manual_seed(SEED + i)
-        students[i] = make_student(TARGET, STUDENT_KIND, get_block(model, i, TARGET), model.config, **STUDENT_KWARGS)
+        teacher_block = get_block(model, i, TARGET)
+        student = make_student(TARGET, STUDENT_KIND, teacher_block, model.config, **STUDENT_KWARGS)
+        students[i] = student.to(model.get_input_embeddings().weight.device)  # a streamed teacher's layer: on the host
     return students
 
 

@@ -227,7 +227,7 @@ class LayerCalls:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.model.get_input_embeddings().weight.device
 
     @torch.no_grad()
     def _capture_layers(self, shape):

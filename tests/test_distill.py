@@ -535,3 +535,34 @@ def test_layer_checkpoints_hold_the_students_alone_on_a_checked_teacher(teacher_
     shutil.rmtree(teacher)
     with pytest.raises(ValueError, match="is missing; put that teacher back, or use the run's final/"):
         load_model(str(layer1))
+
+
+def test_a_teacher_streamed_from_host_memory_gives_the_same_students_one_layer_at_a_time(
+    teacher_dir, tiny_data_dir, tmp_path, monkeypatch
+):
+    """TEACHER_ON=host: the teacher's layers live in host memory and visit the device one at a time (two while the
+    stream advances past a layer during another's turn); the students are bit-identical to those of a teacher
+    held on the device. (On a CPU device and host are one memory: this checks the bookkeeping and the results.)"""
+    from safetensors.torch import load_file
+
+    from common import offload
+
+    most = []
+    enter = offload._LayerHome.enter
+
+    def counting_enter(home):
+        enter(home)
+        most.append(sum(h.users > 0 for h in homes))
+
+    homes = []
+    init = offload._LayerHome.__init__
+    monkeypatch.setattr(offload._LayerHome, "__init__", lambda h, *a: (init(h, *a), homes.append(h))[0])
+    monkeypatch.setattr(offload._LayerHome, "enter", counting_enter)
+    runs = {}
+    for where in ("device", "host"):
+        runs[where] = str(tmp_path / where)
+        args = ["--student-kind", "pruned", "--steps-per-layer", "3", "--teacher-on", where]
+        run_tiny_distill(teacher_dir, tiny_data_dir, runs[where], *args, "--latent-stream", "student")
+    assert len(homes) == 3 and len(most) > 100 and max(most) == 2 and all(h.users == 0 for h in homes)
+    a, b = (load_file(os.path.join(runs[w], "final", "model.safetensors")) for w in ("device", "host"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,83 @@
+"""A teacher whose decoder layers live in host memory and visit the device one at a time (TEACHER_ON=host).
+
+The layer-wise phase only ever computes one teacher layer at a time (the latent cache advances layer by layer, a
+layer's student trains against that layer's block), so its device memory need not grow with the depth of the
+teacher: `offload_layers(model, device)` keeps everything but the decoder layers on the device and each layer in
+(pinned) host memory, and hooks every layer and every block in it so that a forward moves the module to the
+device first and back to the host after. `resident(layer)` keeps a layer on the device for a whole stretch of
+work (a layer's turn in a rotation), where moving it for every call would cost a transfer per step. Moving
+parameters is exact, so results do not change; on a CPU (device = host) it changes nothing at all.
+"""
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from common.swap import transformer_layers
+
+
+class _LayerHome:
+    """Where one decoder layer lives between uses, and how many uses want it on the device now."""
+
+    def __init__(self, layer: nn.Module, device: torch.device) -> None:
+        self.layer, self.device, self.users = layer, device, 0
+        self.layer.to("cpu")
+        if device.type == "cuda":  # pinned host memory: faster, asynchronous host-to-device copies
+            for t in [*layer.parameters(), *layer.buffers()]:
+                t.data = t.data.pin_memory()
+
+    def enter(self) -> None:
+        if self.users == 0:
+            self.layer.to(self.device, non_blocking=True)
+        self.users += 1
+
+    def leave(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            self.layer.to("cpu")
+
+
+def offload_layers(model: nn.Module, device: torch.device) -> nn.Module:
+    """Put the model on `device` except its decoder layers, which stay on the host and move to the device for
+    each forward of the layer or of any module inside it (a block called alone). Returns the model."""
+    layers = transformer_layers(model)
+    for child in model.modules():  # everything but the layers' own parameters and buffers
+        if child is not layers and not any(child is layer or _inside(child, layer) for layer in layers):
+            for t in [*child.parameters(recurse=False), *child.buffers(recurse=False)]:
+                t.data = t.data.to(device)
+    for layer in layers:
+        home = _LayerHome(layer, device)
+        layer._home = home  # noqa: SLF001  (read by resident())
+        for module in layer.modules():
+            module.register_forward_pre_hook(lambda m, args, home=home: home.enter())
+            # always_call: a forward cut short by an exception (common.swap's hooks stop forwards) still leaves
+            module.register_forward_hook(lambda m, args, out, home=home: home.leave(), always_call=True)
+    return model
+
+
+def _inside(module, layer):
+    return any(module is m for m in layer.modules())
+
+
+@contextlib.contextmanager
+def resident(layer: nn.Module) -> Iterator[None]:
+    """Keep an offloaded layer on the device for the length of a `with` block (nothing for a layer that is not
+    offloaded)."""
+    home = getattr(layer, "_home", None)
+    if home is None:
+        yield
+        return
+    home.enter()
+    try:
+        yield
+    finally:
+        home.leave()
+
+
+def layers_on_device(model: nn.Module) -> int:
+    """How many of an offloaded model's decoder layers are on the device now."""
+    return sum(
+        getattr(layer, "_home", None) is not None and layer._home.users > 0 for layer in transformer_layers(model)
+    )
