@@ -186,16 +186,12 @@ def speed_at(models: dict[str, nn.Module], prompt: torch.Tensor, decode_steps: i
     prefill_s, step_s, nxt = {}, {name: [] for name in models}, {}
     for name, model in models.items():
         with rt.autocast():
-            prefill_s[name], logits = timed(
-                rt, forward_cached, model, prompt, torch.arange(n, device=prompt.device)[None], caches[name]
-            )
+            prefill_s[name], logits = timed(rt, forward_cached, model, prompt, caches[name])
         nxt[name] = logits.argmax(-1, keepdim=True)
-    for t in range(n, n + decode_steps):
+    for _ in range(decode_steps):
         for name, model in models.items():
             with rt.autocast():
-                seconds, logits = timed(
-                    rt, forward_cached, model, nxt[name], torch.tensor([[t]], device=prompt.device), caches[name]
-                )
+                seconds, logits = timed(rt, forward_cached, model, nxt[name], caches[name])
             step_s[name].append(seconds)
             nxt[name] = logits.argmax(-1, keepdim=True)
     out = {}

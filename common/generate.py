@@ -5,8 +5,8 @@
 
 A checkpoint is any folder common.checkpoint.load_model accepts. The tokenizer comes from the
 checkpoint folder when it holds tokenizer files, else from --tokenizer (the prepared model folder).
-Decoding is incremental: the prompt runs once, then each new token alone, with transformers' KV cache
-for the teacher's attention layers and the students' own decoding state (common/students/attention.py).
+Decoding is incremental, through the model's own forward: the prompt runs once, then each new token alone,
+with transformers' KV cache layers for the teacher's attention and the students' own (common/students/attention.py).
 """
 
 import os
@@ -15,13 +15,13 @@ import time
 
 import torch
 import torch.nn as nn
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
 from common.checkpoint import load_model
 from common.config import fail, override
 from common.runtime import Runtime
-from common.students.attention import RecurrentState
-from common.swap import transformer_layers
+from common.students.attention import RecurrentLayer
+from common.swap import get_block, transformer_layers
 
 # fmt: off
 PROMPT = "Once upon a time"            # text to continue; a default so a bare run shows something
@@ -58,64 +58,60 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, real
 
 
-def decoding_cache(model: nn.Module) -> Cache:
-    """A transformers Cache for incremental decoding, one entry per decoder layer: transformers' own KV
-    cache (DynamicLayer) where the attention is the teacher's, whatever the FFN; the student's own cache
-    where the attention is a student (common/students/attention.py: a recurrent state for `linear`, a KV cache
-    bounded by the window for `window`)."""
-    from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+class DecodingCache(Cache):
+    """A transformers Cache that also carries `real` (B, L): which of the tokens so far are real, False on left
+    padding. The model's masks keep padding out of softmax attention; students' cache layers read `real` so
+    that padding never enters a recurrent state or a window."""
 
+    def __init__(self, layers: list) -> None:
+        super().__init__(layers=layers)
+        self.real = None
+
+
+def decoding_cache(model: nn.Module) -> DecodingCache:
+    """A cache for incremental decoding, one layer per decoder layer: transformers' own (DynamicCache's layer
+    for the teacher's config: full or sliding-window) where the attention is the teacher's, whatever the FFN;
+    the student's own where the attention is a student (`new_cache`, given that teacher layer to answer the
+    model's mask bookkeeping as it would: common/students/attention.py)."""
     layers = DynamicCache(config=model.config).layers
-    for i, layer in enumerate(transformer_layers(model)):
-        if hasattr(layer.self_attn, "new_cache"):
-            layers[i] = layer.self_attn.new_cache()
-        elif type(layers[i]) is not DynamicLayer:
-            raise ValueError(
-                f"layer {i}'s attention needs a {type(layers[i]).__name__} (not full attention), which "
-                f"incremental decoding does not handle; generate with rerun=True"
-            )
-    return Cache(layers=layers)
+    for i in range(len(transformer_layers(model))):
+        block = get_block(model, i, "attn")
+        if hasattr(block, "new_cache"):
+            layers[i] = block.new_cache(layers[i])
+    return DecodingCache(layers)
 
 
 def state_bytes(cache: Cache) -> dict[str, int]:
-    """{'kv': bytes of keys and values, 'recurrent': bytes of linear-attention states} held by a decoding cache."""
+    """{'kv': bytes of keys and values (window students' slot indices too), 'recurrent': bytes of linear-attention
+    states} held by a decoding cache (a student layer's shadow holds meta tensors only: no bytes)."""
     held = {"kv": 0, "recurrent": 0}
-    for entry in cache.layers:
-        tensors = [t for t in vars(entry).values() if isinstance(t, torch.Tensor)]
-        held["recurrent" if isinstance(entry, RecurrentState) else "kv"] += sum(
+    for layer in cache.layers:
+        tensors = [t for t in vars(layer).values() if isinstance(t, torch.Tensor) and not t.is_meta]
+        held["recurrent" if isinstance(layer, RecurrentLayer) else "kv"] += sum(
             t.numel() * t.element_size() for t in tensors
         )
     return held
 
 
-def padding_mask(real: torch.Tensor, new: int) -> torch.Tensor:
-    """The teacher attention's mask (B, 1, new, L) when rows are left-padded: the last `new` of the L tokens
-    see earlier real tokens and themselves."""
-    L = real.shape[1]
-    causal = torch.arange(L, device=real.device) <= torch.arange(L - new, L, device=real.device)[:, None]
-    mask = (real[:, None, :] & causal)[:, None]
-    return mask | ~mask.any(-1, keepdim=True)  # padding sees no token: let it see all (never used) rather than NaN
-
-
 @torch.no_grad()
 def forward_cached(
-    model: nn.Module, ids: torch.Tensor, positions: torch.Tensor, cache: Cache, mask: torch.Tensor | None = None
+    model: nn.Module, ids: torch.Tensor, cache: DecodingCache, real: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Next-token logits (B, V) after ids (B, T), continuing `cache`. The decoder layers run one after
-    another as the model's forward runs them, each given the cache and the tokens' positions (B, T;
-    negative = left padding). mask: padding_mask(...) when rows are padded, else None (causal)."""
-    h = model.model.embed_tokens(ids)
-    pos_emb = model.model.rotary_emb(h, positions)
-    for layer in transformer_layers(model):
-        h = layer(
-            h,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-            position_embeddings=pos_emb,
-        )
-    return model.lm_head(model.model.norm(h[:, -1:]))[:, 0]
+    """Next-token logits (B, V) after ids (B, T), continuing `cache` (decoding_cache) through the model's own
+    forward: its masks (sliding windows, padding), rotary embeddings and logit transform (scaling, softcapping).
+    real (B, T): False on left padding (None: all real); positions count real tokens only."""
+    real = torch.ones_like(ids, dtype=torch.bool) if real is None else real
+    cache.real = real if cache.real is None else torch.cat([cache.real, real], 1)
+    positions = (cache.real.long().cumsum(1) - 1)[:, -ids.shape[1] :].clamp(min=0)  # GPT-2 looks positions up
+    out = model(
+        input_ids=ids,
+        attention_mask=cache.real.long(),
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.logits[:, -1]
 
 
 @torch.no_grad()
@@ -142,22 +138,20 @@ def generate(
     if rerun and not real.all():
         raise ValueError("rerun=True takes prompts of one length: re-running does not handle padding")
     cache = None if rerun else decoding_cache(model)
-    positions = real.long().cumsum(1) - 1  # -1 on the left padding
-    new, steps = ids, []
+    new, new_real, steps = ids, real, []
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for _ in range(max_new_tokens):
         if rerun:
             logits = model(input_ids=ids, use_cache=False, logits_to_keep=1).logits[:, -1]
         else:
-            mask = None if real.all() else padding_mask(real, new.shape[1])
-            logits = forward_cached(model, new, positions, cache, mask)
+            logits = forward_cached(model, new, cache, new_real)
         steps.append(logits)
         nxt = logits.argmax(-1) if temperature == 0 else sample_top_p(logits / temperature, top_p, generator)
         if eos_id is not None:
             nxt = nxt.masked_fill(done, eos_id)
             done |= nxt == eos_id
-        new, positions = nxt[:, None], positions[:, -1:] + 1
-        ids, real = torch.cat([ids, new], 1), torch.cat([real, torch.ones_like(new, dtype=torch.bool)], 1)
+        new, new_real = nxt[:, None], None  # a new token is real
+        ids = torch.cat([ids, new], 1)
         if done.all():
             break
     return (ids, torch.stack(steps, 1)) if return_logits else ids

@@ -151,7 +151,7 @@ def test_linear_attention_calibration_lowers_error():
     before = error(s)
     with torch.no_grad():
         s.calibrate(
-            teacher, lambda targets=True: ((x, run(teacher, x) if targets else None) for x in xs), no_reduce, pe
+            teacher, lambda targets=True: ((x, run(teacher, x) if targets else None) for x in xs), no_reduce, run
         )
     assert error(s) < before
 

@@ -1,80 +1,60 @@
-"""common/generate.py: incremental decoding against the full re-run for every student kind and hybrids,
-batches of prompts of different lengths, and the size of the decoding state."""
+"""common/generate.py: incremental decoding through the model's own forward against the full re-run, on every
+family, for the teacher and hybrids of student kinds; left-padded batches; the decoding state's size; --speed."""
 
 import pytest
 import torch
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from common.checkpoint import load_model
 from common.generate import decoding_cache, forward_cached, generate, left_pad, state_bytes
 from common.students import make_student
-from common.students.attention import RecurrentState, WindowCache
-from common.swap import get_block, set_block, transformer_layers
-from conftest import make_model_folder
+from common.students.attention import RecurrentLayer, WindowLayer
+from common.swap import get_block, set_block
+from families import FAMILIES, WINDOW, family_model
 
-PROMPTS = [[5, 17, 42, 9, 100, 3, 8, 77, 31, 2, 4], [7, 8, 9], [11, 12, 13, 14, 15, 16]]
-WINDOW, SINK = 5, 2  # shorter than the longest prompt, so the window cache must drop keys while prefilling
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    """Four layers with order-1 logits: greedy choices are clear-cut, not fp32 coin flips."""
-    return make_model_folder(str(tmp_path_factory.mktemp("gen_teacher")), layers=4, initializer_range=0.2)
+PROMPTS = [[5, 17, 42, 9, 100, 3, 8, 77, 31, 2, 4, 6, 7], [7, 8, 9], [11, 12, 13, 14, 15, 16]]
+NEW = 12  # the longest prompt and NEW make 25 tokens: past the families' sliding windows of 16
+STUDENT_WINDOW, SINK = 5, 2  # shorter than the prompts, so a window cache drops keys while prefilling
+SETUPS = {"teacher": {}, "linear+window": {0: "linear", 1: "window"}, "window+teacher": {0: "window"}}
 
 
-def model_with(folder, setup):
-    """The teacher with students: 'pruned' FFNs, 'linear' or 'window' attention everywhere, or a hybrid
-    (pruned FFNs in layers 0 and 2, linear attention in 1, window in 2, the teacher's attention in 0 and 3)."""
-    model = load_model(folder).eval()
+def model_with(family, setup, layers=2):
+    """The family's tiny model with SETUPS[setup]'s attention students ({layer: kind})."""
+    model = family_model(family, layers)
     torch.manual_seed(0)
-    for i in range(len(transformer_layers(model))):
-        if setup == "pruned" or (setup == "hybrid" and i in (0, 2)):
-            set_block(
-                model, i, "mlp", make_student("mlp", "pruned", get_block(model, i, "mlp"), model.config, scale=0.5)
-            )
-        if setup == "linear" or (setup == "hybrid" and i == 1):
-            set_block(
-                model,
-                i,
-                "attn",
-                make_student("attn", "linear", get_block(model, i, "attn"), model.config, chunk_size=4),
-            )
-        if setup in ("window", "window without sinks") or (setup == "hybrid" and i == 2):
-            set_block(
-                model,
-                i,
-                "attn",
-                make_student(
-                    "attn",
-                    "window",
-                    get_block(model, i, "attn"),
-                    model.config,
-                    window=WINDOW,
-                    sink=0 if "without" in setup else SINK,
-                ),
-            )
+    for i, kind in SETUPS[setup].items():
+        kwargs = {"chunk_size": 4} if kind == "linear" else {"window": STUDENT_WINDOW, "sink": SINK}
+        set_block(model, i, "attn", make_student("attn", kind, get_block(model, i, "attn"), model.config, **kwargs))
     return model
 
 
-@pytest.mark.parametrize("setup", ["teacher", "pruned", "linear", "window", "window without sinks", "hybrid"])
-def test_incremental_decoding_equals_the_rerun(teacher_dir, setup):
-    model = model_with(teacher_dir, setup)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_incremental_decoding_equals_the_rerun(family):
+    for setup in SETUPS:
+        model = model_with(family, setup)
+        ids = torch.tensor([PROMPTS[0]])
+        ref, ref_logits = generate(model, ids, NEW, rerun=True, return_logits=True)
+        out, out_logits = generate(model, ids, NEW, return_logits=True)
+        assert torch.equal(out, ref), setup
+        torch.testing.assert_close(out_logits, ref_logits, rtol=0, atol=1e-4, msg=setup)
+        assert ref_logits.abs().max() > 1  # logits of order 1: a 1e-4 match is fp32 rounding, not smallness
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gpt2", "falcon"])
+def test_left_padded_rows_continue_as_alone(family):
+    """In a batch of prompts of different lengths each row continues exactly as its prompt alone (GPT-2: learned
+    positions, which the padding must not shift; Mistral, Gemma 2: sliding windows)."""
     ids, real = left_pad(PROMPTS, pad_id=0)
-    batch, batch_logits = generate(model, ids, 10, real=real, return_logits=True)
-    for b, prompt in enumerate(PROMPTS):
-        one = torch.tensor([prompt])
-        ref, ref_logits = generate(model, one, 10, rerun=True, return_logits=True)
-        out, logits = generate(model, one, 10, return_logits=True)
-        assert torch.equal(out, ref)
-        torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4)
-        # in a left-padded batch each row continues exactly as its prompt alone
-        assert torch.equal(batch[b, ids.shape[1] :], ref[0, len(prompt) :])
-        torch.testing.assert_close(batch_logits[b], ref_logits[0], rtol=0, atol=1e-4)
-    assert ref_logits.abs().max() > 1  # logits of order 1: a 1e-4 match is fp32 rounding, not smallness
+    for setup in SETUPS:
+        model = model_with(family, setup)
+        batch, batch_logits = generate(model, ids, 6, real=real, return_logits=True)
+        for b, prompt in enumerate(PROMPTS):
+            ref, ref_logits = generate(model, torch.tensor([prompt]), 6, rerun=True, return_logits=True)
+            assert torch.equal(batch[b, ids.shape[1] :], ref[0, len(prompt) :]), setup
+            torch.testing.assert_close(batch_logits[b], ref_logits[0], rtol=0, atol=1e-4, msg=setup)
 
 
-def test_rerun_refuses_padding_and_eos_stops_rows(teacher_dir):
-    model = model_with(teacher_dir, "hybrid")
+def test_rerun_refuses_padding_and_eos_stops_rows():
+    model = model_with("llama", "linear+window")
     ids, real = left_pad(PROMPTS, pad_id=0)
     with pytest.raises(ValueError, match="one length"):
         generate(model, ids, 2, real=real, rerun=True)
@@ -85,27 +65,63 @@ def test_rerun_refuses_padding_and_eos_stops_rows(teacher_dir):
     assert row[1] == eos and (row[1:] == eos).all()
 
 
-def test_decoding_state_per_student_kind(teacher_dir):
-    model = model_with(teacher_dir, "hybrid")
-    cache = decoding_cache(model)
-    assert [type(c) for c in cache.layers] == [DynamicLayer, RecurrentState, WindowCache, DynamicLayer]
-    ids = torch.tensor([PROMPTS[0] * 2])  # 22 tokens
-    positions = torch.arange(ids.shape[1])[None]
-    held = []
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_window_student_with_a_transformers_cache(family):
+    """Given transformers' own cache (model.generate's), a window student keeps every key, as the teacher does,
+    and decodes as the re-run (Mistral: its cache layers slide)."""
+    model = model_with(family, "window+teacher")
+    ids = torch.tensor([PROMPTS[0] * 2])  # 26 tokens
     with torch.no_grad():
-        forward_cached(model, ids, positions, cache)
-        held.append(state_bytes(cache))
-        for t in range(ids.shape[1], ids.shape[1] + 8):
-            forward_cached(model, ids[:, :1], torch.tensor([[t]]), cache)
-        held.append(state_bytes(cache))
-    heads, head_dim = model.config.num_attention_heads, get_block(model, 1, "attn").head_dim
-    assert cache.layers[1].state.shape == (1, heads, head_dim, head_dim)  # linear: the same size at any length
-    assert held[0]["recurrent"] == held[1]["recurrent"] == 4 * heads * head_dim * head_dim
-    assert cache.layers[2].keys.shape[2] == SINK + WINDOW - 1  # window: sinks plus the last window - 1 tokens
-    assert cache.layers[2].positions.tolist() == [[0, 1, 26, 27, 28, 29]]
-    kv = 2 * 4 * model.config.num_key_value_heads * head_dim  # bytes per token of one layer's keys and values
-    assert cache.layers[0].keys.shape[2] == 30  # the teacher's KV cache keeps every token
-    assert held[1]["kv"] - held[0]["kv"] == 2 * 8 * kv  # grows by 8 tokens in two teacher layers; window: constant
+        out, steps = model(ids[:, :10]), []
+        for t in range(10, ids.shape[1]):
+            out = model(ids[:, t : t + 1], past_key_values=out.past_key_values)
+            steps.append(out.logits[:, -1])
+        full = model(ids, use_cache=False).logits[:, 10:]
+    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,teacher_layer", [("llama", DynamicLayer), ("mistral", DynamicSlidingWindowLayer)])
+def test_decoding_state_per_student_kind(family, teacher_layer):
+    model = family_model(family, layers=3)
+    set_block(model, 0, "attn", make_student("attn", "linear", get_block(model, 0, "attn"), model.config))
+    window = make_student("attn", "window", get_block(model, 1, "attn"), model.config, window=STUDENT_WINDOW, sink=SINK)
+    set_block(model, 1, "attn", window)
+    cache = decoding_cache(model)
+    assert [type(layer) for layer in cache.layers] == [RecurrentLayer, WindowLayer, teacher_layer]
+    ids = torch.tensor([PROMPTS[0] * 2])  # 26 tokens
+    held = [state_bytes(cache)]
+    forward_cached(model, ids, cache)
+    held.append(state_bytes(cache))
+    for _ in range(8):
+        forward_cached(model, ids[:, :1], cache)
+    held.append(state_bytes(cache))
+    linear, window, teacher = cache.layers
+    assert linear.state.shape == (1, 4, 16, 16)  # (head_dim x head_dim) per head, whatever the context
+    assert held[1]["recurrent"] == held[2]["recurrent"] == 4 * 4 * 16 * 16 and held[0]["recurrent"] == 0
+    assert window.sink_index.tolist() == [[0, 1]] and window.positions.tolist() == [[30, 31, 32, 33]]
+    assert window.keys.shape[2] == STUDENT_WINDOW - 1 and window.sink_keys.shape[2] == SINK
+    # the model's mask bookkeeping: student layers answer as the teacher's layer would at their index
+    assert [layer.get_seq_length() for layer in cache.layers] == [34, 34, 34]
+    assert linear.get_mask_sizes(1) == window.get_mask_sizes(1) == teacher.get_mask_sizes(1)
+    kv = 2 * 4 * model.config.num_key_value_heads * 16  # bytes per token of one layer's keys and values
+    if teacher_layer is DynamicLayer:
+        assert teacher.keys.shape[2] == 34 and held[2]["kv"] - held[1]["kv"] == 8 * kv  # window: constant
+    else:
+        assert teacher.keys.shape[2] == WINDOW - 1 and held[2]["kv"] == held[1]["kv"]
+
+
+def test_speed_at_on_a_hybrid():
+    from common.evaluate import speed_at
+    from common.runtime import Runtime
+
+    models = {"teacher": model_with("llama", "teacher"), "hybrid": model_with("llama", "linear+window")}
+    tokens = torch.randint(1, 320, (1, 40), generator=torch.Generator().manual_seed(0))
+    short, long = (speed_at(models, tokens[:, :n], 3, Runtime("cpu")) for n in (10, 30))
+    for at in (short, long):
+        assert at["hybrid"]["recurrent_bytes"] == 4 * 4 * 16 * 16 and at["teacher"]["recurrent_bytes"] == 0
+        assert all(r["prefill_tok_s"] > 0 and r["decode_tok_s"] > 0 for r in at.values())
+    assert long["teacher"]["kv_bytes"] - short["teacher"]["kv_bytes"] == 2 * 20 * 2 * 4 * 2 * 16  # 20 tokens more
+    assert long["hybrid"]["kv_bytes"] == short["hybrid"]["kv_bytes"]  # linear and window layers: bounded
 
 
 def test_cli_generates_a_file_of_prompts_as_one_batch(tiny_model_dir, tmp_path, capsys, monkeypatch):

@@ -1,42 +1,51 @@
-"""Attention students (target 'attn'): drop-in replacements for a layer's self-attention.
+"""Attention students (target 'attn'): drop-in replacements for a layer's self-attention, for any family.
 
-Each is called like the Hugging Face attention module it replaces,
-    forward(hidden_states, position_embeddings=(cos, sin), attention_mask=None, past_key_values=None, **kw)
-and returns (output, None). Students are causal by construction and ignore attention_mask (the
-distillation path passes None).
+A student wraps a deep copy of the teacher's attention module and replaces only its mixing function, the
+softmax(q k^T) v in the middle. transformers' attention modules compute their projections, biases, q/k norms,
+rotary embeddings (partial, local/global, none on NoPE layers), scaling and softcap arguments themselves, then
+call the attention function that config._attn_implementation names,
+    attention_interface(module, q, k, v, attention_mask, scaling=..., dropout=..., sliding_window=..., ...)
+with q (B, H, T, head_dim) and k, v (B, kv_heads, S, head_dim), and apply their own output projection to its
+(B, T, H, head_dim) result. The copy gets its own config naming STUDENT_ATTENTION, which calls the student's
+`mix`; nothing else of the teacher's code changes, so every family's details come for free. A module that
+calls torch's scaled_dot_product_attention itself (Falcon) gets that function pointed at `mix` for the length
+of its forward instead. The student is called exactly as the teacher's module is and returns the same form.
 
-  linear  gated linear attention (GLA / RWKV-6 style) with a per-head, per-channel, data-dependent
-          decay, initialised from the teacher's projections (RADLADS, arXiv:2505.03005). A
-          recurrent state of (head_dim x head_dim) per head replaces the KV cache.
-  window  sliding-window softmax attention with the teacher's own weights, plus the first few
-          tokens (attention sinks): a cheap baseline.
+  linear  gated linear attention (GLA / RWKV-6 style) on the teacher's own q, k, v, with a per-head,
+          per-channel, data-dependent decay (RADLADS, arXiv:2505.03005). A recurrent state of
+          (head_dim x head_dim) per head replaces the KV cache.
+  window  the teacher's own attention function, with its mask restricted to the last `window` positions and
+          the first `sink` ones (attention sinks): a cheap baseline, equal to the teacher when the window
+          covers the sequence.
 
 The GLA recurrence, per head, with S the (K x V) state and g_t <= 0 the log decay per key channel:
     S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T,     o_t = scale * q_t^T S_t.
-`gla_step` is one step of it, `gla_recurrent` the naive loop over steps, `gla_chunked` the same
-numbers computed chunk-parallel (pure PyTorch, any device), and on a GPU with
-flash-linear-attention installed its Triton `chunk_gla` (same recurrence) is used instead.
+`gla_step` is one step of it, `gla_recurrent` the naive loop over steps, `gla_chunked` the same numbers
+computed chunk-parallel (pure PyTorch, any device), and on a GPU with flash-linear-attention installed its
+Triton `chunk_gla` (same recurrence) is used instead.
 
-Incremental decoding (common/generate.py): each student makes its own layer of the decoding cache
-(`new_cache`): a `RecurrentState` for `linear` (the (head_dim x head_dim) state per head, whatever the
-context), a `WindowCache` for `window` (keys and values of the sinks and the last window - 1 tokens).
-Given such a cache, forward continues it over the new tokens; tokens at negative `position_ids` are
-left padding (several prompts of different lengths in one batch), which no state or later token sees.
+Incremental decoding (common/generate.py): a student makes its own layer of the decoding cache (`new_cache`):
+a `RecurrentLayer` for `linear` (the state, whatever the context), a `WindowLayer` for `window` (keys and values
+of the sinks and the last window - 1 tokens). Both answer the model's mask bookkeeping as the teacher's own
+cache layer would. The cache's `real` (B, L), when set, marks left padding, which no state or window takes in.
 """
 
+import contextlib
 import copy
 import functools
 import inspect
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import PreTrainedConfig
-from transformers.cache_utils import Cache
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers import AttentionInterface, PreTrainedConfig
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from common.students.fit import AllReduce, Batches, ridge_solve
 from common.students.registry import register
@@ -59,6 +68,8 @@ OUT_GAIN_INIT = 0.25
 # output gain fit by least squares for each; GAIN_RIDGE is that fit's ridge (relative to the Gram's diagonal).
 DECAY_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0)
 GAIN_RIDGE = 1e-4
+STUDENT_ATTENTION = "layerwise_student"  # the attention implementation a student's copy of the teacher names
+_TORCH_SDPA = F.scaled_dot_product_attention  # the real one, while a Falcon-style forward has it pointed at `mix`
 
 
 def gla_step(
@@ -129,217 +140,306 @@ def fla_chunk_gla() -> Callable[..., tuple[torch.Tensor, torch.Tensor | None]] |
     return chunk_gla
 
 
-def _expand_heads(proj, groups, head_dim):
-    """A copy of a k/v projection with each of its heads repeated `groups` times (as repeat_kv does)."""
-    out = nn.Linear(proj.in_features, proj.out_features * groups, bias=proj.bias is not None)
-    with torch.no_grad():
-        out.weight.copy_(proj.weight.unflatten(0, (-1, head_dim)).repeat_interleave(groups, 0).flatten(0, 1))
-        if proj.bias is not None:
-            out.bias.copy_(proj.bias.unflatten(0, (-1, head_dim)).repeat_interleave(groups, 0).flatten())
-    return out.to(proj.weight.dtype)
+# ---------------------------------------------------------------------------------------------- mixing
+def student_attention(module: nn.Module, query, key, value, attention_mask, **kwargs) -> tuple:
+    """The attention function a student's copy of the teacher module calls: the mixing its student set on it."""
+    return module.mixing(module, query, key, value, attention_mask, **kwargs)
 
 
-def _heads(teacher):
-    head_dim = teacher.head_dim
-    return teacher.q_proj.out_features // head_dim, head_dim
+AttentionInterface.register(STUDENT_ATTENTION, student_attention)
 
 
-def _refuse_incremental(student, past_key_values):
-    """Students keep nothing in the KV cache, so a second call with the same cache object is
-    incremental decoding that would see only the new tokens: fail loudly instead."""
-    if past_key_values is None:
-        return
-    seen = vars(past_key_values).setdefault("_attention_students_seen", set())
-    if id(student) in seen:
-        raise RuntimeError(
-            f"{type(student).__name__} keeps no KV cache: decode with common.generate (it gives "
-            f"students their own decoding cache), or re-run the whole sequence with use_cache=False"
+def calls_interface(teacher: nn.Module) -> bool:
+    """Whether the module's family calls transformers' attention interface (all but a few, such as Falcon,
+    that call torch's scaled_dot_product_attention themselves)."""
+    return hasattr(sys.modules[type(teacher).__module__], "ALL_ATTENTION_FUNCTIONS")
+
+
+def torch_sdpa_attention(module: nn.Module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """The attention of a module that calls torch's scaled_dot_product_attention itself, as it calls it (a mask,
+    or none and causal over more than one query), in the attention interface's form."""
+    is_causal = attention_mask is None and query.shape[2] > 1
+    out = _TORCH_SDPA(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal, scale=scaling
+    )
+    return out.transpose(1, 2), None
+
+
+def teacher_attention(teacher: nn.Module) -> Callable:
+    """The attention function the teacher module calls: 'sdpa' from transformers' interface, 'eager' its
+    family's own eager_attention_forward (Gemma 2's softcaps). Raises ValueError for implementations whose
+    masks are not tensors (flash, flex), which a window cannot restrict."""
+    if not calls_interface(teacher):
+        return torch_sdpa_attention
+    name = teacher.config._attn_implementation
+    if name == "eager":
+        return sys.modules[type(teacher).__module__].eager_attention_forward
+    if name != "sdpa":
+        raise ValueError(
+            f"window students restrict the teacher's mask: load it with eager or sdpa attention, not {name}"
         )
-    seen.add(id(student))
+    return ALL_ATTENTION_FUNCTIONS[name]
 
 
-def _decoding_cache(past_key_values, layer_idx):
-    """This layer's entry of a decoding cache (common.generate.decoding_cache), or None."""
-    layers = getattr(past_key_values, "layers", None)
-    return layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+@contextlib.contextmanager
+def sdpa_calls_mixing(module: nn.Module):
+    """For the length of a `with` block, torch's scaled_dot_product_attention runs the module's mixing function:
+    how a student replaces the mixing of a family that calls that function itself."""
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        # is_causal is only ever set without a mask, which the mixing functions read as causal
+        return module.mixing(module, query, key, value, attn_mask, dropout=dropout_p, scaling=scale)[0].transpose(1, 2)
+
+    saved, F.scaled_dot_product_attention = F.scaled_dot_product_attention, sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = saved
 
 
-def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, sink: int) -> torch.Tensor:
-    """Which keys each query sees: causal, within the last `window` positions or among the first `sink`."""
-    return (k_pos <= q_pos) & ((k_pos > q_pos - window) | (k_pos < sink))
+class StudentAttention(nn.Module):
+    """A deep copy of the teacher's attention module (`attn`) whose mixing function is the subclass's `mix`:
+        mix(module, q, k, v, attention_mask, *, x, cache, scaling=None, **kwargs) -> (output (B, T, H, hd), weights)
+    with x the block's input and cache the transformers Cache the module was called with (or None)."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        self.calls_interface = calls_interface(teacher)
+        name = teacher.config._attn_implementation
+        if not self.calls_interface and name not in ("sdpa", "eager"):  # flash: another class, no sdpa call
+            raise ValueError(
+                f"{type(teacher).__name__} students need the teacher loaded with sdpa or eager, not {name}"
+            )
+        self.attn = copy.deepcopy(teacher)  # its own config too
+        # a Falcon-style module takes its sdpa branch, where its call to torch's sdpa is redirected to `mix`
+        self.attn.config._attn_implementation = STUDENT_ATTENTION if self.calls_interface else "sdpa"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        x = args[0] if args else kwargs["hidden_states"]
+        cache = next((a for a in (*args, *kwargs.values()) if isinstance(a, Cache)), None)  # any keyword name
+        self.attn.mixing = functools.partial(self.mix, x=x, cache=cache)
+        try:
+            with contextlib.nullcontext() if self.calls_interface else sdpa_calls_mixing(self.attn):
+                return self.attn(*args, **kwargs)
+        finally:
+            del self.attn.mixing
+
+    def mixing_as(self, mix: Callable, forward: Callable, x: torch.Tensor) -> torch.Tensor:
+        """forward(self, x) (calibrate's: the block run as its layer calls it) with `mix` as the mixing function."""
+        self.mix = mix  # an instance attribute over the method, for this call only
+        try:
+            return forward(self, x)
+        finally:
+            del self.mix
 
 
-class RecurrentState:
-    """A linear student's decoding cache (one entry of a transformers Cache's `layers`): the recurrent
-    state (B, H, head_dim, head_dim) in fp32, None before the first token."""
+def cache_layer(cache: Cache | None, layer_idx: int) -> CacheLayerMixin | None:
+    return cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
 
-    def __init__(self) -> None:
+
+def new_positions(cache: Cache | None, tokens: int) -> torch.Tensor | None:
+    """(B, tokens): the new tokens' positions, real tokens counted and -1 on left padding, from the decoding
+    cache's `real`; None when it has none (no padding known: positions are token indices)."""
+    real = getattr(cache, "real", None)
+    if real is None:
+        return None
+    return (real.long().cumsum(1) - 1)[:, -tokens:].masked_fill(~real[:, -tokens:], -1)
+
+
+# ---------------------------------------------------------------------------------------------- decoding caches
+class StudentCacheLayer(CacheLayerMixin):
+    """A student's layer of a decoding cache. The model sizes its masks by asking the cache for a layer's
+    get_seq_length, get_mask_sizes and is_sliding: a student's layer answers as the teacher's own layer at its
+    index would, through `shadow`, that layer fed the new tokens' shapes only (meta tensors: no memory).
+    `update` hands the new keys and values back alone: the student's mixing function keeps what it needs."""
+
+    def __init__(self, shadow: CacheLayerMixin) -> None:
+        super().__init__()
+        self.shadow, self.is_sliding = shadow, getattr(shadow, "is_sliding", False)
+        self.mask_offset = 0  # the token index of the model's mask's first column, for the latest tokens
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple:
+        tokens = key_states.shape[2]
+        self.mask_offset = self.shadow.get_mask_sizes(tokens)[1]  # before the update, as the model sized its mask
+        shape = torch.empty(1, 1, tokens, 1, device="meta")
+        self.shadow.update(shape, shape)
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.shadow.get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.shadow.get_mask_sizes(query_length)
+
+    def get_max_length(self) -> int:
+        return self.shadow.get_max_length()
+
+
+class RecurrentLayer(StudentCacheLayer):
+    """A linear student's decoding cache: the recurrent state (B, H, head_dim, head_dim) in fp32, None before
+    the first token."""
+
+    def __init__(self, shadow: CacheLayerMixin) -> None:
+        super().__init__(shadow)
         self.state = None
 
 
-class WindowCache:
-    """A window student's decoding cache: keys and values (B, kv_heads, S, head_dim) and their positions
-    (B, S; -1 = empty). Slot p < sink holds position p (an attention sink); the last window - 1 columns
-    hold the latest tokens, so S <= sink + window - 1 whatever the context."""
+class WindowLayer(StudentCacheLayer):
+    """A window student's decoding cache, bounded whatever the context: `sink` slots, slot p holding the keys
+    and values (B, kv_heads, sink, head_dim) of the token at position p (an attention sink) and that token's
+    index (B, sink; -1 = empty), then the latest window - 1 tokens' keys and values with their positions
+    (B, R; -1 = padding, or a sink that its slot holds)."""
 
-    def __init__(self, window: int, sink: int) -> None:
+    def __init__(self, shadow: CacheLayerMixin, window: int, sink: int) -> None:
+        super().__init__(shadow)
         self.window, self.sink = window, sink
-        self.keys = self.values = self.positions = None
+        self.seen = 0  # tokens so far, padding included: the next token's index
+        self.sink_index = None
 
-    def update(
-        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Add the new tokens' keys and values at `positions` (B, T; negative = left padding). Returns the
-        keys and values to attend over and the mask (B, 1, T, S) of what each new token sees; then keeps
-        only what later tokens can see."""
-        q_pos = positions
-        if self.keys is not None:
-            keys, values = torch.cat([self.keys, keys], 2), torch.cat([self.values, values], 2)
-            positions = torch.cat([self.positions, positions], 1)
-        mask = (positions >= 0)[:, None, None] & window_mask(
-            q_pos[:, None, :, None], positions[:, None, None], self.window, self.sink
+    def extend(self, keys: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor | None) -> tuple:
+        """The slots and latest tokens, then the new ones at positions q_pos (B, T; None: their token indices).
+        Returns (keys, values, each key's token index and position (B, S), each new token's index and position
+        (B, T)); then keeps what later tokens can see."""
+        B, H, T, D = keys.shape
+        if self.sink_index is None:
+            self.start(keys)
+        q_index = torch.arange(self.seen, self.seen + T, device=keys.device).expand(B, T)
+        q_pos = q_index if q_pos is None else q_pos
+        latest = torch.arange(self.seen - self.keys.shape[2], self.seen, device=keys.device).expand(B, -1)
+        slot_pos = torch.arange(self.sink, device=keys.device).expand(B, -1).masked_fill(self.sink_index < 0, -1)
+        out = (
+            torch.cat([self.sink_keys, self.keys, keys], 2),
+            torch.cat([self.sink_values, self.values, values], 2),
+            torch.cat([self.sink_index, latest, q_index], 1),
+            torch.cat([slot_pos, self.positions, q_pos], 1),
         )
-        mask = mask | ~mask.any(-1, keepdim=True)  # padding sees no key: let it see all (never used) rather than NaN
-        (B, H, S, D), keep = keys.shape, max(0, keys.shape[2] - (self.window - 1))
-        is_sink = (positions >= 0) & (positions < self.sink)
-        slot = torch.where(is_sink, positions, self.sink)  # slot `sink` takes everything else and is dropped
-        sink_pos = positions.new_full((B, self.sink + 1), -1).scatter(1, slot, torch.where(is_sink, positions, -1))
-        index = slot[:, None, :, None].expand(B, H, S, D)
-        sinks = [t.new_zeros(B, H, self.sink + 1, D).scatter(2, index, t)[:, :, : self.sink] for t in (keys, values)]
-        recent = positions[:, keep:]
-        self.keys, self.values = (torch.cat([s, t[:, :, keep:]], 2) for s, t in zip(sinks, (keys, values)))
-        self.positions = torch.cat([sink_pos[:, : self.sink], recent.masked_fill(recent < self.sink, -1)], 1)
-        return keys, values, mask
+        self.seen += T
+        self.fill_slots(keys, values, q_index, q_pos)
+        recent = slice(self.sink + max(0, out[0].shape[2] - self.sink - (self.window - 1)), None)
+        self.keys, self.values = out[0][:, :, recent], out[1][:, :, recent]
+        self.positions = out[3][:, recent].masked_fill(out[3][:, recent] < self.sink, -1)  # in a slot, or padding
+        return (*out, q_index, q_pos)
+
+    def start(self, keys: torch.Tensor) -> None:
+        B, H, _, D = keys.shape
+        self.sink_keys, self.sink_values = keys.new_zeros(B, H, self.sink, D), keys.new_zeros(B, H, self.sink, D)
+        self.sink_index = torch.full((B, self.sink), -1, device=keys.device)
+        self.keys, self.values, self.positions = keys[:, :, :0], keys[:, :, :0], self.sink_index[:, :0]
+
+    def fill_slots(self, keys, values, q_index, q_pos) -> None:
+        """Write the new tokens at positions below `sink` into their slots (at most one per row and slot)."""
+        rows = torch.arange(keys.shape[0], device=keys.device)
+        for p in range(self.sink):
+            hit = q_pos == p
+            has, col = hit.any(1), hit.long().argmax(1)
+            self.sink_keys[:, :, p] = torch.where(has[:, None, None], keys[rows, :, col], self.sink_keys[:, :, p])
+            self.sink_values[:, :, p] = torch.where(has[:, None, None], values[rows, :, col], self.sink_values[:, :, p])
+            self.sink_index[:, p] = torch.where(has, q_index[rows, col], self.sink_index[:, p])
+
+
+# ---------------------------------------------------------------------------------------------- linear
+def value_rms(o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """o rescaled per head and token to the RMS of v (both (B, H, T, head_dim)): an RMSNorm to the value's units."""
+    ratio = (v.square().mean(-1, keepdim=True) + OUT_NORM_EPS) / (o.square().mean(-1, keepdim=True) + OUT_NORM_EPS)
+    return o * ratio.sqrt()
 
 
 @register("attn", "linear")
-class LinearAttention(nn.Module):
-    """Gated linear attention initialised from a teacher attention module.
+class LinearAttention(StudentAttention):
+    """Gated linear attention on the teacher module's own q, k, v.
 
-    - q, k, v, o projections are the teacher's (k, v expanded to every query head for GQA), and so
-      are Qwen3's per-head q/k norms. No feature map: q.k stays the teacher's score, and the output
-      norm below does the normalising that softmax did (as in GLA and RADLADS).
-    - rope=True rotates q and k with the model's rotary embedding: the copied q/k weights were
-      trained on rotated vectors, so the student's initial scores are the teacher's logits.
-      (RADLADS' reference code makes this a switch, use_pos_emb; the decay alone also encodes
-      position.) The decay is initialised equal on each rotary pair, so rotation and decay commute.
-    - decay: log decay = -MAX_LOG_DECAY * sigmoid(w0 + up(tanh(down(x)))), per head and key channel;
-      w0 starts at a spread of slow-to-fast rates, `down` at zero so it starts data-independent.
-    - output: per-head RMSNorm, rescaled to the RMS of the token's value (times a learned gain),
-      then o_proj. A plain norm (GLA) fixes each head's output at unit RMS: 25-50x the teacher's on
-      SmolLM2's first layer (relative MSE 1250 at init, still 3.1 after 100 steps), too far for a
-      learned gain to travel in a few hundred steps; the value RMS keeps the teacher's units
-      (relative MSE 0.43 at init, 0.036 after the same 100 steps).
+    - q, k, v are what the teacher's module computes (projections, biases, q/k norms, rotary where the layer
+      has it, none on NoPE layers or with absolute positions), k and v repeated to every query head for
+      grouped and multi-query attention; scale is the module's own scaling. No feature map: q.k stays the
+      teacher's score, and the output norm below does the normalising that softmax did (as in GLA and RADLADS).
+    - decay: log decay = -MAX_LOG_DECAY * sigmoid(w0 + up(tanh(down(x)))) per head and key channel, from the
+      block's input x; w0 starts at a spread of slow-to-fast rates, equal on each rotary pair (so rotation and
+      decay commute), `down` at zero so it starts data-independent.
+    - output: per-head RMSNorm, rescaled to the RMS of the token's value (times a learned gain), then the
+      module's own output projection. A plain norm (GLA) fixes each head's output at unit RMS: 25-50x the
+      teacher's on SmolLM2's first layer (relative MSE 1250 at init, still 3.1 after 100 steps), too far for a
+      learned gain to travel in a few hundred steps; the value RMS keeps the teacher's units (relative MSE 0.43
+      at init, 0.036 after the same 100 steps).
     chunk_size only sets how the CPU/PyTorch path splits the sequence; results do not depend on it.
     """
 
-    def __init__(
-        self,
-        teacher: nn.Module,
-        config: PreTrainedConfig,
-        rope: bool = True,
-        decay_rank: int = 32,
-        chunk_size: int = 64,
-    ) -> None:
-        super().__init__()
+    def __init__(self, teacher: nn.Module, config: PreTrainedConfig, decay_rank: int = 32, chunk_size: int = 64):
         if not 1 <= chunk_size <= MAX_CHUNK:
             raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK} (fp32 range of the decay), got {chunk_size}")
-        self.heads, self.head_dim = _heads(teacher)
-        groups = self.heads * self.head_dim // teacher.k_proj.out_features
-        self.rope, self.chunk_size = rope, chunk_size
-        self.scale = getattr(teacher, "scaling", self.head_dim**-0.5)
-        self.q_proj, self.o_proj = copy.deepcopy(teacher.q_proj), copy.deepcopy(teacher.o_proj)
-        self.k_proj = _expand_heads(teacher.k_proj, groups, self.head_dim)
-        self.v_proj = _expand_heads(teacher.v_proj, groups, self.head_dim)
-        self.q_norm = copy.deepcopy(teacher.q_norm) if hasattr(teacher, "q_norm") else nn.Identity()
-        self.k_norm = copy.deepcopy(teacher.k_norm) if hasattr(teacher, "k_norm") else nn.Identity()
-        width, d = self.heads * self.head_dim, config.hidden_size
-        pair = torch.arange(self.head_dim) % (self.head_dim // 2)
-        rate = FAST_DECAY * (SLOW_DECAY / FAST_DECAY) ** (pair / max(1, self.head_dim // 2 - 1))
-        self.decay_base = nn.Parameter(torch.logit(rate / MAX_LOG_DECAY).repeat(self.heads))
-        self.decay_down = nn.Linear(d, decay_rank, bias=False)
-        self.decay_up = nn.Linear(decay_rank, width, bias=False)
+        super().__init__(teacher)
+        self.chunk_size = chunk_size
+        heads = config.num_attention_heads
+        self.head_dim = head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        pair = torch.arange(head_dim) % (head_dim // 2)
+        rate = FAST_DECAY * (SLOW_DECAY / FAST_DECAY) ** (pair / max(1, head_dim // 2 - 1))
+        self.decay_base = nn.Parameter(torch.logit(rate / MAX_LOG_DECAY).repeat(heads))
+        self.decay_down = nn.Linear(config.hidden_size, decay_rank, bias=False)
+        self.decay_up = nn.Linear(decay_rank, heads * head_dim, bias=False)
         nn.init.zeros_(self.decay_down.weight)
         nn.init.normal_(self.decay_up.weight, std=0.1 / math.sqrt(decay_rank))
-        self.out_gain = nn.Parameter(torch.full((width,), OUT_GAIN_INIT))
-        self.layer_idx = teacher.layer_idx  # its entry in a decoding cache
-        self.to(teacher.q_proj.weight.dtype)
+        self.out_gain = nn.Parameter(torch.full((heads * head_dim,), OUT_GAIN_INIT))
+        self.to(next(teacher.parameters()).dtype)
 
-    def features(
-        self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v, log decay g for hidden states x (B, T, d), each (B, H, T, head_dim)."""
-        shape = (*x.shape[:2], self.heads, self.head_dim)
-        q = self.q_norm(self.q_proj(x).view(shape)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(shape)).transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
-        if self.rope:
-            q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+    def mix(self, module, query, key, value, attention_mask, *, x, cache, scaling=None, **kwargs) -> tuple:
+        z = self.normalised(module, query, key, value, x, cache, scaling)
+        return (z * self.out_gain.view(z.shape[2:])).to(value.dtype), None
+
+    def normalised(self, module, q, k, v, x, cache, scaling) -> torch.Tensor:
+        """The recurrence over the new tokens, continuing a decoding cache's state, each head normalised to the
+        RMS of its value: (B, T, H, head_dim) in fp32, before the gain."""
+        layer = cache_layer(cache, module.layer_idx)
+        if not isinstance(layer, RecurrentLayer) and k.shape[2] != q.shape[2]:
+            raise ValueError(
+                "a linear attention student keeps no KV cache: decode with common.generate (its decoding_cache), "
+                "or run the whole sequence with use_cache=False"
+            )
+        groups = q.shape[1] // k.shape[1]
+        q, k, v = q.float(), repeat_kv(k, groups).float(), repeat_kv(v, groups).float()
+        g = self.log_decay(x, q.shape)
+        scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+        if isinstance(layer, RecurrentLayer):
+            positions = new_positions(cache, q.shape[2])
+            if positions is not None:  # padding gets zero values: the state, zero until the first real token, stays so
+                v = v * (positions >= 0)[:, None, :, None]
+            with torch.autocast(q.device.type, enabled=False):
+                run = gla_recurrent if q.shape[2] == 1 else functools.partial(gla_chunked, chunk_size=self.chunk_size)
+                o, layer.state = run(q, k, v, g, scale, state=layer.state)
+        else:
+            o = self.recurrence(q, k, v, g, scale)
+        return value_rms(o, v).transpose(1, 2)
+
+    def log_decay(self, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """g (B, H, T, head_dim) for the block input x (B, T, d)."""
         w = self.decay_base + self.decay_up(torch.tanh(self.decay_down(x)))
-        g = -MAX_LOG_DECAY * torch.sigmoid(w.float())
-        return q, k, v, g.view(shape).transpose(1, 2)
+        B, H, T, D = shape
+        return (-MAX_LOG_DECAY * torch.sigmoid(w.float())).view(B, T, H, D).transpose(1, 2)
 
-    @staticmethod
-    def normalised(o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """o normalised per head to the RMS of v, heads flattened: (B, H, T, head_dim) -> (B, T, H * head_dim)."""
-        o, v = o.float(), v.float()
-        o = (
-            o
-            * (
-                (v.pow(2).mean(-1, keepdim=True) + OUT_NORM_EPS) / (o.pow(2).mean(-1, keepdim=True) + OUT_NORM_EPS)
-            ).sqrt()
-        )
-        return o.transpose(1, 2).flatten(2)
-
-    def output(self, o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The normalised o times the gain, then o_proj; o, v: (B, H, T, head_dim)."""
-        return self.o_proj((self.normalised(o, v) * self.out_gain).to(self.o_proj.weight.dtype))
-
-    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """The recurrence's outputs o (B, H, T, head_dim) over whole sequences."""
+    def recurrence(self, q, k, v, g, scale) -> torch.Tensor:
+        """The recurrence's outputs o (B, H, T, head_dim) over whole sequences: fla's kernel on a GPU when installed."""
         kernel = fla_chunk_gla() if q.is_cuda else None
         if kernel is not None:
-            return kernel(*(t.transpose(1, 2).contiguous() for t in (q, k, v, g)), scale=self.scale)[0].transpose(1, 2)
+            return kernel(*(t.transpose(1, 2).contiguous() for t in (q, k, v, g)), scale=scale)[0].transpose(1, 2)
         with torch.autocast(q.device.type, enabled=False):
-            f32 = torch.promote_types(q.dtype, torch.float32)
-            return gla_chunked(q.to(f32), k.to(f32), v.to(f32), g.to(f32), self.scale, self.chunk_size)[0]
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        cache = _decoding_cache(past_key_values, self.layer_idx)
-        if isinstance(cache, RecurrentState):
-            return self.decode(hidden_states, position_embeddings, cache, kwargs["position_ids"]), None
-        _refuse_incremental(self, past_key_values)
-        q, k, v, g = self.features(hidden_states, position_embeddings)
-        return self.output(self.mix(q, k, v, g), v), None
+            return gla_chunked(q, k, v, g, scale, self.chunk_size)[0]
 
     @torch.no_grad()
-    def calibrate(
-        self,
-        teacher: nn.Module,
-        batches: Batches,
-        all_reduce: AllReduce,
-        pos_emb: tuple[torch.Tensor, torch.Tensor],
-    ) -> None:
-        """A start fit to data: the initial decay rates scaled by each of DECAY_SCALES, each with the
-        output gain that best maps the normalised output z to the teacher's (y = o_proj(z * gain) is
-        linear in the gain: a least-squares fit from fp64 statistics); keeps the pair of least error."""
+    def calibrate(self, teacher: nn.Module, batches: Batches, all_reduce: AllReduce, forward: Callable) -> None:
+        """A start fit to data: the initial decay rates scaled by each of DECAY_SCALES, each with the output gain
+        that best maps the normalised output z to the teacher's (y = W (z * gain) + b is linear in the gain: a
+        least-squares fit from fp64 statistics); keeps the pair of least error. W and b are the module's own
+        output projection, measured on basis vectors (output_map)."""
+        w_out, bias = self.output_map(forward, next(iter(batches(targets=False)))[0])
         rate = MAX_LOG_DECAY * torch.sigmoid(self.decay_base.double())
-        w_out = self.o_proj.weight.double()  # (d, width)
         best = None
         for decay_scale in DECAY_SCALES:
             self.decay_base.copy_(torch.logit((rate * decay_scale / MAX_LOG_DECAY).clamp(max=0.999)))
             zz = zy = yy = 0
             for x, y in batches():
-                q, k, v, g = self.features(x, pos_emb)
-                z = self.normalised(self.mix(q, k, v, g), v).flatten(0, 1).double()
-                y = y.flatten(0, 1).double() - (0 if self.o_proj.bias is None else self.o_proj.bias.double())
+                z = self.normalised_output(forward, x).flatten(0, 1).double()  # (N, H * head_dim)
+                y = y.flatten(0, 1).double() - bias
                 zz, zy, yy = zz + z.T @ z, zy + (z * (y @ w_out)).sum(0), yy + y.square().sum()
             for t in (zz, zy, yy):
                 all_reduce(t)
@@ -351,92 +451,111 @@ class LinearAttention(nn.Module):
         self.decay_base.copy_(best[1])
         self.out_gain.copy_(best[2])
 
-    def step(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        state: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The recurrent path: continue from `state` (None at the start) over the given tokens, one
-        at a time. Returns (output, new state); the state is (B, H, head_dim, head_dim) in fp32."""
-        q, k, v, g = (t.float() for t in self.features(hidden_states, position_embeddings))
-        o, state = gla_recurrent(q, k, v, g, self.scale, state)
-        return self.output(o, v), state
+    def normalised_output(self, forward: Callable, x: torch.Tensor) -> torch.Tensor:
+        """z, the normalised mixing output before the gain, (B, T, H * head_dim) fp32, for the block input x."""
+        seen = []
 
-    def new_cache(self) -> RecurrentState:
-        return RecurrentState()
+        def capture(module, query, key, value, attention_mask, *, x, cache, scaling=None, **kwargs):
+            seen.append(self.normalised(module, query, key, value, x, cache, scaling))
+            return seen[-1].to(value.dtype), None
 
-    def decode(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        cache: RecurrentState,
-        position_ids: torch.Tensor,
-    ) -> torch.Tensor:
-        """Incremental decoding: continue cache.state over the new tokens, one token by the recurrence
-        (as `step`), a prompt chunk-parallel (the same numbers). Left padding (negative positions) gets
-        zero values, so the state, which starts at zero, never sees it."""
-        q, k, v, g = (t.float() for t in self.features(hidden_states, position_embeddings))
-        v = v * (position_ids >= 0)[:, None, :, None]
-        with torch.autocast(q.device.type, enabled=False):
-            if q.shape[2] == 1:
-                o, cache.state = gla_recurrent(q, k, v, g, self.scale, cache.state)
-            else:
-                o, cache.state = gla_chunked(q, k, v, g, self.scale, self.chunk_size, cache.state)
-        return self.output(o, v)
+        self.mixing_as(capture, forward, x)
+        return seen[0].flatten(2)
+
+    def output_map(self, forward: Callable, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W (d, H * head_dim), b (d,)) in fp64 with the block's output = W (mixing output, heads flattened) + b:
+        the module's own output projection (a Linear, GPT-2's Conv1D, ...), measured by running the block on x
+        with a mixing function that outputs basis vectors, one per token, and zeros on the last token (for b)."""
+        B, T, _ = x.shape
+        width, n = self.out_gain.numel(), B * T - 1
+        columns = []
+        for first in range(0, width, n):
+            basis = x.new_zeros(B * T, width)
+            count = min(n, width - first)
+            basis[torch.arange(count), first + torch.arange(count)] = 1
+            out = self.mixing_as(lambda *a, **kw: (basis.view(B, T, -1, self.head_dim), None), forward, x)
+            out = out.flatten(0, 1).double()
+            columns.append(out[:count] - out[-1])
+        return torch.cat(columns).T, out[-1]
+
+    def new_cache(self, shadow: CacheLayerMixin) -> RecurrentLayer:
+        return RecurrentLayer(shadow)
+
+
+# ---------------------------------------------------------------------------------------------- window
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, sink: int) -> torch.Tensor:
+    """Which keys each query may see by position: within the last `window` positions or among the first `sink`
+    (causality is the model's mask's)."""
+    return (k_pos > q_pos - window) | (k_pos < sink)
+
+
+def restricted(mask: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """A mask (bool, or additive float as eager attention takes it) that also requires `allowed` (bool)."""
+    if mask.dtype == torch.bool:
+        return mask & allowed
+    return mask.masked_fill(~allowed, torch.finfo(mask.dtype).min)
+
+
+def causal(k_index: torch.Tensor, q_index: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, S) bool: keys at or before each query by token index ((B, S), (B, T); -1 = no key)."""
+    return (k_index[:, None, None, :] <= q_index[:, None, :, None]) & (k_index >= 0)[:, None, None, :]
+
+
+def mask_columns(mask: torch.Tensor | None, columns: torch.Tensor, k_index: torch.Tensor, q_index: torch.Tensor):
+    """The model's mask (B or 1, heads or 1, T, C) at each key's column (B, S), keys outside it masked out.
+    None (sdpa leaves a plain causal mask to is_causal) is causal by token index."""
+    if mask is None:
+        return causal(k_index, q_index)
+    B, S = columns.shape
+    inside = (columns >= 0) & (columns < mask.shape[-1]) & (k_index >= 0)
+    index = columns.clamp(0, mask.shape[-1] - 1)[:, None, None, :].expand(B, *mask.shape[1:3], S)
+    return restricted(mask.expand(B, *mask.shape[1:]).gather(-1, index), inside[:, None, None, :])
 
 
 @register("attn", "window")
-class WindowAttention(nn.Module):
-    """The teacher's attention (a copy of its weights) restricted to the last `window` positions and
-    the first `sink` ones: causal softmax attention through SDPA with an explicit boolean mask.
-    Trained LMs park much of their attention on the first tokens ("attention sinks", StreamingLLM,
-    arXiv:2309.17453); a window without them is far off the teacher in middle layers. Equal to the
-    teacher when window >= sequence length. With a transformers KV cache it keeps every key, like the
-    teacher; common.generate gives it a WindowCache instead, bounded by the window."""
+class WindowAttention(StudentAttention):
+    """The teacher's own attention function with its mask restricted to the last `window` positions and the
+    first `sink` ones. Trained LMs park much of their attention on the first tokens ("attention sinks",
+    StreamingLLM, arXiv:2309.17453); a window without them is far off the teacher in middle layers. When the
+    window covers every key the model's mask goes through unchanged: the student is then the teacher exactly
+    (Gemma 2's softcaps and sliding layers included). Given a decoding cache (common.generate) it keeps only the
+    sinks and the last window - 1 tokens (WindowLayer); with a transformers cache it keeps every key, like the
+    teacher."""
 
     def __init__(self, teacher: nn.Module, config: PreTrainedConfig, window: int = 256, sink: int = 4) -> None:
-        super().__init__()
         if window < 1 or sink < 0:
             raise ValueError(f"window must be >= 1 and sink >= 0, got window={window}, sink={sink}")
-        self.attn, self.window, self.sink = copy.deepcopy(teacher), window, sink
-        self.heads, self.head_dim = _heads(teacher)
+        super().__init__(teacher)
+        self.window, self.sink = window, sink
+        self.attention_function = teacher_attention(teacher)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        a, (B, T, _) = self.attn, hidden_states.shape
-        shape = (B, T, -1, self.head_dim)
-        q = a.q_proj(hidden_states).view(shape)
-        k = a.k_proj(hidden_states).view(shape)
-        if hasattr(a, "q_norm"):
-            q, k = a.q_norm(q), a.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), a.v_proj(hidden_states).view(shape).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
-        cache = _decoding_cache(past_key_values, a.layer_idx)
-        if isinstance(cache, WindowCache):
-            k, v, mask = cache.update(k, v, kwargs["position_ids"])
+    def mix(self, module, query, key, value, attention_mask, *, x, cache, **kwargs) -> tuple:
+        layer = cache_layer(cache, module.layer_idx)
+        if isinstance(layer, WindowLayer):
+            key, value, mask = self.decoding(layer, key, value, attention_mask, new_positions(cache, query.shape[2]))
         else:
-            if past_key_values is not None:
-                k, v = past_key_values.update(k, v, a.layer_idx)
-            L = k.shape[2]
-            q_pos = torch.arange(L - T, L, device=q.device)[:, None]
-            k_pos = torch.arange(L, device=q.device)[None]
-            mask = window_mask(q_pos, k_pos, self.window, self.sink)
-        groups = self.heads // k.shape[1]
-        o = F.scaled_dot_product_attention(
-            q,
-            repeat_kv(k, groups),
-            repeat_kv(v, groups),
-            attn_mask=mask,
-            scale=getattr(a, "scaling", self.head_dim**-0.5),
-        )
-        return a.o_proj(o.transpose(1, 2).reshape(B, T, -1)), None
+            mask = self.windowed(attention_mask, key, query.shape[2], layer)
+        return self.attention_function(module, query, key, value, mask, **kwargs)
 
-    def new_cache(self) -> WindowCache:
-        return WindowCache(self.window, self.sink)
+    def windowed(self, mask, key: torch.Tensor, queries: int, layer: CacheLayerMixin | None):
+        """The model's mask restricted to the window, when the keys are the model's (no cache, or transformers'
+        cache layer): the last key.shape[2] tokens, the queries the last of them, a mask column per key."""
+        keys = key.shape[2]
+        end = keys if layer is None else layer.get_seq_length()  # a sliding layer's keys end at its token count
+        k_index = torch.arange(end - keys, end, device=key.device)[None]
+        q_index = k_index[:, keys - queries :]
+        allowed = window_mask(q_index[:, :, None], k_index[:, None, :], self.window, self.sink)
+        if allowed.all():
+            return mask  # as it is: the teacher exactly
+        return restricted(causal(k_index, q_index) if mask is None else mask, allowed[:, None])
+
+    def decoding(self, layer: WindowLayer, keys, values, mask, positions):
+        """The kept keys and values with the new ones, and the model's mask moved onto them (its columns are the
+        teacher cache layer's tokens) and restricted to the window by position."""
+        keys, values, k_index, k_pos, q_index, q_pos = layer.extend(keys, values, positions)
+        mask = mask_columns(mask, k_index - layer.mask_offset, k_index, q_index)
+        allowed = (k_pos >= 0)[:, None, :] & window_mask(q_pos[:, :, None], k_pos[:, None, :], self.window, self.sink)
+        return keys, values, restricted(mask, allowed[:, None])
+
+    def new_cache(self, shadow: CacheLayerMixin) -> WindowLayer:
+        return WindowLayer(shadow, self.window, self.sink)
