@@ -69,8 +69,11 @@ def check_head(model: nn.Module, tokens: int = 8) -> None:
     logit transform this module does not know would otherwise be scored and distilled wrongly)."""
     device = model.get_output_embeddings().weight.device
     ids = torch.arange(1, tokens + 1, device=device)[None] % model.config.vocab_size
+    training = model.training
+    model.eval()  # no dropout (GPT-2 has some)
     theirs = model(input_ids=ids, use_cache=False).logits[0].float()
     ours = lm_head(model).logits(final_hidden(model, ids)[0], torch.float32, torch.float32)
+    model.train(training)
     if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * max(1.0, theirs.abs().max().item())):
         raise ValueError(
             f"{type(model).__name__}: its logits are not softcap(scale * (hidden @ head.T + bias)) "

@@ -108,13 +108,15 @@ def test_evaluation_ce_is_transformers_own_and_a_copy_student_is_exact(family, f
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_distill_pruned_and_linear_then_logits_then_evaluate_generate_export(family, folders, data_dir, tmp_path):
+def test_distill_pruned_and_linear_then_logits_then_evaluate_generate_export(
+    family, folders, data_dir, tmp_path, monkeypatch
+):
     """distill.py end to end on the family: pruned half-width FFNs (calibrated, a few steps), then the logits phase;
     linear attention in layer 0; the distilled checkpoints evaluate to transformers' own CE, generate incrementally
     as a full re-run does, and the pruned model exports to plain transformers with equal logits."""
     from transformers import AutoModelForCausalLM
 
-    from common.export import export
+    from common import export
     from common.generate import generate
 
     teacher = folders(family)
@@ -136,7 +138,8 @@ def test_distill_pruned_and_linear_then_logits_then_evaluate_generate_export(fam
         assert torch.equal(incremental[0], rerun[0])
         torch.testing.assert_close(incremental[1], rerun[1], rtol=1e-4, atol=1e-4)
     out = str(tmp_path / "exported")
-    export(os.path.join(ffn, "logits_final"), out)
+    monkeypatch.setattr(export, "TOKENIZER", teacher)
+    export.export(os.path.join(ffn, "logits_final"), out)
     model = load_model(os.path.join(ffn, "logits_final")).eval()
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
