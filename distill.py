@@ -105,8 +105,7 @@ VAL_EVERY = 0                     # also validate every N steps inside a layer (
 SAVE_EVERY = 0                    # parallel schedule: checkpoint every N steps; 0 = only the final one
 KEEP_LAST = 0                     # delete all but the newest K checkpoints of the phase (disk); 0 = keep all
 LATENT_CACHE = "auto"             # where the latent caches live: auto, device, host or disk
-TEACHER_ON = "auto"               # teacher layers: device, or host (each visits the device to compute: device memory
-                                  # of one layer whatever the depth); auto: host when they fill over half the device
+TEACHER_ON = "auto"               # teacher layers on the device, or in host memory one at a time on it; auto: by fit
 # logits phase
 INIT = ""                         # checkpoint to start from; empty = this run's latest layer-wise checkpoint
 KD_TRAINABLE = "decoders"         # decoders: only the students train; all: the whole student model trains

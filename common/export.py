@@ -7,7 +7,7 @@ A standard class holds, exactly, for any family of decoder-only model:
   - no students, or `copy` FFN students: the teacher's architecture and config;
   - FFNs of one width in every layer, of the teacher's own form (`pruned` students, whatever the FFN's shape:
     gated, fused, plain, Conv1D, or a mixture of experts pruned expert by expert): the teacher's class with
-    its width attribute set to that width. The attribute is found, not listed per family: of WIDTH_ATTRIBUTES,
+    its width attribute set to that width. The attribute is found, not listed per family: of _WIDTH_ATTRIBUTES,
     the one that, set to the width, gives a model (built on the meta device) whose weights have the shapes of
     the students'; with none, the export is refused;
   - gated `prototype` students without biases, where the teacher's FFN is gate_proj/up_proj/down_proj
@@ -52,8 +52,8 @@ CHECK_TOKENS = 64                   # tokens of the logits check between the che
 _HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "relu2": "relu2"}  # prototype activation -> transformers' name
 # The config attributes that may hold a family's FFN width (Llama and most: intermediate_size; GPT-2 n_inner,
 # Falcon ffn_hidden_size, Qwen-MoE moe_intermediate_size) or its activation; export_state finds which one does.
-WIDTH_ATTRIBUTES = ("intermediate_size", "n_inner", "ffn_hidden_size", "moe_intermediate_size", "ffn_dim")
-ACTIVATION_ATTRIBUTES = ("hidden_act", "hidden_activation", "activation_function", "activation")
+_WIDTH_ATTRIBUTES = ("intermediate_size", "n_inner", "ffn_hidden_size", "moe_intermediate_size", "ffn_dim")
+_ACTIVATION_ATTRIBUTES = ("hidden_act", "hidden_activation", "activation_function", "activation")
 _PROTOTYPE_KEYS = {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}
 
 
@@ -71,7 +71,7 @@ def spans(layers: list[int]) -> str:
 
 def activation_attribute(config: PreTrainedConfig) -> str | None:
     """The config attribute that names the FFN activation, or None."""
-    return next((a for a in ACTIVATION_ATTRIBUTES if getattr(config, a, None) is not None), None)
+    return next((a for a in _ACTIVATION_ATTRIBUTES if getattr(config, a, None) is not None), None)
 
 
 def ffn_weights(block: nn.Module, config: PreTrainedConfig) -> tuple[str, int, str, dict[str, torch.Tensor]]:
@@ -203,7 +203,7 @@ def export_state(model: nn.Module) -> tuple[PreTrainedConfig, dict[str, torch.Te
             )
     # The FFN width's attribute: none when the teacher's width fits, else the first that, set to it, fits.
     state = {k: v for k, v in model.state_dict().items() if not any(k.startswith(p + ".") for p, _ in ffns)}
-    candidates = [a for a in WIDTH_ATTRIBUTES if hasattr(config, a)]
+    candidates = [a for a in _WIDTH_ATTRIBUTES if hasattr(config, a)]
     for attribute in (None, *candidates):
         trial = copy.deepcopy(exported)
         if attribute:
@@ -212,8 +212,8 @@ def export_state(model: nn.Module) -> tuple[PreTrainedConfig, dict[str, torch.Te
         if full is not None:
             return trial, full, described + (f"; config {attribute} = {widest}" if attribute else "")
     raise ValueError(
-        f"no FFN width attribute of the {config.model_type} config ({', '.join(WIDTH_ATTRIBUTES)}), set to {widest}, "
-        f"gives a model with the shapes of the students' weights; add this family's to WIDTH_ATTRIBUTES"
+        f"no FFN width attribute of the {config.model_type} config ({', '.join(_WIDTH_ATTRIBUTES)}), set to {widest}, "
+        f"gives a model with the shapes of the students' weights; add this family's to _WIDTH_ATTRIBUTES"
     )
 
 
