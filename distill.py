@@ -43,12 +43,13 @@ from common.checkpoint import (
     load_model,
     load_state,
     restore_training,
+    run_record,
     save_checkpoint,
     start_run,
     teacher_ref,
     training_state,
 )
-from common.config import fail, override
+from common.config import check_ranges, exit_on_stop_signals, exit_when_disk_full, fail, override
 from common.evaluate import evaluate
 from common.files import read_json, write_json_atomic
 from common.kd import final_hidden, kd_loss, lm_head
@@ -141,6 +142,7 @@ def main():
     except ValueError as e:
         fail(str(e))
     run = Run(rt, run_folder(rt))
+    exit_on_stop_signals(run.out_dir)
     config["OUT_DIR"] = run.out_dir
     reopen = RESUME or (PHASE == "logits" and not INIT)
     torch.manual_seed(SEED)
@@ -156,29 +158,21 @@ def main():
             open_run(run, config, reopen)
     except (ShardError, ValueError, OSError) as e:
         fail(str(e))
-    if rt.master:
-        write_json_atomic(
-            os.path.join(run.out_dir, f"config_{PHASE}.json"), {"config": config, "environment": environment(rt)}
-        )
-    run.log = RunLog(rt, run.out_dir)
-    run.teacher = teacher_ref(TEACHER) if rt.master else None
-    rt.print(
-        f"run folder {run.out_dir} | device {rt.device} | dtype {str(rt.dtype).replace('torch.', '')} | "
-        f"world size {rt.world_size}"
-    )
-    try:
-        if PHASE == "layerwise":
-            layerwise_phase(run, model, layers, val)
-        else:
-            logits_phase(run, models, val)
-    except (ShardError, ValueError, FileNotFoundError) as e:
-        fail(str(e))
+    with exit_when_disk_full(run.out_dir):
+        start_log(run, config, reopen)
+        run.teacher = teacher_ref(TEACHER) if rt.master else None
+        try:
+            if PHASE == "layerwise":
+                layerwise_phase(run, model, layers, val)
+            else:
+                logits_phase(run, models, val)
+        except (ShardError, ValueError, FileNotFoundError) as e:
+            fail(str(e))
     rt.close()
 
 
 def check_constants():
     """Every constant that can be checked without the model or the data, before anything runs."""
-    constants = globals()
     choices = {
         "PHASE": ("layerwise", "logits"),
         "SCHEDULE": ("rotation", "parallel"),
@@ -188,18 +182,23 @@ def check_constants():
         "TEACHER_ON": ("auto", "device", "host"),
         "KD_TRAINABLE": ("decoders", "all"),
     }
-    for name, allowed in choices.items():
-        if constants[name] not in allowed:
-            fail(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {constants[name]!r}")
     at_least_1 = "ROTATIONS KD_STEPS BATCH_SIZE SEQ_LEN GRAD_ACCUM LOG_EVERY KD_VAL_EVERY KD_SAVE_EVERY".split()
-    at_least_0 = "STEPS_PER_LAYER CALIB_TOKENS WARMUP_STEPS KD_WARMUP_STEPS VAL_EVERY SAVE_EVERY KEEP_LAST".split()
-    lowest = {**dict.fromkeys(at_least_1, 1), **dict.fromkeys(at_least_0, 0)}
-    meaning_of_0 = {"STEPS_PER_LAYER": " (0: calibration only)", "CALIB_TOKENS": " (0 turns calibration off)"}
-    for name, low in lowest.items():
-        if constants[name] < low:
-            fail(f"{name} must be >= {low}{meaning_of_0.get(name, '')}, got {constants[name]}")
-    if KD_TEMPERATURE <= 0:
-        fail(f"KD_TEMPERATURE must be > 0, got {KD_TEMPERATURE}")
+    at_least_0 = (
+        "STEPS_PER_LAYER CALIB_TOKENS WARMUP_STEPS KD_WARMUP_STEPS VAL_EVERY SAVE_EVERY KEEP_LAST WEIGHT_DECAY "
+        "GRAD_CLIP".split()
+    )
+    check_ranges(
+        globals(),
+        choices,
+        at_least={**dict.fromkeys(at_least_1, 1), **dict.fromkeys(at_least_0, 0)},
+        notes={
+            "STEPS_PER_LAYER": " (0: calibration only)",
+            "CALIB_TOKENS": " (0 turns calibration off)",
+            "GRAD_CLIP": " (0 turns clipping off)",
+        },
+        positive=["KD_TEMPERATURE", "LR", "KD_LR"],
+        fractions=["MIN_LR_RATIO", "KD_CE_WEIGHT"],
+    )
 
 
 def run_folder(rt):
@@ -237,6 +236,38 @@ def open_run(run, config, reopen):
     run.rt.master_only(start)
 
 
+def start_log(run, config, reopen):
+    """Rank 0 records the phase's config and environment (OUT/config_PHASE.json) and opens metrics.jsonl, from which a
+    reopened run first drops what it will redo."""
+    rt = run.rt
+    run.log = RunLog(rt, run.out_dir)
+    if rt.master:
+        write_json_atomic(
+            os.path.join(run.out_dir, f"config_{PHASE}.json"), {"config": config, "environment": environment(rt)}
+        )
+        if reopen:
+            run.log.trim(logged_by(latest_checkpoint(run.out_dir, PHASE)))
+    rt.print(
+        f"run folder {run.out_dir} | device {rt.device} | dtype {str(rt.dtype).replace('torch.', '')} | "
+        f"world size {rt.world_size}"
+    )
+
+
+def logged_by(checkpoint):
+    """Which metrics records a reopened run keeps: those of the other phase, and those this phase logged up to its
+    checkpoint `checkpoint` (None: none, the phase starts over); the rest are redone. A record's place is its step
+    and, in a rotation (where layers of 0 steps share a step), its rotation and layer."""
+    meta = read_json(os.path.join(checkpoint, "meta.json"), "") if checkpoint else None
+    fields = ("step", "rotation", "layer") if meta and "layer" in meta else ("step",)
+
+    def keep(record):
+        if record.get("phase") != PHASE:
+            return True
+        return meta is not None and [record[f] for f in fields] <= [meta[f] for f in fields]
+
+    return keep
+
+
 def may_change_on_resume():
     """Constants a resumed phase may change: where and how often it reports and saves, and the other phase's own
     constants. Every other constant (one added later too, until it is listed here) defines the phase's result,
@@ -266,6 +297,7 @@ def layerwise_inputs(rt):
     layers = sorted(set(layers) - set(KEEP_TEACHER_LAYERS))
     if not layers:
         fail(f"no layer left to distill: LAYERS={LAYERS or 'all'} minus KEEP_TEACHER_LAYERS={KEEP_TEACHER_LAYERS}")
+    check_no_students(model, layers)
     with torch.random.fork_rng(devices=[]):  # STUDENT_KIND, STUDENT_KWARGS and TRAINABLE; the RNG is left as it was
         trainable_params(make_students(model, layers[:1])[layers[0]], f"layer {layers[0]}")
     return model, layers, check_data(rt, model.config.vocab_size)
@@ -282,6 +314,21 @@ def place_teacher(rt, model):
         rt.print(f"teacher layers in host memory, one at a time on {rt.device} (TEACHER_ON={TEACHER_ON})")
         return offload_layers(model, rt.device)
     return model.to(rt.device)
+
+
+def check_no_students(teacher, layers):
+    """A teacher that is a checkpoint may hold students of its own; one in a layer to distill would be the teacher
+    of the new student there: refused, saying what to do instead."""
+    held = [s for s in student_specs(teacher) if s["target"] == TARGET and s["layer"] in layers]
+    if held:
+        origin = run_record(TEACHER).get("config", {}).get("TEACHER")
+        numbers = ",".join(str(s["layer"]) for s in held)
+        fail(
+            f"--teacher {TEACHER} already holds {'/'.join(sorted({s['kind'] for s in held}))} students in layers "
+            f"{numbers} ({TARGET}), which would teach the new ones: pass the model they were distilled from as "
+            f"--teacher{f' ({origin}, its run.json says)' if origin else ''}, keep them with --keep-teacher-layers "
+            f"{numbers}, or train them on with --phase logits --init {TEACHER}"
+        )
 
 
 def layerwise_phase(run, model, layers, val):
@@ -468,17 +515,19 @@ def train_parallel(run, calls, layers, val, teacher_ce):
     groups = [trainable_params(students[i], f"layer {i}") for i in layers]
     opt = new_optimizer([p for g in groups for p in g], LR)
     total, step = STEPS_PER_LAYER * ROTATIONS, 0
+    blocks = {(i, TARGET): students[i] for i in layers}
+    val_tokens = len(val) * BATCH_SIZE * SEQ_LEN
+    where = place_cache(rt, val_tokens, model.config.hidden_size, LATENT_CACHE, run.out_dir)
+    # a resumed run calibrates its new students again (deterministic) before it loads the trained ones, so that its
+    # table reports the same start and calibrated errors as the run had
+    start_errors = calib_errors = student_val_errors(run, calls, students, val, where)
+    if calibrate_all(run, calls, students):
+        calib_errors = student_val_errors(run, calls, students, val, where)
     ckpt = latest_checkpoint(run.out_dir, "layerwise") if RESUME else None
     if ckpt:
         load_students(rt, ckpt, students)
         step = restore_training(load_state(ckpt), loader, opt)
         rt.print(f"resuming from {ckpt} at step {step}")
-    blocks = {(i, TARGET): students[i] for i in layers}
-    val_tokens = len(val) * BATCH_SIZE * SEQ_LEN
-    where = place_cache(rt, val_tokens, model.config.hidden_size, LATENT_CACHE, run.out_dir)
-    start_errors = calib_errors = student_val_errors(run, calls, students, val, where)
-    if step == 0 and calibrate_all(run, calls, students):
-        calib_errors = student_val_errors(run, calls, students, val, where)
     bar = tqdm(range(step, total), desc="parallel", disable=not rt.master)
     for step in bar:
         lr = lr_at(step, total, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
@@ -604,6 +653,12 @@ def logits_inputs(run):
     resume_from = latest_checkpoint(run.out_dir, "logits") if RESUME else None
     teacher = load_model(TEACHER, run.rt.device).eval().requires_grad_(False)
     source = load_model(resume_from or init, run.rt.device)
+    if source.config.vocab_size != teacher.config.vocab_size:
+        fail(
+            f"{init} has a vocabulary of {source.config.vocab_size:,} tokens and --teacher {TEACHER} one of "
+            f"{teacher.config.vocab_size:,}: the KL compares their next-token distributions, which needs one "
+            f"vocabulary; pass the teacher {init} was distilled from"
+        )
     if KD_TRAINABLE == "decoders":
         # one backbone: the teacher's, with the students swapped in for the student pass
         blocks = {(s["layer"], s["target"]): get_block(source, s["layer"], s["target"]) for s in student_specs(source)}
@@ -647,6 +702,9 @@ def logits_phase(run, models, val):
     step = 0
     if models.resume_from:
         step = restore_training(load_state(models.resume_from), loader, opt)
+        if step >= KD_STEPS:
+            rt.print(f"the logits phase is finished: {models.resume_from} is at step {step} of KD_STEPS={KD_STEPS}")
+            return
         rt.print(f"resuming the logits phase from {models.resume_from} at step {step}")
     elif KD_FRESH_TOKENS and os.path.exists(os.path.join(init, "state.pt")) and "loader" in load_state(init):
         loader.load_state(load_state(init)["loader"])

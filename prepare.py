@@ -18,7 +18,6 @@ import collections
 import contextlib
 import fnmatch
 import hashlib
-import json
 import logging
 import multiprocessing as mp
 import os
@@ -34,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common import files, shards
-from common.config import fail, override
+from common.config import exit_when_disk_full, fail, override
 
 # fmt: off
 MODEL = "HuggingFaceTB/SmolLM2-135M"     # teacher: a hub id, a local snapshot folder or a local .gguf file
@@ -102,10 +101,13 @@ def fetch_model():
         return source, load_tokenizer(MODEL_DIR, MODEL_DIR)
     marker = os.path.join(MODEL_DIR, "prepare_source.json")
     if os.path.exists(marker):
-        with open(marker) as f:
-            if json.load(f)["model"] == source:
-                print(f"model: {MODEL_DIR} already holds {source}")
-                return source, load_tokenizer(MODEL_DIR, MODEL_DIR)
+        try:
+            recorded = files.read_json(marker, f"delete {MODEL_DIR} and run again")
+        except ValueError as e:
+            fail(str(e))
+        if isinstance(recorded, dict) and recorded.get("model") == source:
+            print(f"model: {MODEL_DIR} already holds {source}")
+            return source, load_tokenizer(MODEL_DIR, MODEL_DIR)
     if os.path.isdir(MODEL_DIR) and os.listdir(MODEL_DIR):
         fail(f"{MODEL_DIR} holds another model; delete it or choose another --model-dir")
     tmp = MODEL_DIR.rstrip("/") + ".partial"  # a hub download resumes here; local sources start it afresh
@@ -427,7 +429,7 @@ def start_output(head):
             f"{k}.{kk}: {old.get(k, {}).get(kk)!r} -> {head[k].get(kk)!r}"
             for k in head
             for kk in sorted(set(head[k]) | set(old.get(k, {})))
-            if old.get(k, {}).get(kk) != head[k].get(kk)
+            if differs(k, kk, old.get(k, {}).get(kk), head[k].get(kk))
         ]
         if diff:
             fail(
@@ -446,6 +448,14 @@ def start_output(head):
         )
     empty = {"shards": [], "documents": 0, "text_bytes": 0, "tokens": 0, "done": False}
     return {**head, "splits": {s: dict(empty, shards=[]) for s in SPLITS}, "next_doc": 0}, False
+
+
+def differs(section, key, old, new):
+    """Whether a setting recorded in OUT_DIR differs from this run's. The model folder is a path: models/x, models/x/
+    and its absolute spelling are one folder."""
+    if (section, key) == ("tokenizer", "name_or_path") and old and new:
+        return os.path.realpath(old) != os.path.realpath(new)
+    return old != new
 
 
 def damaged_shards(progress):
@@ -644,6 +654,10 @@ def main():
     started = time.perf_counter()
     if min(TRAIN_BYTES, VAL_BYTES, SHARD_TOKENS, WORKERS, TASK_BYTES) <= 0:
         fail("--train-bytes, --val-bytes, --shard-tokens, --workers and --task-bytes must be positive")
+    try:
+        files.check_writable(OUT_DIR)  # before the model is fetched and the text tokenized, not after
+    except ValueError as e:
+        fail(f"--out-dir {OUT_DIR}: {e}; choose another --out-dir")
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
     source = dataset_source()
     model_source, (tokenizer_json, tokenizer) = fetch_model()
@@ -661,6 +675,7 @@ def main():
     }
     progress, finished = start_output(head)
     damaged = damaged_shards(progress)
+    clear_temp_files()
     if finished and not damaged:
         summary(progress["splits"])
         print(f"{OUT_DIR}: already complete; every shard matches its sha256 in {shards.MANIFEST}")
@@ -691,7 +706,7 @@ def main():
 
 def redo_damaged(progress: dict, finished: bool, damaged: list) -> None:
     """Resume: the shards from the first damaged one on are redone (progress.json says so before anything else
-    happens), and temp files of a killed run are removed."""
+    happens)."""
     if damaged:
         split, index, problem = damaged[0]
         print(
@@ -702,9 +717,13 @@ def redo_damaged(progress: dict, finished: bool, damaged: list) -> None:
         files.write_json_atomic(os.path.join(OUT_DIR, PROGRESS), redo_from(progress, split, index))
         if finished:  # the same command resumes from progress.json if this one is stopped too
             os.remove(os.path.join(OUT_DIR, shards.MANIFEST))
+
+
+def clear_temp_files() -> None:
+    """Remove the temp files a killed run left in OUT_DIR, complete or not: their shards are redone or done."""
     for name in os.listdir(OUT_DIR) if os.path.isdir(OUT_DIR) else []:
         if re.fullmatch(r"((train|val)_\d+\.bin|progress\.json|manifest\.json)\.tmp\d+", name):
-            os.remove(os.path.join(OUT_DIR, name))  # a temp file of a killed run; its shard is redone
+            os.remove(os.path.join(OUT_DIR, name))
 
 
 def write_manifest(progress: dict) -> dict:
@@ -719,7 +738,8 @@ def write_manifest(progress: dict) -> dict:
 
 if __name__ == "__main__":
     try:
-        main()
+        with exit_when_disk_full(OUT_DIR, "re-run the same command: it keeps the finished shards and goes on"):
+            main()
     except KeyboardInterrupt:
         print(
             f"prepare.py: interrupted; finished shards stay in {OUT_DIR}, re-run the same command to resume",

@@ -14,7 +14,6 @@ from which --resume continues exactly as if the run had never stopped.
 """
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -38,11 +37,11 @@ from common.checkpoint import (
     start_run,
     training_state,
 )
-from common.config import fail, override
+from common.config import check_ranges, exit_on_stop_signals, exit_when_disk_full, fail, override
 from common.evaluate import evaluate
-from common.files import atomic_write_bytes
 from common.runtime import RunLog, Runtime, environment, lr_at
 from common.shards import ShardError, TokenLoader, shard_files
+from common.swap import transformer_layers
 
 # fmt: off
 # ---------------------------------------------------------------------------------------------- run constants
@@ -79,7 +78,29 @@ SEED = 1337                     # weight initialisation (--from-scratch) and any
 
 config = override(globals())
 
+
+def check_constants():
+    """Every constant that can be checked without the model or the data, before anything is loaded or written."""
+    at_least_1 = "BATCH_SIZE SEQ_LEN TOTAL_BATCH_TOKENS STEPS".split()
+    at_least_0 = "GRAD_ACCUM WARMUP_STEPS WEIGHT_DECAY GRAD_CLIP VAL_EVERY LOG_EVERY SAVE_EVERY KEEP_LAST".split()
+    check_ranges(
+        globals(),
+        choices={"SCHEDULE": ("cosine", "wsd", "constant")},
+        at_least={**dict.fromkeys(at_least_1, 1), **dict.fromkeys(at_least_0, 0)},
+        notes={
+            "GRAD_ACCUM": " (0: TOTAL_BATCH_TOKENS / (BATCH_SIZE x SEQ_LEN x ranks))",
+            "GRAD_CLIP": " (0 turns clipping off)",
+            "KEEP_LAST": " (0 keeps every checkpoint)",
+        },
+        positive=["LR"],
+        fractions=["MIN_LR_RATIO"],
+    )
+    if len(BETAS) != 2 or not all(0 <= b < 1 for b in BETAS):
+        fail(f"BETAS must be two numbers in [0, 1), got {BETAS}")
+
+
 # ---------------------------------------------------------------------------------------------- setup
+check_constants()
 try:
     rt = Runtime(dtype=DTYPE)
 except ValueError as e:
@@ -94,6 +115,7 @@ if RESUME and not OUT_DIR:
     fail("--resume needs --out-dir RUN_FOLDER, the run to continue")
 if not OUT_DIR:
     OUT_DIR = config["OUT_DIR"] = time.strftime("runs/train_%Y%m%d_%H%M%S")
+exit_on_stop_signals(OUT_DIR)
 
 # the batch: derived numbers, computed once
 micro_tokens = BATCH_SIZE * SEQ_LEN * rt.world_size  # tokens per micro-step over all ranks
@@ -177,6 +199,7 @@ try:
         ).to(rt.device)
     else:
         model = load_model(INIT, device=rt.device)
+    transformer_layers(model)  # every checkpoint records the model's students: a model the swap does not know fails now
 except (OSError, ValueError) as e:
     fail(e)
 model.train()
@@ -235,18 +258,6 @@ start_step = restore_training(state, train_loader, optimizer) if ckpt else 0
 if not RESUME:
     run_id = open_run()
 log = RunLog(rt, OUT_DIR)
-if rt.master:
-    if RESUME and os.path.exists(log.path):  # drop what the interrupted run logged after its checkpoint: it is redone
-        with open(log.path) as f:  # (so is a last line torn by a kill: it has no newline)
-            kept = [line for line in f if ckpt and line.endswith("\n") and json.loads(line)["step"] <= start_step]
-        atomic_write_bytes(log.path, [line.encode() for line in kept])
-    log.log(
-        step=start_step,
-        event="resume" if RESUME else "start",
-        checkpoint=ckpt,
-        config=config,
-        environment=environment(rt),
-    )
 
 raw_model = model
 if COMPILE and cuda:
@@ -361,41 +372,53 @@ def save(step):
 
 
 # ---------------------------------------------------------------------------------------------- training
-if start_step >= STEPS:
-    rt.print(f"nothing to do: the run is at step {start_step} of STEPS={STEPS}")
-if VAL_EVERY and start_step == 0:
-    log_validation(0)
-pending = []  # (step, lr, loss, grad norm) of the steps whose numbers are still on the device
-t_last = time.perf_counter()
-for step in range(start_step, STEPS):
-    lr = lr_at(step, STEPS, LR, WARMUP_STEPS, SCHEDULE, MIN_LR_RATIO)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    try:
-        step_loss = torch.zeros((), device=rt.device)
-        for micro in range(grad_accum):
-            # DDP all-reduces the gradients on the last micro-step only
-            skip_sync = rt.ddp and micro < grad_accum - 1
-            with model.no_sync() if skip_sync else contextlib.nullcontext():
-                loss = loss_on(*get_batch(train_loader)) / grad_accum
-                loss.backward()
-            step_loss += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP or math.inf)
-        optimizer.step()
-    except torch.OutOfMemoryError:
-        out_of_memory(step + 1)
-    optimizer.zero_grad(set_to_none=True)
-    steps_done = step + 1  # optimizer steps taken: the step number in logs and checkpoint names
-    pending.append((steps_done, lr, step_loss, norm))
-    validate = VAL_EVERY and (steps_done % VAL_EVERY == 0 or steps_done == STEPS)
-    checkpoint = (SAVE_EVERY and steps_done % SAVE_EVERY == 0) or steps_done == STEPS
-    if (LOG_EVERY and steps_done % LOG_EVERY == 0) or validate or checkpoint:  # checked finite before anything is saved
-        log_pending_steps(pending, t_last)
-        pending = []
-        if validate:
-            log_validation(steps_done)
-        if checkpoint and rt.master:
-            folder = save(steps_done)
-            rt.print(f"saved {folder}")
-        t_last = time.perf_counter()  # tokens/s counts training only, not validation or saving
+with exit_when_disk_full(OUT_DIR):  # one line saying how to continue, not a traceback
+    if rt.master:
+        if RESUME:  # what the interrupted run logged after its checkpoint is redone, so dropped
+            log.trim(lambda record: ckpt is not None and record["step"] <= start_step)
+        log.log(
+            step=start_step,
+            event="resume" if RESUME else "start",
+            checkpoint=ckpt,
+            config=config,
+            environment=environment(rt),
+        )
+    if start_step >= STEPS:
+        rt.print(f"nothing to do: the run is at step {start_step} of STEPS={STEPS}")
+    if VAL_EVERY and start_step == 0:
+        log_validation(0)
+    pending = []  # (step, lr, loss, grad norm) of the steps whose numbers are still on the device
+    t_last = time.perf_counter()
+    for step in range(start_step, STEPS):
+        lr = lr_at(step, STEPS, LR, WARMUP_STEPS, SCHEDULE, MIN_LR_RATIO)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            step_loss = torch.zeros((), device=rt.device)
+            for micro in range(grad_accum):
+                # DDP all-reduces the gradients on the last micro-step only
+                skip_sync = rt.ddp and micro < grad_accum - 1
+                with model.no_sync() if skip_sync else contextlib.nullcontext():
+                    loss = loss_on(*get_batch(train_loader)) / grad_accum
+                    loss.backward()
+                step_loss += loss.detach()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP or math.inf)
+            optimizer.step()
+        except torch.OutOfMemoryError:
+            out_of_memory(step + 1)
+        optimizer.zero_grad(set_to_none=True)
+        steps_done = step + 1  # optimizer steps taken: the step number in logs and checkpoint names
+        pending.append((steps_done, lr, step_loss, norm))
+        validate = VAL_EVERY and (steps_done % VAL_EVERY == 0 or steps_done == STEPS)
+        checkpoint = (SAVE_EVERY and steps_done % SAVE_EVERY == 0) or steps_done == STEPS
+        # the pending steps are checked finite before anything is saved
+        if (LOG_EVERY and steps_done % LOG_EVERY == 0) or validate or checkpoint:
+            log_pending_steps(pending, t_last)
+            pending = []
+            if validate:
+                log_validation(steps_done)
+            if checkpoint and rt.master:
+                folder = save(steps_done)
+                rt.print(f"saved {folder}")
+            t_last = time.perf_counter()  # tokens/s counts training only, not validation or saving
 rt.close()

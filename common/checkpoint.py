@@ -16,14 +16,17 @@ that uses it holds an flock on its run.lock for the whole of its life, so a seco
 folder is refused; a killed holder releases it.
 """
 
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
 import uuid
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -39,7 +42,15 @@ from common.kd import check_head
 from common.runtime import get_rng_state, set_rng_state
 from common.shards import TokenLoader
 from common.students import make_student
-from common.swap import block_path, get_block, set_block, student_specs, transformer_layers
+from common.swap import (
+    block_path,
+    check_layers,
+    check_target,
+    get_block,
+    set_block,
+    student_specs,
+    transformer_layers,
+)
 
 TEACHER_REF = "teacher.json"  # in a checkpoint that holds only its students: the teacher's folder and weights' hash
 LOCK = "run.lock"  # in a run folder: flock'ed by the process running it, holds that process's pid
@@ -48,8 +59,9 @@ LOCK = "run.lock"  # in a run folder: flock'ed by the process running it, holds 
 def load_model(folder: str, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> nn.Module:
     """A ready fp32 model from a checkpoint folder or a Hugging Face model folder, students in place, with the
     attention implementation transformers picks for its family (SDPA where it can, eager where the family needs it).
-    Raises ValueError for a model that is not a decoder-only causal LM, or whose logits common/kd.py cannot
-    reproduce."""
+    Raises ValueError, one line, for a folder that would load wrong: weights that do not fit its config, a
+    students.json that does not fit the model, code it would have to run, a model that is not a decoder-only causal
+    LM, or one whose logits common/kd.py cannot reproduce."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if not os.path.isfile(os.path.join(folder, "config.json")):
@@ -57,6 +69,7 @@ def load_model(folder: str, device: str | torch.device = "cpu", trust_remote_cod
             f"{folder}: no config.json, so not a model or checkpoint folder; "
             f"run prepare.py to fetch the model, or point to a checkpoint folder (OUT/final)"
         )
+    check_config(folder, trust_remote_code)
     check_weights(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     check_decoder_only(config, folder, trust_remote_code)
@@ -64,29 +77,49 @@ def load_model(folder: str, device: str | torch.device = "cpu", trust_remote_cod
     weights = os.path.join(folder, "model.safetensors")
     if os.path.exists(os.path.join(folder, TEACHER_REF)):  # the students alone, on the teacher they came from
         model = load_model(checked_teacher(folder), trust_remote_code=trust_remote_code)
-        add_students(model, read_json(students_path, "the checkpoint is damaged; use another one"))
+        add_students(model, students_path)
         load_students_only(model, weights)
     elif not os.path.exists(students_path):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        with transformers_loading(folder):
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                folder,
+                dtype=torch.float32,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+            )
+        check_loaded(folder, loading)
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-        add_students(model, read_json(students_path, "the checkpoint is damaged; use another one"))
-        if not os.path.exists(weights):
-            raise FileNotFoundError(f"{weights}: missing; the checkpoint is incomplete, use another one")
-        load_safetensors_model(model, weights, strict=True)
+        add_students(model, students_path)
+        load_whole(model, weights)
     model = model.to(device)
     transformer_layers(model)
     check_head(model)
     return model
 
 
-def add_students(model: nn.Module, specs: list[dict]) -> None:
-    """Swap a new student of each spec ({layer, target, kind, kwargs}, students.json) into the model."""
-    for s in specs:
+def add_students(model: nn.Module, students_path: str) -> None:
+    """Swap a new student of each spec of students.json ({layer, target, kind, kwargs}) into the model."""
+    for s in read_student_specs(students_path, model):
         teacher = get_block(model, s["layer"], s["target"])
         set_block(
             model, s["layer"], s["target"], make_student(s["target"], s["kind"], teacher, model.config, **s["kwargs"])
         )
+
+
+def load_whole(model: nn.Module, weights: str) -> None:
+    """Load every weight of a complete checkpoint (strict); ValueError in one line when they do not fit."""
+    if not os.path.exists(weights):
+        raise FileNotFoundError(f"{weights}: missing; the checkpoint is incomplete, use another one")
+    try:
+        load_safetensors_model(model, weights, strict=True)
+    except RuntimeError as e:  # torch's load_state_dict: a paragraph listing every tensor that does not fit
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise ValueError(
+            f"{weights}: its tensors do not fit the model students.json describes ({detail[:300]}); "
+            f"the checkpoint is damaged: use another one"
+        ) from None
 
 
 def student_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -154,6 +187,84 @@ def check_decoder_only(config: PreTrainedConfig, folder: str, remote_code: bool 
             f"{folder}: {config.model_type} has no causal LM head in transformers (no AutoModelForCausalLM class); "
             f"this repo distills decoder-only causal LMs"
         )
+
+
+def check_config(folder: str, trust_remote_code: bool = False) -> None:
+    """Raise ValueError, one line, for a config.json that does not parse, or that needs code shipped with the model
+    (an auto_map for a model type transformers does not have) while trust_remote_code is off."""
+    from transformers import CONFIG_MAPPING
+
+    path = os.path.join(folder, "config.json")
+    config = read_json(path, "copy the model folder again")
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON object, so not a model's config; copy the model folder again")
+    model_type = config.get("model_type")
+    if not trust_remote_code and "auto_map" in config and model_type not in CONFIG_MAPPING:
+        raise ValueError(
+            f"{folder}: config.json asks to run Python code shipped in the model folder (auto_map) for model type "
+            f"{model_type!r}, which transformers does not have; that code could do anything with your permissions, "
+            f"so this repo never runs it (no script has a flag for trust_remote_code): use a model of a type "
+            f"transformers ships, such as llama, mistral or qwen2"
+        )
+
+
+@contextlib.contextmanager
+def transformers_loading(folder: str) -> Iterator[None]:
+    """Around from_pretrained: its multi-line load report is silenced (check_loaded says what matters in one line),
+    and pickled weights it refuses to unpickle (they could run code) are one line."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{folder}: its pickled weights (*.bin) hold Python objects besides tensors, and unpickling those could "
+            f"run any code, so they are refused; where you trust their source, load them once with "
+            f"torch.load(weights_only=False) and save the model as safetensors (save_pretrained)"
+        ) from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
+def check_loaded(folder: str, loading: dict) -> None:
+    """Raise ValueError naming a few tensors when from_pretrained's loading info (output_loading_info=True) says
+    the weights do not fit the config: tensors missing from the weights (those tied to another, as the config says,
+    are not counted: transformers ties them), tensors the model does not have, or of another shape. Loaded anyway,
+    such a model is partly random and would train, teach or score without a word."""
+    problems = [
+        f"{len(names)} {what} ({', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''})"
+        for what, names in (
+            ("missing from the weights", loading["missing_keys"]),
+            ("in the weights but not in the model", loading["unexpected_keys"]),
+            ("of another shape", [name for name, *_ in loading["mismatched_keys"]]),
+        )
+        if names
+    ]
+    if problems:
+        raise ValueError(
+            f"{folder}: its weights do not fit its config.json, tensors {'; '.join(problems)}; loaded so, the model "
+            f"would be partly random: copy the complete model folder again, or put back the config.json of these "
+            f"weights"
+        )
+
+
+def read_student_specs(path: str, model: nn.Module) -> list[dict]:
+    """students.json: [{layer, target, kind, kwargs}], checked to fit the model; else ValueError naming the file."""
+    specs = read_json(path, "the checkpoint is damaged; use another one")
+    keys = {"layer": int, "target": str, "kind": str, "kwargs": dict}
+    try:
+        if not isinstance(specs, list) or not all(
+            isinstance(s, dict) and all(isinstance(s.get(k), t) for k, t in keys.items()) for s in specs
+        ):
+            raise ValueError("it is not a list of {layer, target, kind, kwargs}")
+        for s in specs:
+            check_target(model, s["target"])
+            check_layers(model, [s["layer"]], "a student's layer")
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}; the checkpoint is damaged: use another one") from None
+    return specs
 
 
 def check_weights(folder: str) -> None:
@@ -379,3 +490,34 @@ def latest_checkpoint(out_dir: str, phase: str | None = None) -> str | None:
             file=sys.stderr,
         )
     return found[-1] if found else None
+
+
+def has_tokenizer(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def run_record(checkpoint: str) -> dict:
+    """The run.json of the run folder that holds `checkpoint` (its parent folder): run id, script and the config
+    it started with; {} for a folder that is in no run (a Hugging Face model folder), or whose run.json does not
+    parse (it only informs: what it would have said is then unknown)."""
+    path = os.path.join(os.path.dirname(os.path.realpath(checkpoint)), "run.json")
+    try:
+        run = read_json(path, "") if os.path.isfile(path) else {}
+    except ValueError:
+        return {}
+    return run if isinstance(run, dict) else {}
+
+
+def tokenizer_folder(checkpoint: str, fallback: str = "") -> str | None:
+    """The folder to take a checkpoint's tokenizer and generation config from: the checkpoint when it has tokenizer
+    files, else the model its run started from as run.json records it (distill.py's TEACHER, train.py's INIT; in
+    turn a checkpoint of another run, perhaps), else `fallback`; None when none of them has tokenizer files."""
+    seen = set()
+    folder = checkpoint
+    while folder and folder not in seen:
+        if has_tokenizer(folder):
+            return folder
+        seen.add(folder)
+        config = run_record(folder).get("config", {})
+        folder = config.get("TEACHER") or config.get("INIT")
+    return fallback if fallback and has_tokenizer(fallback) else None

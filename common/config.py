@@ -6,15 +6,22 @@ parsed to the constant's type: int, float, str, bool (`--resume` alone means tru
 list (`0,1,2`; empty string for an empty list) or dict (JSON). An unknown name or a
 value of the wrong type is a one-line error that lists what would have been accepted.
 `--help` (or `-h`) prints every constant with its default and the comment on its line in the
-script's source (`NAME = value  # comment`), then exits.
+script's source (`NAME = value  # comment`), then exits. `check_ranges` refuses a constant outside its range in one
+line. How a run ends is one line too: `fail()` for a mistake, `exit_when_disk_full` for a full disk and
+`exit_on_stop_signals` for Ctrl-C and SIGTERM.
 """
 
+import contextlib
+import errno
 import json
+import math
 import os
 import re
 import shlex
+import signal
 import sys
 import tokenize
+from collections.abc import Iterable, Iterator
 from typing import NoReturn
 
 HELP = ("--help", "-h")
@@ -25,6 +32,78 @@ def fail(message: object, script: str | None = None) -> NoReturn:
     default the running script's file name, sys.argv[0] (distill.py under python and torchrun, evaluate.py
     under python -m common.evaluate)."""
     sys.exit(f"{script or os.path.basename(sys.argv[0])}: {message}")
+
+
+def check_ranges(
+    constants: dict,
+    choices: dict[str, tuple] | None = None,
+    at_least: dict[str, int] | None = None,
+    notes: dict[str, str] | None = None,
+    positive: Iterable[str] = (),
+    fractions: Iterable[str] = (),
+) -> None:
+    """fail() naming the first of a script's constants (its globals()) outside its range: `choices` {NAME: the allowed
+    values}, `at_least` {NAME: its lowest value} (`notes` {NAME: what that lowest value means}), `positive` (> 0) and
+    `fractions` (in [0, 1]). A number must be finite: nan and inf are outside every range."""
+    for name, allowed in (choices or {}).items():
+        if constants[name] not in allowed:
+            fail(f"{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {constants[name]!r}")
+    for name, low in (at_least or {}).items():
+        if not (math.isfinite(constants[name]) and constants[name] >= low):
+            fail(f"{name} must be >= {low}{(notes or {}).get(name, '')}, got {constants[name]}")
+    for name in positive:
+        if not (math.isfinite(constants[name]) and constants[name] > 0):
+            fail(f"{name} must be > 0, got {constants[name]}")
+    for name in fractions:
+        if not 0 <= constants[name] <= 1:
+            fail(f"{name} must be in [0, 1], got {constants[name]}")
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether an exception is a write that failed for want of disk space: ENOSPC, which torch.save reports as
+    'unexpected pos N vs M', safetensors as 'os error 28', and Runtime.master_only passes on as its text."""
+    text = str(error)
+    return getattr(error, "errno", None) == errno.ENOSPC or any(
+        sign in text for sign in ("unexpected pos", "os error 28", f"[Errno {errno.ENOSPC}]")
+    )
+
+
+def _resume(out_dir):
+    return f"the same command with --resume --out-dir {out_dir} continues from its latest checkpoint"
+
+
+@contextlib.contextmanager
+def exit_when_disk_full(folder: str, then: str | None = None) -> Iterator[None]:
+    """A full disk inside the block ends the program with one line naming `folder` and saying what continues the
+    work once space is freed (`then`; by default --resume of the run in `folder`). Every write is atomic (temp file,
+    then rename), so nothing half-written is kept or trusted."""
+    try:
+        yield
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        fail(
+            f"the disk holding {folder} is full ({str(e).splitlines()[0]}); nothing half-written is kept: free some "
+            f"space, then {then or _resume(folder)}"
+        )
+
+
+def exit_on_stop_signals(out_dir: str) -> None:
+    """From now on Ctrl-C (SIGINT) and SIGTERM (what schedulers send) end the program with one line saying where to
+    resume from, and exit status 128 + the signal's number (130, 143), as a shell reports it; no traceback. The exit
+    unwinds as an exception does, so a write in progress removes its temp file. Under torchrun rank 0 alone says it."""
+    script = os.path.basename(sys.argv[0])
+
+    def stop(signum, frame):
+        if os.environ.get("RANK", "0") == "0":
+            name = signal.Signals(signum).name
+            made = os.path.isfile(os.path.join(out_dir, "run.json"))
+            where = _resume(out_dir) if made else f"nothing was written (the run folder {out_dir} was not made yet)"
+            print(f"\n{script}: stopped by {name}; {where}", file=sys.stderr, flush=True)  # off a progress bar's line
+        sys.exit(128 + signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
 
 
 def _parse(name, default, text):

@@ -34,10 +34,10 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from common import swap
-from common.checkpoint import load_model
-from common.config import fail, override
-from common.files import write_json_atomic
-from common.generate import decoding_cache, forward_cached, generate, has_tokenizer, state_bytes
+from common.checkpoint import load_model, tokenizer_folder
+from common.config import check_ranges, fail, override
+from common.files import check_writable, write_json_atomic
+from common.generate import decoding_cache, forward_cached, generate, state_bytes
 from common.kd import final_hidden, kd_metrics, lm_head
 from common.plots import comparison_png
 from common.runtime import Runtime
@@ -384,6 +384,10 @@ def check_arguments(paths: list[str], usage: str) -> str | None:
     tokenizer from (None: none has one)."""
     if not paths and not TEACHER:
         fail(f"usage: {usage}  (--help lists the options)")
+    check_ranges(
+        globals(), at_least={**dict.fromkeys("VAL_TOKENS BATCH_SIZE SEQ_LEN TASK_BATCH_SIZE".split(), 1), "LIMIT": 0}
+    )
+    check_out()
     for path in paths + ([TEACHER] if TEACHER else []):  # every folder, before loading any model
         if not os.path.isfile(os.path.join(path, "config.json")):
             fail(
@@ -395,10 +399,22 @@ def check_arguments(paths: list[str], usage: str) -> str | None:
             f"--contexts {CONTEXTS} must each exceed --decode-steps {DECODE_STEPS} (>= 1): each context is a "
             f"prefill of context - decode-steps tokens, then the decoded ones"
         )
-    tok_dir = next((p for p in [TEACHER, *paths] if p and has_tokenizer(p)), None)
+    tok_dir = next(filter(None, (tokenizer_folder(p) for p in [TEACHER, *paths] if p)), None)
     if TASKS and tok_dir is None:
         fail("--tasks needs a tokenizer: neither the teacher nor any checkpoint folder has tokenizer files")
     return tok_dir
+
+
+def check_out() -> None:
+    """Exit with one line, before any model loads, when OUT cannot be written: it is a folder, or its folder is
+    read-only (or a file)."""
+    if OUT and os.path.isdir(OUT):
+        fail(f"--out {OUT} is a folder; give the JSON file to write, such as {os.path.join(OUT, 'eval.json')}")
+    try:
+        if OUT:
+            check_writable(os.path.dirname(os.path.abspath(OUT)))
+    except ValueError as e:
+        fail(f"--out {OUT}: {e}; choose another --out")
 
 
 def _load(path, device):
@@ -472,13 +488,16 @@ def compare(
 
 def write_report(report: dict, has_teacher: bool, rt: Runtime) -> None:
     """OUT (JSON), and beside it the comparison's plot when there is one."""
-    os.makedirs(os.path.dirname(os.path.abspath(OUT)), exist_ok=True)
-    write_json_atomic(OUT, report)
-    rt.print(f"\nwrote {OUT}")
-    if "comparison" in report:
-        png = os.path.splitext(OUT)[0] + ".png"
-        comparison_png(png, report["comparison"], report["models"], has_teacher)
-        rt.print(f"wrote {png}")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(OUT)), exist_ok=True)
+        write_json_atomic(OUT, report)
+        rt.print(f"\nwrote {OUT}")
+        if "comparison" in report:
+            png = os.path.splitext(OUT)[0] + ".png"
+            comparison_png(png, report["comparison"], report["models"], has_teacher)
+            rt.print(f"wrote {png}")
+    except OSError as e:  # the disk filled up during the evaluation, say
+        fail(f"--out {OUT}: cannot write it ({e.strerror}); the results are printed above")
 
 
 if __name__ == "__main__":

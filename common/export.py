@@ -34,17 +34,16 @@ import torch
 import torch.nn as nn
 from transformers import AutoModelForCausalLM, PreTrainedConfig
 
-from common.checkpoint import load_model
-from common.config import fail, override
+from common.checkpoint import load_model, run_record, tokenizer_folder
+from common.config import check_ranges, fail, override
 from common.evaluate import format_comparison
 from common.files import read_json
-from common.generate import has_tokenizer
 from common.students.ffn import ffn_layout
 from common.swap import get_block, student_specs, transformer_layers
 
 # fmt: off
 OUT = ""                            # the folder to write (must not exist yet)
-TOKENIZER = "models/smolllm2_135m"  # tokenizer and generation config for checkpoints that carry none (the teacher's)
+TOKENIZER = "models/smolllm2_135m"  # tokenizer and generation config if the checkpoint and its run's teacher lack them
 EVAL = ""                           # a JSON file from `python -m common.evaluate ... --out`: its table goes in the card
 PAD_TO_WIDEST = False               # FFNs of different widths: zero-pad each to the widest (exact, but saves nothing)
 CHECK_TOKENS = 64                   # tokens of the logits check between the checkpoint and the reloaded folder
@@ -221,8 +220,7 @@ def model_card(checkpoint: str, config: PreTrainedConfig, described: str, n_para
     """README.md: where the model comes from (checkpoint, run, teacher, students) and, with --eval, its table."""
     meta_file = os.path.join(checkpoint, "meta.json")
     meta = read_json(meta_file, "the checkpoint is damaged; use another one") if os.path.exists(meta_file) else {}
-    run_file = os.path.join(os.path.dirname(os.path.realpath(checkpoint)), "run.json")  # the run the checkpoint is in
-    run = read_json(run_file, "the run folder is damaged") if os.path.exists(run_file) else {}
+    run = run_record(checkpoint)
     teacher = run.get("config", {}).get("TEACHER", "unknown")
     lines = [
         "---",
@@ -260,21 +258,21 @@ def model_card(checkpoint: str, config: PreTrainedConfig, described: str, n_para
 def export(checkpoint: str, out: str) -> tuple[float, str]:
     """Write the export of `checkpoint` to `out`. Returns the max logit difference and the FFNs' description."""
     model = load_model(checkpoint).eval()
-    return export_model(model, checkpoint, out, checkpoint if has_tokenizer(checkpoint) else TOKENIZER)
+    return export_model(model, checkpoint, out, tokenizer_folder(checkpoint, TOKENIZER))
 
 
 @torch.no_grad()
-def export_model(model: nn.Module, checkpoint: str, out: str, tok_dir: str) -> tuple[float, str]:
+def export_model(model: nn.Module, checkpoint: str, out: str, tok_dir: str | None) -> tuple[float, str]:
     """Write the export of `model` (loaded from `checkpoint`, students in place) to `out`, with tok_dir's
     tokenizer: a temp folder, reloaded with plain transformers and checked to give the model's logits, then
     renamed. Returns the max logit difference and the FFNs' description."""
     from transformers import AutoTokenizer, GenerationConfig
 
     config, state, described = export_state(model)
-    if not has_tokenizer(tok_dir):
+    if tok_dir is None:
         raise ValueError(
-            f"{checkpoint} has no tokenizer files and neither has {tok_dir}; pass --tokenizer with the "
-            f"teacher's model folder"
+            f"{checkpoint} has no tokenizer files, nor has the teacher its run folder's run.json names, nor "
+            f"{TOKENIZER}; pass --tokenizer with the teacher's model folder"
         )
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
@@ -316,6 +314,7 @@ def main(argv: list[str]) -> None:
         fail("--out DIR is needed: the folder to write the exported model to")
     if os.path.exists(OUT):
         fail(f"{OUT} already exists; choose a new --out (an export never overwrites a folder)")
+    check_ranges(globals(), at_least={"CHECK_TOKENS": 1})
     if EVAL and not os.path.isfile(EVAL):
         fail(f"--eval {EVAL}: no such file; write one with python -m common.evaluate ... --out FILE.json")
     try:

@@ -1,9 +1,11 @@
 """Files written whole or not at all: a temp file in the same folder, fsync, then rename (a reader never
-sees half a file, a killed writer leaves at most a temp file), and JSON read back with a one-line error."""
+sees half a file, a killed writer leaves at most a temp file), JSON read back with a one-line error, and a check
+that a folder can be written before the work that ends in writing there."""
 
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -42,3 +44,17 @@ def read_json(path: str, remedy: str, error: type[Exception] = ValueError) -> An
     except ValueError as e:  # not UTF-8, or not JSON
         reason = f"not JSON: {e}"
     raise error(f"{path}: unreadable ({reason}); {remedy}")
+
+
+def check_writable(folder: str) -> None:
+    """Raise ValueError, saying why, unless files can be written in `folder`, or where it would be created (its
+    nearest existing parent): a temp file is created there and removed at once."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{existing} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ValueError(f"cannot write in {existing} ({e.strerror})") from None

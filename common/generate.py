@@ -4,7 +4,8 @@
         [--temperature 0.8] [--top-p 0.95] [--seed 0] [--tokenizer DIR] [--prompts-file FILE]
 
 A checkpoint is any folder common.checkpoint.load_model accepts. The tokenizer comes from the
-checkpoint folder when it holds tokenizer files, else from --tokenizer (the prepared model folder).
+checkpoint folder when it holds tokenizer files, else from the teacher its run folder's run.json names, else
+from --tokenizer (the prepared model folder).
 Decoding is incremental, through the model's own forward: the prompt runs once, then each new token alone,
 with transformers' KV cache layers for the teacher's attention and the students' own (common/students/attention.py).
 """
@@ -17,7 +18,7 @@ import torch
 import torch.nn as nn
 from transformers.cache_utils import Cache, DynamicCache
 
-from common.checkpoint import load_model
+from common.checkpoint import load_model, tokenizer_folder
 from common.config import fail, override
 from common.runtime import Runtime
 from common.students.attention import RecurrentLayer
@@ -30,14 +31,10 @@ MAX_NEW_TOKENS = 64                    # tokens to add (fewer when the model end
 TEMPERATURE = 0.0                      # 0 = greedy (deterministic: best for comparing checkpoints)
 TOP_P = 0.95                           # nucleus sampling: sample from the smallest set of tokens holding this mass
 SEED = 0                               # sampling seed: the same seed gives the same text
-TOKENIZER = "models/smolllm2_135m"     # tokenizer folder for checkpoints that carry none (prepare.py writes it)
+TOKENIZER = "models/smolllm2_135m"     # tokenizer folder when neither the checkpoint nor its run's teacher has one
 DEVICE = "auto"                        # auto: cuda when there is one, else cpu
 DTYPE = "auto"                         # auto: bf16 autocast on GPUs, fp32 on CPU
 # fmt: on
-
-
-def has_tokenizer(folder: str) -> bool:
-    return any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
 def sample_top_p(logits: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -167,7 +164,10 @@ def main(argv: list[str]) -> None:
     tok_dir = check_arguments(folder)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    except (OSError, ValueError) as e:
+        fail(f"{tok_dir}: cannot load its tokenizer: {str(e).splitlines()[0]}")
     try:
         rt = Runtime(DEVICE, DTYPE)
     except ValueError as e:
@@ -222,11 +222,11 @@ def check_arguments(folder: str) -> str:
         fail(f"--temperature must be >= 0 (0 = greedy) and --top-p in (0, 1]; got {TEMPERATURE} and {TOP_P}")
     if MAX_NEW_TOKENS < 1:
         fail(f"--max-new-tokens must be at least 1, got {MAX_NEW_TOKENS}")
-    tok_dir = folder if has_tokenizer(folder) else TOKENIZER
-    if not has_tokenizer(tok_dir):
+    tok_dir = tokenizer_folder(folder, TOKENIZER)
+    if tok_dir is None:
         fail(
-            f"{folder} has no tokenizer files and neither has {tok_dir}; pass --tokenizer with the teacher's "
-            f"model folder (run prepare.py to write models/smolllm2_135m)"
+            f"{folder} has no tokenizer files, nor has the teacher its run folder's run.json names, nor {TOKENIZER}; "
+            f"pass --tokenizer with the teacher's model folder (run prepare.py to write models/smolllm2_135m)"
         )
     return tok_dir
 

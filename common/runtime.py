@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from common.files import atomic_write_bytes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo: the scripts' folder, common/..
 _T = TypeVar("_T")  # master_only's result
 
@@ -165,6 +167,15 @@ class RunLog:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def trim(self, keep: Callable[[dict], bool]) -> None:
+        """Keep only the records for which keep(record) is true: a resumed run drops what it logged after the
+        checkpoint it resumes from (it logs them again as it redoes them), and a last line torn by a kill (it has
+        no newline)."""
+        if self.path and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.endswith("\n") and keep(json.loads(line))]
+            atomic_write_bytes(self.path, [line.encode() for line in kept])
 
 
 def lr_at(

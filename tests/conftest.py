@@ -4,6 +4,7 @@ import contextlib
 import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -116,6 +117,17 @@ TINY_DISTILL = [
 ]
 
 
+@contextlib.contextmanager
+def signal_handlers_kept():
+    """The SIGINT and SIGTERM handlers as they were before the block (a script run in this process installs its own)."""
+    kept = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in kept.items():
+            signal.signal(s, handler)
+
+
 def run_distill(*args, check=True):
     """distill.py's main in this process with fresh module constants, as `python distill.py ARGS` runs it (without
     a torch/transformers import per run); returns its one-line exit message, None on success. With check, an
@@ -125,7 +137,8 @@ def run_distill(*args, check=True):
     importlib.reload(distill)
     argv, sys.argv = sys.argv, ["distill.py", *args]
     try:
-        distill.main()
+        with signal_handlers_kept():
+            distill.main()
     except SystemExit as e:
         if check:
             raise AssertionError(f"distill.py {' '.join(args)} exited: {e.code}") from None
@@ -138,6 +151,12 @@ def run_tiny_distill(teacher, data_dir, out_dir, *args, check=True):
     """run_distill at test size (TINY_DISTILL) with a teacher, a data folder and a run folder."""
     paths = ["--teacher", teacher, "--data-dir", data_dir, "--out-dir", out_dir]
     return run_distill(*TINY_DISTILL, *paths, *args, check=check)
+
+
+def keep_constants(module, monkeypatch):
+    """A CLI's overrides change its module's constants; restore them after the test."""
+    for name in [n for n in vars(module) if n.isupper()]:
+        monkeypatch.setattr(module, name, getattr(module, name))
 
 
 def read_metrics(out_dir, **match):
@@ -169,8 +188,8 @@ def tiny_data_dir(tmp_path_factory):
     return make_data_dir(str(tmp_path_factory.mktemp("tiny_data")))
 
 
-# A script run in a subprocess that SIGKILLs itself right after its metrics.jsonl gets a record for which an
-# expression over `record` is true: a kill at a fixed point of the run, with no polling race.
+# A script run in a subprocess that sends itself a signal (SIGKILL: a kill) right after its metrics.jsonl gets a
+# record for which an expression over `record` is true: a signal at a fixed point of the run, with no polling race.
 _KILLED_RUN = """
 import os, runpy, signal, sys
 from common.runtime import RunLog
@@ -178,17 +197,17 @@ log = RunLog.log
 def log_then_die(self, **record):
     log(self, **record)
     if {kill_when}:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.{signal_name})
 RunLog.log = log_then_die
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run_killed(script_args, kill_when, **kwargs):
-    """python SCRIPT ARGS (script_args) in a subprocess that is SIGKILLed right after it logs a metrics record for
-    which `kill_when` (a Python expression over `record`) is true; returns the CompletedProcess."""
-    code = _KILLED_RUN.format(kill_when=kill_when)
+def run_killed(script_args, kill_when, signal_name="SIGKILL", **kwargs):
+    """python SCRIPT ARGS (script_args) in a subprocess that gets the signal `signal_name` right after it logs a
+    metrics record for which `kill_when` (a Python expression over `record`) is true; returns the CompletedProcess."""
+    code = _KILLED_RUN.format(kill_when=kill_when, signal_name=signal_name)
     return subprocess.run(
         [sys.executable, "-c", code, *script_args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kwargs
     )

@@ -20,6 +20,7 @@ from conftest import (
     run_distill,
     run_killed,
     run_tiny_distill,
+    tiny_config,
 )
 
 
@@ -134,10 +135,13 @@ def test_resume_after_kill_is_exact(teacher_dir, tiny_data_dir, tmp_path):
     a = load_file(os.path.join(whole, "final", "model.safetensors"))
     b = load_file(os.path.join(cut, "final", "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    timing = ("seconds", "train_s", "step_ms", "calib_s")
-    assert [{k: v for k, v in r.items() if k not in timing} for r in layer_rows(whole)] == [
-        {k: v for k, v in r.items() if k not in timing} for r in layer_rows(cut)
-    ]
+    assert without_timing(layer_rows(whole)) == without_timing(layer_rows(cut))
+
+
+def without_timing(records):
+    """Records (table rows, metrics lines) without what depends on the machine's speed."""
+    timing = ("seconds", "train_s", "step_ms", "calib_s", "tokens_per_s")
+    return [{k: v for k, v in r.items() if k not in timing} for r in records]
 
 
 def test_parallel_resume_is_exact(teacher_dir, tiny_data_dir, tmp_path):
@@ -156,15 +160,16 @@ def test_parallel_resume_is_exact(teacher_dir, tiny_data_dir, tmp_path):
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     run_distill(*TINY_DISTILL, "--out-dir", whole, *args)
     run_distill(*TINY_DISTILL, "--out-dir", cut, *args, "--save-every", "3")
-    os.remove(os.path.join(cut, "metrics.jsonl"))
-    shutil.rmtree(os.path.join(cut, "final"))  # as if killed after the step-3 checkpoint
+    shutil.rmtree(os.path.join(cut, "final"))  # as if killed after the step-3 checkpoint, steps 4-6 logged
     run_distill(*TINY_DISTILL, "--out-dir", cut, "--resume", *args, "--save-every", "3")
     a = load_file(os.path.join(whole, "final", "model.safetensors"))
     b = load_file(os.path.join(cut, "final", "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in read_metrics(whole, phase="layerwise") if "loss" in r][3:] == [
+    # each step logged once, as in the uninterrupted run; and the table keeps the start and calibrated errors
+    assert [r["loss"] for r in read_metrics(whole, phase="layerwise") if "loss" in r] == [
         r["loss"] for r in read_metrics(cut, phase="layerwise") if "loss" in r
     ]
+    assert without_timing(layer_rows(cut)) == without_timing(layer_rows(whole))
 
 
 def test_two_process_ddp_matches_one_process(teacher_dir, tiny_data_dir, tmp_path):
@@ -261,6 +266,15 @@ def test_logits_phase_has_its_own_lr_and_kl_falls(teacher_dir, tiny_data_dir, tm
         (["--data-dir", "/nonexistent"], "/nonexistent: no train shards found; run `python prepare.py"),
         (["--teacher", "/nonexistent"], "/nonexistent: no config.json"),
         (["--phase", "logits", "--init", "/nonexistent"], "/nonexistent: no config.json"),
+        (["--grad-clip", "-1"], "GRAD_CLIP must be >= 0 (0 turns clipping off), got -1.0"),  # was gradient ascent
+        (["--min-lr-ratio", "-1"], "MIN_LR_RATIO must be in [0, 1], got -1.0"),  # was a negative LR
+        (["--weight-decay", "-1"], "WEIGHT_DECAY must be >= 0, got -1.0"),  # these were refused in the run folder
+        (["--lr", "-1"], "LR must be > 0, got -1.0"),
+        (["--kd-lr", "nan"], "KD_LR must be > 0, got nan"),
+        (["--kd-ce-weight", "1.5"], "KD_CE_WEIGHT must be in [0, 1], got 1.5"),
+        (["--kd-ce-weight", "-0.5"], "KD_CE_WEIGHT must be in [0, 1], got -0.5"),
+        (["--student-kwargs", '{"scale": 0}'], "prototype student: scale must be > 0"),  # were one channel wide
+        (["--student-kind", "pruned", "--student-kwargs", '{"scale": -1}'], "pruned student: scale must be > 0"),
     ],
 )
 def test_bad_input_is_one_clear_line(teacher_dir, tiny_data_dir, tmp_path, args, message):
@@ -566,3 +580,112 @@ def test_a_teacher_streamed_from_host_memory_gives_the_same_students_one_layer_a
     assert len(homes) == 3 and len(most) > 100 and max(most) == 2 and all(h.users == 0 for h in homes)
     a, b = (load_file(os.path.join(runs[w], "final", "model.safetensors")) for w in ("device", "host"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_drops_the_metrics_it_redoes(stopped_run, teacher_dir, tiny_data_dir, tmp_path):
+    """stopped_run's metrics.jsonl holds layer 2's records, logged after its last checkpoint: a resume redoes them,
+    so it logs each once, as the uninterrupted run did."""
+    out = shutil.copytree(stopped_run[0], tmp_path / "run")
+    logged = read_metrics(out)
+    assert [r["layer"] for r in logged if r.get("layer_step") == 1] == [0, 1, 2]
+    run_tiny_distill(teacher_dir, tiny_data_dir, str(out), "--resume", *RUN)
+    assert without_timing(read_metrics(out)) == without_timing(logged)
+
+
+def test_calibration_only_resume_drops_the_metrics_it_redoes(teacher_dir, tiny_data_dir, tmp_path):
+    """With --steps-per-layer 0 every layer's record has step 0: the rotation and layer say which are redone."""
+    out = str(tmp_path / "run")
+    args = ["--student-kind", "prototype", "--steps-per-layer", "0"]
+    run_tiny_distill(teacher_dir, tiny_data_dir, out, *args)
+    logged = read_metrics(out)
+    for name in ("final", "rot0_layer002", "rot0_layer001"):  # as if killed after the checkpoint of layer 0
+        shutil.rmtree(os.path.join(out, name))
+    run_tiny_distill(teacher_dir, tiny_data_dir, out, "--resume", *args)
+    assert without_timing(read_metrics(out)) == without_timing(logged)
+
+
+@pytest.fixture(scope="module")
+def logits_run(teacher_dir, tiny_data_dir, tmp_path_factory):
+    """A finished layer-wise then logits run (logits checkpoints at steps 1, 2 and logits_final at 3)."""
+    out = str(tmp_path_factory.mktemp("logits") / "run")
+    run_tiny_distill(teacher_dir, tiny_data_dir, out, *RUN)
+    run_tiny_distill(teacher_dir, tiny_data_dir, out, *LOGITS)
+    return out
+
+
+LOGITS = ["--phase", "logits", "--kd-steps", "3", "--kd-save-every", "1", "--kd-val-every", "3"]
+
+
+def test_logits_resume_drops_the_metrics_it_redoes(logits_run, teacher_dir, tiny_data_dir, tmp_path):
+    out = shutil.copytree(logits_run, tmp_path / "run")
+    logged = read_metrics(out)
+    shutil.rmtree(out / "logits_final")  # as if killed after the step-2 checkpoint, step 3 logged
+    run_tiny_distill(teacher_dir, tiny_data_dir, str(out), *LOGITS, "--resume")
+    assert without_timing(read_metrics(out)) == without_timing(logged)
+
+
+def test_a_finished_logits_phase_says_so(logits_run, teacher_dir, tiny_data_dir, tmp_path, capsys):
+    """A re-queued finished job, or a kill after logits_final was written: --resume has nothing to do."""
+    out = shutil.copytree(logits_run, tmp_path / "run")
+    assert run_tiny_distill(teacher_dir, tiny_data_dir, str(out), *LOGITS, "--resume") is None
+    final = os.path.join(out, "logits_final")
+    assert f"the logits phase is finished: {final} is at step 3 of KD_STEPS=3" in capsys.readouterr().out
+
+
+def test_a_full_disk_is_one_line_and_resume_continues(teacher_dir, tiny_data_dir, tmp_path, monkeypatch):
+    import common.checkpoint
+
+    out = str(tmp_path / "run")
+
+    def disk_full(*args, **kwargs):  # as safetensors reports it
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with monkeypatch.context() as m:
+        m.setattr(common.checkpoint, "save_safetensors_model", disk_full)
+        error = run_tiny_distill(teacher_dir, tiny_data_dir, out, *RUN, check=False)
+    assert f"the disk holding {out} is full" in error and "\n" not in error, error
+    assert f"free some space, then the same command with --resume --out-dir {out} continues" in error
+    assert not [n for n in os.listdir(out) if n.startswith((".tmp", "rot"))]  # nothing half-written
+    run_tiny_distill(teacher_dir, tiny_data_dir, out, *RUN, "--resume")
+    assert os.path.isdir(os.path.join(out, "final"))
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_is_one_line_saying_where_to_resume(teacher_dir, tiny_data_dir, tmp_path, signal_name):
+    out = str(tmp_path / "run")
+    args = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out, *RUN]
+    proc = run_killed(distill_command(*args)[1:], 'record.get("layer") == 1', signal_name)
+    assert proc.returncode == 128 + getattr(signal, signal_name), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and [line for line in proc.stderr.splitlines() if "stopped" in line] == [
+        f"distill.py: stopped by {signal_name}; the same command with --resume --out-dir {out} continues from its "
+        f"latest checkpoint"
+    ]
+    assert not [n for n in os.listdir(out) if n.startswith(".") or "tmp" in n]
+
+
+def test_a_logits_teacher_of_another_vocabulary_is_refused(tiny_data_dir, teacher_dir, tmp_path):
+    """The data check used the student's vocabulary: a smaller teacher met the data's ids in its embedding."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config()
+    config.vocab_size = 200
+    small = str(tmp_path / "small_vocab")
+    AutoModelForCausalLM.from_config(config).save_pretrained(small)
+    out = tmp_path / "r"
+    logits = ["--phase", "logits", "--init", teacher_dir, "--kd-trainable", "all", "--kd-steps", "1"]
+    error = run_tiny_distill(small, tiny_data_dir, str(out), *logits, check=False)
+    assert f"{teacher_dir} has a vocabulary of 320 tokens and --teacher {small} one of 200" in error, error
+    assert not out.exists()
+
+
+def test_a_teacher_that_holds_students_is_refused(stopped_run, tiny_data_dir, teacher_dir, tmp_path):
+    """RUN/rot0_layer001 holds prototype students in layers 0 and 1."""
+    checkpoint = os.path.join(stopped_run[0], "rot0_layer001")
+    out = tmp_path / "r"
+    error = run_tiny_distill(checkpoint, tiny_data_dir, str(out), "--student-kind", "pruned", check=False)
+    assert error == (
+        f"distill.py: --teacher {checkpoint} already holds prototype students in layers 0,1 (mlp), which would "
+        f"teach the new ones: pass the model they were distilled from as --teacher ({teacher_dir}, its run.json "
+        f"says), keep them with --keep-teacher-layers 0,1, or train them on with --phase logits --init {checkpoint}"
+    )
+    assert not out.exists()

@@ -20,6 +20,7 @@ from common.kd import final_hidden
 from common.shards import val_batches
 from common.students import make_student
 from common.swap import get_block, set_block
+from conftest import keep_constants
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +72,6 @@ def test_perturbed_student_and_shared_backbone_teacher(teacher, student_dir, bat
     results, t = evaluate_models({"a": student, "b": teacher}, batches, teacher)
     assert results["a"] == pytest.approx({k: m[k] for k in results["a"]}, rel=1e-6)
     assert results["b"]["kl"] <= 1e-6 and t["ce"] == pytest.approx(m["teacher_ce"], rel=1e-6)
-
-
-def keep_constants(module, monkeypatch):
-    """The CLI's overrides change the module's constants; restore them after the test."""
-    for name in [n for n in vars(module) if n.isupper()]:
-        monkeypatch.setattr(module, name, getattr(module, name))
 
 
 def test_cli_prints_table_and_writes_json(tiny_model_dir, tiny_data_dir, student_dir, tmp_path, capsys, monkeypatch):
@@ -305,3 +300,34 @@ def test_tasks_without_lm_eval_is_one_line(tiny_model_dir, tiny_data_dir, monkey
             ]
         )
     assert "pip install lm_eval" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_cli_bad_values_and_folders_are_one_line_before_loading(
+    student_dir, tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
+):
+    import common.export
+
+    keep_constants(common.generate, monkeypatch)
+    keep_constants(common.export, monkeypatch)
+    data = ["--teacher", tiny_model_dir, "--data-dir", tiny_data_dir]
+    for argv, message in (
+        ([student_dir, *data, "--batch-size", "0"], "BATCH_SIZE must be >= 1, got 0"),
+        ([student_dir, *data, "--seq-len", "-1"], "SEQ_LEN must be >= 1, got -1"),
+        (
+            [student_dir, *data, "--out", str(tmp_path)],
+            f"--out {tmp_path} is a folder; give the JSON file to write, such as {tmp_path / 'eval.json'}",
+        ),
+        ([student_dir, *data, "--out", f"{student_dir}/config.json/eval.json"], "config.json is a file, not a folder"),
+    ):
+        with monkeypatch.context() as m:
+            keep_constants(common.evaluate, m)
+            assert message in cli_error(evaluate_main, argv)
+    error = cli_error(common.export.main, [student_dir, "--out", str(tmp_path / "x"), "--check-tokens", "0"])
+    assert "CHECK_TOKENS must be >= 1, got 0" in error
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "broken")
+    (broken / "config.json").write_text('{"model_type": "llama", ')
+    assert f"{broken}: cannot load its tokenizer: " in cli_error(generate_main, [str(broken)])
+    keep_constants(common.evaluate, monkeypatch)
+    assert f"{broken / 'config.json'}: unreadable (not JSON" in cli_error(
+        evaluate_main, [str(broken), "--teacher", "", "--data-dir", tiny_data_dir]
+    )

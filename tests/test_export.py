@@ -13,7 +13,7 @@ from common.export import main as export_main
 from common.generate import generate
 from common.students import make_student
 from common.swap import get_block, set_block, student_specs
-from conftest import make_model_folder
+from conftest import keep_constants, make_model_folder
 from families import FAMILIES, family_model
 
 
@@ -196,3 +196,25 @@ def test_gated_prototypes_of_other_ffn_shapes_are_refused_in_one_line(teacher_di
         export_model(model, str(tmp_path / "ckpt"), str(tmp_path / "hf"), teacher_dir)
     assert str(e.value).startswith("layer 0: gated prototype FFN students map only to") and "\n" not in str(e.value)
     assert not os.listdir(tmp_path)
+
+
+def test_a_run_finds_its_teacher_for_the_tokenizer(teacher_dir, tmp_path, monkeypatch, capsys):
+    """A checkpoint without tokenizer files in a run made with --teacher elsewhere: export, generate and evaluate take
+    the tokenizer (and generation config) from the teacher its run.json names, not from models/smolllm2_135m."""
+    import common.evaluate
+    import common.generate
+    from common.evaluate import check_arguments
+    from common.generate import main as generate_main
+
+    ckpt = checkpoint(teacher_dir, str(tmp_path / "run"), ffn={i: ("pruned", {"scale": 0.5}) for i in range(3)})
+    assert not [f for f in os.listdir(ckpt) if f.startswith("tokenizer")]
+    out = tmp_path / "hf"
+    assert run_export(ckpt, "--out", str(out)) is None
+    assert {"tokenizer.json", "generation_config.json"} <= set(os.listdir(out))
+    capsys.readouterr()
+    keep_constants(common.generate, monkeypatch)
+    generate_main([ckpt, "--prompt", "the cat", "--max-new-tokens", "3"])
+    assert capsys.readouterr().out.startswith("the cat")
+    keep_constants(common.evaluate, monkeypatch)
+    monkeypatch.setattr(common.evaluate, "TEACHER", "")
+    assert check_arguments([ckpt], "usage") == teacher_dir

@@ -423,3 +423,54 @@ def test_hub_unreachable_names_the_offline_options(tmp_path):
     err = fails(prepare("--smoke-test", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"}), "cannot reach the Hugging Face hub")
     assert "--model" in err and "--dataset" in err and ".gguf" in err
     assert os.listdir(tmp_path) == []
+
+
+def test_the_model_folder_is_one_folder_however_it_is_spelled(reference, model, corpus, tmp_path):
+    """models/x, models/x/ and the absolute path name one folder: the finished data is not "of a different run"."""
+    data = shutil.copytree(reference / "data", tmp_path / "data")
+    result = prepare(
+        "--model", model, "--model-dir", "model/", "--dataset", corpus, "--out-dir", data, *SIZES, cwd=reference
+    )
+    assert result.returncode == 0 and "already complete" in result.stdout, result.stderr
+
+
+def test_a_complete_folder_loses_the_temp_files_of_a_killed_run(reference, model, corpus, tmp_path):
+    data = shutil.copytree(reference / "data", tmp_path / "data")
+    for name in ("train_000031.bin.tmp4242", "progress.json.tmp4242", "manifest.json.tmp77"):
+        (data / name).write_bytes(b"torn")
+    result = prepare(
+        "--model", model, "--model-dir", reference / "model", "--dataset", corpus, "--out-dir", data, *SIZES
+    )
+    assert result.returncode == 0 and "already complete" in result.stdout, result.stderr
+    assert file_hashes(data) == file_hashes(reference / "data")
+
+
+def test_an_out_dir_that_cannot_be_written_and_a_damaged_marker_are_one_line(model, corpus, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "data"):  # found before the text is tokenized
+        fails(
+            prepare("--model", model, "--model-dir", model, "--dataset", corpus, "--out-dir", out),
+            f"--out-dir {out}: {tmp_path / 'a_file'} is a file, not a folder; choose another --out-dir",
+        )
+    copy = shutil.copytree(model, tmp_path / "model")
+    (copy / "prepare_source.json").write_text('{"model": ')
+    fails(
+        prepare("--model", model, "--model-dir", copy, "--dataset", corpus, "--out-dir", tmp_path / "out"),
+        f"{copy / 'prepare_source.json'}: unreadable (not JSON",
+        f"delete {copy} and run again",
+    )
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_full_disk_is_one_line(model, corpus, tmp_path):
+    full = (
+        "import errno, runpy, sys\nimport common.shards\n"
+        "def full(*args, **kwargs):\n    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "common.shards.write_shard = full\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    out = tmp_path / "out"
+    args = ["--model", model, "--model-dir", model, "--dataset", corpus, "--out-dir", out, *SIZES]
+    result = subprocess.run(
+        [sys.executable, "-c", full, PREPARE, *map(str, args)], cwd=ROOT, capture_output=True, text=True
+    )
+    fails(result, f"the disk holding {out} is full", "free some space, then re-run the same command")

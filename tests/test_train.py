@@ -3,6 +3,7 @@ two-process DDP equals one process with the same global batch, a distill checkpo
 decoders loads and trains, and bad inputs get one-line errors."""
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -22,7 +23,7 @@ from common.checkpoint import load_model, save_checkpoint
 from common.shards import TokenLoader, shard_files, write_shard
 from common.students import make_student
 from common.swap import get_block, set_block
-from conftest import ROOT, another_run_in, read_metrics, run_killed
+from conftest import ROOT, another_run_in, keep_constants, read_metrics, run_killed, signal_handlers_kept
 
 TRAIN = os.path.join(ROOT, "train.py")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun sets this too
@@ -76,7 +77,7 @@ def run_train(args, model, data, out):
     run); return what it printed. Its one-line errors arrive as SystemExit."""
     argv, sys.argv = sys.argv, train_cmd(args, model, data, out)[1:]
     try:
-        with contextlib.redirect_stdout(io.StringIO()) as printed:
+        with contextlib.redirect_stdout(io.StringIO()) as printed, signal_handlers_kept():
             runpy.run_path(TRAIN, run_name="__main__")
     finally:
         sys.argv = argv
@@ -425,3 +426,116 @@ def test_out_of_memory_at_the_first_step_leaves_no_run_folder(tiny_model_dir, ti
     assert "out of memory at step 1 (4 x 32 tokens per micro-step" in error and "run again" in error
     assert not os.path.exists(out)
     assert "x 2 micro-steps" in run_train(args + ["--batch-size", "2"], tiny_model_dir, tiny_data_dir, out)
+
+
+SMALL = ["--batch-size", "2", "--seq-len", "32", "--grad-accum", "1", "--steps", "2", "--val-every", "0"]
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--keep-last", "-1"], "KEEP_LAST must be >= 0 (0 keeps every checkpoint), got -1"),  # it deleted them all
+        (["--grad-clip", "-1"], "GRAD_CLIP must be >= 0 (0 turns clipping off), got -1.0"),  # gradient ascent
+        (["--min-lr-ratio", "-1"], "MIN_LR_RATIO must be in [0, 1], got -1.0"),  # a negative LR late in the run
+        (["--weight-decay", "-1"], "WEIGHT_DECAY must be >= 0, got -1.0"),
+        (["--batch-size", "0"], "BATCH_SIZE must be >= 1, got 0"),
+        (["--seq-len", "-1"], "SEQ_LEN must be >= 1, got -1"),
+        (["--lr", "-1"], "LR must be > 0, got -1.0"),
+        (["--lr", "nan"], "LR must be > 0, got nan"),
+        (["--betas", "-1,2"], "BETAS must be two numbers in [0, 1), got [-1.0, 2.0]"),
+        (["--schedule", "linear"], "SCHEDULE must be cosine, wsd or constant, got 'linear'"),
+        (["--grad-accum", "-1"], "GRAD_ACCUM must be >= 0 (0: TOTAL_BATCH_TOKENS / (BATCH_SIZE x SEQ_LEN x ranks))"),
+        (["--steps", "0"], "STEPS must be >= 1, got 0"),  # it left a run folder without a checkpoint
+    ],
+)
+def test_constants_out_of_range_are_one_line_before_the_run_folder(
+    tiny_model_dir, tiny_data_dir, tmp_path, extra, message
+):
+    out = str(tmp_path / "run")
+    assert message in train_error(SMALL + extra, tiny_model_dir, tiny_data_dir, out)
+    assert not os.path.exists(out)
+
+
+def test_a_model_type_the_swap_does_not_know_is_refused_at_the_start(tiny_data_dir, tmp_path):
+    """Checkpoints record the model's students, which the swap finds: a GPT-2 trained until its first checkpoint
+    and then crashed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = str(tmp_path / "gpt2")
+    GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2)).save_pretrained(folder)
+    out = str(tmp_path / "run")
+    assert "model type 'gpt2' is not supported" in train_error(SMALL, folder, tiny_data_dir, out)
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda specs: [{**specs[0], "layer": 7}], "students.json: a student's layer [7] out of range"),
+        (lambda specs: [{**specs[0], "target": "ffn"}], "students.json: unknown TARGET 'ffn'"),
+        (lambda specs: specs[0], "students.json: it is not a list of {layer, target, kind, kwargs}"),
+        (lambda specs: [[1, "mlp"]], "students.json: it is not a list of {layer, target, kind, kwargs}"),
+        (lambda specs: [{**specs[0], "kwargs": {"scale": 0.25}}], "model.safetensors: its tensors do not fit"),
+    ],
+)
+def test_a_malformed_students_json_is_one_line(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, damage, message):
+    import common.evaluate
+
+    model = load_model(tiny_model_dir)
+    set_block(model, 1, "mlp", make_student("mlp", "pruned", get_block(model, 1, "mlp"), model.config, scale=0.5))
+    ckpt = str(tmp_path / "final")
+    save_checkpoint(ckpt, model, meta={"script": "distill.py", "phase": "layerwise", "step": 0})
+    with open(os.path.join(ckpt, "students.json")) as f:
+        specs = json.load(f)
+    with open(os.path.join(ckpt, "students.json"), "w") as f:
+        json.dump(damage(specs), f)
+    out = str(tmp_path / "run")
+    assert message in train_error(SMALL, ckpt, tiny_data_dir, out)
+    assert not os.path.exists(out)
+    keep_constants(common.evaluate, monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        common.evaluate.main([ckpt, "--teacher", "", "--data-dir", tiny_data_dir])
+    assert message in e.value.code and "\n" not in e.value.code
+
+
+def test_a_full_disk_is_one_line_and_resume_continues(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    import common.checkpoint
+
+    out = str(tmp_path / "run")
+    args = SMALL + ["--steps", "4", "--save-every", "2"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def torch_save_on_a_full_disk(*args, **kwargs):  # how torch.save's zip writer reports a short write
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 9280 vs 9172")
+
+    for writer, fault in ((common.checkpoint, "save_safetensors_model"), (torch, "save")):
+        with monkeypatch.context() as m:
+            m.setattr(writer, fault, disk_full if fault != "save" else torch_save_on_a_full_disk)
+            error = train_error(
+                args + (["--resume"] if os.path.exists(out) else []), tiny_model_dir, tiny_data_dir, out
+            )
+        assert f"the disk holding {out} is full" in error, error
+        assert f"free some space, then the same command with --resume --out-dir {out} continues" in error
+        assert sorted(os.listdir(out)) == ["metrics.jsonl", "run.json", "run.lock"]  # nothing half-written
+    assert "(no checkpoint yet: from step 0)" in run_train(args + ["--resume"], tiny_model_dir, tiny_data_dir, out)
+    assert sorted(n for n in os.listdir(out) if n.startswith("step")) == ["step000002", "step000004"]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_is_one_line_saying_where_to_resume(tiny_model_dir, tiny_data_dir, tmp_path, signal_name):
+    """Ctrl-C and a scheduler's SIGTERM, right after step 10 is logged (step000005 saved): one line, no traceback,
+    exit status 128 + the signal, nothing torn; the line's command continues the run."""
+    out = str(tmp_path / "run")
+    kill_when = 'record.get("step") == 10 and "loss" in record'
+    proc = run_killed(train_cmd(BASE, tiny_model_dir, tiny_data_dir, out)[1:], kill_when, signal_name, env=ONE_THREAD)
+    assert proc.returncode == 128 + getattr(signal, signal_name), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and [line for line in proc.stderr.splitlines() if "stopped" in line] == [
+        f"train.py: stopped by {signal_name}; the same command with --resume --out-dir {out} continues from its "
+        f"latest checkpoint"
+    ]
+    assert sorted(os.listdir(out)) == ["metrics.jsonl", "run.json", "run.lock", "step000005"]
+    if signal_name == "SIGINT":
+        assert "resuming at step 5 " in run_train(BASE + ["--resume"], tiny_model_dir, tiny_data_dir, out)
+        assert sorted(steps_logged(out)[0]) == list(range(1, 41))

@@ -210,6 +210,8 @@ class PrototypeMLP(nn.Module):
             raise ValueError(f"activation {activation!r} unknown; use {', '.join(ACTIVATIONS)}")
         if ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
+        if not scale > 0:
+            raise ValueError(f"prototype student: scale must be > 0 (its width over the teacher FFN's), got {scale}")
         self.ridge = ridge
         d = config.hidden_size
         self.width = max(1, int(round(scale * ffn_layout(teacher, d).width)))
@@ -275,6 +277,8 @@ class PrunedMLP(nn.Module):
             raise ValueError(f"importance must be 'activation' or 'weight', got {importance!r}")
         if ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
+        if not scale > 0:
+            raise ValueError(f"pruned student: scale must be > 0 (the share of channels it keeps), got {scale}")
         self.importance, self.refit, self.ridge = importance, refit, ridge
         self.layout = ffn_layout(teacher, config.hidden_size)
         if self.layout.experts and importance == "activation":
