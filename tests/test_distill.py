@@ -274,7 +274,7 @@ def test_logits_phase_has_its_own_lr_and_kl_falls(teacher_dir, tiny_data_dir, tm
         (["--kd-ce-weight", "1.5"], "KD_CE_WEIGHT must be in [0, 1], got 1.5"),
         (["--kd-ce-weight", "-0.5"], "KD_CE_WEIGHT must be in [0, 1], got -0.5"),
         (["--student-kwargs", '{"scale": 0}'], "prototype student: scale must be > 0"),  # were one channel wide
-        (["--student-kind", "pruned", "--student-kwargs", '{"scale": -1}'], "pruned student: scale must be > 0"),
+        (["--student-kind", "pruned", "--student-kwargs", '{"scale": -1}'], "pruned student: scale must be in (0, 1]"),
     ],
 )
 def test_bad_input_is_one_clear_line(teacher_dir, tiny_data_dir, tmp_path, args, message):
@@ -641,7 +641,8 @@ def test_a_full_disk_is_one_line_and_resume_continues(teacher_dir, tiny_data_dir
         raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     with monkeypatch.context() as m:
-        m.setattr(common.checkpoint, "save_safetensors_model", disk_full)
+        m.setattr(common.checkpoint, "save_safetensors_model", disk_full)  # complete checkpoints
+        m.setattr(common.checkpoint, "save_safetensors_file", disk_full)  # students-only checkpoints
         error = run_tiny_distill(teacher_dir, tiny_data_dir, out, *RUN, check=False)
     assert f"the disk holding {out} is full" in error and "\n" not in error, error
     assert f"free some space, then the same command with --resume --out-dir {out} continues" in error
