@@ -78,7 +78,7 @@ TEACHER = "models/smolllm2_135m"  # teacher model folder (prepare.py writes it);
 DATA_DIR = "data/fineweb_edu"     # shards and manifest from prepare.py
 OUT_DIR = ""                      # run folder; empty = runs/distill_<date>_<time>
 RESUME = False                    # continue the run in OUT_DIR from its latest checkpoint of this phase
-PHASE = "layerwise"               # layerwise: match each decoder's output; logits: match next-token distributions
+PHASE = "layerwise"               # layerwise: match decoder outputs; logits: next-token distributions; choose: layers
 # layer-wise phase
 TARGET = "mlp"                    # the block each layer swaps: mlp (FFN) or attn (self-attention)
 STUDENT_KIND = "prototype"        # a registered student: mlp: copy/prototype/pruned; attn: linear/window
@@ -107,6 +107,8 @@ SAVE_EVERY = 0                    # parallel schedule: checkpoint every N steps;
 KEEP_LAST = 0                     # delete all but the newest K checkpoints of the phase (disk); 0 = keep all
 LATENT_CACHE = "auto"             # where the latent caches live: auto, device, host or disk
 TEACHER_ON = "auto"               # teacher layers on the device, or in host memory one at a time on it; auto: by fit
+# choose phase: which layers to convert
+CONVERT = 0                       # layers to convert, those whose conversion alone costs the least KL; 0 = half
 # logits phase
 INIT = ""                         # checkpoint to start from; empty = this run's latest layer-wise checkpoint
 KD_TRAINABLE = "decoders"         # decoders: only the students train; all: the whole student model trains
@@ -149,7 +151,7 @@ def main():
     try:
         if reopen:  # lock the run before reading its checkpoints: a run still going in it would change them
             open_run(run, config, reopen)
-        if PHASE == "layerwise":
+        if PHASE in ("layerwise", "choose"):
             model, layers, val = layerwise_inputs(rt)
         else:
             models = logits_inputs(run)
@@ -162,10 +164,10 @@ def main():
         start_log(run, config, reopen)
         run.teacher = teacher_ref(TEACHER) if rt.master else None
         try:
-            if PHASE == "layerwise":
-                layerwise_phase(run, model, layers, val)
-            else:
+            if PHASE == "logits":
                 logits_phase(run, models, val)
+            else:
+                (layerwise_phase if PHASE == "layerwise" else choose_phase)(run, model, layers, val)
         except (ShardError, ValueError, FileNotFoundError) as e:
             fail(str(e))
     rt.close()
@@ -174,7 +176,7 @@ def main():
 def check_constants():
     """Every constant that can be checked without the model or the data, before anything runs."""
     choices = {
-        "PHASE": ("layerwise", "logits"),
+        "PHASE": ("layerwise", "logits", "choose"),
         "SCHEDULE": ("rotation", "parallel"),
         "DECODER_LOSS": ("mse", "nmse", "cosine"),
         "LATENT_STREAM": ("teacher", "student"),
@@ -185,7 +187,7 @@ def check_constants():
     at_least_1 = "ROTATIONS KD_STEPS BATCH_SIZE SEQ_LEN GRAD_ACCUM LOG_EVERY KD_VAL_EVERY KD_SAVE_EVERY".split()
     at_least_0 = (
         "STEPS_PER_LAYER CALIB_TOKENS WARMUP_STEPS KD_WARMUP_STEPS VAL_EVERY SAVE_EVERY KEEP_LAST WEIGHT_DECAY "
-        "GRAD_CLIP".split()
+        "GRAD_CLIP CONVERT".split()
     )
     check_ranges(
         globals(),
@@ -199,6 +201,8 @@ def check_constants():
         positive=["KD_TEMPERATURE", "LR", "KD_LR"],
         fractions=["MIN_LR_RATIO", "KD_CE_WEIGHT"],
     )
+    if PHASE == "choose" and RESUME:
+        fail("the choose phase does not resume (it saves no training state): run it again in a new --out-dir")
 
 
 def run_folder(rt):
@@ -282,7 +286,7 @@ def may_change_on_resume():
     logits_only = set(
         "INIT KD_TRAINABLE KD_STEPS KD_LR KD_WARMUP_STEPS KD_TEMPERATURE KD_CE_WEIGHT KD_FRESH_TOKENS".split()
     )
-    return reporting | (logits_only if PHASE == "layerwise" else layerwise_only)
+    return reporting | {"CONVERT"} | (logits_only if PHASE == "layerwise" else layerwise_only)
 
 
 # ---------------------------------------------------------------------------------------------- layer-wise phase
@@ -624,6 +628,47 @@ def calibrate_all(run, calls, students):
         cache.finish(stream_students(students).get(i))
     cache.close()
     return True
+
+
+# ---------------------------------------------------------------------------------------------- choose phase
+def choose_phase(run, model, layers, val):
+    """Which layers to convert: each layer's student, calibrated on CALIB_TOKENS, swapped in alone; the KL of the
+    model's next-token distribution to the teacher's on the val tokens is what converting that layer costs.
+    Prints the layers by that cost and the --layers / --keep-teacher-layers that convert the CONVERT cheapest;
+    writes OUT/choice.json and the calibrated students (OUT/calibrated, a start for the layer-wise phase)."""
+    rt, n_convert = run.rt, CONVERT or len(layers) // 2
+    if not 1 <= n_convert <= len(layers):
+        fail(f"CONVERT must be at most the {len(layers)} layers to choose from, got {CONVERT}")
+    calls = LayerCalls(model, TARGET)
+    students = make_students(model, layers)
+    calibrate_all(run, calls, students)
+    rows = []
+    for i in tqdm(layers, desc="choose", disable=not rt.master, leave=False):
+        teacher_block = get_block(model, i, TARGET)
+
+        def teacher_hidden(ids, i=i, teacher_block=teacher_block):  # the teacher: its own block back in layer i
+            with swapped(model, {(i, TARGET): teacher_block}):
+                return final_hidden(model, ids)
+
+        with swapped(model, {(i, TARGET): students[i]}):
+            m = evaluate(model, val, teacher_hidden, rt)
+        rows.append(
+            {"layer": i, "kl": m["kl"], "val_ce": m["ce"], "agree": m["agreement"], "teacher_ce": m["teacher_ce"]}
+        )
+    rows.sort(key=lambda r: r["kl"])
+    convert = sorted(r["layer"] for r in rows[:n_convert])
+    keep = sorted(set(range(len(transformer_layers(model)))) - set(convert))
+    write_checkpoint(
+        run, "calibrated", model, {(i, TARGET): students[i] for i in layers}, {"phase": "choose", "step": 0}, None
+    )
+    if rt.master:
+        write_json_atomic(os.path.join(run.out_dir, "choice.json"), {"rows": rows, "convert": convert, "keep": keep})
+        print(f"\nwhat converting each layer alone costs ({TARGET} -> {STUDENT_KIND}, calibrated), cheapest first")
+        print_table(rows, ["layer", "kl", "val_ce", "agree", "teacher_ce"])
+        print(
+            f"convert the {n_convert} cheapest: --layers {','.join(map(str, convert))} "
+            f"--keep-teacher-layers {','.join(map(str, keep)) or 'none'}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- logits phase

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import (
@@ -690,3 +691,29 @@ def test_a_teacher_that_holds_students_is_refused(stopped_run, tiny_data_dir, te
         f"says), keep them with --keep-teacher-layers 0,1, or train them on with --phase logits --init {checkpoint}"
     )
     assert not out.exists()
+
+
+def test_choose_ranks_layers_by_the_kl_of_converting_each_alone(teacher_dir, tiny_data_dir, tmp_path):
+    """--phase choose: the KL each layer's calibrated student costs when it alone is swapped in equals a direct
+    computation from transformers' own logits, the table is ranked by it, and the cheapest CONVERT layers are
+    converted while the rest keep the teacher's attention."""
+    from common.checkpoint import load_model
+    from common.shards import val_batches
+    from common.swap import get_block, swapped
+
+    out = str(tmp_path / "choose")
+    args = ["--phase", "choose", "--target", "attn", "--student-kind", "linear", "--convert", "2"]
+    run_tiny_distill(teacher_dir, tiny_data_dir, out, *args)
+    with open(os.path.join(out, "choice.json")) as f:
+        choice = json.load(f)
+    assert [r["kl"] for r in choice["rows"]] == sorted(r["kl"] for r in choice["rows"])
+    assert choice["convert"] == sorted(r["layer"] for r in choice["rows"][:2]) and len(choice["keep"]) == 1
+    teacher, calibrated = load_model(teacher_dir).eval(), load_model(os.path.join(out, "calibrated")).eval()
+    val = val_batches(tiny_data_dir, 512, 2, 32)  # TINY_DISTILL's val tokens
+    with torch.no_grad():
+        reference = [teacher(x).logits.log_softmax(-1).flatten(0, 1) for x, _ in val]
+        for row in choice["rows"]:
+            with swapped(teacher, {(row["layer"], "attn"): get_block(calibrated, row["layer"], "attn")}):
+                hybrid = [teacher(x).logits.log_softmax(-1).flatten(0, 1) for x, _ in val]
+            kl = sum(F.kl_div(q, p, log_target=True, reduction="sum") for q, p in zip(hybrid, reference)).item() / 512
+            assert abs(kl - row["kl"]) < 1e-5 * max(1.0, kl), (row, kl)
