@@ -118,7 +118,7 @@ KD_CE_WEIGHT = 0.0                # weight of next-token cross-entropy mixed int
 KD_VAL_EVERY = 50                 # validate (val CE, KL to the teacher) every N steps
 KD_SAVE_EVERY = 50                # checkpoint every N steps
 KD_FRESH_TOKENS = True            # continue after the tokens the init checkpoint consumed, not from the start
-DTYPE = "auto"                    # auto: bf16 autocast with fp32 master weights on GPU, fp32 on CPU
+DTYPE = "auto"                    # auto: bf16 autocast on GPU (fp32 master weights, bf16 frozen ones), fp32 on CPU
 SEED = 1337                       # student initialisation (layer i uses SEED + i) and any sampling
 # fmt: on
 
@@ -651,8 +651,9 @@ def logits_inputs(run):
                 f"run the layer-wise phase first or pass --init CHECKPOINT"
             )
     resume_from = latest_checkpoint(run.out_dir, "logits") if RESUME else None
-    teacher = load_model(TEACHER, run.rt.device).eval().requires_grad_(False)
-    source = load_model(resume_from or init, run.rt.device)
+    teacher = load_model(TEACHER, run.rt.device, dtype=run.rt.frozen_dtype).eval().requires_grad_(False)
+    # decoders: the checkpoint is read on the host, whence only the students move to the device as they are (fp32)
+    source = load_model(resume_from or init, run.rt.device if KD_TRAINABLE == "all" else "cpu")
     if source.config.vocab_size != teacher.config.vocab_size:
         fail(
             f"{init} has a vocabulary of {source.config.vocab_size:,} tokens and --teacher {TEACHER} one of "
@@ -673,7 +674,7 @@ def logits_inputs(run):
                 f"use --kd-trainable all, or the --teacher the checkpoint was distilled from"
             )
         model = teacher
-        params = [p for b in blocks.values() for p in b.parameters()]
+        params = [p for b in blocks.values() for p in b.to(run.rt.device).parameters()]
     else:
         model, blocks = source, {}
         params = list(model.parameters())
@@ -684,13 +685,14 @@ def logits_inputs(run):
 
 
 def backbone_differs(teacher, model, blocks):
-    """Names of non-student weights where `model` differs from the teacher (empty: shared backbone)."""
+    """Names of non-student weights where `model` differs from the teacher, compared in the teacher's dtype (empty:
+    shared backbone)."""
     prefixes = tuple(f"{block_path(model, i, t)}." for i, t in blocks)
     theirs = model.state_dict()
     return [
         k
         for k, v in teacher.state_dict().items()
-        if not k.startswith(prefixes) and (k not in theirs or not torch.equal(v, theirs[k]))
+        if not k.startswith(prefixes) and (k not in theirs or not torch.equal(v, theirs[k].to(v.device, v.dtype)))
     ]
 
 
@@ -713,7 +715,8 @@ def logits_phase(run, models, val):
     rt.print(
         f"logits phase from {init}: trainable {KD_TRAINABLE} ({sum(p.numel() for p in models.params):,} "
         f"parameters), {KD_STEPS} steps x {tokens_per_step:,} tokens, lr {KD_LR} (warmup {KD_WARMUP_STEPS}, "
-        f"cosine), temperature {KD_TEMPERATURE}, ce weight {KD_CE_WEIGHT}"
+        f"cosine), temperature {KD_TEMPERATURE}, ce weight {KD_CE_WEIGHT}; frozen weights in "
+        f"{str(rt.frozen_dtype).replace('torch.', '')}, trained ones in float32"
     )
     results = []  # one row per validation
     if step == 0:

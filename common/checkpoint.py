@@ -56,9 +56,12 @@ TEACHER_REF = "teacher.json"  # in a checkpoint that holds only its students: th
 LOCK = "run.lock"  # in a run folder: flock'ed by the process running it, holds that process's pid
 
 
-def load_model(folder: str, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> nn.Module:
-    """A ready fp32 model from a checkpoint folder or a Hugging Face model folder, students in place, with the
+def load_model(
+    folder: str, device: str | torch.device = "cpu", trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """A ready model from a checkpoint folder or a Hugging Face model folder, students in place, with the
     attention implementation transformers picks for its family (SDPA where it can, eager where the family needs it).
+    Its weights are in `dtype`: fp32 by default, bf16 for a frozen model on GPUs (Runtime.frozen_dtype).
     Raises ValueError, one line, for a folder that would load wrong: weights that do not fit its config, a
     students.json that does not fit the model, code it would have to run, a model that is not a decoder-only causal
     LM, or one whose logits common/kd.py cannot reproduce."""
@@ -76,21 +79,21 @@ def load_model(folder: str, device: str | torch.device = "cpu", trust_remote_cod
     students_path = os.path.join(folder, "students.json")
     weights = os.path.join(folder, "model.safetensors")
     if os.path.exists(os.path.join(folder, TEACHER_REF)):  # the students alone, on the teacher they came from
-        model = load_model(checked_teacher(folder), trust_remote_code=trust_remote_code)
+        model = load_model(checked_teacher(folder), trust_remote_code=trust_remote_code, dtype=dtype)
         add_students(model, students_path)
         load_students_only(model, weights)
     elif not os.path.exists(students_path):
         with transformers_loading(folder):
             model, loading = AutoModelForCausalLM.from_pretrained(
                 folder,
-                dtype=torch.float32,
+                dtype=dtype,
                 trust_remote_code=trust_remote_code,
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,
             )
         check_loaded(folder, loading)
     else:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         add_students(model, students_path)
         load_whole(model, weights)
     model = model.to(device)
@@ -100,12 +103,12 @@ def load_model(folder: str, device: str | torch.device = "cpu", trust_remote_cod
 
 
 def add_students(model: nn.Module, students_path: str) -> None:
-    """Swap a new student of each spec of students.json ({layer, target, kind, kwargs}) into the model."""
+    """Swap a new student of each spec of students.json ({layer, target, kind, kwargs}) into the model, in the
+    model's dtype."""
     for s in read_student_specs(students_path, model):
         teacher = get_block(model, s["layer"], s["target"])
-        set_block(
-            model, s["layer"], s["target"], make_student(s["target"], s["kind"], teacher, model.config, **s["kwargs"])
-        )
+        student = make_student(s["target"], s["kind"], teacher, model.config, **s["kwargs"]).to(model.dtype)
+        set_block(model, s["layer"], s["target"], student)
 
 
 def load_whole(model: nn.Module, weights: str) -> None:

@@ -188,6 +188,22 @@ def tiny_data_dir(tmp_path_factory):
     return make_data_dir(str(tmp_path_factory.mktemp("tiny_data")))
 
 
+@pytest.fixture(scope="session")
+def init_dir(teacher_dir, tmp_path_factory):
+    """A layer-wise checkpoint to start distill.py's logits phase from: the teacher with half-width pruned students
+    in every FFN."""
+    from common.checkpoint import load_model, save_checkpoint
+    from common.students import make_student
+    from common.swap import get_block, set_block
+
+    model = load_model(teacher_dir)
+    for i in range(model.config.num_hidden_layers):
+        set_block(model, i, "mlp", make_student("mlp", "pruned", get_block(model, i, "mlp"), model.config))
+    folder = str(tmp_path_factory.mktemp("init") / "final")
+    save_checkpoint(folder, model, {"phase": "layerwise", "step": 0})
+    return folder
+
+
 # A script run in a subprocess that sends itself a signal (SIGKILL: a kill) right after its metrics.jsonl gets a
 # record for which an expression over `record` is true: a signal at a fixed point of the run, with no polling race.
 _KILLED_RUN = """
