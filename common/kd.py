@@ -85,8 +85,18 @@ def check_head(model: nn.Module, tokens: int = 8) -> None:
 
 def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The hidden states the LM head sees (B, T, d): the base model's last_hidden_state, which in transformers 5.x
-    is already through the final norm."""
-    return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    is already through the final norm, taken from the model's own forward asked for the logits of no position.
+    The model's forward and not its base model's, because under FSDP2 (common/parallel.py) the root module's
+    forward is what gathers the root's weights (embeddings, final norm, head): the root keeps them whole after its
+    forward, so lm_head(model) then gives the whole head to the loss, and reduce-scatters their gradients after
+    backward. On a model that is not sharded it is the same computation."""
+    seen = []
+    hook = model.base_model.register_forward_hook(lambda module, args, out: seen.append(out.last_hidden_state))
+    try:
+        model(input_ids=ids, use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device))
+    finally:
+        hook.remove()
+    return seen[0]
 
 
 def _dtypes(hidden, weight):

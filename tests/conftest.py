@@ -220,12 +220,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run_killed(script_args, kill_when, signal_name="SIGKILL", **kwargs):
+def run_killed(script_args, kill_when, signal_name="SIGKILL", launcher=(sys.executable,), **kwargs):
     """python SCRIPT ARGS (script_args) in a subprocess that gets the signal `signal_name` right after it logs a
-    metrics record for which `kill_when` (a Python expression over `record`) is true; returns the CompletedProcess."""
+    metrics record for which `kill_when` (a Python expression over `record`) is true; returns the CompletedProcess.
+    `launcher`: the command that runs python (under torchrun: torchrun ... --no-python python, and every rank gets
+    the signal there, as all ranks log the same records)."""
     code = _KILLED_RUN.format(kill_when=kill_when, signal_name=signal_name)
     return subprocess.run(
-        [sys.executable, "-c", code, *script_args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kwargs
+        [*launcher, "-c", code, *script_args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kwargs
     )
 
 
