@@ -309,6 +309,8 @@ def layerwise_inputs(rt):
     layers = sorted(set(layers) - set(KEEP_TEACHER_LAYERS))
     if not layers:
         fail(f"no layer left to distill: LAYERS={LAYERS or 'all'} minus KEEP_TEACHER_LAYERS={KEEP_TEACHER_LAYERS}")
+    if PHASE == "choose" and not 1 <= (CONVERT or len(layers) // 2) <= len(layers):
+        fail(f"CONVERT must be 1..{len(layers)} (of the layers to choose from; 0 = half of them), got {CONVERT}")
     check_no_students(model, layers)
     with torch.random.fork_rng(devices=[]):  # STUDENT_KIND, STUDENT_KWARGS and TRAINABLE; the RNG is left as it was
         trainable_params(make_students(model, layers[:1])[layers[0]], f"layer {layers[0]}")
@@ -645,24 +647,18 @@ def choose_phase(run, model, layers, val):
     Prints the layers by that cost and the --layers / --keep-teacher-layers that convert the CONVERT cheapest;
     writes OUT/choice.json and the calibrated students (OUT/calibrated, a start for the layer-wise phase)."""
     rt, n_convert = run.rt, CONVERT or len(layers) // 2
-    if not 1 <= n_convert <= len(layers):
-        fail(f"CONVERT must be at most the {len(layers)} layers to choose from, got {CONVERT}")
     calls = LayerCalls(model, TARGET)
     students = make_students(model, layers)
     calibrate_all(run, calls, students)
+    with torch.no_grad(), rt.autocast():  # the teacher's, once: every layer's KL is to these
+        teacher_hidden = [final_hidden(model, x.to(rt.device)) for x, _ in val]
     rows = []
     for i in tqdm(layers, desc="choose", disable=not rt.master, leave=False):
-        teacher_block = get_block(model, i, TARGET)
-
-        def teacher_hidden(ids, i=i, teacher_block=teacher_block):  # the teacher: its own block back in layer i
-            with swapped(model, {(i, TARGET): teacher_block}):
-                return final_hidden(model, ids)
-
+        hidden = iter(teacher_hidden)  # evaluate asks for the teacher's once per batch, in order
         with swapped(model, {(i, TARGET): students[i]}):
-            m = evaluate(model, val, teacher_hidden, rt)
-        rows.append(
-            {"layer": i, "kl": m["kl"], "val_ce": m["ce"], "agree": m["agreement"], "teacher_ce": m["teacher_ce"]}
-        )
+            m = evaluate(model, val, lambda ids, hidden=hidden: next(hidden), rt)
+        row = {"layer": i, "kl": m["kl"], "val_ce": m["ce"], "agree": m["agreement"], "teacher_ce": m["teacher_ce"]}
+        rows.append(row)
     rows.sort(key=lambda r: r["kl"])
     convert = sorted(r["layer"] for r in rows[:n_convert])
     keep = sorted(set(range(len(transformer_layers(model)))) - set(convert))

@@ -789,3 +789,10 @@ def test_choose_ranks_layers_by_the_kl_of_converting_each_alone(teacher_dir, tin
                 hybrid = [teacher(x).logits.log_softmax(-1).flatten(0, 1) for x, _ in val]
             kl = sum(F.kl_div(q, p, log_target=True, reduction="sum") for q, p in zip(hybrid, reference)).item() / 512
             assert abs(kl - row["kl"]) < 1e-5 * max(1.0, kl), (row, kl)
+
+
+def test_choose_refuses_more_layers_than_it_has_before_any_folder(teacher_dir, tiny_data_dir, tmp_path):
+    out = tmp_path / "choose"
+    error = run_tiny_distill(teacher_dir, tiny_data_dir, str(out), "--phase", "choose", "--convert", "4", check=False)
+    assert error == "distill.py: CONVERT must be 1..3 (of the layers to choose from; 0 = half of them), got 4"
+    assert not out.exists()
