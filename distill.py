@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import memory
+from common import memory, parallel
 from common.checkpoint import (
     check_unchanged,
     latest_checkpoint,
@@ -119,7 +119,9 @@ KD_CE_WEIGHT = 0.0                # weight of next-token cross-entropy mixed int
 KD_VAL_EVERY = 50                 # validate (val CE, KL to the teacher) every N steps
 KD_SAVE_EVERY = 50                # checkpoint every N steps
 KD_FRESH_TOKENS = True            # continue after the tokens the init checkpoint consumed, not from the start
-DTYPE = "auto"                    # auto: bf16 autocast with fp32 master weights on GPU, fp32 on CPU
+PARALLEL = "ddp"                  # ddp: each rank holds the whole models; fsdp: FSDP2 shards them over the ranks
+ACTIVATION_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, ~1/3 more compute
+DTYPE = "auto"                    # auto: bf16 autocast on GPU (fp32 master weights, bf16 frozen ones), fp32 on CPU
 SEED = 1337                       # student initialisation (layer i uses SEED + i) and any sampling
 # fmt: on
 
@@ -140,6 +142,8 @@ def main():
     check_constants()
     try:
         rt = Runtime(dtype=DTYPE)
+        if PHASE == "logits":
+            parallel.check(PARALLEL, rt.world_size)
     except ValueError as e:
         fail(str(e))
     run = Run(rt, run_folder(rt))
@@ -182,6 +186,7 @@ def check_constants():
         "LATENT_CACHE": ("auto", "device", "host", "disk"),
         "TEACHER_ON": ("auto", "device", "host"),
         "KD_TRAINABLE": ("decoders", "all"),
+        "PARALLEL": parallel.MODES,
     }
     at_least_1 = "ROTATIONS KD_STEPS BATCH_SIZE SEQ_LEN GRAD_ACCUM LOG_EVERY KD_VAL_EVERY KD_SAVE_EVERY".split()
     at_least_0 = (
@@ -270,18 +275,20 @@ def logged_by(checkpoint):
 
 
 def may_change_on_resume():
-    """Constants a resumed phase may change: where and how often it reports and saves, and the other phase's own
-    constants. Every other constant (one added later too, until it is listed here) defines the phase's result,
-    so a resume that changes it is refused."""
+    """Constants a resumed phase may change: where and how often it reports and saves, where it keeps its teacher,
+    latents and activations, and the other phase's own constants. Every other constant (one added later too, until
+    it is listed here) defines the phase's result, so a resume that changes it is refused."""
     reporting = set(
-        "OUT_DIR RESUME LOG_EVERY VAL_EVERY SAVE_EVERY KEEP_LAST LATENT_CACHE TEACHER_ON KD_VAL_EVERY KD_SAVE_EVERY".split()
+        "OUT_DIR RESUME LOG_EVERY VAL_EVERY SAVE_EVERY KEEP_LAST LATENT_CACHE TEACHER_ON KD_VAL_EVERY KD_SAVE_EVERY "
+        "ACTIVATION_CHECKPOINTING".split()
     )
     layerwise_only = set(
         "TARGET STUDENT_KIND STUDENT_KWARGS LAYERS KEEP_TEACHER_LAYERS SCHEDULE ROTATIONS STEPS_PER_LAYER LR "
         "WARMUP_STEPS DECODER_LOSS TRAINABLE CALIB_TOKENS LATENT_STREAM".split()
     )
     logits_only = set(
-        "INIT KD_TRAINABLE KD_STEPS KD_LR KD_WARMUP_STEPS KD_TEMPERATURE KD_CE_WEIGHT KD_FRESH_TOKENS".split()
+        "INIT KD_TRAINABLE KD_STEPS KD_LR KD_WARMUP_STEPS KD_TEMPERATURE KD_CE_WEIGHT KD_FRESH_TOKENS PARALLEL "
+        "ACTIVATION_CHECKPOINTING".split()
     )
     return reporting | (logits_only if PHASE == "layerwise" else layerwise_only)
 
@@ -680,20 +687,27 @@ def calibrate_all(run, calls, students):
 
 # ---------------------------------------------------------------------------------------------- logits phase
 class LogitsModels(NamedTuple):
-    """The logits phase's models. KD_TRAINABLE=decoders: `model` is the teacher itself and the students
-    (`blocks`, {(layer, target): block}) are swapped in for the student pass. all: `model` is the student model
-    and `blocks` is empty."""
+    """The logits phase's models. `model` is the student model, `teacher` the frozen teacher (its weights in
+    Runtime.frozen_dtype). With KD_TRAINABLE=decoders and PARALLEL=ddp they share one backbone: `model` is the
+    teacher itself and the students (`blocks`, {(layer, target): block}) are swapped in for the student pass.
+    FSDP cannot shard one module for two models, so under fsdp the student model is a module of its own (the
+    init's backbone, frozen in the frozen dtype, with the students in place) and `blocks` is empty, as with
+    KD_TRAINABLE=all. Whatever requires grad trains: the students (decoders) or the whole student model (all)."""
 
     init: str  # the checkpoint the phase starts from
     resume_from: str | None  # the logits checkpoint it continues from (None: it starts at step 0)
     teacher: torch.nn.Module
     model: torch.nn.Module
     blocks: dict
-    params: list  # the parameters that train
+
+    def params(self):
+        """The parameters that train (under fsdp the sharded ones: call it after wrap_logits_models)."""
+        return [p for m in (self.model, *self.blocks.values()) for p in m.parameters() if p.requires_grad]
 
 
 def logits_inputs(run):
     """The logits phase's models, loaded and checked before the run folder exists."""
+    rt = run.rt
     init = INIT or os.path.join(run.out_dir, "final")
     if not INIT and not os.path.isdir(init):
         init = latest_checkpoint(run.out_dir, "layerwise")
@@ -703,41 +717,35 @@ def logits_inputs(run):
                 f"run the layer-wise phase first or pass --init CHECKPOINT"
             )
     resume_from = latest_checkpoint(run.out_dir, "logits") if RESUME else None
-    remedies = ["--kd-trainable decoders"] if KD_TRAINABLE == "all" else []
-    free = free_bytes("device", run.rt, ".")
-    check_memory(
-        run.rt, logits_memory(run.rt, resume_from or init), free, [*remedies, "a smaller --batch-size or --seq-len"]
-    )
-    teacher = load_model(TEACHER, run.rt.device).eval().requires_grad_(False)
-    source = load_model(resume_from or init, run.rt.device)
+    check_memory(rt, logits_memory(rt, resume_from or init), free_bytes("device", rt, "."), logits_remedies(rt))
+    load_on = parallel.load_device(rt, PARALLEL)
+    teacher = load_model(TEACHER, load_on, dtype=rt.frozen_dtype).eval().requires_grad_(False)
+    # decoders: the checkpoint is read on the host, whence only what trains moves to the device as it is (fp32)
+    source = load_model(resume_from or init, load_on if KD_TRAINABLE == "all" else "cpu")
     if source.config.vocab_size != teacher.config.vocab_size:
         fail(
             f"{init} has a vocabulary of {source.config.vocab_size:,} tokens and --teacher {TEACHER} one of "
             f"{teacher.config.vocab_size:,}: the KL compares their next-token distributions, which needs one "
             f"vocabulary; pass the teacher {init} was distilled from"
         )
-    if KD_TRAINABLE == "decoders":
-        # one backbone: the teacher's, with the students swapped in for the student pass
-        blocks = {(s["layer"], s["target"]): get_block(source, s["layer"], s["target"]) for s in student_specs(source)}
-        if not blocks:
-            fail(
-                f"{init} has no student decoders, so KD_TRAINABLE=decoders would train nothing; use --kd-trainable all"
-            )
-        differs = backbone_differs(teacher, source, blocks)
-        if differs:
-            fail(
-                f"{init}: its backbone differs from the teacher's ({differs[0]}, ...), so they cannot share it; "
-                f"use --kd-trainable all, or the --teacher the checkpoint was distilled from"
-            )
-        model = teacher
-        params = [p for b in blocks.values() for p in b.parameters()]
-    else:
-        model, blocks = source, {}
-        params = list(model.parameters())
-    del source
-    for p in params:
-        p.requires_grad_(True)
-    return LogitsModels(init, resume_from, teacher, model, blocks, params)
+    if KD_TRAINABLE == "all":
+        return LogitsModels(init, resume_from, teacher, source, {})
+    blocks = {(s["layer"], s["target"]): get_block(source, s["layer"], s["target"]) for s in student_specs(source)}
+    if not blocks:
+        fail(f"{init} has no student decoders, so KD_TRAINABLE=decoders would train nothing; use --kd-trainable all")
+    differs = backbone_differs(teacher, source, blocks)
+    if differs:
+        fail(
+            f"{init}: its backbone differs from the teacher's ({differs[0]}, ...), so they cannot share it; "
+            f"use --kd-trainable all, or the --teacher the checkpoint was distilled from"
+        )
+    if PARALLEL == "fsdp":  # the student model of its own: the backbone (the teacher's) cast and frozen, students out
+        with swapped(source, {key: torch.nn.Module() for key in blocks}):
+            source.requires_grad_(False).to(rt.frozen_dtype)
+        return LogitsModels(init, resume_from, teacher, source, {})
+    for block in blocks.values():
+        block.to(rt.device)
+    return LogitsModels(init, resume_from, teacher, teacher, blocks)
 
 
 def logits_memory(rt, source):
@@ -749,30 +757,58 @@ def logits_memory(rt, source):
         trained = sum(p.numel() for b in blocks for p in b.parameters())
     else:
         trained = sum(p.numel() for p in student.parameters())
-    plan = memory.Plan(tokens=BATCH_SIZE * SEQ_LEN, trained=trained, world_size=rt.world_size)
-    shared = KD_TRAINABLE == "decoders"  # the student model is the teacher's backbone with the students swapped in
+    plan = memory.Plan(
+        tokens=BATCH_SIZE * SEQ_LEN,
+        trained=trained,
+        frozen_bytes=rt.frozen_dtype.itemsize,
+        world_size=rt.world_size,
+        parallel=PARALLEL,
+        checkpointing=ACTIVATION_CHECKPOINTING,
+    )
+    shared = KD_TRAINABLE == "decoders" and PARALLEL == "ddp"  # the students swapped into the teacher's own backbone
     return memory.logits(memory.shape_of(teacher), memory.shape_of(student), plan, shared)
 
 
+def logits_remedies(rt):
+    """What makes the logits phase take less memory per GPU, of what this run does not do already."""
+    remedies = ["--kd-trainable decoders"] if KD_TRAINABLE == "all" else []
+    remedies += ["more GPUs with --parallel fsdp" if PARALLEL == "ddp" else "more GPUs"]
+    remedies += [] if ACTIVATION_CHECKPOINTING else ["--activation-checkpointing"]
+    return [*remedies, "a smaller --batch-size or --seq-len"]
+
+
 def backbone_differs(teacher, model, blocks):
-    """Names of non-student weights where `model` differs from the teacher (empty: shared backbone)."""
+    """Names of non-student weights where `model` differs from the teacher, compared in the teacher's dtype (empty:
+    shared backbone)."""
     prefixes = tuple(f"{block_path(model, i, t)}." for i, t in blocks)
     theirs = model.state_dict()
     return [
         k
         for k, v in teacher.state_dict().items()
-        if not k.startswith(prefixes) and (k not in theirs or not torch.equal(v, theirs[k]))
+        if not k.startswith(prefixes) and (k not in theirs or not torch.equal(v, theirs[k].to(v.device, v.dtype)))
     ]
+
+
+def wrap_logits_models(rt, models):
+    """ACTIVATION_CHECKPOINTING on the student model's layers; PARALLEL=fsdp shards the student model and the
+    teacher (each layer, then the root) over the ranks."""
+    if ACTIVATION_CHECKPOINTING:
+        parallel.checkpoint_layers(models.model)
+    if PARALLEL == "fsdp":
+        parallel.shard(models.teacher, rt)
+        parallel.shard(models.model, rt)
 
 
 def logits_phase(run, models, val):
     """KL(teacher || student) on next-token distributions, with its own optimizer and LR schedule."""
     rt, init = run.rt, models.init
     loader = train_loader(rt, models.model.config.vocab_size)
-    opt = new_optimizer(models.params, KD_LR)
+    wrap_logits_models(rt, models)
+    params = models.params()
+    opt = new_optimizer(params, KD_LR)
     step = 0
     if models.resume_from:
-        step = restore_training(load_state(models.resume_from), loader, opt)
+        step = restore_training(load_state(models.resume_from), loader, opt, models.model)
         if step >= KD_STEPS:
             rt.print(f"the logits phase is finished: {models.resume_from} is at step {step} of KD_STEPS={KD_STEPS}")
             return
@@ -782,9 +818,14 @@ def logits_phase(run, models, val):
         rt.print(f"reading fresh tokens after those {init} consumed (shard {loader.shard}, position {loader.pos:,})")
     tokens_per_step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * rt.world_size
     rt.print(
-        f"logits phase from {init}: trainable {KD_TRAINABLE} ({sum(p.numel() for p in models.params):,} "
+        f"logits phase from {init}: trainable {KD_TRAINABLE} ({sum(p.numel() for p in params):,} "
         f"parameters), {KD_STEPS} steps x {tokens_per_step:,} tokens, lr {KD_LR} (warmup {KD_WARMUP_STEPS}, "
-        f"cosine), temperature {KD_TEMPERATURE}, ce weight {KD_CE_WEIGHT}"
+        f"cosine), temperature {KD_TEMPERATURE}, ce weight {KD_CE_WEIGHT}; frozen weights in "
+        f"{str(rt.frozen_dtype).replace('torch.', '')}, trained ones in float32"
+    )
+    rt.print(
+        f"{f'{PARALLEL} over {rt.world_size} ranks' if rt.ddp else 'one process'}; activation checkpointing "
+        f"{'on' if ACTIVATION_CHECKPOINTING else 'off'}"
     )
     results = []  # one row per validation
     if step == 0:
@@ -794,7 +835,7 @@ def logits_phase(run, models, val):
     for s in bar:
         lr = lr_at(s, KD_STEPS, KD_LR, KD_WARMUP_STEPS, "cosine", MIN_LR_RATIO)
         loss_sum, kl_sum = logits_losses(rt, models, loader)
-        (norm,) = step_optimizer(rt, opt, [models.params], lr)
+        (norm,) = step_optimizer(rt, opt, [params], lr, reduced=PARALLEL == "fsdp")
         step = s + 1
         if s % LOG_EVERY == 0 or step == KD_STEPS:
             rec = {
@@ -818,11 +859,12 @@ def logits_phase(run, models, val):
 
 
 def logits_checkpoint(run, models, name, step, opt, loader):
-    """OUT/name: the student model (students swapped into the teacher with KD_TRAINABLE=decoders) and what resumes
-    the phase."""
+    """OUT/name: the student model (students swapped into the teacher with KD_TRAINABLE=decoders under ddp) and
+    what resumes the phase (under fsdp gathered from every rank)."""
     meta = {"phase": "logits", "step": step, "init": models.init, "kd_trainable": KD_TRAINABLE}
-    state = training_state(step, opt, loader)
-    write_checkpoint(run, name, models.model, models.blocks, meta, state, complete=name == "logits_final")
+    state = training_state(step, opt, loader, models.model)
+    complete = name == "logits_final" or KD_TRAINABLE == "all"  # else the students alone, on the teacher
+    write_checkpoint(run, name, models.model, models.blocks, meta, state, complete)
 
 
 def logits_losses(rt, models, loader):
@@ -833,6 +875,7 @@ def logits_losses(rt, models, loader):
         x, y = x.to(rt.device), y.to(rt.device)
         with torch.no_grad(), rt.autocast():
             ht = final_hidden(models.teacher, x)
+        # final_hidden before lm_head: under fsdp a model's forward gathers its root's weights, the head's among them
         with swapped(models.model, models.blocks), rt.autocast():
             loss, parts = kd_loss(
                 final_hidden(models.model, x),
@@ -957,11 +1000,12 @@ def new_optimizer(params, lr):
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
 
 
-def step_optimizer(rt, opt, groups, lr):
-    """Average grads over ranks, clip each student's grads on their own, set the LR, step.
-    Returns each group's grad norm (a tensor: no host sync here)."""
-    sync_grads(rt, [p for g in groups for p in g])
-    norms = [torch.nn.utils.clip_grad_norm_(g, GRAD_CLIP if GRAD_CLIP > 0 else float("inf")) for g in groups]
+def step_optimizer(rt, opt, groups, lr, reduced=False):
+    """Average grads over ranks (unless `reduced`: FSDP reduce-scatters them in backward), clip each student's grads
+    on their own, set the LR, step. Returns each group's grad norm (a tensor: no host sync here)."""
+    if not reduced:
+        sync_grads(rt, [p for g in groups for p in g])
+    norms = [parallel.clip_grad_norm(g, GRAD_CLIP if GRAD_CLIP > 0 else float("inf")) for g in groups]
     for g in opt.param_groups:
         g["lr"] = lr
     opt.step()
@@ -1058,13 +1102,14 @@ def hybrid_ce(rt, model, val, blocks=None):
 
 def write_checkpoint(run, name, model, blocks, meta, state, complete=False):
     """Rank 0 writes OUT/name with `blocks` ({(layer, target): student}) swapped into the model: every weight when
-    `complete` (final, logits_final) or the model is not the teacher's, else the students alone on the teacher."""
+    `complete` (final, logits_final, a model whose backbone trained), else the students alone on the teacher. A
+    sharded model's weights are gathered to rank 0 from every rank first."""
+    weights = parallel.full_state_dict(model) if parallel.is_sharded(model) else None
     if run.rt.master:
-        teacher = None if complete or not blocks else run.teacher
+        teacher = None if complete else run.teacher
         with swapped(model, blocks):
-            save_checkpoint(
-                os.path.join(run.out_dir, name), model, {"script": "distill.py", **meta}, state, teacher=teacher
-            )
+            folder = os.path.join(run.out_dir, name)
+            save_checkpoint(folder, model, {"script": "distill.py", **meta}, state, teacher=teacher, weights=weights)
         if KEEP_LAST > 0:
             for old in list_checkpoints(run.out_dir, meta["phase"])[:-KEEP_LAST]:
                 if os.path.basename(old) != "final":

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import students
+from common import parallel, students
 from common.checkpoint import (
     check_unchanged,
     latest_checkpoint,
@@ -71,7 +71,9 @@ LOG_EVERY = 10                  # print a step line every this many steps (metri
 SAVE_EVERY = 500                # checkpoint every this many steps and at the end; 0 = only at the end
 KEEP_LAST = 3                   # keep the newest this many checkpoints; 0 = keep all
 # system
-COMPILE = True                  # torch.compile the model on GPUs (CPU stays eager: compiling costs more than it saves)
+PARALLEL = "ddp"                # ddp: each rank holds the whole model; fsdp: FSDP2 shards it over the ranks (torchrun)
+ACTIVATION_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, ~1/3 more compute
+COMPILE = True                  # torch.compile the model on GPUs under ddp (CPU stays eager: compiling costs more)
 DTYPE = "auto"                  # auto: bf16 autocast with fp32 master weights on GPUs, fp32 on CPU; float32, bfloat16
 SEED = 1337                     # weight initialisation (--from-scratch) and any randomness in the model
 # fmt: on
@@ -85,7 +87,7 @@ def check_constants():
     at_least_0 = "GRAD_ACCUM WARMUP_STEPS WEIGHT_DECAY GRAD_CLIP VAL_EVERY LOG_EVERY SAVE_EVERY KEEP_LAST".split()
     check_ranges(
         globals(),
-        choices={"SCHEDULE": ("cosine", "wsd", "constant")},
+        choices={"SCHEDULE": ("cosine", "wsd", "constant"), "PARALLEL": parallel.MODES},
         at_least={**dict.fromkeys(at_least_1, 1), **dict.fromkeys(at_least_0, 0)},
         notes={
             "GRAD_ACCUM": " (0: TOTAL_BATCH_TOKENS / (BATCH_SIZE x SEQ_LEN x ranks))",
@@ -103,6 +105,7 @@ def check_constants():
 check_constants()
 try:
     rt = Runtime(dtype=DTYPE)
+    parallel.check(PARALLEL, rt.world_size)
 except ValueError as e:
     fail(e)
 cuda = rt.device.type == "cuda"
@@ -147,6 +150,7 @@ may_change = {
     "BATCH_SIZE",
     "GRAD_ACCUM",
     "grad_accum",
+    "ACTIVATION_CHECKPOINTING",
     "COMPILE",
     "DTYPE",
     "VAL_EVERY",
@@ -181,11 +185,12 @@ def open_run():
 # a resumed run locks its folder before reading its checkpoints: a run still going there would change them
 run_id = open_run() if RESUME else None
 
-# the model: from the run's latest checkpoint when resuming, else INIT
+# the model: from the run's latest checkpoint when resuming, else INIT (under fsdp on the host: sharding moves it)
 ckpt = latest_checkpoint(OUT_DIR, phase="train") if RESUME else None
+load_on = parallel.load_device(rt, PARALLEL)
 try:
     if ckpt:
-        model = load_model(ckpt, device=rt.device)
+        model = load_model(ckpt, device=load_on)
         state = load_state(ckpt)
     elif FROM_SCRATCH:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -196,9 +201,9 @@ try:
             )
         model = AutoModelForCausalLM.from_config(
             AutoConfig.from_pretrained(INIT), dtype=torch.float32, attn_implementation="sdpa"
-        ).to(rt.device)
+        ).to(load_on)
     else:
-        model = load_model(INIT, device=rt.device)
+        model = load_model(INIT, device=load_on)
     transformer_layers(model)  # every checkpoint records the model's students: a model the swap does not know fails now
 except (OSError, ValueError) as e:
     fail(e)
@@ -239,8 +244,23 @@ if VAL_EVERY and not 1 <= val_steps <= val_total // micro_tokens:
     )
 val_batches = [val_loader.next_batch() for _ in range(val_steps)]  # the same tokens at every validation
 
+# the model as it trains: fsdp shards it (so its parameters change: the optimizer comes after), ddp compiles it on
+# GPUs and replicates it; raw_model is the module itself, for validation and checkpoints
+raw_model = model
+compiled = COMPILE and cuda and PARALLEL == "ddp"
+if ACTIVATION_CHECKPOINTING:
+    parallel.checkpoint_layers(model)
+if PARALLEL == "fsdp":
+    parallel.shard(model, rt)
+else:
+    if compiled:
+        model = torch.compile(model)
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if cuda else None)
+        model.broadcast_buffers = False  # the only buffers, rotary tables, never change: no broadcast every forward
+
 # the optimizer: AdamW with weight decay on matrices only; fused kernels on GPUs
-params = [p for p in model.parameters() if p.requires_grad]
+params = [p for p in raw_model.parameters() if p.requires_grad]
 optimizer = torch.optim.AdamW(
     [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
@@ -252,24 +272,18 @@ optimizer = torch.optim.AdamW(
 )
 
 # resume: optimizer moments, the step, the data position and RNG (the LR is a pure function of the step)
-start_step = restore_training(state, train_loader, optimizer) if ckpt else 0
+start_step = restore_training(state, train_loader, optimizer, raw_model) if ckpt else 0
 
 # a new run's folder is created only now that the model and the data are known to be good
 if not RESUME:
     run_id = open_run()
 log = RunLog(rt, OUT_DIR)
 
-raw_model = model
-if COMPILE and cuda:
-    model = torch.compile(model)
-if rt.ddp:
-    model = DDP(model, device_ids=[rt.local_rank] if cuda else None)
-    model.broadcast_buffers = False  # the only buffers, rotary tables, never change: no broadcast every forward
-
 rt.print(
     f"model: {ckpt or INIT}{' (fresh weights)' if FROM_SCRATCH and not ckpt else ''}: {n_params / 1e6:.1f}M "
     f"parameters, {cfg.num_hidden_layers} layers, {n_students} student decoders; {rt.device} x {rt.world_size} "
-    f"rank(s), {str(rt.dtype).replace('torch.', '')}, compile {'on' if COMPILE and cuda else 'off'}"
+    f"rank(s), {PARALLEL}, {str(rt.dtype).replace('torch.', '')}, compile {'on' if compiled else 'off'}, "
+    f"activation checkpointing {'on' if ACTIVATION_CHECKPOINTING else 'off'}"
 )
 rt.print(
     f"batch: {BATCH_SIZE} seqs x {SEQ_LEN} tokens x {grad_accum} micro-steps x {rt.world_size} rank(s) = "
@@ -358,16 +372,16 @@ def out_of_memory(step):
 
 
 def save(step):
+    """Rank 0 writes OUT_DIR/stepNNNNNN and keeps the newest KEEP_LAST; every rank calls this, as under fsdp the
+    weights and optimizer state are gathered to rank 0 from all of them first. Returns the folder."""
     folder = os.path.join(OUT_DIR, f"step{step:06d}")
-    save_checkpoint(
-        folder,
-        raw_model,
-        meta={"script": "train.py", "phase": "train", "step": step, "run_id": run_id, "init": INIT},
-        state=training_state(step, optimizer, train_loader),
-        keep_tokenizer_from=INIT,
-    )
-    for old in list_checkpoints(OUT_DIR, phase="train")[:-KEEP_LAST]:
-        shutil.rmtree(old)
+    state = training_state(step, optimizer, train_loader, raw_model)
+    weights = parallel.full_state_dict(raw_model) if parallel.is_sharded(raw_model) else None
+    if rt.master:
+        meta = {"script": "train.py", "phase": "train", "step": step, "run_id": run_id, "init": INIT}
+        save_checkpoint(folder, raw_model, meta, state, keep_tokenizer_from=INIT, weights=weights)
+        for old in list_checkpoints(OUT_DIR, phase="train")[:-KEEP_LAST]:
+            shutil.rmtree(old)
     return folder
 
 
@@ -396,13 +410,14 @@ with exit_when_disk_full(OUT_DIR):  # one line saying how to continue, not a tra
         try:
             step_loss = torch.zeros((), device=rt.device)
             for micro in range(grad_accum):
-                # DDP all-reduces the gradients on the last micro-step only
-                skip_sync = rt.ddp and micro < grad_accum - 1
+                # DDP all-reduces the gradients on the last micro-step only; FSDP reduce-scatters them at every
+                # one, keeping only its shard of their sum
+                skip_sync = isinstance(model, DDP) and micro < grad_accum - 1
                 with model.no_sync() if skip_sync else contextlib.nullcontext():
                     loss = loss_on(*get_batch(train_loader)) / grad_accum
                     loss.backward()
                 step_loss += loss.detach()
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP or math.inf)
+            norm = parallel.clip_grad_norm(params, GRAD_CLIP or math.inf)
             optimizer.step()
         except torch.OutOfMemoryError:
             out_of_memory(step + 1)
@@ -417,8 +432,7 @@ with exit_when_disk_full(OUT_DIR):  # one line saying how to continue, not a tra
             pending = []
             if validate:
                 log_validation(steps_done)
-            if checkpoint and rt.master:
-                folder = save(steps_done)
-                rt.print(f"saved {folder}")
+            if checkpoint:
+                rt.print(f"saved {save(steps_done)}")
             t_last = time.perf_counter()  # tokens/s counts training only, not validation or saving
 rt.close()

@@ -27,6 +27,7 @@ import shutil
 import sys
 import uuid
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -39,6 +40,7 @@ from transformers import PreTrainedConfig
 
 from common.files import read_json, write_json_atomic
 from common.kd import check_head
+from common.parallel import load_optimizer_state, optimizer_state
 from common.runtime import get_rng_state, set_rng_state
 from common.shards import TokenLoader
 from common.students import make_student
@@ -56,9 +58,12 @@ TEACHER_REF = "teacher.json"  # in a checkpoint that holds only its students: th
 LOCK = "run.lock"  # in a run folder: flock'ed by the process running it, holds that process's pid
 
 
-def load_model(folder: str, device: str | torch.device = "cpu", trust_remote_code: bool = False) -> nn.Module:
-    """A ready fp32 model from a checkpoint folder or a Hugging Face model folder, students in place, with the
+def load_model(
+    folder: str, device: str | torch.device = "cpu", trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
+) -> nn.Module:
+    """A ready model from a checkpoint folder or a Hugging Face model folder, students in place, with the
     attention implementation transformers picks for its family (SDPA where it can, eager where the family needs it).
+    Its weights are in `dtype`: fp32 by default, bf16 for a frozen model on GPUs (Runtime.frozen_dtype).
     Raises ValueError, one line, for a folder that would load wrong: weights that do not fit its config, a
     students.json that does not fit the model, code it would have to run, a model that is not a decoder-only causal
     LM, or one whose logits common/kd.py cannot reproduce."""
@@ -69,21 +74,21 @@ def load_model(folder: str, device: str | torch.device = "cpu", trust_remote_cod
     students_path = os.path.join(folder, "students.json")
     weights = os.path.join(folder, "model.safetensors")
     if os.path.exists(os.path.join(folder, TEACHER_REF)):  # the students alone, on the teacher they came from
-        model = load_model(checked_teacher(folder), trust_remote_code=trust_remote_code)
+        model = load_model(checked_teacher(folder), trust_remote_code=trust_remote_code, dtype=dtype)
         add_students(model, students_path)
         load_students_only(model, weights)
     elif not os.path.exists(students_path):
         with transformers_loading(folder):
             model, loading = AutoModelForCausalLM.from_pretrained(
                 folder,
-                dtype=torch.float32,
+                dtype=dtype,
                 trust_remote_code=trust_remote_code,
                 output_loading_info=True,
                 ignore_mismatched_sizes=True,
             )
         check_loaded(folder, loading)
     else:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         add_students(model, students_path)
         load_whole(model, weights)
     model = model.to(device)
@@ -109,12 +114,12 @@ def read_config(folder: str, trust_remote_code: bool = False) -> PreTrainedConfi
 
 
 def add_students(model: nn.Module, students_path: str) -> None:
-    """Swap a new student of each spec of students.json ({layer, target, kind, kwargs}) into the model."""
+    """Swap a new student of each spec of students.json ({layer, target, kind, kwargs}) into the model, in the
+    model's dtype."""
     for s in read_student_specs(students_path, model):
         teacher = get_block(model, s["layer"], s["target"])
-        set_block(
-            model, s["layer"], s["target"], make_student(s["target"], s["kind"], teacher, model.config, **s["kwargs"])
-        )
+        student = make_student(s["target"], s["kind"], teacher, model.config, **s["kwargs"]).to(model.dtype)
+        set_block(model, s["layer"], s["target"], student)
 
 
 def load_whole(model: nn.Module, weights: str) -> None:
@@ -131,10 +136,11 @@ def load_whole(model: nn.Module, weights: str) -> None:
         ) from None
 
 
-def student_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state_dict entries of the model's students (what a checkpoint on its teacher holds)."""
+def student_weights(model: nn.Module, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The state_dict entries of the model's students (what a checkpoint on its teacher holds), from `weights` when
+    given (the model's state dict gathered from its shards)."""
     prefixes = tuple(f"{block_path(model, s['layer'], s['target'])}." for s in student_specs(model))
-    return {k: v for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    return {k: v for k, v in (model.state_dict() if weights is None else weights).items() if k.startswith(prefixes)}
 
 
 def load_students_only(model: nn.Module, weights: str) -> None:
@@ -308,20 +314,31 @@ def load_state(folder: str) -> dict:
         ) from None
 
 
-def restore_training(state: dict, loader: TokenLoader, optimizer: torch.optim.Optimizer | None = None) -> int:
+def restore_training(
+    state: dict, loader: TokenLoader, optimizer: torch.optim.Optimizer | None = None, model: nn.Module | None = None
+) -> int:
     """Continue where a checkpoint's state.pt left off: the data position, the RNG and, when given, the optimizer's
-    moments. Returns the step it was saved at (the LR schedule is a pure function of the step)."""
+    moments (`model`: the sharded model it steps, under FSDP). Returns the step it was saved at (the LR schedule is
+    a pure function of the step)."""
     loader.load_state(state["loader"])
     set_rng_state(state["rng"])
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"], model)
     return state["step"]
 
 
-def training_state(step: int, optimizer: torch.optim.Optimizer, loader: TokenLoader) -> dict:
+def training_state(
+    step: int, optimizer: torch.optim.Optimizer, loader: TokenLoader, model: nn.Module | None = None
+) -> dict:
     """What a checkpoint's state.pt holds to resume exactly: the step, the optimizer's moments, the data position
-    and the RNG (restore_training puts them back)."""
-    return {"step": step, "optimizer": optimizer.state_dict(), "loader": loader.state(), "rng": get_rng_state()}
+    and the RNG (restore_training puts them back). `model`: the sharded model the optimizer steps, under FSDP,
+    whose optimizer state is gathered whole (a collective: every rank calls this)."""
+    return {
+        "step": step,
+        "optimizer": optimizer_state(optimizer, model),
+        "loader": loader.state(),
+        "rng": get_rng_state(),
+    }
 
 
 def save_checkpoint(
@@ -331,10 +348,12 @@ def save_checkpoint(
     state: dict | None = None,
     keep_tokenizer_from: str | None = None,
     teacher: dict | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write a checkpoint folder atomically (temp folder, then rename); replaces one of the same name. With
     `teacher` (teacher_ref(TEACHER_FOLDER)), it holds only the students' weights and that reference: a layer's
-    checkpoint costs the students' bytes, not the model's."""
+    checkpoint costs the students' bytes, not the model's. `weights`: the whole state dict to take them from instead
+    of the model's own (a sharded model's, gathered: common.parallel.full_state_dict)."""
     parent = os.path.dirname(os.path.abspath(folder))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".tmp_{os.path.basename(folder)}_{os.getpid()}")
@@ -342,10 +361,11 @@ def save_checkpoint(
     os.makedirs(tmp)
     try:
         model.config.save_pretrained(tmp)
-        if teacher is None:
-            save_safetensors_model(model, os.path.join(tmp, "model.safetensors"))
+        if teacher is None:  # save_model asks its model for state_dict() alone, and writes shared tensors once
+            holder = model if weights is None else SimpleNamespace(state_dict=lambda: weights)
+            save_safetensors_model(holder, os.path.join(tmp, "model.safetensors"))
         else:
-            tensors = {k: v.detach().contiguous() for k, v in student_weights(model).items()}
+            tensors = {k: v.detach().contiguous() for k, v in student_weights(model, weights).items()}
             save_safetensors_file(tensors, os.path.join(tmp, "model.safetensors"))
             write_json_atomic(os.path.join(tmp, TEACHER_REF), teacher)
         write_json_atomic(os.path.join(tmp, "students.json"), student_specs(model))

@@ -66,15 +66,17 @@ def lm_head(model: nn.Module) -> Head:
 @torch.no_grad()
 def check_head(model: nn.Module, tokens: int = 8) -> None:
     """Raise ValueError unless lm_head(model) applied to final_hidden gives the model's own logits (a family whose
-    logit transform this module does not know would otherwise be scored and distilled wrongly)."""
-    device = model.get_output_embeddings().weight.device
-    ids = torch.arange(1, tokens + 1, device=device)[None] % model.config.vocab_size
+    logit transform this module does not know would otherwise be scored and distilled wrongly). A model held in
+    bf16 rounds its own logits to bf16: the tolerance is then a few of its rounding steps."""
+    weight = model.get_output_embeddings().weight
+    ids = torch.arange(1, tokens + 1, device=weight.device)[None] % model.config.vocab_size
     training = model.training
     model.eval()  # no dropout (GPT-2 has some)
     theirs = model(input_ids=ids, use_cache=False).logits[0].float()
     ours = lm_head(model).logits(final_hidden(model, ids)[0], torch.float32, torch.float32)
     model.train(training)
-    if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4 * max(1.0, theirs.abs().max().item())):
+    tol = 1e-4 if weight.dtype == torch.float32 else 4 * torch.finfo(weight.dtype).eps
+    if not torch.allclose(ours, theirs, rtol=tol, atol=tol * max(1.0, theirs.abs().max().item())):
         raise ValueError(
             f"{type(model).__name__}: its logits are not softcap(scale * (hidden @ head.T + bias)) "
             f"(max difference {(ours - theirs).abs().max().item():.3g}); add its logit transform to common/kd.py"
@@ -83,8 +85,18 @@ def check_head(model: nn.Module, tokens: int = 8) -> None:
 
 def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The hidden states the LM head sees (B, T, d): the base model's last_hidden_state, which in transformers 5.x
-    is already through the final norm."""
-    return model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    is already through the final norm, taken from the model's own forward asked for the logits of no position.
+    The model's forward and not its base model's, because under FSDP2 (common/parallel.py) the root module's
+    forward is what gathers the root's weights (embeddings, final norm, head): the root keeps them whole after its
+    forward, so lm_head(model) then gives the whole head to the loss, and reduce-scatters their gradients after
+    backward. On a model that is not sharded it is the same computation."""
+    seen = []
+    hook = model.base_model.register_forward_hook(lambda module, args, out: seen.append(out.last_hidden_state))
+    try:
+        model(input_ids=ids, use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device))
+    finally:
+        hook.remove()
+    return seen[0]
 
 
 def _dtypes(hidden, weight):

@@ -48,6 +48,7 @@ class Plan(NamedTuple):
     frozen_bytes: int = 4  # bytes of a frozen weight, and of a weight FSDP gathers: 2 in bf16 on GPUs, 4 in fp32
     world_size: int = 1
     parallel: str = "ddp"  # ddp: every GPU holds the whole models; fsdp: weights and their states split over GPUs
+    checkpointing: bool = False  # activation checkpointing: a layer keeps its input alone, and recomputes in backward
 
     def shards(self) -> int:
         return self.world_size if self.parallel == "fsdp" else 1
@@ -85,7 +86,10 @@ def meta_model(folder: str) -> nn.Module:
 
 
 def activations(shape: Shape, plan: Plan, layers: int) -> int:
-    """What `layers` layers keep for backward over one micro-batch."""
+    """What `layers` layers keep for backward over one micro-batch; with activation checkpointing each keeps its
+    input (fp32 at most) and one layer at a time holds the rest, recomputed."""
+    if plan.checkpointing:
+        return 4 * plan.tokens * shape.hidden * layers + ACTIVATION_BYTES * plan.tokens * shape.hidden
     return ACTIVATION_BYTES * plan.tokens * shape.hidden * layers
 
 
@@ -94,12 +98,13 @@ def head_chunks(shape: Shape, plan: Plan, buffers: int) -> int:
     return buffers * min(plan.tokens, CHUNK_TOKENS) * shape.vocab * 4
 
 
-def gathered(shape: Shape, plan: Plan) -> int:
-    """FSDP: whole weights in flight on a GPU: two layers (the one computing and the one prefetched) and the root
-    (embeddings, final norm, head), which stays whole from its forward to its backward. Nothing under ddp."""
+def gathered(plan: Plan, *models: Shape) -> int:
+    """FSDP: whole weights in flight on a GPU: two layers (the one computing and the one prefetched) and the root of
+    each model (embeddings, final norm, head), which FSDP keeps whole after the root's forward (until its backward;
+    a frozen teacher's, which has none, until a checkpoint reshards it). Nothing under ddp."""
     if plan.parallel != "fsdp":
         return 0
-    return plan.frozen_bytes * (2 * shape.layer_params + shape.outside_layers())
+    return plan.frozen_bytes * (2 * max(m.layer_params for m in models) + sum(m.outside_layers() for m in models))
 
 
 def layerwise(teacher: Shape, plan: Plan, students: int, teacher_on: str, cache_bytes: int) -> dict[str, int]:
@@ -123,7 +128,7 @@ def logits(teacher: Shape, student: Shape, plan: Plan, shared_backbone: bool) ->
     return {
         "frozen": plan.frozen_bytes * frozen // plan.shards(),
         "trained": ADAMW_BYTES * plan.trained // plan.shards(),
-        "gathered": gathered(student, plan),
+        "gathered": gathered(plan, teacher, student),
         "activations": activations(student, plan, student.layers),  # the student's forward and backward
         "head chunks": head_chunks(student, plan, KD_BUFFERS),
     }
@@ -133,7 +138,7 @@ def train(shape: Shape, plan: Plan) -> dict[str, int]:
     """train.py: every parameter trains; the loss is a plain cross-entropy over the whole logits."""
     return {
         "trained": ADAMW_BYTES * shape.params // plan.shards(),
-        "gathered": gathered(shape, plan),
+        "gathered": gathered(plan, shape),
         "activations": activations(shape, plan, shape.layers),
         "logits": LOGITS_BUFFERS * plan.tokens * shape.vocab * 4,
     }

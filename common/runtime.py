@@ -24,7 +24,9 @@ _T = TypeVar("_T")  # master_only's result
 class Runtime:
     """rank/world from torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE), the device, and
     the autocast context: bf16 autocast with fp32 master weights on GPUs, plain fp32 on CPU
-    (bf16 is emulated there and far slower)."""
+    (bf16 is emulated there and far slower). `frozen_dtype` is the dtype weights that never train (a frozen
+    teacher or backbone) are held in: bf16 on GPUs computing in bf16 (2 bytes a parameter instead of 4), fp32
+    elsewhere; trainable weights are always fp32."""
 
     def __init__(self, device: str = "auto", dtype: str = "auto") -> None:
         self.rank = int(os.environ.get("RANK", 0))
@@ -43,6 +45,8 @@ class Runtime:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"DTYPE must be float32, bfloat16 or float16, got {dtype!r}")
         self.dtype = getattr(torch, dtype)
+        cuda_bf16 = self.device.type == "cuda" and self.dtype == torch.bfloat16
+        self.frozen_dtype = torch.bfloat16 if cuda_bf16 else torch.float32
         self.master = self.rank == 0
 
     def autocast(self) -> contextlib.AbstractContextManager:

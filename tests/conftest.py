@@ -188,6 +188,22 @@ def tiny_data_dir(tmp_path_factory):
     return make_data_dir(str(tmp_path_factory.mktemp("tiny_data")))
 
 
+@pytest.fixture(scope="session")
+def init_dir(teacher_dir, tmp_path_factory):
+    """A layer-wise checkpoint to start distill.py's logits phase from: the teacher with half-width pruned students
+    in every FFN."""
+    from common.checkpoint import load_model, save_checkpoint
+    from common.students import make_student
+    from common.swap import get_block, set_block
+
+    model = load_model(teacher_dir)
+    for i in range(model.config.num_hidden_layers):
+        set_block(model, i, "mlp", make_student("mlp", "pruned", get_block(model, i, "mlp"), model.config))
+    folder = str(tmp_path_factory.mktemp("init") / "final")
+    save_checkpoint(folder, model, {"phase": "layerwise", "step": 0})
+    return folder
+
+
 # A script run in a subprocess that sends itself a signal (SIGKILL: a kill) right after its metrics.jsonl gets a
 # record for which an expression over `record` is true: a signal at a fixed point of the run, with no polling race.
 _KILLED_RUN = """
@@ -204,12 +220,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run_killed(script_args, kill_when, signal_name="SIGKILL", **kwargs):
+def run_killed(script_args, kill_when, signal_name="SIGKILL", launcher=(sys.executable,), **kwargs):
     """python SCRIPT ARGS (script_args) in a subprocess that gets the signal `signal_name` right after it logs a
-    metrics record for which `kill_when` (a Python expression over `record`) is true; returns the CompletedProcess."""
+    metrics record for which `kill_when` (a Python expression over `record`) is true; returns the CompletedProcess.
+    `launcher`: the command that runs python (under torchrun: torchrun ... --no-python python, and every rank gets
+    the signal there, as all ranks log the same records)."""
     code = _KILLED_RUN.format(kill_when=kill_when, signal_name=signal_name)
     return subprocess.run(
-        [sys.executable, "-c", code, *script_args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kwargs
+        [*launcher, "-c", code, *script_args], cwd=ROOT, capture_output=True, text=True, timeout=300, **kwargs
     )
 
 

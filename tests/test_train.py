@@ -456,15 +456,22 @@ def test_constants_out_of_range_are_one_line_before_the_run_folder(
     assert not os.path.exists(out)
 
 
-def test_a_model_type_the_swap_does_not_know_is_refused_at_the_start(tiny_data_dir, tmp_path):
-    """Checkpoints record the model's students, which the swap finds: a GPT-2 trained until its first checkpoint
-    and then crashed."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_gpt2_trains_and_checkpoints_and_a_non_decoder_is_refused_at_the_start(tiny_data_dir, tmp_path):
+    """Checkpoints record the model's students, which the swap finds in any family: a GPT-2 trained until its first
+    checkpoint and then crashed. A model that is not a decoder-only LM is refused before anything runs."""
+    from transformers import GPT2Config, GPT2LMHeadModel, T5Config
+
+    from common.checkpoint import load_model
 
     folder = str(tmp_path / "gpt2")
     GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=32, n_layer=2, n_head=2)).save_pretrained(folder)
     out = str(tmp_path / "run")
-    assert "model type 'gpt2' is not supported" in train_error(SMALL, folder, tiny_data_dir, out)
+    run_train(SMALL, folder, tiny_data_dir, out)
+    assert type(load_model(os.path.join(out, "step000002"))).__name__ == "GPT2LMHeadModel"
+    t5 = str(tmp_path / "t5")
+    T5Config().save_pretrained(t5)
+    out = str(tmp_path / "run_t5")
+    assert "t5 is an encoder-decoder model" in train_error(SMALL, t5, tiny_data_dir, out)
     assert not os.path.exists(out)
 
 

@@ -205,13 +205,11 @@ class PrototypeMLP(nn.Module):
     ) -> None:
         super().__init__()
         if not 0 < scale < math.inf:
-            raise ValueError(f"scale must be > 0 (the width as a fraction of the teacher's), got {scale}")
+            raise ValueError(f"prototype student: scale must be > 0 (its width over the teacher FFN's), got {scale}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} unknown; use {', '.join(ACTIVATIONS)}")
         if ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
-        if not scale > 0:
-            raise ValueError(f"prototype student: scale must be > 0 (its width over the teacher FFN's), got {scale}")
         self.ridge = ridge
         d = config.hidden_size
         self.width = max(1, int(round(scale * ffn_layout(teacher, d).width)))
@@ -272,13 +270,11 @@ class PrunedMLP(nn.Module):
     ) -> None:
         super().__init__()
         if not 0 < scale <= 1:
-            raise ValueError(f"scale must be in (0, 1] (the fraction of the teacher's channels to keep), got {scale}")
+            raise ValueError(f"pruned student: scale must be in (0, 1] (the share of channels it keeps), got {scale}")
         if importance not in ("activation", "weight"):
             raise ValueError(f"importance must be 'activation' or 'weight', got {importance!r}")
         if ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
-        if not scale > 0:
-            raise ValueError(f"pruned student: scale must be > 0 (the share of channels it keeps), got {scale}")
         self.importance, self.refit, self.ridge = importance, refit, ridge
         self.layout = ffn_layout(teacher, config.hidden_size)
         if self.layout.experts and importance == "activation":
