@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import parallel
+from common import memory, parallel
 from common.checkpoint import (
     check_unchanged,
     latest_checkpoint,
@@ -54,7 +54,7 @@ from common.config import check_ranges, exit_on_stop_signals, exit_when_disk_ful
 from common.evaluate import evaluate
 from common.files import read_json, write_json_atomic
 from common.kd import final_hidden, kd_loss, lm_head
-from common.latent_cache import LatentCache, free_bytes, place_cache
+from common.latent_cache import LatentCache, cache_bytes, free_bytes, place_cache
 from common.offload import offload_layers, resident
 from common.plots import run_png
 from common.runtime import RunLog, Runtime, environment, get_rng_state, lr_at
@@ -300,8 +300,9 @@ def may_change_on_resume():
 # ---------------------------------------------------------------------------------------------- layer-wise phase
 def layerwise_inputs(rt):
     """The teacher, the layers to distill and the val batches, with a student of the kind asked for built once
-    and the data opened: everything the phase needs, checked before the run folder exists."""
-    model = place_teacher(rt, load_model(TEACHER).eval().requires_grad_(False))
+    and the data opened: everything the phase needs, checked before the run folder exists. The teacher is read into
+    host memory and placed once the phase's memory estimate is found to fit."""
+    model = load_model(TEACHER).eval().requires_grad_(False)
     check_target(model, TARGET)
     layers = LAYERS if LAYERS else list(range(len(transformer_layers(model))))
     check_layers(model, layers)
@@ -313,21 +314,58 @@ def layerwise_inputs(rt):
         fail(f"CONVERT must be 1..{len(layers)} (of the layers to choose from; 0 = half of them), got {CONVERT}")
     check_no_students(model, layers)
     with torch.random.fork_rng(devices=[]):  # STUDENT_KIND, STUDENT_KWARGS and TRAINABLE; the RNG is left as it was
-        trainable_params(make_students(model, layers[:1])[layers[0]], f"layer {layers[0]}")
-    return model, layers, check_data(rt, model.config.vocab_size)
+        student = make_students(model, layers[:1])[layers[0]]
+        trainable_params(student, f"layer {layers[0]}")
+    val = check_data(rt, model.config.vocab_size)
+    model = place_teacher(rt, model, lambda where: layerwise_memory(rt, model, layers, student, len(val), where))
+    return model, layers, val
 
 
-def place_teacher(rt, model):
+def place_teacher(rt, model, estimate):
     """The teacher on the device, or (TEACHER_ON=host) with its decoder layers in host memory, each visiting the
-    device while it computes (common/offload.py)."""
+    device while it computes (common/offload.py); TEACHER_ON=auto keeps it on the device when the phase fits there.
+    `estimate(where)` is the phase's memory estimate with the teacher's layers there, printed and checked first."""
+    held = memory.model_bytes(model) if rt.device.type == "cpu" else 0  # on a CPU the teacher takes device memory
+    free = free_bytes("device", rt, ".") + held  # already: free is what the phase has, the teacher counted in it
     where = TEACHER_ON
     if where == "auto":
-        layer_bytes = sum(p.numel() * p.element_size() for p in transformer_layers(model).parameters())
-        where = "host" if rt.device.type == "cuda" and layer_bytes > 0.5 * free_bytes("device", rt, ".") else "device"
+        where = "host" if rt.device.type == "cuda" and sum(estimate("device").values()) > free else "device"
+    terms = estimate(where)
+    cuda = rt.device.type == "cuda"
+    remedies = ["--teacher-on host"] if cuda and where == "device" else []
+    remedies += [f"--latent-cache {'host' if cuda else 'disk'}"] if terms["latent cache"] else []
+    check_memory(rt, terms, free, [*remedies, "a smaller --batch-size or --seq-len"])
     if where == "host":
         rt.print(f"teacher layers in host memory, one at a time on {rt.device} (TEACHER_ON={TEACHER_ON})")
         return offload_layers(model, rt.device)
     return model.to(rt.device)
+
+
+def layerwise_memory(rt, model, layers, student, n_val, teacher_on):
+    """common.memory's estimate of the layer-wise phase on one GPU with the teacher's layers on `teacher_on`: a
+    student like `student` in each of `layers`, one training at a time in a rotation and all at once in the parallel
+    schedule, and the latent cache where it is sure to be on the device (LATENT_CACHE=auto on a GPU puts it there
+    only when it fits what the rest leaves)."""
+    trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    plan = memory.Plan(
+        tokens=BATCH_SIZE * SEQ_LEN,
+        trained=trained * (len(layers) if SCHEDULE == "parallel" else 1),
+        frozen_bytes=next(model.parameters()).element_size(),
+    )
+    cache_on_device = LATENT_CACHE == "device" or (rt.device.type == "cpu" and LATENT_CACHE != "disk")
+    cache = cache_bytes(latent_tokens(rt, n_val), model.config.hidden_size) if cache_on_device else 0
+    students = len(layers) * sum(p.numel() for p in student.parameters())
+    return memory.layerwise(memory.shape_of(model), plan, students, teacher_on, cache)
+
+
+def check_memory(rt, terms, free, remedies):
+    """Print the phase's memory estimate per GPU ({term: bytes}, common/memory.py) beside the `free` bytes of the
+    device, and stop in one line that names the `remedies` when it is more."""
+    estimate, free_on = memory.describe(terms), f"{memory.size(free)} free on {rt.device}"
+    rt.print(f"memory estimate of the {PHASE} phase: {estimate} ({free_on})")
+    if sum(terms.values()) > free:
+        remedy = " or ".join([", ".join(remedies[:-1]), remedies[-1]] if len(remedies) > 1 else remedies)
+        fail(f"the {PHASE} phase needs about {estimate}, and there are {free_on}; use {remedy}")
 
 
 def check_no_students(teacher, layers):
@@ -387,10 +425,8 @@ def train_rotation(run, calls, layers, val, teacher_ce):
     """One layer at a time over a cached teacher stream; a checkpoint after each layer. Returns the students,
     the per-layer rows, the step count and the last checkpoint's training state."""
     rt, model = run.rt, calls.model
-    # per rank: one layer's steps, each token once, extended when calibration wants more tokens
-    n_seq = max(STEPS_PER_LAYER * GRAD_ACCUM, calib_batches(rt)) * BATCH_SIZE
-    cache_tokens = SEQ_LEN * (n_seq + len(val) * BATCH_SIZE)  # the rotation's and the val cache
-    where = place_cache(rt, cache_tokens, model.config.hidden_size, LATENT_CACHE, run.out_dir)
+    n_seq = rotation_sequences(rt)
+    where = place_cache(rt, latent_tokens(rt, len(val)), model.config.hidden_size, LATENT_CACHE, run.out_dir)
     loader = train_loader(rt, model.config.vocab_size)
     students = make_students(model, layers)
     state = resume_rotation(run, loader, students, len(layers))
@@ -426,6 +462,21 @@ def train_rotation(run, calls, layers, val, teacher_ce):
         cache.close()
         vcache.close()
     return students, rows, step, state
+
+
+def rotation_sequences(rt):
+    """Sequences per rank each layer of a rotation reads: its steps' tokens, each once, extended when calibration
+    wants more."""
+    return max(STEPS_PER_LAYER * GRAD_ACCUM, calib_batches(rt)) * BATCH_SIZE
+
+
+def latent_tokens(rt, n_val):
+    """Tokens per rank in the latent caches that live at once: the rotation's and the val cache (n_val batches), or
+    in the parallel schedule the larger of the val and the calibration cache."""
+    val = n_val * BATCH_SIZE * SEQ_LEN
+    if SCHEDULE == "rotation":
+        return rotation_sequences(rt) * SEQ_LEN + val
+    return max(val, calib_batches(rt) * BATCH_SIZE * SEQ_LEN)
 
 
 def resume_rotation(run, loader, students, n_layers):
@@ -707,6 +758,7 @@ def logits_inputs(run):
                 f"run the layer-wise phase first or pass --init CHECKPOINT"
             )
     resume_from = latest_checkpoint(run.out_dir, "logits") if RESUME else None
+    check_memory(rt, logits_memory(rt, resume_from or init), free_bytes("device", rt, "."), logits_remedies(rt))
     load_on = parallel.load_device(rt, PARALLEL)
     teacher = load_model(TEACHER, load_on, dtype=rt.frozen_dtype).eval().requires_grad_(False)
     # decoders: the checkpoint is read on the host, whence only what trains moves to the device as it is (fp32)
@@ -735,6 +787,35 @@ def logits_inputs(run):
     for block in blocks.values():
         block.to(rt.device)
     return LogitsModels(init, resume_from, teacher, teacher, blocks)
+
+
+def logits_memory(rt, source):
+    """common.memory's estimate of the logits phase on one GPU, from the teacher and the student model (the folder
+    `source`) built on the meta device, before either is read."""
+    teacher, student = memory.meta_model(TEACHER), memory.meta_model(source)
+    if KD_TRAINABLE == "decoders":
+        blocks = [get_block(student, s["layer"], s["target"]) for s in student_specs(student)]
+        trained = sum(p.numel() for b in blocks for p in b.parameters())
+    else:
+        trained = sum(p.numel() for p in student.parameters())
+    plan = memory.Plan(
+        tokens=BATCH_SIZE * SEQ_LEN,
+        trained=trained,
+        frozen_bytes=rt.frozen_dtype.itemsize,
+        world_size=rt.world_size,
+        parallel=PARALLEL,
+        checkpointing=ACTIVATION_CHECKPOINTING,
+    )
+    shared = KD_TRAINABLE == "decoders" and PARALLEL == "ddp"  # the students swapped into the teacher's own backbone
+    return memory.logits(memory.shape_of(teacher), memory.shape_of(student), plan, shared)
+
+
+def logits_remedies(rt):
+    """What makes the logits phase take less memory per GPU, of what this run does not do already."""
+    remedies = ["--kd-trainable decoders"] if KD_TRAINABLE == "all" else []
+    remedies += ["more GPUs with --parallel fsdp" if PARALLEL == "ddp" else "more GPUs"]
+    remedies += [] if ACTIVATION_CHECKPOINTING else ["--activation-checkpointing"]
+    return [*remedies, "a smaller --batch-size or --seq-len"]
 
 
 def backbone_differs(teacher, model, blocks):

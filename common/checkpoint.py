@@ -67,17 +67,10 @@ def load_model(
     Raises ValueError, one line, for a folder that would load wrong: weights that do not fit its config, a
     students.json that does not fit the model, code it would have to run, a model that is not a decoder-only causal
     LM, or one whose logits common/kd.py cannot reproduce."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        raise FileNotFoundError(
-            f"{folder}: no config.json, so not a model or checkpoint folder; "
-            f"run prepare.py to fetch the model, or point to a checkpoint folder (OUT/final)"
-        )
-    check_config(folder, trust_remote_code)
+    config = read_config(folder, trust_remote_code)
     check_weights(folder)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    check_decoder_only(config, folder, trust_remote_code)
     students_path = os.path.join(folder, "students.json")
     weights = os.path.join(folder, "model.safetensors")
     if os.path.exists(os.path.join(folder, TEACHER_REF)):  # the students alone, on the teacher they came from
@@ -102,6 +95,22 @@ def load_model(
     transformer_layers(model)
     check_head(model)
     return model
+
+
+def read_config(folder: str, trust_remote_code: bool = False) -> PreTrainedConfig:
+    """The config of a model or checkpoint folder, checked (it is there, parses, runs no shipped code, and is a
+    decoder-only causal LM's); else FileNotFoundError or ValueError, one line."""
+    from transformers import AutoConfig
+
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(
+            f"{folder}: no config.json, so not a model or checkpoint folder; "
+            f"run prepare.py to fetch the model, or point to a checkpoint folder (OUT/final)"
+        )
+    check_config(folder, trust_remote_code)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    check_decoder_only(config, folder, trust_remote_code)
+    return config
 
 
 def add_students(model: nn.Module, students_path: str) -> None:

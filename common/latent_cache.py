@@ -28,11 +28,16 @@ def free_bytes(where: str, rt: Runtime, disk_dir: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def cache_bytes(n_tokens: int, hidden_size: int) -> int:
+    """Bytes of a cache of n_tokens: h and x, fp32."""
+    return 2 * 4 * hidden_size * n_tokens
+
+
 def place_cache(rt: Runtime, n_tokens: int, hidden_size: int, choice: str, disk_dir: str) -> str:
     """Where a cache of n_tokens (per rank) lives: `choice` (device, host or disk), or with choice 'auto' the
     device when it fits, else host memory, else a disk memory map in disk_dir. Raises ValueError when it fits
     nowhere."""
-    nbytes = 2 * 4 * hidden_size * n_tokens  # h and x, fp32
+    nbytes = cache_bytes(n_tokens, hidden_size)
     size = f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
     options = PLACES if choice == "auto" else (choice,)
     for where in options:

@@ -796,3 +796,25 @@ def test_choose_refuses_more_layers_than_it_has_before_any_folder(teacher_dir, t
     error = run_tiny_distill(teacher_dir, tiny_data_dir, str(out), "--phase", "choose", "--convert", "4", check=False)
     assert error == "distill.py: CONVERT must be 1..3 (of the layers to choose from; 0 = half of them), got 4"
     assert not out.exists()
+
+
+def test_each_phase_prints_its_memory_estimate_and_refuses_a_plan_that_cannot_fit(
+    teacher_dir, tiny_data_dir, tmp_path, monkeypatch, capsys
+):
+    """Each phase prints its memory estimate per GPU (common/memory.py) before it starts; a plan whose estimate is
+    more than the device has free stops with one line that says what to change, before the run folder (and so any
+    latent cache) exists."""
+    from common import latent_cache
+
+    out = tmp_path / "r"
+    run_tiny_distill(teacher_dir, tiny_data_dir, str(out), "--layers", "0", "--steps-per-layer", "1")
+    printed = capsys.readouterr().out
+    assert "memory estimate of the layerwise phase: " in printed and " MiB per GPU = teacher " in printed, printed
+    monkeypatch.setattr(latent_cache, "free_bytes", lambda where, rt, disk_dir: 1000)  # distill.py reads it anew
+    for phase, advice in (("layerwise", "--latent-cache disk"), ("logits", "--kd-trainable decoders")):
+        refused = tmp_path / phase
+        args = ["--phase", "logits", "--init", teacher_dir, "--kd-trainable", "all"] if phase == "logits" else []
+        error = run_tiny_distill(teacher_dir, tiny_data_dir, str(refused), *args, check=False)
+        assert error.startswith(f"distill.py: the {phase} phase needs about ") and "\n" not in error, error
+        assert f"; use {advice}" in error and error.endswith(" or a smaller --batch-size or --seq-len"), error
+        assert not refused.exists()
