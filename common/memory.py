@@ -21,7 +21,7 @@ ADAMW_BYTES = 16  # per trained parameter: its fp32 weight, gradient and AdamW's
 KD_BUFFERS = 5  # fp32 CHUNK_TOKENS x vocabulary buffers alive at once in the chunked KD loss and its validation
 CE_BUFFERS = 3  # the same in a validation of the cross-entropy alone (logits, log-softmax, a temporary)
 LOGITS_BUFFERS = 3  # fp32 tokens x vocabulary buffers of train.py's plain cross-entropy: logits, log-softmax, gradient
-ACTIVATION_BYTES = 80  # per token, hidden unit and layer, kept for backward (fp32; fitted by tests/bench_memory.py)
+ACTIVATION_BYTES = 66  # per token, hidden unit and layer, kept for backward (fp32; fitted by tests/bench_memory.py)
 GiB = 2**30
 
 
