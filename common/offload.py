@@ -43,10 +43,10 @@ def offload_layers(model: nn.Module, device: torch.device) -> nn.Module:
     """Put the model on `device` except its decoder layers, which stay on the host and move to the device for
     each forward of the layer or of any module inside it (a block called alone). Returns the model."""
     layers = transformer_layers(model)
-    for child in model.modules():  # everything but the layers' own parameters and buffers
-        if child is not layers and not any(child is layer or _inside(child, layer) for layer in layers):
-            for t in [*child.parameters(recurse=False), *child.buffers(recurse=False)]:
-                t.data = t.data.to(device)
+    in_layers = {id(t) for t in [*layers.parameters(), *layers.buffers()]}
+    for t in [*model.parameters(), *model.buffers()]:  # everything but the layers' own weights and buffers
+        if id(t) not in in_layers:
+            t.data = t.data.to(device)
     for layer in layers:
         home = _LayerHome(layer, device)
         layer._home = home  # noqa: SLF001  (read by resident())
@@ -55,10 +55,6 @@ def offload_layers(model: nn.Module, device: torch.device) -> nn.Module:
             # always_call: a forward cut short by an exception (common.swap's hooks stop forwards) still leaves
             module.register_forward_hook(lambda m, args, out, home=home: home.leave(), always_call=True)
     return model
-
-
-def _inside(module, layer):
-    return any(module is m for m in layer.modules())
 
 
 @contextlib.contextmanager
@@ -74,10 +70,3 @@ def resident(layer: nn.Module) -> Iterator[None]:
         yield
     finally:
         home.leave()
-
-
-def layers_on_device(model: nn.Module) -> int:
-    """How many of an offloaded model's decoder layers are on the device now."""
-    return sum(
-        getattr(layer, "_home", None) is not None and layer._home.users > 0 for layer in transformer_layers(model)
-    )
