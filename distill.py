@@ -24,6 +24,7 @@ one phase. layerwise_phase() -> train_rotation() -> distill_layer() -> train_lay
 logits_phase() -> logits_losses() and validate_logits(). The pieces both phases share follow them.
 """
 
+import copy
 import os
 import shutil
 import time
@@ -43,6 +44,8 @@ from common.checkpoint import (
     list_checkpoints,
     load_model,
     load_state,
+    load_swapped_students,
+    read_student_specs,
     restore_training,
     run_record,
     save_checkpoint,
@@ -55,7 +58,7 @@ from common.evaluate import evaluate
 from common.files import read_json, write_json_atomic
 from common.kd import final_hidden, kd_loss, lm_head
 from common.latent_cache import LatentCache, cache_bytes, free_bytes, place_cache
-from common.offload import offload_layers, resident
+from common.offload import home_device, offload_layers, resident
 from common.plots import run_png
 from common.runtime import RunLog, Runtime, environment, get_rng_state, lr_at
 from common.shards import ShardError, TokenLoader, read_shard, shard_files, val_batches
@@ -301,8 +304,8 @@ def may_change_on_resume():
 def layerwise_inputs(rt):
     """The teacher, the layers to distill and the val batches, with a student of the kind asked for built once
     and the data opened: everything the phase needs, checked before the run folder exists. The teacher is read into
-    host memory and placed once the phase's memory estimate is found to fit."""
-    model = load_model(TEACHER).eval().requires_grad_(False)
+    host memory, in the frozen dtype (bf16 on GPUs), and placed once the phase's memory estimate is found to fit."""
+    model = load_model(TEACHER, dtype=rt.frozen_dtype).eval().requires_grad_(False)
     check_target(model, TARGET)
     layers = LAYERS if LAYERS else list(range(len(transformer_layers(model))))
     check_layers(model, layers)
@@ -314,7 +317,7 @@ def layerwise_inputs(rt):
         fail(f"CONVERT must be 1..{len(layers)} (of the layers to choose from; 0 = half of them), got {CONVERT}")
     check_no_students(model, layers)
     with torch.random.fork_rng(devices=[]):  # STUDENT_KIND, STUDENT_KWARGS and TRAINABLE; the RNG is left as it was
-        student = make_students(model, layers[:1])[layers[0]]
+        student = make_students(model, layers[:1], "cpu")[layers[0]]
         trainable_params(student, f"layer {layers[0]}")
     val = check_data(rt, model.config.vocab_size)
     model = place_teacher(rt, model, lambda where: layerwise_memory(rt, model, layers, student, len(val), where))
@@ -354,7 +357,10 @@ def layerwise_memory(rt, model, layers, student, n_val, teacher_on):
     )
     cache_on_device = LATENT_CACHE == "device" or (rt.device.type == "cpu" and LATENT_CACHE != "disk")
     cache = cache_bytes(latent_tokens(rt, n_val), model.config.hidden_size) if cache_on_device else 0
-    students = len(layers) * sum(p.numel() for p in student.parameters())
+    # streamed, one layer at a time: the students live on the host beside their layers; on the device the one
+    # training and one visiting with the layer the stream advances through
+    held = 2 if teacher_on == "host" and (SCHEDULE == "rotation" or PHASE == "choose") else len(layers)
+    students = min(held, len(layers)) * sum(p.numel() for p in student.parameters())
     return memory.layerwise(memory.shape_of(model), plan, students, teacher_on, cache)
 
 
@@ -428,8 +434,8 @@ def train_rotation(run, calls, layers, val, teacher_ce):
     n_seq = rotation_sequences(rt)
     where = place_cache(rt, latent_tokens(rt, len(val)), model.config.hidden_size, LATENT_CACHE, run.out_dir)
     loader = train_loader(rt, model.config.vocab_size)
-    students = make_students(model, layers)
-    state = resume_rotation(run, loader, students, len(layers))
+    students = make_students(model, layers, rt.device, with_layers=True)
+    state = resume_rotation(run, model, loader, students, len(layers))
     rows, step = state["rows"], state["step"]
     trained = {r["layer"] for r in rows}
     for rotation in range(state["rotation"], ROTATIONS):
@@ -443,7 +449,8 @@ def train_rotation(run, calls, layers, val, teacher_ce):
         vcache = LatentCache(rt, model, val_inputs(val), calls, BATCH_SIZE, where, f"{files}_val")
         for k in range(first_layer, len(layers)):
             i = layers[k]
-            with resident(transformer_layers(model)[i]):  # a streamed teacher keeps layer i on the device for its turn
+            # a streamed teacher keeps layer i and its student on the device for its turn
+            with resident(transformer_layers(model)[i], students[i]):
                 errors, times, calibrated, step = distill_layer(run, model, i, students, cache, vcache, rotation, step)
             trained.add(i)
             trained_blocks = {(j, TARGET): students[j] for j in trained}
@@ -479,7 +486,7 @@ def latent_tokens(rt, n_val):
     return max(val, calib_batches(rt) * BATCH_SIZE * SEQ_LEN)
 
 
-def resume_rotation(run, loader, students, n_layers):
+def resume_rotation(run, model, loader, students, n_layers):
     """The rotation's progress to start from: a new run's, or with RESUME that of the latest layer-wise checkpoint
     (its state.pt: rotation, done = layers of that rotation finished, step, rows), whose data position, RNG and
     students are restored."""
@@ -488,7 +495,7 @@ def resume_rotation(run, loader, students, n_layers):
         return {"rotation": 0, "done": 0, "step": 0, "rows": []}
     state = load_state(ckpt)
     restore_training(state, loader)
-    load_students(run.rt, ckpt, students)
+    load_students(ckpt, model, students)
     run.rt.print(
         f"resuming from {ckpt}: rotation {state['rotation']}, {state['done']} of {n_layers} layers done, "
         f"step {state['step']}"
@@ -576,7 +583,7 @@ def train_parallel(run, calls, layers, val, teacher_ce):
     train_rotation returns."""
     rt, model = run.rt, calls.model
     loader = train_loader(rt, model.config.vocab_size)
-    students = make_students(model, layers)
+    students = make_students(model, layers, rt.device)  # all train at once
     groups = [trainable_params(students[i], f"layer {i}") for i in layers]
     opt = new_optimizer([p for g in groups for p in g], LR)
     total, step = STEPS_PER_LAYER * ROTATIONS, 0
@@ -590,7 +597,7 @@ def train_parallel(run, calls, layers, val, teacher_ce):
         calib_errors = student_val_errors(run, calls, students, val, where)
     ckpt = latest_checkpoint(run.out_dir, "layerwise") if RESUME else None
     if ckpt:
-        load_students(rt, ckpt, students)
+        load_students(ckpt, model, students)
         step = restore_training(load_state(ckpt), loader, opt)
         rt.print(f"resuming from {ckpt} at step {step}")
     bar = tqdm(range(step, total), desc="parallel", disable=not rt.master)
@@ -684,9 +691,10 @@ def calibrate_all(run, calls, students):
     where = place_cache(rt, tokens.numel(), model.config.hidden_size, LATENT_CACHE, run.out_dir)
     cache = LatentCache(rt, model, tokens, calls, BATCH_SIZE, where, os.path.join(run.out_dir, ".latent_calib"))
     for i in tqdm(sorted(students), desc="calibrate", disable=not rt.master, leave=False):
-        cache.split_at(i, stream_students(students))
-        calibrate(rt, students[i], get_block(model, i, TARGET), cache, len(tokens))
-        cache.finish(stream_students(students).get(i))
+        with resident(transformer_layers(model)[i], students[i]):
+            cache.split_at(i, stream_students(students))
+            calibrate(rt, students[i], get_block(model, i, TARGET), cache, len(tokens))
+            cache.finish(stream_students(students).get(i))
     cache.close()
     return True
 
@@ -699,7 +707,7 @@ def choose_phase(run, model, layers, val):
     writes OUT/choice.json and the calibrated students (OUT/calibrated, a start for the layer-wise phase)."""
     rt, n_convert = run.rt, CONVERT or len(layers) // 2
     calls = LayerCalls(model, TARGET)
-    students = make_students(model, layers)
+    students = make_students(model, layers, rt.device, with_layers=True)
     calibrate_all(run, calls, students)
     with torch.no_grad(), rt.autocast():  # the teacher's, once: every layer's KL is to these
         teacher_hidden = [final_hidden(model, x.to(rt.device)) for x, _ in val]
@@ -996,22 +1004,27 @@ def val_inputs(val):
     return torch.cat([x for x, _ in val])
 
 
-def make_students(model, layers):
-    """{layer: a new student for its TARGET block}; layer i's initialisation uses seed SEED + i."""
+def make_students(model, layers, device, with_layers=False):
+    """{layer: a new student for its TARGET block} in fp32 (master weights, whatever the teacher's dtype) on `device`;
+    `with_layers`: a streamed teacher's student lives in host memory beside its layer and visits the device with it
+    (the schedules that use one layer at a time). Layer i's initialisation uses seed SEED + i."""
     students = {}
     for i in layers:
         torch.manual_seed(SEED + i)
         teacher_block = get_block(model, i, TARGET)
         student = make_student(TARGET, STUDENT_KIND, teacher_block, model.config, **STUDENT_KWARGS)
-        students[i] = student.to(model.get_input_embeddings().weight.device)  # a streamed teacher's layer: on the host
+        home = home_device(transformer_layers(model)[i], device) if with_layers else device
+        students[i] = student.to(home, torch.float32)
     return students
 
 
-def load_students(rt, ckpt, students):
-    """Resume: the weights of every student the checkpoint holds, loaded into `students` ({layer: student})."""
-    saved = load_model(ckpt, rt.device)
-    for spec in student_specs(saved):
-        students[spec["layer"]].load_state_dict(get_block(saved, spec["layer"], TARGET).state_dict())
+def load_students(ckpt, model, students):
+    """Resume: the weights of every student the checkpoint holds, loaded exactly into `students` ({layer: student})
+    from its file (common.checkpoint.load_swapped_students)."""
+    specs = read_student_specs(os.path.join(ckpt, "students.json"), model)
+    held = [s["layer"] for s in specs if s["target"] == TARGET and s["layer"] in students]
+    with swapped(model, {(i, TARGET): students[i] for i in held}):
+        load_swapped_students(model, ckpt)
 
 
 def stream_students(students):
@@ -1094,6 +1107,8 @@ def calibrate(rt, student, teacher_block, cache, n_seq):
     if not hasattr(student, "calibrate") or n_seq == 0:
         return None
     t0 = time.time()
+    if next(teacher_block.parameters()).dtype != torch.float32:  # a frozen bf16 teacher: its block in fp32 for this
+        teacher_block = copy.deepcopy(teacher_block).float()
 
     def batches(targets=True):
         for _, xb in cache.batches(cache.x, n_seq):

@@ -156,6 +156,20 @@ def load_students_only(model: nn.Module, weights: str) -> None:
     model.load_state_dict(saved, strict=False)
 
 
+def load_swapped_students(model: nn.Module, folder: str) -> None:
+    """Resume: load the weights of the students swapped into `model` from a checkpoint folder (complete, or students
+    alone on a teacher, which is checked), reading their tensors alone: never a second copy of the teacher."""
+    if os.path.exists(os.path.join(folder, TEACHER_REF)):
+        checked_teacher(folder)
+    weights, expected = os.path.join(folder, "model.safetensors"), student_weights(model)
+    check_weights(folder)
+    with safe_open(weights, "pt") as f:
+        missing = sorted(expected.keys() - set(f.keys()))
+        if missing:
+            raise ValueError(f"{weights}: {missing[0]} is missing; the checkpoint is damaged, use another one")
+        model.load_state_dict({k: f.get_tensor(k) for k in expected}, strict=False)
+
+
 def weights_hash(folder: str) -> str:
     """sha256 over a model folder's config.json, students.json (if any) and safetensors files: what its weights are."""
     digest = hashlib.sha256()

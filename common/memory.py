@@ -108,12 +108,13 @@ def gathered(plan: Plan, *models: Shape) -> int:
 
 
 def layerwise(teacher: Shape, plan: Plan, students: int, teacher_on: str, cache_bytes: int) -> dict[str, int]:
-    """The layer-wise phase: the teacher frozen, every student held in fp32, plan.trained of them training (one
-    student in a rotation, all of them in the parallel schedule), one layer computing at a time."""
+    """The layer-wise phase: the teacher frozen, `students` parameters of students on the device in fp32 (all of
+    them, or streamed one at a time: see distill.layerwise_memory), plan.trained of them training (one student in a
+    rotation, all of them in the parallel schedule), one layer computing at a time."""
     on_device = teacher.layers if teacher_on == "device" else 2  # streamed: the layer distilled and the one the
     return {  # cache advances through
         "teacher": plan.frozen_bytes * (teacher.outside_layers() + on_device * teacher.layer_params),
-        "students": 4 * (students - plan.trained),  # fp32 weights of the students not training now
+        "students": 4 * max(0, students - plan.trained),  # fp32 weights of the students not training now
         "trained": ADAMW_BYTES * plan.trained,
         "latent cache": cache_bytes,  # the part of it on the device
         "activations": activations(teacher, plan, 1),  # one layer's student and teacher block

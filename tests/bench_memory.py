@@ -25,9 +25,10 @@ by least squares on the relative error, and every run is printed beside its esti
 
 Projected: common.memory's estimate per GPU for SmolLM2-135M, SmolLM2-1.7B, Llama-3.1-8B and Llama-3.1-70B shapes
 with distill.sh's plan (pruned half-width FFN students, PROJECT_BATCH_SIZE x PROJECT_SEQ_LEN tokens per micro-batch
-and GPU) and train.py's, frozen weights in bf16 (the layer-wise phase's teacher in fp32: distill.py holds it so),
-fp32 trained ones, the latent cache in host memory; ACTIVATION_BYTES as fitted here in fp32 (under bf16 autocast
-most saved activations are bf16: an upper bound there).
+and GPU) and train.py's, frozen weights in bf16, fp32 trained ones, the latent cache in host memory, a streamed
+teacher's idle students in host memory; ACTIVATION_BYTES as fitted here in fp32 (under bf16 autocast most saved
+activations are bf16: an upper bound there). `--measure False` skips the measurements and projects at common/memory.py's
+ACTIVATION_BYTES (seconds).
 """
 
 import json
@@ -62,7 +63,7 @@ PROJECT_SEQ_LEN = 512
 GPU_GIB = [80, 192]  # GPU memory sizes the projection marks what fits in
 GPU_COUNTS = [1, 8]  # GPUs per run in the projection
 USABLE = 0.95  # of a GPU's memory a run gets: the CUDA context and the allocator's slack take the rest
-LAYERWISE_TEACHER_BYTES = 4  # distill.py's layer-wise phase holds its teacher in fp32 (the logits phase: bf16 on GPUs)
+MEASURE = True  # False: only the projection, at common/memory.py's ACTIVATION_BYTES
 
 # Llama-family shapes: measured here (the first three), and the teachers projected
 # name: (hidden, FFN width, layers, attention heads, KV heads, vocabulary, tied embeddings)
@@ -328,8 +329,8 @@ def meta_models(name):
 
 def projected(name):
     """{phase: {gpus: bytes per GPU}} of distill.sh's plan and of train.py on the teacher CONFIGS[name]: frozen weights
-    in bf16 (the layer-wise phase's teacher in LAYERWISE_TEACHER_BYTES), trained ones in fp32; fsdp only on several
-    GPUs (PARALLEL=fsdp refuses one)."""
+    in bf16, trained ones in fp32, a streamed teacher's idle students on the host (distill.layerwise_memory); fsdp only
+    on several GPUs (PARALLEL=fsdp refuses one)."""
     teacher_model, student_model = meta_models(name)
     teacher, student = memory.shape_of(teacher_model), memory.shape_of(student_model)
     students = sum(p.numel() for i in range(student.layers) for p in get_block(student_model, i, "mlp").parameters())
@@ -339,10 +340,10 @@ def projected(name):
         def plan(trained, parallel="ddp", checkpointing=False, frozen_bytes=2):
             return memory.Plan(tokens, trained, frozen_bytes, gpus, parallel, checkpointing)
 
-        one_student = plan(students // teacher.layers, frozen_bytes=LAYERWISE_TEACHER_BYTES)
+        one_student = plan(students // teacher.layers)
         phases = {
             "layer-wise, teacher on device": memory.layerwise(teacher, one_student, students, "device", 0),
-            "layer-wise, streamed": memory.layerwise(teacher, one_student, students, "host", 0),
+            "layer-wise, streamed": memory.layerwise(teacher, one_student, 2 * one_student.trained, "host", 0),
             "logits, ddp": memory.logits(teacher, student, plan(students), shared_backbone=True),
             "train.py, ddp": memory.train(teacher, plan(teacher.params)),
         }
@@ -369,6 +370,13 @@ def mib(n):
 def main():
     override(globals())
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # for every process started from now on: the fork server, torchrun
+    if MEASURE:
+        measure_all()
+    print_projection()
+
+
+def measure_all():
+    """Measure every phase on every shape, fit ACTIVATION_BYTES (set in common.memory for the projection), print."""
     rows, streamed, notes = [], [], []
     for name in SHAPES:
         with tempfile.TemporaryDirectory() as tmp:
@@ -394,14 +402,17 @@ def main():
     print(f"{'run':<46} {'measured':>8} {'estimate':>8} {'ratio':>6}  {'whole teacher':>13}")
     for label, measured, estimate, whole in streamed:
         print(f"{label:<46} {mib(measured):>8} {mib(estimate):>8} {estimate / measured:>6.2f}  {mib(whole):>13}")
+    memory.ACTIVATION_BYTES = coefficient
+
+
+def print_projection():
     print(
-        f"\nprojected GiB per GPU at the fitted coefficient, distill.sh's plan: {STUDENT['kind']} {STUDENT['kwargs']} "
-        f"{STUDENT['target']} students, {PROJECT_BATCH_SIZE}x{PROJECT_SEQ_LEN} tokens per micro-batch and GPU, frozen "
-        f"weights in bf16 (the layer-wise phase's teacher in fp32, as distill.py holds it), trained ones in fp32, "
-        f"latent cache on the host; 'fits': the smallest of {GPU_GIB} GB it fits "
+        f"\nprojected GiB per GPU at ACTIVATION_BYTES {memory.ACTIVATION_BYTES:.1f}, distill.sh's plan: "
+        f"{STUDENT['kind']} {STUDENT['kwargs']} {STUDENT['target']} students, {PROJECT_BATCH_SIZE}x{PROJECT_SEQ_LEN} "
+        f"tokens per micro-batch and GPU, frozen weights in bf16, trained ones in fp32, latent cache on the host, a "
+        f"streamed teacher's idle students on the host; 'fits': the smallest of {GPU_GIB} GB it fits "
         f"({USABLE:.0%} of it usable)"
     )
-    memory.ACTIVATION_BYTES = coefficient
     header = "".join(f" {f'{g} GPU' + 's' * (g > 1):>9} {'fits':>5}" for g in GPU_COUNTS)
     print(f"{'teacher':<14} {'phase':<30}{header}")
     for teacher, name in TEACHERS.items():

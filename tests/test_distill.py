@@ -325,6 +325,39 @@ def test_frozen_weights_in_bf16_and_students_in_fp32(teacher_dir, tiny_data_dir,
     assert {p.dtype for p in load_model(init_dir, dtype=torch.bfloat16).parameters()} == {torch.bfloat16}
 
 
+def test_layerwise_teacher_in_bf16_and_students_in_fp32(teacher_dir, tiny_data_dir, tmp_path, monkeypatch):
+    """The GPU path of the layer-wise phase, on CPU under bf16 autocast with Runtime.frozen_dtype forced to bf16 and
+    the teacher streamed: the teacher is held in bf16, each student is built from it in fp32, calibrates against an
+    fp32 copy of its teacher block and trains; final/ holds the students in fp32 on the bf16 backbone, and resumes."""
+    from common.checkpoint import load_model
+    from common.runtime import Runtime
+
+    init = Runtime.__init__
+
+    def frozen_in_bf16(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.frozen_dtype = torch.bfloat16
+
+    monkeypatch.setattr(Runtime, "__init__", frozen_in_bf16)
+    out = str(tmp_path / "run")
+    args = ["--student-kind", "pruned", "--student-kwargs", '{"scale": 0.5}', "--steps-per-layer", "3"]
+    args += ["--lr", "1e-2", "--calib-tokens", "2048", "--dtype", "bfloat16", "--teacher-on", "host"]
+    run_tiny_distill(teacher_dir, tiny_data_dir, out, *args)
+    saved = load_file(os.path.join(out, "final", "model.safetensors"))
+    teacher = load_model(teacher_dir).state_dict()
+    students = {k for k in saved if ".mlp." in k}
+    assert students and all(saved[k].dtype == torch.float32 for k in students)
+    assert all(torch.equal(saved[k], teacher[k].bfloat16()) for k in saved.keys() - students)
+    rows = layer_rows(out)
+    assert len(rows) == 3 and all(r["calib_rel_err"] < r["start_rel_err"] for r in rows)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(out, phase="layerwise") if "loss" in r)
+    shutil.rmtree(os.path.join(out, "final"))
+    shutil.rmtree(os.path.join(out, "rot0_layer002"))
+    run_tiny_distill(teacher_dir, tiny_data_dir, out, "--resume", *args)
+    resumed = load_file(os.path.join(out, "final", "model.safetensors"))
+    assert all(torch.equal(saved[k], resumed[k]) for k in saved)
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -645,12 +678,19 @@ def test_a_teacher_streamed_from_host_memory_gives_the_same_students_one_layer_a
     init = offload._LayerHome.__init__
     monkeypatch.setattr(offload._LayerHome, "__init__", lambda h, *a: (init(h, *a), homes.append(h))[0])
     monkeypatch.setattr(offload._LayerHome, "enter", counting_enter)
+    visits = []  # (layer, its companions) of each resident() stretch
+    real_resident = offload.resident
+    monkeypatch.setattr(offload, "resident", lambda layer, *c: (visits.append((layer, c)), real_resident(layer, *c))[1])
     runs = {}
     for where in ("device", "host"):
         runs[where] = str(tmp_path / where)
         args = ["--student-kind", "pruned", "--steps-per-layer", "3", "--teacher-on", where]
         run_tiny_distill(teacher_dir, tiny_data_dir, runs[where], *args, "--latent-stream", "student")
     assert len(homes) == 3 and len(most) > 100 and max(most) == 2 and all(h.users == 0 for h in homes)
+    # each student visits the device with its own layer, for that layer's turn only; between turns it is at home
+    layers = [h.layer for h in homes]
+    assert [layers.index(layer) for layer, _ in visits[3:]] == [0, 1, 2] and all(len(c) == 1 for _, c in visits)
+    assert all(offload.home_device(layer, torch.device("cuda")).type == "cpu" for layer in layers)
     a, b = (load_file(os.path.join(runs[w], "final", "model.safetensors")) for w in ("device", "host"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
