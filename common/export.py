@@ -13,7 +13,8 @@ A standard class holds, exactly, for any family of decoder-only model:
   - gated `prototype` students without biases, where the teacher's FFN is gate_proj/up_proj/down_proj
     without biases: likewise, with the config's activation set to the prototypes'.
 Every other mix is refused with one line naming the layers: attention students (no transformers class
-mixes gated linear or sink-and-window attention with softmax layers), other prototypes, FFNs of
+mixes gated linear, delta-rule or sink-and-window attention with softmax layers: Qwen3-Next's Gated DeltaNet
+layers have their own projections, a short convolution and no rotary), other prototypes, FFNs of
 different widths (teacher FFNs kept among pruned ones included). With --pad-to-widest, narrower FFNs
 are zero-padded to the widest: exact, but the zeros are stored and computed, so it saves nothing.
 
@@ -166,7 +167,7 @@ def export_state(model: nn.Module) -> tuple[PreTrainedConfig, dict[str, torch.Te
         kinds = sorted({s["kind"] for s in attention})
         raise ValueError(
             f"layers {spans([s['layer'] for s in attention])} have {'/'.join(kinds)} attention students: "
-            f"no transformers class mixes gated linear or sink-and-window attention with the teacher's "
+            f"no transformers class mixes gated linear, delta-rule or sink-and-window attention with the teacher's "
             f"softmax layers; export needs the teacher's attention in every layer"
         )
     ffns = layer_ffns(model)

@@ -1,5 +1,5 @@
 """Attention students on every family: the GLA recurrence's chunked form, `window` against the teacher (exact
-when it covers the sequence) and against a masked-softmax reference, `linear` on the teacher's own q/k,
+when it covers the sequence) and against a masked-softmax reference, `linear` and `delta` on the teacher's own q/k,
 calibration, training, the swap and checkpoints."""
 
 import contextlib
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from common.checkpoint import load_model, save_checkpoint
 from common.students import make_student
-from common.students.attention import MAX_LOG_DECAY, LinearAttention, fla_chunk_gla, gla_chunked, gla_recurrent
+from common.students.attention import MAX_LOG_DECAY, fla_chunk_gla, gla_chunked, gla_recurrent
 from common.swap import LayerCalls, block_input, embed, get_block, run_layer, set_block, student_specs, swapped
 from families import FAMILIES, SEQ_LEN, family_model
 
@@ -150,10 +150,12 @@ def test_short_window_is_a_masked_softmax(family):
     torch.testing.assert_close(out, teacher.o_proj(o.transpose(1, 2).flatten(2)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["linear", "delta"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_linear_mixes_the_teachers_own_q_k_v(family):
+def test_recurrent_students_mix_the_teachers_own_q_k_v(family, kind):
     """On both layers (smollm3's layer 1 has no rotary, gpt2 none at all) the q, k, v and scale the student mixes
-    are the ones the teacher's code computes: its initial scores q.k * scale are the teacher's attention logits."""
+    are the ones the teacher's code computes: linear's initial scores q.k * scale are the teacher's attention logits,
+    delta's the same up to q and k's L2 norms."""
     model, ids = family_model(family), tokens()
     calls = LayerCalls(model, "attn")
     for i in range(2):
@@ -161,11 +163,11 @@ def test_linear_mixes_the_teachers_own_q_k_v(family):
         teacher = get_block(model, i, "attn")
         with torch.no_grad(), teacher_attention_inputs(teacher) as seen:
             call(teacher, x)
-        student, mixed = make_student("attn", "linear", teacher, model.config), []
+        student, mixed = make_student("attn", kind, teacher, model.config), []
 
         def spy(module, q, k, v, mask, *, x, cache, scaling=None, **kwargs):
             mixed.append((q, k, v, q.shape[-1] ** -0.5 if scaling is None else scaling))
-            return LinearAttention.mix(student, module, q, k, v, mask, x=x, cache=cache, scaling=scaling, **kwargs)
+            return type(student).mix(student, module, q, k, v, mask, x=x, cache=cache, scaling=scaling, **kwargs)
 
         student.mix = spy
         with torch.no_grad():
@@ -174,7 +176,7 @@ def test_linear_mixes_the_teachers_own_q_k_v(family):
         H = q.shape[1]
         assert torch.equal(q, tq) and scale == t_scale
         assert torch.equal(heads(k, H), heads(tk, H)) and torch.equal(heads(v, H), heads(tv, H))
-        g = student.log_decay(x, q.shape)
+        g = student.log_decay(x)
         assert out.shape == x.shape and torch.isfinite(out).all() and ((g < 0) & (g >= -MAX_LOG_DECAY)).all()
 
 
@@ -229,12 +231,13 @@ def test_linear_calibration_lowers_held_out_error():
     assert error(student) < 0.97 * before
 
 
-def test_linear_refuses_a_transformers_kv_cache():
+@pytest.mark.parametrize("kind", ["linear", "delta"])
+def test_recurrent_students_refuse_a_transformers_kv_cache(kind):
     model, ids = family_model("llama"), tokens()
-    set_block(model, 0, "attn", make_student("attn", "linear", get_block(model, 0, "attn"), model.config))
+    set_block(model, 0, "attn", make_student("attn", kind, get_block(model, 0, "attn"), model.config))
     with torch.no_grad():
         first = model(ids)  # a plain forward (transformers' default use_cache=True) works
-        with pytest.raises(ValueError, match="keeps no KV cache"):
+        with pytest.raises(ValueError, match=f"a {kind} attention student keeps no KV cache"):
             model(ids[:, :1], past_key_values=first.past_key_values)
 
 
@@ -260,9 +263,11 @@ def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     set_block(model, 0, "attn", make_student("attn", "linear", get_block(model, 0, "attn"), model.config, decay_rank=8))
     set_block(model, 1, "attn", make_student("attn", "window", get_block(model, 1, "attn"), model.config, window=8))
+    set_block(model, 2, "attn", make_student("attn", "delta", get_block(model, 2, "attn"), model.config, gate_rank=8))
     with torch.no_grad():  # move the new parameters off their initial values, so loading must restore them
-        for p in get_block(model, 0, "attn").parameters():
-            p.add_(0.01 * torch.randn_like(p))
+        for i in (0, 2):
+            for p in get_block(model, i, "attn").parameters():
+                p.add_(0.01 * torch.randn_like(p))
     save_checkpoint(str(tmp_path / "final"), model, meta={"phase": "test", "step": 0})
     loaded = load_model(str(tmp_path / "final")).eval()
     assert (
@@ -271,6 +276,7 @@ def test_checkpoint_round_trip(tmp_path):
         == [
             {"layer": 0, "target": "attn", "kind": "linear", "kwargs": {"decay_rank": 8, "chunk_size": 64}},
             {"layer": 1, "target": "attn", "kind": "window", "kwargs": {"window": 8, "sink": 4}},
+            {"layer": 2, "target": "attn", "kind": "delta", "kwargs": {"gate_rank": 8, "chunk_size": 64}},
         ]
     )
     assert torch.equal(logits(loaded, tokens()), logits(model, tokens()))

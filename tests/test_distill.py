@@ -381,6 +381,14 @@ def test_layerwise_teacher_in_bf16_and_students_in_fp32(teacher_dir, tiny_data_d
         (["--kd-ce-weight", "-0.5"], "KD_CE_WEIGHT must be in [0, 1], got -0.5"),
         (["--student-kwargs", '{"scale": 0}'], "prototype student: scale must be > 0"),  # were one channel wide
         (["--student-kind", "pruned", "--student-kwargs", '{"scale": -1}'], "pruned student: scale must be in (0, 1]"),
+        (
+            ["--target", "attn", "--student-kind", "delta", "--student-kwargs", '{"gate_rank": 0}'],
+            "delta student: chunk_size and gate_rank must be >= 1, got 64 and 0",
+        ),
+        (
+            ["--target", "attn", "--student-kind", "delta", "--student-kwargs", '{"decay_rank": 8}'],
+            "do not fit student 'delta'",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(teacher_dir, tiny_data_dir, tmp_path, args, message):
@@ -522,7 +530,8 @@ def test_what_is_not_a_decoder_only_lm_is_refused_in_one_line(tiny_data_dir, tmp
         assert not (tmp_path / "r").exists()
 
 
-def test_attention_students_rotation_then_logits_then_evaluation(teacher_dir, tiny_data_dir, tmp_path):
+@pytest.mark.parametrize("kind,cls", [("linear", "LinearAttention"), ("delta", "DeltaAttention")])
+def test_attention_students_rotation_then_logits_then_evaluation(teacher_dir, tiny_data_dir, tmp_path, kind, cls):
     out = str(tmp_path / "run")
     common = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out]
     run_distill(
@@ -531,7 +540,7 @@ def test_attention_students_rotation_then_logits_then_evaluation(teacher_dir, ti
         "--target",
         "attn",
         "--student-kind",
-        "linear",
+        kind,
         "--steps-per-layer",
         "15",
         "--keep-teacher-layers",
@@ -541,6 +550,7 @@ def test_attention_students_rotation_then_logits_then_evaluation(teacher_dir, ti
     )
     rows = layer_rows(out)
     assert [r["layer"] for r in rows] == [0, 2] and all(r["mse_end"] < r["mse_start"] for r in rows)
+    assert all(r["calib_rel_err"] < r["start_rel_err"] for r in rows)  # on the val tokens: calibration helps
     run_distill(
         *TINY_DISTILL, *common, "--phase", "logits", "--kd-steps", "6", "--kd-val-every", "6", "--kd-lr", "1e-3"
     )
@@ -550,11 +560,7 @@ def test_attention_students_rotation_then_logits_then_evaluation(teacher_dir, ti
     from common.shards import val_batches
 
     model = load_model(os.path.join(out, "logits_final"))
-    assert [type(layer.self_attn).__name__ for layer in model.model.layers] == [
-        "LinearAttention",
-        "LlamaAttention",
-        "LinearAttention",
-    ]
+    assert [type(layer.self_attn).__name__ for layer in model.model.layers] == [cls, "LlamaAttention", cls]
     result = evaluate(model, val_batches(tiny_data_dir, 512, 2, 32), teacher=load_model(teacher_dir))
     assert result["kl"] > 0 and 0 < result["agreement"] <= 1 and result["ce"] > 0
 

@@ -14,7 +14,15 @@ from families import FAMILIES, WINDOW, family_model
 PROMPTS = [[5, 17, 42, 9, 100, 3, 8, 77, 31, 2, 4, 6, 7], [7, 8, 9], [11, 12, 13, 14, 15, 16]]
 NEW = 12  # the longest prompt and NEW make 25 tokens: past the families' sliding windows of 16
 STUDENT_WINDOW, SINK = 5, 2  # shorter than the prompts, so a window cache drops keys while prefilling
-SETUPS = {"teacher": {}, "linear+window": {0: "linear", 1: "window"}, "window+teacher": {0: "window"}}
+SETUPS = {
+    "teacher": {},
+    "linear+window": {0: "linear", 1: "window"},
+    "window+teacher": {0: "window"},
+    "delta+window": {0: "delta", 1: "window"},
+    "teacher+delta": {1: "delta"},
+}
+# chunks of 4: the prompts prefill over several chunks, the last one partial
+KWARGS = {"linear": {"chunk_size": 4}, "delta": {"chunk_size": 4}, "window": {"window": STUDENT_WINDOW, "sink": SINK}}
 
 
 def model_with(family, setup, layers=2):
@@ -22,8 +30,8 @@ def model_with(family, setup, layers=2):
     model = family_model(family, layers)
     torch.manual_seed(0)
     for i, kind in SETUPS[setup].items():
-        kwargs = {"chunk_size": 4} if kind == "linear" else {"window": STUDENT_WINDOW, "sink": SINK}
-        set_block(model, i, "attn", make_student("attn", kind, get_block(model, i, "attn"), model.config, **kwargs))
+        student = make_student("attn", kind, get_block(model, i, "attn"), model.config, **KWARGS[kind])
+        set_block(model, i, "attn", student)
     return model
 
 
@@ -82,12 +90,13 @@ def test_window_student_with_a_transformers_cache(family):
 
 @pytest.mark.parametrize("family,teacher_layer", [("llama", DynamicLayer), ("mistral", DynamicSlidingWindowLayer)])
 def test_decoding_state_per_student_kind(family, teacher_layer):
-    model = family_model(family, layers=3)
+    model = family_model(family, layers=4)
     set_block(model, 0, "attn", make_student("attn", "linear", get_block(model, 0, "attn"), model.config))
     window = make_student("attn", "window", get_block(model, 1, "attn"), model.config, window=STUDENT_WINDOW, sink=SINK)
     set_block(model, 1, "attn", window)
+    set_block(model, 3, "attn", make_student("attn", "delta", get_block(model, 3, "attn"), model.config))
     cache = decoding_cache(model)
-    assert [type(layer) for layer in cache.layers] == [RecurrentLayer, WindowLayer, teacher_layer]
+    assert [type(layer) for layer in cache.layers] == [RecurrentLayer, WindowLayer, teacher_layer, RecurrentLayer]
     ids = torch.tensor([PROMPTS[0] * 2])  # 26 tokens
     held = [state_bytes(cache)]
     forward_cached(model, ids, cache)
@@ -95,14 +104,15 @@ def test_decoding_state_per_student_kind(family, teacher_layer):
     for _ in range(8):
         forward_cached(model, ids[:, :1], cache)
     held.append(state_bytes(cache))
-    linear, window, teacher = cache.layers
-    assert linear.state.shape == (1, 4, 16, 16)  # (head_dim x head_dim) per head, whatever the context
-    assert held[1]["recurrent"] == held[2]["recurrent"] == 4 * 4 * 16 * 16 and held[0]["recurrent"] == 0
+    linear, window, teacher, delta = cache.layers
+    # (head_dim x head_dim) per query head, whatever the context (delta too: its k and v are repeated to every head)
+    assert linear.state.shape == delta.state.shape == (1, 4, 16, 16)
+    assert held[1]["recurrent"] == held[2]["recurrent"] == 2 * 4 * 4 * 16 * 16 and held[0]["recurrent"] == 0
     assert window.sink_index.tolist() == [[0, 1]] and window.positions.tolist() == [[30, 31, 32, 33]]
     assert window.keys.shape[2] == STUDENT_WINDOW - 1 and window.sink_keys.shape[2] == SINK
     # the model's mask bookkeeping: student layers answer as the teacher's layer would at their index
-    assert [layer.get_seq_length() for layer in cache.layers] == [34, 34, 34]
-    assert linear.get_mask_sizes(1) == window.get_mask_sizes(1) == teacher.get_mask_sizes(1)
+    assert [layer.get_seq_length() for layer in cache.layers] == [34, 34, 34, 34]
+    assert linear.get_mask_sizes(1) == window.get_mask_sizes(1) == delta.get_mask_sizes(1) == teacher.get_mask_sizes(1)
     kv = 2 * 4 * model.config.num_key_value_heads * 16  # bytes per token of one layer's keys and values
     if teacher_layer is DynamicLayer:
         assert teacher.keys.shape[2] == 34 and held[2]["kv"] - held[1]["kv"] == 8 * kv  # window: constant

@@ -17,6 +17,8 @@ of its forward instead. The student is called exactly as the teacher's module is
   window  the teacher's own attention function, with its mask restricted to the last `window` positions and
           the first `sink` ones (attention sinks): a cheap baseline, equal to the teacher when the window
           covers the sequence.
+  delta   (common/students/delta.py) Gated DeltaNet, built on RecurrentAttention as `linear` is: the
+          students whose mixing is a recurrence share its output gain, calibration and decoding layer.
 
 The GLA recurrence, per head, with S the (K x V) state and g_t <= 0 the log decay per key channel:
     S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T,     o_t = scale * q_t^T S_t.
@@ -25,9 +27,9 @@ computed chunk-parallel (pure PyTorch, any device), and on a GPU with flash-line
 Triton `chunk_gla` (same recurrence) is used instead.
 
 Incremental decoding (common/generate.py): a student makes its own layer of the decoding cache (`new_cache`):
-a `RecurrentLayer` for `linear` (the state, whatever the context), a `WindowLayer` for `window` (keys and values
-of the sinks and the last window - 1 tokens). Both answer the model's mask bookkeeping as the teacher's own
-cache layer would. The cache's `real` (B, L), when set, marks left padding, which no state or window takes in.
+a `RecurrentLayer` for `linear` and `delta` (the state, whatever the context), a `WindowLayer` for `window` (keys
+and values of the sinks and the last window - 1 tokens). Both answer the model's mask bookkeeping as the teacher's
+own cache layer would. The cache's `real` (B, L), when set, marks left padding, which no state or window takes in.
 """
 
 import contextlib
@@ -279,8 +281,8 @@ class StudentCacheLayer(CacheLayerMixin):
 
 
 class RecurrentLayer(StudentCacheLayer):
-    """A linear student's decoding cache: the recurrent state (B, H, head_dim, head_dim) in fp32, None before
-    the first token."""
+    """A recurrent student's decoding cache (linear, delta): its state (B, H, head_dim, head_dim) in fp32, None
+    before the first token."""
 
     def __init__(self, shadow: CacheLayerMixin) -> None:
         super().__init__(shadow)
@@ -347,8 +349,88 @@ def value_rms(o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return o * ratio.sqrt()
 
 
+class RecurrentAttention(StudentAttention):
+    """A student whose mixing is a recurrence over the teacher module's own q, k, v, with a state of constant size
+    (a RecurrentLayer when decoding). A subclass sets `head_dim` and `out_gain` (heads * head_dim) and defines
+        normalised(module, q, k, v, x, cache, scaling) -> (B, T, H, head_dim) fp32, its output before the gain
+        starts() -> [{parameter name: value}, ...], the starts calibration tries.
+    The mixing output is normalised times out_gain, then the module's own output projection."""
+
+    def mix(self, module, query, key, value, attention_mask, *, x, cache, scaling=None, **kwargs) -> tuple:
+        z = self.normalised(module, query, key, value, x, cache, scaling)
+        return (z * self.out_gain.view(z.shape[2:])).to(value.dtype), None
+
+    def decoding_layer(self, cache: Cache | None, module: nn.Module, q: torch.Tensor, k: torch.Tensor):
+        """The module's RecurrentLayer in a decoding cache, or None; refuses a transformers KV cache, whose keys
+        would be the new tokens' alone."""
+        layer = cache_layer(cache, module.layer_idx)
+        if not isinstance(layer, RecurrentLayer) and k.shape[2] != q.shape[2]:
+            raise ValueError(
+                f"a {self.kind} attention student keeps no KV cache: decode with common.generate (its "
+                "decoding_cache), or run the whole sequence with use_cache=False"
+            )
+        return layer if isinstance(layer, RecurrentLayer) else None
+
+    @torch.no_grad()
+    def calibrate(self, teacher: nn.Module, batches: Batches, all_reduce: AllReduce, forward: Callable) -> None:
+        """A start fit to data: for each of starts(), the output gain that best maps the normalised output z to the
+        teacher's (y = W (z * gain) + b is linear in the gain: a least-squares fit from fp64 statistics); keeps the
+        start and gain of least error. W and b are the module's own output projection, measured on basis vectors
+        (output_map)."""
+        w_out, bias = self.output_map(forward, next(iter(batches(targets=False)))[0])
+        best = None
+        for start in self.starts():
+            for name, value in start.items():
+                self.get_parameter(name).copy_(value)
+            zz = zy = yy = 0
+            for x, y in batches():
+                z = self.normalised_output(forward, x).flatten(0, 1).double()  # (N, H * head_dim)
+                y = y.flatten(0, 1).double() - bias
+                zz, zy, yy = zz + z.T @ z, zy + (z * (y @ w_out)).sum(0), yy + y.square().sum()
+            for t in (zz, zy, yy):
+                all_reduce(t)
+            gram = (w_out.T @ w_out) * zz
+            gain = ridge_solve(gram, zy[:, None], GAIN_RIDGE)[:, 0]
+            error = yy - 2 * gain @ zy + gain @ gram @ gain
+            if best is None or error < best[0]:
+                best = (error, start, gain)
+        for name, value in best[1].items():
+            self.get_parameter(name).copy_(value)
+        self.out_gain.copy_(best[2])
+
+    def normalised_output(self, forward: Callable, x: torch.Tensor) -> torch.Tensor:
+        """z, the normalised mixing output before the gain, (B, T, H * head_dim) fp32, for the block input x."""
+        seen = []
+
+        def capture(module, query, key, value, attention_mask, *, x, cache, scaling=None, **kwargs):
+            seen.append(self.normalised(module, query, key, value, x, cache, scaling))
+            return seen[-1].to(value.dtype), None
+
+        self.mixing_as(capture, forward, x)
+        return seen[0].flatten(2)
+
+    def output_map(self, forward: Callable, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W (d, H * head_dim), b (d,)) in fp64 with the block's output = W (mixing output, heads flattened) + b:
+        the module's own output projection (a Linear, GPT-2's Conv1D, ...), measured by running the block on x
+        with a mixing function that outputs basis vectors, one per token, and zeros on the last token (for b)."""
+        B, T, _ = x.shape
+        width, n = self.out_gain.numel(), B * T - 1
+        columns = []
+        for first in range(0, width, n):
+            basis = x.new_zeros(B * T, width)
+            count = min(n, width - first)
+            basis[torch.arange(count), first + torch.arange(count)] = 1
+            out = self.mixing_as(lambda *a, **kw: (basis.view(B, T, -1, self.head_dim), None), forward, x)
+            out = out.flatten(0, 1).double()
+            columns.append(out[:count] - out[-1])
+        return torch.cat(columns).T, out[-1]
+
+    def new_cache(self, shadow: CacheLayerMixin) -> RecurrentLayer:
+        return RecurrentLayer(shadow)
+
+
 @register("attn", "linear")
-class LinearAttention(StudentAttention):
+class LinearAttention(RecurrentAttention):
     """Gated linear attention on the teacher module's own q, k, v.
 
     - q, k, v are what the teacher's module computes (projections, biases, q/k norms, rotary where the layer
@@ -383,24 +465,15 @@ class LinearAttention(StudentAttention):
         self.out_gain = nn.Parameter(torch.full((heads * head_dim,), OUT_GAIN_INIT))
         self.to(next(teacher.parameters()).dtype)
 
-    def mix(self, module, query, key, value, attention_mask, *, x, cache, scaling=None, **kwargs) -> tuple:
-        z = self.normalised(module, query, key, value, x, cache, scaling)
-        return (z * self.out_gain.view(z.shape[2:])).to(value.dtype), None
-
     def normalised(self, module, q, k, v, x, cache, scaling) -> torch.Tensor:
         """The recurrence over the new tokens, continuing a decoding cache's state, each head normalised to the
         RMS of its value: (B, T, H, head_dim) in fp32, before the gain."""
-        layer = cache_layer(cache, module.layer_idx)
-        if not isinstance(layer, RecurrentLayer) and k.shape[2] != q.shape[2]:
-            raise ValueError(
-                "a linear attention student keeps no KV cache: decode with common.generate (its decoding_cache), "
-                "or run the whole sequence with use_cache=False"
-            )
+        layer = self.decoding_layer(cache, module, q, k)
         groups = q.shape[1] // k.shape[1]
         q, k, v = q.float(), repeat_kv(k, groups).float(), repeat_kv(v, groups).float()
-        g = self.log_decay(x, q.shape)
+        g = self.log_decay(x)
         scale = q.shape[-1] ** -0.5 if scaling is None else scaling
-        if isinstance(layer, RecurrentLayer):
+        if layer is not None:
             positions = new_positions(cache, q.shape[2])
             if positions is not None:  # padding gets zero values: the state, zero until the first real token, stays so
                 v = v * (positions >= 0)[:, None, :, None]
@@ -411,11 +484,10 @@ class LinearAttention(StudentAttention):
             o = self.recurrence(q, k, v, g, scale)
         return value_rms(o, v).transpose(1, 2)
 
-    def log_decay(self, x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor:
         """g (B, H, T, head_dim) for the block input x (B, T, d)."""
         w = self.decay_base + self.decay_up(torch.tanh(self.decay_down(x)))
-        B, H, T, D = shape
-        return (-MAX_LOG_DECAY * torch.sigmoid(w.float())).view(B, T, H, D).transpose(1, 2)
+        return (-MAX_LOG_DECAY * torch.sigmoid(w.float())).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
 
     def recurrence(self, q, k, v, g, scale) -> torch.Tensor:
         """The recurrence's outputs o (B, H, T, head_dim) over whole sequences: fla's kernel on a GPU when installed."""
@@ -425,61 +497,10 @@ class LinearAttention(StudentAttention):
         with torch.autocast(q.device.type, enabled=False):
             return gla_chunked(q, k, v, g, scale, self.chunk_size)[0]
 
-    @torch.no_grad()
-    def calibrate(self, teacher: nn.Module, batches: Batches, all_reduce: AllReduce, forward: Callable) -> None:
-        """A start fit to data: the initial decay rates scaled by each of DECAY_SCALES, each with the output gain
-        that best maps the normalised output z to the teacher's (y = W (z * gain) + b is linear in the gain: a
-        least-squares fit from fp64 statistics); keeps the pair of least error. W and b are the module's own
-        output projection, measured on basis vectors (output_map)."""
-        w_out, bias = self.output_map(forward, next(iter(batches(targets=False)))[0])
+    def starts(self) -> list[dict[str, torch.Tensor]]:
+        """Calibration's starts: the initial decay rates scaled by each of DECAY_SCALES."""
         rate = MAX_LOG_DECAY * torch.sigmoid(self.decay_base.double())
-        best = None
-        for decay_scale in DECAY_SCALES:
-            self.decay_base.copy_(torch.logit((rate * decay_scale / MAX_LOG_DECAY).clamp(max=0.999)))
-            zz = zy = yy = 0
-            for x, y in batches():
-                z = self.normalised_output(forward, x).flatten(0, 1).double()  # (N, H * head_dim)
-                y = y.flatten(0, 1).double() - bias
-                zz, zy, yy = zz + z.T @ z, zy + (z * (y @ w_out)).sum(0), yy + y.square().sum()
-            for t in (zz, zy, yy):
-                all_reduce(t)
-            gram = (w_out.T @ w_out) * zz
-            gain = ridge_solve(gram, zy[:, None], GAIN_RIDGE)[:, 0]
-            error = yy - 2 * gain @ zy + gain @ gram @ gain
-            if best is None or error < best[0]:
-                best = (error, self.decay_base.clone(), gain)
-        self.decay_base.copy_(best[1])
-        self.out_gain.copy_(best[2])
-
-    def normalised_output(self, forward: Callable, x: torch.Tensor) -> torch.Tensor:
-        """z, the normalised mixing output before the gain, (B, T, H * head_dim) fp32, for the block input x."""
-        seen = []
-
-        def capture(module, query, key, value, attention_mask, *, x, cache, scaling=None, **kwargs):
-            seen.append(self.normalised(module, query, key, value, x, cache, scaling))
-            return seen[-1].to(value.dtype), None
-
-        self.mixing_as(capture, forward, x)
-        return seen[0].flatten(2)
-
-    def output_map(self, forward: Callable, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W (d, H * head_dim), b (d,)) in fp64 with the block's output = W (mixing output, heads flattened) + b:
-        the module's own output projection (a Linear, GPT-2's Conv1D, ...), measured by running the block on x
-        with a mixing function that outputs basis vectors, one per token, and zeros on the last token (for b)."""
-        B, T, _ = x.shape
-        width, n = self.out_gain.numel(), B * T - 1
-        columns = []
-        for first in range(0, width, n):
-            basis = x.new_zeros(B * T, width)
-            count = min(n, width - first)
-            basis[torch.arange(count), first + torch.arange(count)] = 1
-            out = self.mixing_as(lambda *a, **kw: (basis.view(B, T, -1, self.head_dim), None), forward, x)
-            out = out.flatten(0, 1).double()
-            columns.append(out[:count] - out[-1])
-        return torch.cat(columns).T, out[-1]
-
-    def new_cache(self, shadow: CacheLayerMixin) -> RecurrentLayer:
-        return RecurrentLayer(shadow)
+        return [{"decay_base": torch.logit((rate * scale / MAX_LOG_DECAY).clamp(max=0.999))} for scale in DECAY_SCALES]
 
 
 # ---------------------------------------------------------------------------------------------- window
