@@ -99,7 +99,7 @@ SEQ_LEN = 512                     # tokens per sequence
 GRAD_ACCUM = 1                    # micro-batches per optimizer step
 LR = 1e-3                         # peak learning rate of each layer's schedule
 WARMUP_STEPS = 10                 # linear warmup at the start of each layer's schedule
-MIN_LR_RATIO = 0.1                # cosine decay ends at this fraction of the peak
+MIN_LR_RATIO = 0.1                # each layer's cosine decay ends at this fraction of LR
 WEIGHT_DECAY = 0.0                # students start at or near the teacher: no pull toward zero by default
 GRAD_CLIP = 1.0                   # max gradient norm per optimizer step; 0 turns clipping off
 DECODER_LOSS = "mse"              # mse, nmse (squared error / squared teacher norm, per token) or cosine
@@ -118,7 +118,8 @@ INIT = ""                         # checkpoint to start from; empty = this run's
 KD_TRAINABLE = "decoders"         # decoders: only the students train; all: the whole student model trains
 KD_STEPS = 100                    # optimizer steps of the logits phase
 KD_LR = 1e-4                      # its own peak LR: never inherited from the layer-wise phase
-KD_WARMUP_STEPS = 10              # its own warmup, then cosine decay to MIN_LR_RATIO x KD_LR
+KD_WARMUP_STEPS = 10              # its own warmup, then cosine decay to KD_MIN_LR_RATIO x KD_LR
+KD_MIN_LR_RATIO = 0.1             # where its cosine ends, as a fraction of KD_LR; 1 = a flat KD_LR (RADLADS step 2)
 KD_TEMPERATURE = 1.0              # softens both distributions; the loss is scaled by T^2
 KD_CE_WEIGHT = 0.0                # weight of next-token cross-entropy mixed into the KL loss
 KD_VAL_EVERY = 50                 # validate (val CE, KL to the teacher) every N steps
@@ -208,7 +209,7 @@ def check_constants():
             "GRAD_CLIP": " (0 turns clipping off)",
         },
         positive=["KD_TEMPERATURE", "LR", "KD_LR"],
-        fractions=["MIN_LR_RATIO", "KD_CE_WEIGHT"],
+        fractions=["MIN_LR_RATIO", "KD_MIN_LR_RATIO", "KD_CE_WEIGHT"],
     )
     if PHASE == "choose" and RESUME:
         fail("the choose phase does not resume (it saves no training state): run it again in a new --out-dir")
@@ -291,11 +292,11 @@ def may_change_on_resume():
     )
     layerwise_only = set(
         "TARGET STUDENT_KIND STUDENT_KWARGS LAYERS KEEP_TEACHER_LAYERS SCHEDULE ROTATIONS STEPS_PER_LAYER LR "
-        "WARMUP_STEPS DECODER_LOSS TRAINABLE CALIB_TOKENS LATENT_STREAM".split()
+        "WARMUP_STEPS MIN_LR_RATIO DECODER_LOSS TRAINABLE CALIB_TOKENS LATENT_STREAM".split()
     )
     logits_only = set(
-        "INIT KD_TRAINABLE KD_STEPS KD_LR KD_WARMUP_STEPS KD_TEMPERATURE KD_CE_WEIGHT KD_FRESH_TOKENS PARALLEL "
-        "ACTIVATION_CHECKPOINTING".split()
+        "INIT KD_TRAINABLE KD_STEPS KD_LR KD_WARMUP_STEPS KD_MIN_LR_RATIO KD_TEMPERATURE KD_CE_WEIGHT "
+        "KD_FRESH_TOKENS PARALLEL ACTIVATION_CHECKPOINTING".split()
     )
     return reporting | {"CONVERT"} | (logits_only if PHASE == "layerwise" else layerwise_only)
 
@@ -869,8 +870,8 @@ def logits_phase(run, models, val):
     rt.print(
         f"logits phase from {init}: trainable {KD_TRAINABLE} ({sum(p.numel() for p in params):,} "
         f"parameters), {KD_STEPS} steps x {tokens_per_step:,} tokens, lr {KD_LR} (warmup {KD_WARMUP_STEPS}, "
-        f"cosine), temperature {KD_TEMPERATURE}, ce weight {KD_CE_WEIGHT}; frozen weights in "
-        f"{str(rt.frozen_dtype).replace('torch.', '')}, trained ones in float32"
+        f"cosine to {KD_MIN_LR_RATIO * KD_LR:g}), temperature {KD_TEMPERATURE}, ce weight {KD_CE_WEIGHT}; frozen "
+        f"weights in {str(rt.frozen_dtype).replace('torch.', '')}, trained ones in float32"
     )
     rt.print(
         f"{f'{PARALLEL} over {rt.world_size} ranks' if rt.ddp else 'one process'}; activation checkpointing "
@@ -882,7 +883,7 @@ def logits_phase(run, models, val):
     first, t0 = step, time.time()
     bar = tqdm(range(step, KD_STEPS), desc="logits", disable=not rt.master)
     for s in bar:
-        lr = lr_at(s, KD_STEPS, KD_LR, KD_WARMUP_STEPS, "cosine", MIN_LR_RATIO)
+        lr = lr_at(s, KD_STEPS, KD_LR, KD_WARMUP_STEPS, "cosine", KD_MIN_LR_RATIO)
         loss_sum, kl_sum = logits_losses(rt, models, loader)
         (norm,) = step_optimizer(rt, opt, [params], lr, reduced=PARALLEL == "fsdp")
         step = s + 1

@@ -1,15 +1,33 @@
 #!/usr/bin/env bash
-# The one command line to edit: distill every FFN of the prepared SmolLM2-135M into a pruned
-# half-width SwiGLU. Layer by layer, each student is first calibrated in closed form on the
-# teacher's latents (channels chosen by activation, down projection refit), then trained to match
-# its teacher block; then the logits phase trains all students together on KL to the teacher,
-# in the same run folder. Extra arguments go to both phases (later arguments win), e.g.
-#   ./distill.sh --teacher path/to/model --out-dir runs/mine      NPROC=8 ./distill.sh
+# The one command line to edit. PRESET picks its arguments (default: pruned):
+#   pruned   distill every FFN of the prepared SmolLM2-135M into a pruned half-width SwiGLU. Layer by layer,
+#            each student is first calibrated in closed form on the teacher's latents (channels chosen by
+#            activation, down projection refit), then trained to match its teacher block.
+#   radlads  RADLADS (arXiv:2505.03005) on every attention: step 1 aligns every attention output with the
+#            teacher's, all layers at once from one teacher pass a batch, LR 1e-3 cosine to 1e-5; step 2 is the
+#            logits phase at a flat LR 1e-5. (Its optional step 3, fine-tuning, is not in it: train.py --init.)
+# Then the logits phase trains all students together on KL to the teacher, in the same run folder. Extra
+# arguments go to both phases (later arguments win), e.g.
+#   ./distill.sh --teacher path/to/model --out-dir runs/mine      NPROC=8 ./distill.sh      PRESET=radlads ./distill.sh
 set -euo pipefail
 cd "$(dirname "$0")"
-args=(--target mlp --student-kind pruned --student-kwargs '{"scale": 0.5}' --calib-tokens 65536
-      --steps-per-layer 100 --lr 1e-4 --batch-size 8 --seq-len 512 --kd-steps 2000 --kd-lr 1e-3
-      --out-dir "runs/distill_$(date +%Y%m%d_%H%M%S)" "$@")
+case "${PRESET:-pruned}" in
+  pruned)
+    args=(--target mlp --student-kind pruned --student-kwargs '{"scale": 0.5}' --calib-tokens 65536
+          --steps-per-layer 100 --lr 1e-4 --batch-size 8 --seq-len 512 --kd-steps 2000 --kd-lr 1e-3) ;;
+  radlads)
+    kind=linear  # the student; delta (gated delta rule, the RADLADS class of RNN) once it is registered
+    # RADLADS spends 100M tokens on step 1 and 250M on step 2 for a 7B teacher; for SmolLM2-135M a quarter of
+    # that in the same 2:5 ratio, per GPU: 6,000 x 8 x 512 = 25M and 15,000 x 8 x 512 = 61M tokens
+    args=(--target attn --student-kind "$kind" --schedule parallel --calib-tokens 65536 --batch-size 8 --seq-len 512
+          --steps-per-layer 6000 --lr 1e-3 --min-lr-ratio 0.01 --val-every 500
+          --kd-steps 15000 --kd-lr 1e-5 --kd-min-lr-ratio 1 --kd-warmup-steps 0 --kd-val-every 500
+          --kd-save-every 1000 --keep-last 2) ;;
+  *)
+    echo "distill.sh: unknown PRESET '$PRESET'; use pruned or radlads" >&2
+    exit 1 ;;
+esac
+args+=(--out-dir "runs/distill_$(date +%Y%m%d_%H%M%S)" "$@")
 run() { ./.venv/bin/torchrun --standalone --nproc_per_node "${NPROC:-1}" distill.py "${args[@]}" "$@"; }
 run --phase layerwise
 run --phase logits

@@ -207,13 +207,15 @@ def speed_at(models: dict[str, nn.Module], prompt: torch.Tensor, decode_steps: i
     return out
 
 
-def speed_rows(models: dict[str, nn.Module], tokens: torch.Tensor, rt: Runtime) -> list[dict]:
-    """speed_at every context n in CONTEXTS (a prefill of n - DECODE_STEPS tokens: the context ends at n),
+def speed_rows(
+    models: dict[str, nn.Module], tokens: torch.Tensor, rt: Runtime, contexts: list[int], decode_steps: int
+) -> list[dict]:
+    """speed_at every context n in `contexts` (a prefill of n - decode_steps tokens: the context ends at n),
     after a warm-up: [{context, model, prefill_tok_s, ...}]."""
     speed_at(models, tokens[:, :16], 2, rt)
     rows = []
-    for n in tqdm(CONTEXTS, desc="speed", disable=not rt.master):
-        at = speed_at(models, tokens[:, : n - DECODE_STEPS], DECODE_STEPS, rt)
+    for n in tqdm(contexts, desc="speed", disable=not rt.master):
+        at = speed_at(models, tokens[:, : n - decode_steps], decode_steps, rt)
         rows += [{"context": n, "model": name, **r} for name, r in at.items()]
     return rows
 
@@ -464,7 +466,7 @@ def compare(
     from transformers import AutoTokenizer
 
     params = {name: parameter_counts(m) for name, m in models.items()} if SPEED else {}
-    speed = speed_rows(models, tokens, rt) if SPEED else []
+    speed = speed_rows(models, tokens, rt, CONTEXTS, DECODE_STEPS) if SPEED else []
     try:
         tasks = harness_scores(models, AutoTokenizer.from_pretrained(tok_dir), rt) if TASKS else {}
     except ValueError as e:

@@ -1,6 +1,7 @@
 """distill.py on a tiny model, on CPU: the method, checkpoints, resume, DDP, the logits phase, errors."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -379,6 +380,7 @@ def test_layerwise_teacher_in_bf16_and_students_in_fp32(teacher_dir, tiny_data_d
         (["--kd-lr", "nan"], "KD_LR must be > 0, got nan"),
         (["--kd-ce-weight", "1.5"], "KD_CE_WEIGHT must be in [0, 1], got 1.5"),
         (["--kd-ce-weight", "-0.5"], "KD_CE_WEIGHT must be in [0, 1], got -0.5"),
+        (["--kd-min-lr-ratio", "1.5"], "KD_MIN_LR_RATIO must be in [0, 1], got 1.5"),
         (["--student-kwargs", '{"scale": 0}'], "prototype student: scale must be > 0"),  # were one channel wide
         (["--student-kind", "pruned", "--student-kwargs", '{"scale": -1}'], "pruned student: scale must be in (0, 1]"),
         (
@@ -630,6 +632,50 @@ def test_distill_sh_runs_both_phases(teacher_dir, tiny_data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(r["calib_rel_err"] < r["start_rel_err"] for r in layer_rows(out))
     assert os.path.isdir(os.path.join(out, "final")) and os.path.isdir(os.path.join(out, "logits_final"))
+
+
+def test_distill_sh_radlads_preset_runs_its_lr_shapes(teacher_dir, tiny_data_dir, tmp_path):
+    """PRESET=radlads ./distill.sh at test size: linear attention students aligned all at once (the parallel
+    schedule) at LR 1e-3 cosine to 1e-5, then the logits phase at a flat 1e-5, as metrics.jsonl logs them. An
+    unknown preset is one line."""
+    command = [os.path.join(ROOT, "distill.sh"), "--teacher", teacher_dir, "--data-dir", tiny_data_dir]
+    proc = subprocess.run(command, env={**os.environ, "PRESET": "nope"}, cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr == "distill.sh: unknown PRESET 'nope'; use pruned or radlads\n"
+    out = str(tmp_path / "run")
+    proc = subprocess.run(
+        [
+            *command,
+            "--out-dir",
+            out,
+            *TINY_DISTILL,
+            "--steps-per-layer",
+            "8",
+            "--warmup-steps",
+            "0",
+            "--val-every",
+            "0",
+            "--kd-steps",
+            "3",
+            "--kd-val-every",
+            "3",
+            "--kd-save-every",
+            "3",
+        ],
+        env={**os.environ, "PRESET": "radlads"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(out, "config_layerwise.json")) as f:
+        config = json.load(f)["config"]
+    assert (config["TARGET"], config["STUDENT_KIND"], config["SCHEDULE"]) == ("attn", "linear", "parallel")
+    assert [r["layer"] for r in layer_rows(out)] == [0, 1, 2]
+    step1 = [r["lr"] for r in read_metrics(out, phase="layerwise") if "lr" in r]
+    assert step1 == pytest.approx([1e-5 + (1e-3 - 1e-5) / 2 * (1 + math.cos(math.pi * s / 8)) for s in range(8)])
+    assert [r["lr"] for r in read_metrics(out, phase="logits") if "lr" in r] == [1e-5] * 3
+    assert os.path.isdir(os.path.join(out, "logits_final"))
 
 
 def test_layer_checkpoints_hold_the_students_alone_on_a_checked_teacher(teacher_dir, tiny_data_dir, tmp_path):
