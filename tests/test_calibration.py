@@ -211,7 +211,7 @@ def test_parallel_schedule_calibrates(teacher_dir, tiny_data_dir, tmp_path):
     [
         (
             ["--student-kind", "pruned", "--student-kwargs", '{"importance": "random"}'],
-            "importance must be 'activation' or 'weight'",
+            "importance must be 'activation', 'weight' or 'obs'",
         ),
         (["--student-kind", "pruned", "--student-kwargs", '{"ridge": -1}'], "ridge must be >= 0"),
         (["--calib-tokens", "-5"], "CALIB_TOKENS must be >= 0"),

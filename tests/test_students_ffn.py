@@ -117,7 +117,7 @@ def test_calibration_lowers_the_prototype_error(family):
         ("pruned", {"scale": -1}, "scale must be in (0, 1]"),
         ("pruned", {"scale": 1.5}, "scale must be in (0, 1]"),
         ("pruned", {"scale": float("nan")}, "scale must be in (0, 1]"),
-        ("pruned", {"importance": "random"}, "importance must be 'activation' or 'weight'"),
+        ("pruned", {"importance": "random"}, "importance must be 'activation', 'weight' or 'obs'"),
         ("prototype", {"scale": 0}, "scale must be > 0"),
         ("prototype", {"scale": float("nan")}, "scale must be > 0"),
     ],
@@ -132,3 +132,39 @@ def test_a_block_of_no_known_ffn_shape_is_refused_in_one_line():
     model = family_model("llama")
     with pytest.raises(ValueError, match=r"^LlamaAttention is no FFN of a known shape [^\n]*$"):
         make_student("mlp", "pruned", get_block(model, 0, "attn"), model.config)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_obs_removes_channels_as_a_brute_force_greedy_search_over_refits_does(family):
+    """importance='obs' (common/students/ffn.py): each channel it removes is the one whose removal, with the output
+    projection ridge-refit on the rest (and its bias, gpt2), leaves the least refit objective: checked against every
+    candidate's refit solved directly, for the first removals; and the student keeps the channels it did not remove."""
+    from common.students.ffn import _projection_input, ffn_layout, obs_importance
+
+    t, config = teacher(family)
+    xs, ridge = latents(n_batches=12), 1e-3
+    s = student(family, "pruned", scale=0.5, importance="obs", ridge=ridge)
+    layout = ffn_layout(t, config.hidden_size)
+    with torch.no_grad():
+        rank = obs_importance(t, layout, data(t, xs), no_reduce, call, s)[0]
+        a = torch.cat([_projection_input(t, layout.output, call, x).flatten(0, -2) for x in xs]).double()
+        y = torch.cat([t(x).flatten(0, -2) for x in xs]).double()
+    a = torch.cat([a, torch.ones_like(a[:, :1])], 1) if getattr(t, layout.output).bias is not None else a
+    lam = ridge * (a.T @ a).diagonal().mean()
+
+    def objective(kept):  # min over W of ||y - a_kept W||^2 + lam ||W||^2
+        ak = a[:, kept]
+        w = torch.linalg.solve(ak.T @ ak + lam * torch.eye(len(kept), dtype=a.dtype), ak.T @ y)
+        return ((y - ak @ w).square().sum() + lam * w.square().sum()).item()
+
+    kept = list(range(a.shape[1]))
+    for step in range(4):
+        candidates = [j for j in kept if j < layout.width]
+        best = min(candidates, key=lambda j: objective([k for k in kept if k != j]))
+        assert rank[best] == step
+        kept.remove(best)
+    with torch.no_grad():
+        s.calibrate(t, data(t, xs), no_reduce, call)
+        seen = _projection_input(s.block, layout.output, call, xs[0])
+        keep = (rank == layout.width).nonzero()[:, 0]
+        torch.testing.assert_close(seen, _projection_input(t, layout.output, call, xs[0])[..., keep])

@@ -246,13 +246,16 @@ class PrunedMLP(nn.Module):
     Conv1D, with biases), and mixtures of experts, where each expert keeps the same number of its own
     channels and the router is kept as it is.
 
-    importance  which channels to keep. 'weight': the largest ||gate_j|| * ||up_j|| * ||out_:,j|| (||in_j||
+    importance  which channels to keep (default: 'obs' for a dense FFN that refits, else 'activation'). 'weight': the largest ||gate_j|| * ||up_j|| * ||out_:,j|| (||in_j||
                 * ||out_:,j|| for a plain MLP; per expert; data-blind, and the choice before calibration).
                 'activation': the largest RMS over calibration tokens of what the output projection sees
                 (channel j's activation, hooked from the teacher's own forward) times ||out_:,j||: the size of
                 channel j's contribution to the output on real latents. For a mixture of experts, each
                 expert's activations are its own gate (transformers' _apply_gate) of its gate_up projection
                 on the tokens the teacher's router sends it, times their routing weights (0 elsewhere).
+                'obs': the channels whose removal, with the output projection refit on the rest, costs the least
+                output error, removed one at a time by Optimal Brain Surgeon (obs_importance): a channel that
+                another can stand in for goes first. Dense FFNs with refit.
     refit       calibration refits the output projection (weight and bias) by ridge least squares on the
                 kept channels' activations against the teacher's output (ridge: lam = ridge x mean diagonal
                 of the Gram matrix), which takes over much of the dropped channels' work. Dense FFNs only:
@@ -264,19 +267,22 @@ class PrunedMLP(nn.Module):
         teacher: nn.Module,
         config: PreTrainedConfig,
         scale: float = 0.5,
-        importance: str = "activation",
+        importance: str | None = None,
         refit: bool = True,
         ridge: float = 1e-4,
     ) -> None:
         super().__init__()
         if not 0 < scale <= 1:
             raise ValueError(f"pruned student: scale must be in (0, 1] (the share of channels it keeps), got {scale}")
-        if importance not in ("activation", "weight"):
-            raise ValueError(f"importance must be 'activation' or 'weight', got {importance!r}")
+        if importance not in (None, "activation", "weight", "obs"):
+            raise ValueError(f"importance must be 'activation', 'weight' or 'obs', got {importance!r}")
         if ridge < 0:
             raise ValueError(f"ridge must be >= 0, got {ridge}")
-        self.importance, self.refit, self.ridge = importance, refit, ridge
         self.layout = ffn_layout(teacher, config.hidden_size)
+        importance = importance or ("activation" if self.layout.experts or not refit else "obs")
+        self.importance, self.refit, self.ridge = importance, refit, ridge
+        if importance == "obs" and (self.layout.experts or not refit):
+            raise ValueError("importance='obs' chooses channels for a refit dense FFN; use 'activation' here")
         if self.layout.experts and importance == "activation":
             if not hasattr(getattr(teacher, self.layout.experts), "_apply_gate"):
                 raise ValueError(
@@ -311,6 +317,8 @@ class PrunedMLP(nn.Module):
                 teacher, self.layout, batches, all_reduce, forward
             )
             self.keep_channels(teacher, importance)
+        elif self.importance == "obs":
+            self.keep_channels(teacher, obs_importance(teacher, self.layout, batches, all_reduce, forward, self))
         if self.refit and self.layout.output:
             features = functools.partial(_projection_input, self.block, self.layout.output, forward)
             fit_linear(getattr(self.block, self.layout.output), features, batches, all_reduce, self.ridge)
@@ -330,6 +338,43 @@ def activation_importance(
         square_sum = square_sum + a.flatten(0, -2).double().square().sum(0)
     all_reduce(square_sum)
     return (square_sum.sqrt() * linear_weight(getattr(teacher, layout.output)).double().norm(dim=0))[None]
+
+
+def obs_importance(
+    teacher: nn.Module, layout: FFNLayout, batches: Batches, all_reduce: AllReduce, forward: Forward, student
+) -> torch.Tensor:
+    """A dense FFN's channels ranked (1, I) by Optimal Brain Surgeon (Hassibi & Stork 1993; ZipLM's structured
+    form): with G the Gram matrix of what the output projection sees over the batches plus the refit's ridge, and W its
+    ridge fit, removing channel j and refitting on the rest raises the refit's objective by exactly
+    ||W_:,j||^2 / (G^-1)_jj. The cheapest channel goes, W and G^-1 are updated to the refit, and again, until
+    `student.width` remain; a channel's rank is the step it
+    went at (those kept rank last). A bias is an all-ones channel that never goes. Unlike 'activation', which scores
+    each channel alone, this sees that two channels that move together can be one."""
+    output = getattr(teacher, layout.output)
+    gram = None
+    for x, _ in batches(targets=False):
+        a = _projection_input(teacher, layout.output, forward, x).flatten(0, -2).double()
+        if output.bias is not None:
+            a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+        gram = a.T @ a if gram is None else gram.addmm_(a.T, a)
+    all_reduce(gram)
+    w = linear_weight(output).double()  # (d, I), and the bias as channel I
+    w = torch.cat([w, output.bias.double()[:, None]], 1) if output.bias is not None else w.clone()
+    n, channels = len(gram), layout.width
+    lam = student.ridge * gram.diagonal().mean().clamp_min(1e-30)
+    inverse = torch.linalg.inv(gram + lam * torch.eye(n, dtype=gram.dtype, device=gram.device))
+    w -= lam * w @ inverse  # the ridge fit on every channel, (G + lam)^-1 G W^T: where the refit starts from
+    rank = torch.full((channels,), float(channels), dtype=torch.float64, device=gram.device)
+    gone = torch.zeros(n, dtype=torch.bool, device=gram.device)
+    gone[channels:] = True  # the bias channel is never a candidate
+    for step in range(channels - student.width):
+        cost = w.square().sum(0) / inverse.diagonal().clamp_min(1e-30)
+        j = int(cost.masked_fill(gone, float("inf")).argmin())
+        row = inverse[j] / inverse[j, j]
+        w -= torch.outer(w[:, j], row)
+        inverse -= torch.outer(inverse[:, j], row)
+        gone[j], rank[j] = True, step
+    return rank[None]
 
 
 def expert_importance(
