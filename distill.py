@@ -85,7 +85,7 @@ RESUME = False                    # continue the run in OUT_DIR from its latest 
 PHASE = "layerwise"               # layerwise: match decoder outputs; logits: next-token distributions; choose: layers
 # layer-wise phase
 TARGET = "mlp"                    # the block each layer swaps: mlp (FFN) or attn (self-attention)
-STUDENT_KIND = "prototype"        # a registered student: mlp: copy/prototype/pruned; attn: linear/delta/window
+STUDENT_KIND = "prototype"        # a registered student: mlp: copy/prototype/pruned; attn: linear/delta/lolcats/window
 STUDENT_KWARGS = {}               # the student's arguments, JSON: '{"scale": 0.5, "activation": "relu2"}'
 CALIB_TOKENS = 32768              # tokens (all ranks) each student calibrates on before its first step; 0 = off
 LATENT_STREAM = "teacher"         # what feeds layer i: the teacher's layers, or the students already trained

@@ -13,10 +13,10 @@ A standard class holds, exactly, for any family of decoder-only model:
   - gated `prototype` students without biases, where the teacher's FFN is gate_proj/up_proj/down_proj
     without biases: likewise, with the config's activation set to the prototypes'.
 Every other mix is refused with one line naming the layers: attention students (no transformers class
-mixes gated linear, delta-rule or sink-and-window attention with softmax layers: Qwen3-Next's Gated DeltaNet
-layers have their own projections, a short convolution and no rotary), other prototypes, FFNs of
-different widths (teacher FFNs kept among pruned ones included). With --pad-to-widest, narrower FFNs
-are zero-padded to the widest: exact, but the zeros are stored and computed, so it saves nothing.
+mixes gated linear, delta-rule, LoLCATs (window + linear) or sink-and-window attention with softmax layers:
+Qwen3-Next's Gated DeltaNet layers have their own projections, a short convolution and no rotary), other
+prototypes, FFNs of different widths (teacher FFNs kept among pruned ones included). With --pad-to-widest,
+narrower FFNs are zero-padded to the widest: exact, but the zeros are stored and computed, so it saves nothing.
 
 The folder holds model.safetensors, config.json, generation_config.json, the tokenizer and README.md, a
 model card with the provenance (checkpoint, run, teacher, students) and the evaluation table of
@@ -167,8 +167,8 @@ def export_state(model: nn.Module) -> tuple[PreTrainedConfig, dict[str, torch.Te
         kinds = sorted({s["kind"] for s in attention})
         raise ValueError(
             f"layers {spans([s['layer'] for s in attention])} have {'/'.join(kinds)} attention students: "
-            f"no transformers class mixes gated linear, delta-rule or sink-and-window attention with the teacher's "
-            f"softmax layers; export needs the teacher's attention in every layer"
+            f"no transformers class mixes gated linear, delta-rule, LoLCATs or sink-and-window attention with the "
+            f"teacher's softmax layers; export needs the teacher's attention in every layer"
         )
     ffns = layer_ffns(model)
     groups = {}

@@ -79,14 +79,15 @@ def decoding_cache(model: nn.Module) -> DecodingCache:
 
 
 def state_bytes(cache: Cache) -> dict[str, int]:
-    """{'kv': bytes of keys and values (window students' slot indices too), 'recurrent': bytes of linear-attention
-    states} held by a decoding cache (a student layer's shadow holds meta tensors only: no bytes)."""
+    """{'kv': bytes of keys and values (window students' slot indices too, lolcats students' window), 'recurrent':
+    bytes of linear-attention states (a RecurrentLayer's `state`)} held by a decoding cache (a student layer's shadow
+    holds meta tensors only: no bytes)."""
     held = {"kv": 0, "recurrent": 0}
     for layer in cache.layers:
-        tensors = [t for t in vars(layer).values() if isinstance(t, torch.Tensor) and not t.is_meta]
-        held["recurrent" if isinstance(layer, RecurrentLayer) else "kv"] += sum(
-            t.numel() * t.element_size() for t in tensors
-        )
+        for name, t in vars(layer).items():
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                recurrent = isinstance(layer, RecurrentLayer) and name == "state"
+                held["recurrent" if recurrent else "kv"] += t.numel() * t.element_size()
     return held
 
 

@@ -231,7 +231,7 @@ def test_linear_calibration_lowers_held_out_error():
     assert error(student) < 0.97 * before
 
 
-@pytest.mark.parametrize("kind", ["linear", "delta"])
+@pytest.mark.parametrize("kind", ["linear", "delta", "lolcats"])
 def test_recurrent_students_refuse_a_transformers_kv_cache(kind):
     model, ids = family_model("llama"), tokens()
     set_block(model, 0, "attn", make_student("attn", kind, get_block(model, 0, "attn"), model.config))
@@ -259,13 +259,14 @@ def test_swap_keeps_every_other_weight_bit_identical():
 
 
 def test_checkpoint_round_trip(tmp_path):
-    model = family_model("llama", layers=3)
+    model = family_model("llama", layers=4)
     torch.manual_seed(0)
     set_block(model, 0, "attn", make_student("attn", "linear", get_block(model, 0, "attn"), model.config, decay_rank=8))
     set_block(model, 1, "attn", make_student("attn", "window", get_block(model, 1, "attn"), model.config, window=8))
     set_block(model, 2, "attn", make_student("attn", "delta", get_block(model, 2, "attn"), model.config, gate_rank=8))
+    set_block(model, 3, "attn", make_student("attn", "lolcats", get_block(model, 3, "attn"), model.config, window=8))
     with torch.no_grad():  # move the new parameters off their initial values, so loading must restore them
-        for i in (0, 2):
+        for i in (0, 2, 3):
             for p in get_block(model, i, "attn").parameters():
                 p.add_(0.01 * torch.randn_like(p))
     save_checkpoint(str(tmp_path / "final"), model, meta={"phase": "test", "step": 0})
@@ -277,6 +278,12 @@ def test_checkpoint_round_trip(tmp_path):
             {"layer": 0, "target": "attn", "kind": "linear", "kwargs": {"decay_rank": 8, "chunk_size": 64}},
             {"layer": 1, "target": "attn", "kind": "window", "kwargs": {"window": 8, "sink": 4}},
             {"layer": 2, "target": "attn", "kind": "delta", "kwargs": {"gate_rank": 8, "chunk_size": 64}},
+            {
+                "layer": 3,
+                "target": "attn",
+                "kind": "lolcats",
+                "kwargs": {"window": 8, "feature_dim": None, "chunk_size": 64},
+            },
         ]
     )
     assert torch.equal(logits(loaded, tokens()), logits(model, tokens()))

@@ -391,6 +391,10 @@ def test_layerwise_teacher_in_bf16_and_students_in_fp32(teacher_dir, tiny_data_d
             ["--target", "attn", "--student-kind", "delta", "--student-kwargs", '{"decay_rank": 8}'],
             "do not fit student 'delta'",
         ),
+        (
+            ["--target", "attn", "--student-kind", "lolcats", "--student-kwargs", '{"window": 0}'],
+            "lolcats student: window, feature_dim and chunk_size must be >= 1, got 0, None and 64",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(teacher_dir, tiny_data_dir, tmp_path, args, message):
@@ -532,8 +536,18 @@ def test_what_is_not_a_decoder_only_lm_is_refused_in_one_line(tiny_data_dir, tmp
         assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("kind,cls", [("linear", "LinearAttention"), ("delta", "DeltaAttention")])
-def test_attention_students_rotation_then_logits_then_evaluation(teacher_dir, tiny_data_dir, tmp_path, kind, cls):
+@pytest.mark.parametrize(
+    "kind,cls,kwargs",
+    [
+        ("linear", "LinearAttention", "{}"),
+        ("delta", "DeltaAttention", "{}"),
+        ("lolcats", "LolcatsAttention", '{"window": 8}'),  # shorter than the 32 tokens: linear terms too
+    ],
+    ids=["linear", "delta", "lolcats"],
+)
+def test_attention_students_rotation_then_logits_then_evaluation(
+    teacher_dir, tiny_data_dir, tmp_path, kind, cls, kwargs
+):
     out = str(tmp_path / "run")
     common = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--out-dir", out]
     run_distill(
@@ -543,6 +557,8 @@ def test_attention_students_rotation_then_logits_then_evaluation(teacher_dir, ti
         "attn",
         "--student-kind",
         kind,
+        "--student-kwargs",
+        kwargs,
         "--steps-per-layer",
         "15",
         "--keep-teacher-layers",

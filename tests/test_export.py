@@ -95,7 +95,11 @@ def test_export_loads_with_plain_transformers(teacher_dir, tmp_path, ffn, width)
 def test_refusals_are_one_line_and_write_nothing(teacher_dir, tmp_path):
     pruned = {i: ("pruned", {"scale": 0.5}) for i in range(3)}
     cases = {
-        "attention": ({}, {1: ("linear", {}), 2: ("delta", {})}, "layers 1-2 have delta/linear attention students"),
+        "attention": (
+            {},
+            {0: ("lolcats", {}), 1: ("linear", {}), 2: ("delta", {})},
+            "layers 0-2 have delta/linear/lolcats attention students",
+        ),
         "widths": ({**pruned, 2: ("pruned", {"scale": 0.25})}, {}, "widths differ (layers 0-1: pruned FFN, width 64"),
         "kept teacher": ({0: ("pruned", {"scale": 0.5})}, {}, "layers 1-2: teacher FFN, width 128"),
         "ungated": ({i: ("prototype", {}) for i in range(3)}, {}, "layer 0: prototype FFN students (ungated"),

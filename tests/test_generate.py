@@ -8,6 +8,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from common.generate import decoding_cache, forward_cached, generate, left_pad, state_bytes
 from common.students import make_student
 from common.students.attention import RecurrentLayer, WindowLayer
+from common.students.lolcats import LolcatsLayer
 from common.swap import get_block, set_block
 from families import FAMILIES, WINDOW, family_model
 
@@ -20,9 +21,17 @@ SETUPS = {
     "window+teacher": {0: "window"},
     "delta+window": {0: "delta", 1: "window"},
     "teacher+delta": {1: "delta"},
+    "lolcats+window": {0: "lolcats", 1: "window"},
+    "delta+lolcats": {0: "delta", 1: "lolcats"},
+    "teacher+lolcats": {1: "lolcats"},
 }
-# chunks of 4: the prompts prefill over several chunks, the last one partial
-KWARGS = {"linear": {"chunk_size": 4}, "delta": {"chunk_size": 4}, "window": {"window": STUDENT_WINDOW, "sink": SINK}}
+# chunks of 4: the prompts prefill over several chunks, the last one partial; lolcats' window shorter than the prompts
+KWARGS = {
+    "linear": {"chunk_size": 4},
+    "delta": {"chunk_size": 4},
+    "window": {"window": STUDENT_WINDOW, "sink": SINK},
+    "lolcats": {"window": STUDENT_WINDOW, "chunk_size": 4},
+}
 
 
 def model_with(family, setup, layers=2):
@@ -90,13 +99,16 @@ def test_window_student_with_a_transformers_cache(family):
 
 @pytest.mark.parametrize("family,teacher_layer", [("llama", DynamicLayer), ("mistral", DynamicSlidingWindowLayer)])
 def test_decoding_state_per_student_kind(family, teacher_layer):
-    model = family_model(family, layers=4)
+    model = family_model(family, layers=5)
     set_block(model, 0, "attn", make_student("attn", "linear", get_block(model, 0, "attn"), model.config))
     window = make_student("attn", "window", get_block(model, 1, "attn"), model.config, window=STUDENT_WINDOW, sink=SINK)
     set_block(model, 1, "attn", window)
     set_block(model, 3, "attn", make_student("attn", "delta", get_block(model, 3, "attn"), model.config))
+    lolcats = make_student("attn", "lolcats", get_block(model, 4, "attn"), model.config, window=STUDENT_WINDOW)
+    set_block(model, 4, "attn", lolcats)
     cache = decoding_cache(model)
-    assert [type(layer) for layer in cache.layers] == [RecurrentLayer, WindowLayer, teacher_layer, RecurrentLayer]
+    kinds = [RecurrentLayer, WindowLayer, teacher_layer, RecurrentLayer, LolcatsLayer]
+    assert [type(layer) for layer in cache.layers] == kinds
     ids = torch.tensor([PROMPTS[0] * 2])  # 26 tokens
     held = [state_bytes(cache)]
     forward_cached(model, ids, cache)
@@ -104,15 +116,21 @@ def test_decoding_state_per_student_kind(family, teacher_layer):
     for _ in range(8):
         forward_cached(model, ids[:, :1], cache)
     held.append(state_bytes(cache))
-    linear, window, teacher, delta = cache.layers
-    # (head_dim x head_dim) per query head, whatever the context (delta too: its k and v are repeated to every head)
-    assert linear.state.shape == delta.state.shape == (1, 4, 16, 16)
-    assert held[1]["recurrent"] == held[2]["recurrent"] == 2 * 4 * 4 * 16 * 16 and held[0]["recurrent"] == 0
+    linear, window, teacher, delta, lolcats = cache.layers
+    # (head_dim x head_dim) per query head, whatever the context (delta too: its k and v are repeated to every head);
+    # lolcats: (2 x feature_dim) x (head_dim + 1), its last column the normaliser's
+    assert linear.state.shape == delta.state.shape == (1, 4, 16, 16) and lolcats.state.shape == (1, 4, 16, 17)
+    recurrent = 4 * 4 * (2 * 16 * 16 + 16 * 17)
+    assert held[1]["recurrent"] == held[2]["recurrent"] == recurrent and held[0]["recurrent"] == 0
     assert window.sink_index.tolist() == [[0, 1]] and window.positions.tolist() == [[30, 31, 32, 33]]
     assert window.keys.shape[2] == STUDENT_WINDOW - 1 and window.sink_keys.shape[2] == SINK
+    # lolcats' window: the latest window - 1 tokens' keys and values per kv head (not repeated), all real here
+    window_kv = (1, model.config.num_key_value_heads, STUDENT_WINDOW - 1, 16)
+    assert lolcats.keys.shape == lolcats.values.shape == window_kv and lolcats.real.all()
     # the model's mask bookkeeping: student layers answer as the teacher's layer would at their index
-    assert [layer.get_seq_length() for layer in cache.layers] == [34, 34, 34, 34]
+    assert [layer.get_seq_length() for layer in cache.layers] == [34] * 5
     assert linear.get_mask_sizes(1) == window.get_mask_sizes(1) == delta.get_mask_sizes(1) == teacher.get_mask_sizes(1)
+    assert lolcats.get_mask_sizes(1) == teacher.get_mask_sizes(1)
     kv = 2 * 4 * model.config.num_key_value_heads * 16  # bytes per token of one layer's keys and values
     if teacher_layer is DynamicLayer:
         assert teacher.keys.shape[2] == 34 and held[2]["kv"] - held[1]["kv"] == 8 * kv  # window: constant

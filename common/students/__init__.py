@@ -4,6 +4,7 @@
   ffn.py        target 'mlp' (the FFN): copy, prototype, pruned
   attention.py  target 'attn' (self-attention): linear (gated linear attention), window
   delta.py      target 'attn': delta (Gated DeltaNet, the delta rule)
+  lolcats.py    target 'attn': lolcats (sliding-window softmax + learned-feature linear attention, LoLCATs)
   fit.py        ridge least squares from fp64 Gram statistics, for calibration
 
 A student's constructor takes (teacher_block, config, **kwargs) and starts from the teacher block it
@@ -17,7 +18,7 @@ statistics in fp64 (Gram matrices, second moments) over the batches, never all a
 memory does not grow with the number of tokens.
 """
 
-from common.students import attention, delta, ffn  # noqa: F401  (importing a kind's module registers it)
+from common.students import attention, delta, ffn, lolcats  # noqa: F401  (importing a kind's module registers it)
 from common.students.registry import STUDENTS, make_student, register
 
 __all__ = ["STUDENTS", "make_student", "register"]

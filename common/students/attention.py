@@ -19,6 +19,8 @@ of its forward instead. The student is called exactly as the teacher's module is
           covers the sequence.
   delta   (common/students/delta.py) Gated DeltaNet, built on RecurrentAttention as `linear` is: the
           students whose mixing is a recurrence share its output gain, calibration and decoding layer.
+  lolcats (common/students/lolcats.py) LoLCATs, a softmax window plus learned-feature linear attention, on
+          RecurrentAttention too (its decoding layer a RecurrentLayer that also keeps the window's keys).
 
 The GLA recurrence, per head, with S the (K x V) state and g_t <= 0 the log decay per key channel:
     S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T,     o_t = scale * q_t^T S_t.
@@ -28,8 +30,9 @@ Triton `chunk_gla` (same recurrence) is used instead.
 
 Incremental decoding (common/generate.py): a student makes its own layer of the decoding cache (`new_cache`):
 a `RecurrentLayer` for `linear` and `delta` (the state, whatever the context), a `WindowLayer` for `window` (keys
-and values of the sinks and the last window - 1 tokens). Both answer the model's mask bookkeeping as the teacher's
-own cache layer would. The cache's `real` (B, L), when set, marks left padding, which no state or window takes in.
+and values of the sinks and the last window - 1 tokens), a `LolcatsLayer` for `lolcats` (both). All answer the
+model's mask bookkeeping as the teacher's own cache layer would. The cache's `real` (B, L), when set, marks left
+padding, which no state or window takes in.
 """
 
 import contextlib
@@ -281,8 +284,8 @@ class StudentCacheLayer(CacheLayerMixin):
 
 
 class RecurrentLayer(StudentCacheLayer):
-    """A recurrent student's decoding cache (linear, delta): its state (B, H, head_dim, head_dim) in fp32, None
-    before the first token."""
+    """A recurrent student's decoding cache (linear, delta; lolcats' subclasses it): its state (B, H, head_dim,
+    head_dim) in fp32, None before the first token."""
 
     def __init__(self, shadow: CacheLayerMixin) -> None:
         super().__init__(shadow)
@@ -350,14 +353,15 @@ def value_rms(o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class RecurrentAttention(StudentAttention):
-    """A student whose mixing is a recurrence over the teacher module's own q, k, v, with a state of constant size
-    (a RecurrentLayer when decoding). A subclass sets `head_dim` and `out_gain` (heads * head_dim) and defines
-        normalised(module, q, k, v, x, cache, scaling) -> (B, T, H, head_dim) fp32, its output before the gain
+    """A student whose mixing is a recurrence over the teacher module's own q, k, v (lolcats': and a window), with a
+    state of constant size (a RecurrentLayer when decoding). A subclass sets `head_dim` and `out_gain` (heads * head_dim) and defines
+        normalised(module, q, k, v, x, cache, scaling, **kwargs) -> (B, T, H, head_dim) fp32, its output before the
+            gain (kwargs: the rest of the attention call's, such as softcap)
         starts() -> [{parameter name: value}, ...], the starts calibration tries.
     The mixing output is normalised times out_gain, then the module's own output projection."""
 
     def mix(self, module, query, key, value, attention_mask, *, x, cache, scaling=None, **kwargs) -> tuple:
-        z = self.normalised(module, query, key, value, x, cache, scaling)
+        z = self.normalised(module, query, key, value, x, cache, scaling, **kwargs)
         return (z * self.out_gain.view(z.shape[2:])).to(value.dtype), None
 
     def decoding_layer(self, cache: Cache | None, module: nn.Module, q: torch.Tensor, k: torch.Tensor):
@@ -403,7 +407,7 @@ class RecurrentAttention(StudentAttention):
         seen = []
 
         def capture(module, query, key, value, attention_mask, *, x, cache, scaling=None, **kwargs):
-            seen.append(self.normalised(module, query, key, value, x, cache, scaling))
+            seen.append(self.normalised(module, query, key, value, x, cache, scaling, **kwargs))
             return seen[-1].to(value.dtype), None
 
         self.mixing_as(capture, forward, x)
@@ -465,7 +469,7 @@ class LinearAttention(RecurrentAttention):
         self.out_gain = nn.Parameter(torch.full((heads * head_dim,), OUT_GAIN_INIT))
         self.to(next(teacher.parameters()).dtype)
 
-    def normalised(self, module, q, k, v, x, cache, scaling) -> torch.Tensor:
+    def normalised(self, module, q, k, v, x, cache, scaling, **kwargs) -> torch.Tensor:
         """The recurrence over the new tokens, continuing a decoding cache's state, each head normalised to the
         RMS of its value: (B, T, H, head_dim) in fp32, before the gain."""
         layer = self.decoding_layer(cache, module, q, k)

@@ -178,7 +178,7 @@ class DeltaAttention(RecurrentAttention):
         self.out_gain = nn.Parameter(torch.full((heads * self.head_dim,), 2 * OUT_GAIN_INIT))
         self.to(next(teacher.parameters()).dtype)
 
-    def normalised(self, module, q, k, v, x, cache, scaling) -> torch.Tensor:
+    def normalised(self, module, q, k, v, x, cache, scaling, **kwargs) -> torch.Tensor:
         """The recurrence over the new tokens, continuing a decoding cache's state, each head normalised to the
         RMS of its value and gated: (B, T, H, head_dim) in fp32, before the gain."""
         layer = self.decoding_layer(cache, module, q, k)

@@ -1,0 +1,215 @@
+"""The `lolcats` attention student: LoLCATs (Zhang et al., arXiv:2410.10254), linear attention with a learned feature
+map plus a short sliding window of exact softmax attention, on the teacher module's own q, k, v. Like `linear`
+(attention.py) it is a copy of the teacher's attention module whose mixing function alone is replaced.
+
+Per head, for the query at t, with s_j = q_t.k_j * scale (softcapped where the teacher softcaps), the window the last
+`window` tokens (t itself included) and m_t the largest s_j in it, one normalised sum over every earlier token:
+    y_t = ( gamma sum_{j in window} exp(s_j - m_t) v_j + sum_{j <= t - window} phi_q(q_t).phi_k(k_j) v_j )
+          / ( gamma sum_{j in window} exp(s_j - m_t)     + sum_{j <= t - window} phi_q(q_t).phi_k(k_j) )
+as LoLCATs' code writes it (its `lolcats_llama_window_sw`): gamma = sigmoid(window_factor) per head, m_t only in the
+window's terms. phi is Hedgehog's feature map (arXiv:2402.04347), a learned linear map per head then a softmax over
+the features, of both signs: phi(x) = [softmax(x' W), softmax(-x' W)], 2 x feature_dim features. The older tokens
+enter one linear state, sum phi_k(k_j) [v_j, 1]^T (its last column the denominator's), so a decoding cache holds
+that state and the latest window - 1 keys and values, whatever the context.
+
+`hybrid_chunked` computes it for a block of new queries: the window part banded, chunk by chunk against the chunk
+and the window - 1 keys before it (no T x T scores), the linear part as chunked causal linear attention with the
+state carried across chunks (tests/test_lolcats.py checks both against a token-by-token loop).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import PreTrainedConfig
+from transformers.cache_utils import CacheLayerMixin
+from transformers.integrations.sdpa_attention import repeat_kv
+
+from common.students.attention import RecurrentAttention, RecurrentLayer, new_positions
+from common.students.registry import register
+
+# The window's weight gamma (a sigmoid: in (0, 1)) against the linear terms starts at LoLCATs' 0.1 (their
+# init_window_factor -2.197 = logit 0.1); calibration tries these, with the output gain fit by least squares for each.
+WINDOW_FACTOR_INIT = 0.1
+CALIB_WINDOW_FACTORS = (0.03, 0.1, 0.3, 0.9)
+
+
+def feature_map(x: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+    """Hedgehog's phi per head: x (B, H, T, D), weight (H, D, F) -> (B, H, T, 2F), [softmax(x' W), softmax(-x' W)]
+    with x' = x sqrt(scale). With W standard normal these are positive random features of softmax's kernel (FAVOR+
+    with antithetic samples, each half normalised): phi(q).phi(k) ~ 2 exp(q.k * scale) / F."""
+    z = torch.einsum("bhtd,hdf->bhtf", x * math.sqrt(scale), weight)
+    return torch.cat([z.softmax(-1), (-z).softmax(-1)], -1)
+
+
+def window_sums(q, k, v, real, scale: float, window: int, chunk: int, softcap: float | None):
+    """The window's terms, unweighted: (sum exp(s_j - m) v_j (B, H, T, D), sum exp(s_j - m) (B, H, T, 1)) over each
+    query's window. q (B, H, T, D); k, v (B, H, window - 1 + T, D), the new queries' keys after the window - 1 before
+    them; real (B, window - 1 + T). Each chunk of queries scores against its band of chunk + window - 1 keys alone."""
+    T = q.shape[2]
+    pad = -T % chunk
+    band = chunk + window - 1
+    q = F.pad(q, (0, 0, 0, pad)).unflatten(2, (-1, chunk))  # (B, H, N, C, D)
+    k, v = (F.pad(t, (0, 0, 0, pad)).unfold(2, band, chunk) for t in (k, v))  # (B, H, N, D, band)
+    real = F.pad(real, (0, pad)).unfold(1, band, chunk)[:, None, :, None, :]  # (B, 1, N, 1, band)
+    i, j = torch.arange(chunk, device=q.device)[:, None], torch.arange(band, device=q.device)
+    seen = (j >= i) & (j < i + window) & real  # query i of a chunk sees band keys i .. i + window - 1
+    s = q @ k * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~seen, float("-inf"))
+    p = (s - s.amax(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min)).exp()  # a query seeing no key: all 0
+    return (p @ v.transpose(-1, -2)).flatten(2, 3)[:, :, :T], p.sum(-1, keepdim=True).flatten(2, 3)[:, :, :T]
+
+
+def linear_sums(fq, fk, u, chunk: int, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal linear attention, strictly earlier keys: o_t = fq_t^T (state + sum_{j < t} fk_j u_j^T), chunk by chunk
+    (within a chunk masked, across chunks through the summed state). fq, fk (B, H, T, F); u (B, H, T, V); state
+    (B, H, F, V) or None (zeros). Returns (o (B, H, T, V), the state after all T)."""
+    B, H, T, _ = fq.shape
+    pad = -T % chunk
+    fq, fk, u = (F.pad(t, (0, 0, 0, pad)).unflatten(2, (-1, chunk)) for t in (fq, fk, u))  # (B, H, N, C, .)
+    earlier = torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).tril(-1)
+    o = (fq @ fk.transpose(-1, -2)).masked_fill(~earlier, 0) @ u
+    state = fq.new_zeros(B, H, fq.shape[-1], u.shape[-1]) if state is None else state
+    after = state[:, :, None] + (fk.transpose(-1, -2) @ u).cumsum(2)  # the state after each chunk
+    o = o + fq @ torch.cat([state[:, :, None], after[:, :, :-1]], 2)  # from every earlier chunk
+    return o.flatten(2, 3)[:, :, :T], after[:, :, -1]
+
+
+def hybrid_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    fq: torch.Tensor,
+    fk: torch.Tensor,
+    real: torch.Tensor,
+    factor: torch.Tensor,
+    scale: float,
+    window: int,
+    chunk_size: int = 64,
+    state: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoLCATs' attention for T new queries q (B, H, T, D), their features fq (B, H, T, F). k, v (B, H, P + T, D):
+    the keys and values of the P = window - 1 tokens before the new ones, then the new ones'; real (B, P + T) which
+    of those are tokens (False: padding, or before the sequence). fk (B, H, T, F): the features of the first T of
+    those keys, the ones that leave the window here. factor (H,): gamma; state (B, H, F, D + 1) or None (zeros):
+    sum fk [v, 1]^T over the tokens before all those. Returns (y (B, H, T, D), the state after the first T keys)."""
+    T, D = q.shape[2:]
+    chunk = min(chunk_size, T)
+    num, den = window_sums(q, k, v, real, scale, window, chunk, softcap)
+    u = torch.cat([v[:, :, :T], torch.ones_like(v[:, :, :T, :1])], -1) * real[:, None, :T, None]
+    linear, state = linear_sums(fq, fk, u, chunk, state)
+    gamma = factor[:, None, None]
+    den = gamma * den + linear[..., D:]  # >= gamma for a real query: its own key is in its window
+    return (gamma * num + linear[..., :D]) / den.clamp_min(torch.finfo(den.dtype).tiny), state
+
+
+def no_past(k: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The keys, values (B, kv_heads, window - 1, D) and real (B, window - 1) before a sequence's first token: none."""
+    B, H, _, D = k.shape
+    zeros = k.new_zeros(B, H, window - 1, D)
+    return zeros, zeros, torch.zeros(B, window - 1, dtype=torch.bool, device=k.device)
+
+
+def after(past: tuple, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor) -> tuple:
+    """The past (keys, values, real) with the new tokens' k, v (B, kv_heads, T, D) and real (B, T) after them."""
+    return torch.cat([past[0], k], 2), torch.cat([past[1], v], 2), torch.cat([past[2], real], 1)
+
+
+class LolcatsLayer(RecurrentLayer):
+    """A lolcats student's decoding cache, bounded whatever the context: the linear state (B, H, 2F, head_dim + 1) in
+    fp32 (`state`, None before the first token) over the tokens that left the window, and the latest window - 1
+    tokens' keys and values (B, kv_heads, window - 1, head_dim), in the model's dtype, with `real` (B, window - 1),
+    False for padding and before the first token."""
+
+    def __init__(self, shadow: CacheLayerMixin, window: int) -> None:
+        super().__init__(shadow)
+        self.window = window
+        self.keys = self.values = self.real = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor) -> tuple:
+        """The kept keys, values and real, then the new ones (T of them); keeps the latest window - 1."""
+        if self.keys is None:
+            self.keys, self.values, self.real = no_past(k, self.window)
+        k, v, real = after((self.keys, self.values, self.real), k, v, real)
+        T = real.shape[1] - (self.window - 1)
+        self.keys, self.values, self.real = k[:, :, T:], v[:, :, T:], real[:, T:]
+        return k, v, real
+
+
+@register("attn", "lolcats")
+class LolcatsAttention(RecurrentAttention):
+    """LoLCATs on the teacher module's own q, k, v: softmax attention over the last `window` tokens and Hedgehog
+    linear attention over the older ones, in one normalised sum.
+
+    - q, k, v are what the teacher's module computes (projections, biases, q/k norms, rotary where the layer has
+      it), scale its own scaling and the window's scores softcapped as its own (Gemma 2): a window that covers the
+      sequence is the teacher's attention. k and v are repeated to every query head for grouped and multi-query
+      attention, and each query head has its own feature maps and state, as in LoLCATs. The model's mask is not
+      read (as `linear`'s): the student is causal, and a sliding teacher layer's window becomes this window plus
+      the linear terms; left padding (common.generate) never enters the window or the state.
+    - feature maps: phi_q and phi_k, one (head_dim x feature_dim) map per head each (LoLCATs' untied_head_einsum,
+      no bias), applied to q and k times sqrt(scale). LoLCATs starts them at small uniform weights (phi about
+      constant: the old tokens averaged); here both start at the same standard normal weights, the random features
+      of softmax's kernel, so the linear terms start as a (noisy) softmax over the older tokens.
+    - gamma = sigmoid(window_factor) per head weights the window against the linear terms, from
+      WINDOW_FACTOR_INIT; the output is a convex combination of values, in the teacher's units, times a learned
+      per-channel gain from 1 (a gain of 1 is LoLCATs exactly), then the module's own output projection.
+    - calibration (RecurrentAttention.calibrate): for gamma at each of CALIB_WINDOW_FACTORS, the output gain by
+      least squares; the pair of least error is kept. The feature maps have no closed form: training fits them.
+    feature_dim None is head_dim / 2: 2 x feature_dim = head_dim features, LoLCATs' 64 on head_dim 128. chunk_size
+    only sets how a sequence is split; results do not depend on it.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        config: PreTrainedConfig,
+        window: int = 64,
+        feature_dim: int | None = None,
+        chunk_size: int = 64,
+    ):
+        if window < 1 or chunk_size < 1 or (feature_dim is not None and feature_dim < 1):
+            raise ValueError(
+                f"lolcats student: window, feature_dim and chunk_size must be >= 1, got {window}, {feature_dim} "
+                f"and {chunk_size}"
+            )
+        super().__init__(teacher)
+        self.window, self.chunk_size = window, chunk_size
+        heads = config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        weight = torch.randn(heads, self.head_dim, feature_dim or max(1, self.head_dim // 2))
+        self.feature_q, self.feature_k = nn.Parameter(weight), nn.Parameter(weight.clone())
+        self.window_factor = nn.Parameter(torch.full((heads,), math.log(WINDOW_FACTOR_INIT / (1 - WINDOW_FACTOR_INIT))))
+        self.out_gain = nn.Parameter(torch.ones(heads * self.head_dim))
+        self.to(next(teacher.parameters()).dtype)
+
+    def normalised(self, module, q, k, v, x, cache, scaling, softcap=None, **kwargs) -> torch.Tensor:
+        """The hybrid attention of the new tokens, continuing a decoding cache's window and state: (B, T, H,
+        head_dim) in fp32, before the gain."""
+        layer = self.decoding_layer(cache, module, q, k)
+        positions = new_positions(cache, q.shape[2]) if layer is not None else None
+        real = torch.ones_like(k[:, 0, :, 0], dtype=torch.bool) if positions is None else positions >= 0
+        k, v, real = after(no_past(k, self.window), k, v, real) if layer is None else layer.extend(k, v, real)
+        groups = q.shape[1] // k.shape[1]
+        q, k, v = q.float(), repeat_kv(k, groups).float(), repeat_kv(v, groups).float()
+        scale = q.shape[-1] ** -0.5 if scaling is None else scaling
+        T, state = q.shape[2], None if layer is None else layer.state
+        with torch.autocast(q.device.type, enabled=False):
+            fq = feature_map(q, self.feature_q.float(), scale)
+            fk = feature_map(k[:, :, :T], self.feature_k.float(), scale)  # the keys that leave the window
+            gamma = torch.sigmoid(self.window_factor.float())
+            o, state = hybrid_chunked(q, k, v, fq, fk, real, gamma, scale, self.window, self.chunk_size, state, softcap)
+        if layer is not None:
+            layer.state = state
+        return o.transpose(1, 2)
+
+    def starts(self) -> list[dict[str, torch.Tensor]]:
+        """Calibration's starts: gamma at each of CALIB_WINDOW_FACTORS in every head."""
+        return [{"window_factor": torch.logit(torch.full_like(self.window_factor, g))} for g in CALIB_WINDOW_FACTORS]
+
+    def new_cache(self, shadow: CacheLayerMixin) -> LolcatsLayer:
+        return LolcatsLayer(shadow, self.window)

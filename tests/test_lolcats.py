@@ -1,0 +1,195 @@
+"""The `lolcats` attention student (sliding-window softmax + Hedgehog linear attention): its chunked form against the
+sum written out token by token (outputs and gradients), the window and state carried across calls, the feature map's
+start, the teacher exactly when the window covers the sequence (every family), training, calibration, its arguments.
+Its decoding is in test_generate.py, the KV-cache refusal and checkpoints in test_attention.py, distill.py's rotation
+in test_distill.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common.students import make_student
+from common.students.lolcats import feature_map, hybrid_chunked
+from common.swap import LayerCalls, get_block
+from families import FAMILIES, family_model
+from test_attention import block_run, latent, tokens
+
+
+def hybrid_token_by_token(q, k, v, fq, fk, factor, scale, window, softcap=None):
+    """The reference, LoLCATs' sum per query over whole sequences: softmax terms exp(s_j - m) weighted by factor over
+    the last `window` keys, linear terms fq.fk over the older ones (a running state), one normalisation."""
+    B, H, T, D = q.shape
+    state = q.new_zeros(B, H, fq.shape[-1], D + 1)
+    out = []
+    for t in range(T):
+        if t >= window:  # key t - window leaves the window
+            u = torch.cat([v[:, :, t - window], torch.ones_like(v[:, :, t - window, :1])], -1)
+            state = state + fk[:, :, t - window, :, None] * u[:, :, None, :]
+        first = max(0, t - window + 1)
+        s = torch.einsum("bhd,bhjd->bhj", q[:, :, t], k[:, :, first : t + 1]) * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        p = factor[:, None] * (s - s.max(-1, keepdim=True).values).exp()
+        linear = torch.einsum("bhf,bhfv->bhv", fq[:, :, t], state)
+        num = torch.einsum("bhj,bhjd->bhd", p, v[:, :, first : t + 1]) + linear[..., :D]
+        out.append(num / (p.sum(-1, keepdim=True) + linear[..., D:]))
+    return torch.stack(out, 2)
+
+
+def hybrid_inputs(B=2, H=3, T=37, D=8, features=6, seed=0):
+    """q, k, v; features as the feature map gives them (positive, each half summing to 1); the window factor."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=gen) for _ in range(3))
+    fq, fk = (torch.randn(B, H, T, features, generator=gen).softmax(-1) for _ in range(2))
+    return q, k, v, fq, fk, torch.rand(H, generator=gen)
+
+
+def whole(q, k, v, fq, fk, factor, scale, window, chunk_size, softcap=None):
+    """hybrid_chunked over whole sequences: no token before the first (window - 1 absent keys, a zero state)."""
+    B, T = q.shape[0], q.shape[2]
+    k, v, fk = (F.pad(t, (0, 0, window - 1, 0)) for t in (k, v, fk))
+    real = torch.arange(window - 1 + T).expand(B, -1) >= window - 1
+    return hybrid_chunked(q, k, v, fq, fk[:, :, :T], real, factor, scale, window, chunk_size, None, softcap)[0]
+
+
+@pytest.mark.parametrize("window", [1, 4, 40])  # 40: longer than the sequence, no linear terms
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 64])
+def test_chunked_equals_token_by_token(window, chunk_size):
+    inputs = hybrid_inputs()  # T=37: never a multiple of the chunk (except 1)
+    for softcap in (None, 2.0):
+        ref = hybrid_token_by_token(*inputs, 0.4, window, softcap)
+        torch.testing.assert_close(whole(*inputs, 0.4, window, chunk_size, softcap), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,chunk_size", [(4, 8), (8, 4)])
+def test_chunked_gradients_equal_token_by_token(window, chunk_size):
+    """Gradients of q, k, v, both features and the window factor, to fp32 rounding of each (the factor's sums the most
+    terms: 1e-6 of its largest when written; in fp64 all agree to 1e-13)."""
+    grads = []
+    for fn in (
+        lambda *x: hybrid_token_by_token(*x, 0.4, window, 3.0),
+        lambda *x: whole(*x, 0.4, window, chunk_size, 3.0),
+    ):
+        xs = [t.clone().requires_grad_() for t in hybrid_inputs(T=21)]
+        fn(*xs).square().sum().backward()
+        grads.append([x.grad for x in xs])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
+
+
+def test_window_and_state_carry_across_calls():
+    """Pieces of 13, 1, 1 and 25 queries, each with the window - 1 keys before it and the state the previous piece
+    left, give the whole sequence's outputs; the first 3 are padding (keys not real), which changes nothing."""
+    q, k, v, fq, fk, factor = hybrid_inputs()
+    window, B, T, pad = 6, 2, 37, 3
+    ref = whole(q, k, v, fq, fk, factor, 0.4, window, 16)
+    q, fq = (F.pad(t, (0, 0, pad, 0)) for t in (q, fq))
+    k, v, fk = (F.pad(t, (0, 0, window - 1 + pad, 0)) for t in (k, v, fk))  # key i + window - 1 is query i's
+    real = torch.arange(window - 1 + pad + T).expand(B, -1) >= window - 1 + pad
+    out, state, start = [], None, 0
+    for n in (13, 1, 1, 25):
+        q_n, fq_n, fk_n = (t[:, :, start : start + n] for t in (q, fq, fk))  # fk: keys that leave the window
+        keys = slice(start, start + window - 1 + n)
+        k_n, v_n = k[:, :, keys], v[:, :, keys]
+        o, state = hybrid_chunked(q_n, k_n, v_n, fq_n, fk_n, real[:, keys], factor, 0.4, window, 4, state)
+        out.append(o)
+        start += n
+    out = torch.cat(out, 2)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, :, pad:], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_feature_map_starts_as_softmax_kernel_features():
+    """With standard normal weights, phi(q).phi(k) approaches 2 exp(q.k * scale) / F as F grows (random features)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (0.5 * torch.randn(1, 2, 8, 16, generator=gen) for _ in range(2))
+    weight, scale = torch.randn(2, 16, 20000, generator=gen), 0.25
+    approx = feature_map(q, weight, scale) @ feature_map(k, weight, scale).transpose(-1, -2) * 20000 / 2
+    exact = (q @ k.transpose(-1, -2) * scale).exp()  # 0.43 to 1.94
+    torch.testing.assert_close(approx, exact, rtol=0.06, atol=0)  # 0.035 when written
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_window_covering_the_sequence_is_the_teacher(family):
+    """12 tokens, within every family's sliding window: with a window of 12 there are no linear terms, and the
+    student is the teacher's attention on both layers (its q, k, v and scale; Gemma 2's softcap; smollm3's layer 1
+    without rotary; Falcon's direct sdpa call). A window of 4 is the teacher on the first 4 tokens only."""
+    model, ids = family_model(family), tokens(n=12)
+    calls = LayerCalls(model, "attn")
+    for i in range(2):
+        x, call = latent(model, calls, i, ids), calls.block(i, ids.shape)
+        teacher = get_block(model, i, "attn")
+        with torch.no_grad():
+            y = call(teacher, x)
+            wide = call(make_student("attn", "lolcats", teacher, model.config, window=12, chunk_size=5), x)
+            narrow = call(make_student("attn", "lolcats", teacher, model.config, window=4), x)
+        torch.testing.assert_close(wide, y, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(narrow[:, :4], y[:, :4], rtol=1e-5, atol=1e-5)
+        assert (narrow - y)[:, 4:].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lolcats_trains_on_every_family(family):
+    """Adam on layer 1's block output MSE with a window of 4 on 32 tokens (mostly linear terms): the loss falls."""
+    model, ids = family_model(family), tokens()
+    x, call = block_run(model, 1, ids)
+    teacher = get_block(model, 1, "attn")
+    with torch.no_grad():
+        target = call(teacher, x)
+    torch.manual_seed(0)
+    student = make_student("attn", "lolcats", teacher, model.config, window=4, chunk_size=8)
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        loss = F.mse_loss(call(student, x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses[::3]  # 0.30-0.53x on the 17 families when written
+    assert all(p.grad is not None for p in (student.feature_q, student.feature_k, student.window_factor))
+
+
+def test_lolcats_calibration_lowers_held_out_error():
+    """calibrate(teacher, batches, all_reduce, forward): the window factor and output gain it fits on 512 tokens
+    lower the error on 256 held-out ones."""
+    model = family_model("gpt2")
+    calls = LayerCalls(model, "attn")
+    teacher = get_block(model, 1, "attn")
+
+    def forward(block, x):
+        return calls.block(1, x.shape[:2])(block, x)
+
+    def pairs(seeds):
+        xs = [latent(model, calls, 1, tokens(seed=s)) for s in seeds]
+        with torch.no_grad():
+            return [(x, forward(teacher, x)) for x in xs]
+
+    train, held_out = pairs(range(8)), pairs(range(10, 14))
+
+    def error(student):
+        with torch.no_grad():
+            return sum((forward(student, x) - y).square().sum() for x, y in held_out) / sum(
+                y.square().sum() for _, y in held_out
+            )
+
+    torch.manual_seed(0)
+    student = make_student("attn", "lolcats", teacher, model.config, window=4)
+    before = error(student)
+    student.calibrate(
+        teacher, lambda targets=True: ((x, y if targets else None) for x, y in train), lambda t: t, forward
+    )
+    assert error(student) < 0.95 * before  # 0.35 to 0.28 when written (gamma 0.1 to 0.9)
+
+
+def test_bad_lolcats_kwargs():
+    model = family_model("llama")
+    teacher = get_block(model, 0, "attn")
+    for kwargs in ({"window": 0}, {"feature_dim": 0}, {"chunk_size": 0}):
+        with pytest.raises(ValueError, match="lolcats student: window, feature_dim and chunk_size must be >= 1"):
+            make_student("attn", "lolcats", teacher, model.config, **kwargs)
+    with pytest.raises(ValueError, match="do not fit student 'lolcats'"):
+        make_student("attn", "lolcats", teacher, model.config, sink=4)  # window's, not lolcats'
+    student = make_student("attn", "lolcats", teacher, model.config)
+    assert student.kwargs == {"window": 64, "feature_dim": None, "chunk_size": 64}
+    assert student.feature_q.shape == student.feature_k.shape == (4, 16, 8)  # feature_dim None: head_dim / 2
