@@ -26,7 +26,6 @@ logits_phase() -> logits_losses() and validate_logits(). The pieces both phases 
 
 import copy
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -39,9 +38,6 @@ from tqdm import tqdm
 
 from common import memory, parallel
 from common.checkpoint import (
-    check_unchanged,
-    latest_checkpoint,
-    list_checkpoints,
     load_model,
     load_state,
     load_swapped_students,
@@ -49,7 +45,6 @@ from common.checkpoint import (
     restore_training,
     run_record,
     save_checkpoint,
-    start_run,
     teacher_ref,
     training_state,
 )
@@ -60,6 +55,14 @@ from common.kd import final_hidden, kd_loss, lm_head
 from common.latent_cache import LatentCache, cache_bytes, free_bytes, place_cache
 from common.offload import home_device, offload_layers, resident
 from common.plots import run_png
+from common.run_folder import (
+    check_unchanged,
+    folder_name,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    start_run,
+)
 from common.runtime import RunLog, Runtime, environment, get_rng_state, lr_at
 from common.shards import ShardError, TokenLoader, read_shard, shard_files, val_batches
 from common.students import make_student
@@ -151,7 +154,7 @@ def main():
             parallel.check(PARALLEL, rt.world_size)
     except ValueError as e:
         fail(str(e))
-    run = Run(rt, run_folder(rt))
+    run = Run(rt, folder_name(rt, OUT_DIR, "distill"))
     exit_on_stop_signals(run.out_dir)
     config["OUT_DIR"] = run.out_dir
     reopen = RESUME or (PHASE == "logits" and not INIT)
@@ -214,16 +217,6 @@ def check_constants():
         fail("the choose phase does not resume (it saves no training state): run it again in a new --out-dir")
 
 
-def run_folder(rt):
-    """OUT_DIR, or a new runs/distill_<date>_<time>: rank 0's name on every rank."""
-    out_dir = OUT_DIR or os.path.join("runs", time.strftime("distill_%Y%m%d_%H%M%S"))
-    if rt.ddp:
-        box = [out_dir]
-        dist.broadcast_object_list(box)
-        out_dir = box[0]
-    return out_dir
-
-
 def open_run(run, config, reopen):
     """Rank 0 creates the run folder, or reopens it (reopen: --resume, or the logits phase after the layer-wise
     one), locked for the life of this process; a resumed phase must keep the constants its checkpoints were made
@@ -240,7 +233,7 @@ def open_run(run, config, reopen):
                 raise ValueError(
                     f"{run.out_dir} already holds logits-phase checkpoints; pass --resume to continue them"
                 )
-        start_run(run.out_dir, reopen, "distill.py", config)
+        start_run(run.out_dir, reopen, "distill.py", config, scratch=[".latent_*"])  # disk latent caches
         saved = os.path.join(run.out_dir, f"config_{PHASE}.json")
         if RESUME and os.path.exists(saved):
             first = read_json(saved, "the run folder is damaged; start a new run in another --out-dir")["config"]
@@ -1166,10 +1159,7 @@ def write_checkpoint(run, name, model, blocks, meta, state, complete=False):
         with swapped(model, blocks):
             folder = os.path.join(run.out_dir, name)
             save_checkpoint(folder, model, {"script": "distill.py", **meta}, state, teacher=teacher, weights=weights)
-        if KEEP_LAST > 0:
-            for old in list_checkpoints(run.out_dir, meta["phase"])[:-KEEP_LAST]:
-                if os.path.basename(old) != "final":
-                    shutil.rmtree(old)
+        prune_checkpoints(run.out_dir, meta["phase"], KEEP_LAST, spare={"final"})
     run.rt.barrier()
 
 

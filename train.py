@@ -26,19 +26,17 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import parallel, students
-from common.checkpoint import (
-    check_unchanged,
-    latest_checkpoint,
-    list_checkpoints,
-    load_model,
-    load_state,
-    restore_training,
-    save_checkpoint,
-    start_run,
-    training_state,
-)
+from common.checkpoint import load_model, load_state, restore_training, save_checkpoint, training_state
 from common.config import check_ranges, exit_on_stop_signals, exit_when_disk_full, fail, override
 from common.evaluate import evaluate
+from common.run_folder import (
+    check_unchanged,
+    folder_name,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    start_run,
+)
 from common.runtime import RunLog, Runtime, environment, lr_at
 from common.shards import ShardError, TokenLoader, shard_files
 from common.swap import transformer_layers
@@ -116,8 +114,7 @@ if cuda:
 torch.manual_seed(SEED)
 if RESUME and not OUT_DIR:
     fail("--resume needs --out-dir RUN_FOLDER, the run to continue")
-if not OUT_DIR:
-    OUT_DIR = config["OUT_DIR"] = time.strftime("runs/train_%Y%m%d_%H%M%S")
+OUT_DIR = config["OUT_DIR"] = folder_name(rt, OUT_DIR, "train")
 exit_on_stop_signals(OUT_DIR)
 
 # the batch: derived numbers, computed once
@@ -380,8 +377,7 @@ def save(step):
     if rt.master:
         meta = {"script": "train.py", "phase": "train", "step": step, "run_id": run_id, "init": INIT}
         save_checkpoint(folder, raw_model, meta, state, keep_tokenizer_from=INIT, weights=weights)
-        for old in list_checkpoints(OUT_DIR, phase="train")[:-KEEP_LAST]:
-            shutil.rmtree(old)
+        prune_checkpoints(OUT_DIR, "train", KEEP_LAST)
     return folder
 
 
