@@ -32,7 +32,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -54,6 +53,7 @@ from common.files import read_json, write_json_atomic
 from common.kd import final_hidden, kd_loss, lm_head
 from common.latent_cache import LatentCache, cache_bytes, free_bytes, place_cache
 from common.offload import home_device, offload_layers, resident
+from common.optim import adamw, lr_at, step_optimizer
 from common.plots import run_png
 from common.run_folder import (
     check_unchanged,
@@ -63,7 +63,7 @@ from common.run_folder import (
     prune_checkpoints,
     start_run,
 )
-from common.runtime import RunLog, Runtime, environment, get_rng_state, lr_at
+from common.runtime import RunLog, Runtime, environment, get_rng_state
 from common.shards import ShardError, TokenLoader, read_shard, shard_files, val_batches
 from common.students import make_student
 from common.swap import (
@@ -531,7 +531,7 @@ def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, ste
     count."""
     rt = run.rt
     params = trainable_params(student, f"layer {layer}")
-    opt = new_optimizer(params, LR)
+    opt = adamw(params, LR, WEIGHT_DECAY)
     bar = tqdm(range(STEPS_PER_LAYER), desc=f"rot {rotation} layer {layer}", disable=not rt.master, leave=False)
     for s in bar:
         lr = lr_at(s, STEPS_PER_LAYER, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
@@ -545,7 +545,7 @@ def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, ste
                 loss = decoder_loss(cache.run_block(student, xb), target) / GRAD_ACCUM
             loss.backward()
             loss_sum += loss.detach()
-        (norm,) = step_optimizer(rt, opt, [params], lr)
+        (norm,) = step_optimizer(rt, opt, [params], lr, GRAD_CLIP)
         step += 1
         record = {"phase": "layerwise", "rotation": rotation, "layer": layer, "step": step, "layer_step": s + 1}
         if s % LOG_EVERY == 0 or s == STEPS_PER_LAYER - 1:
@@ -578,7 +578,7 @@ def train_parallel(run, calls, layers, val, teacher_ce):
     loader = train_loader(rt, model.config.vocab_size)
     students = make_students(model, layers, rt.device)  # all train at once
     groups = [trainable_params(students[i], f"layer {i}") for i in layers]
-    opt = new_optimizer([p for g in groups for p in g], LR)
+    opt = adamw([p for g in groups for p in g], LR, WEIGHT_DECAY)
     total, step = STEPS_PER_LAYER * ROTATIONS, 0
     blocks = {(i, TARGET): students[i] for i in layers}
     val_tokens = len(val) * BATCH_SIZE * SEQ_LEN
@@ -597,7 +597,7 @@ def train_parallel(run, calls, layers, val, teacher_ce):
     for step in bar:
         lr = lr_at(step, total, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
         losses = parallel_losses(rt, calls, loader, students, layers)
-        norms = step_optimizer(rt, opt, groups, lr)
+        norms = step_optimizer(rt, opt, groups, lr, GRAD_CLIP)
         steps_done = step + 1
         if step % LOG_EVERY == 0 or steps_done == total:
             mean_loss = rt.all_mean(losses.mean().item())
@@ -847,7 +847,7 @@ def logits_phase(run, models, val):
     loader = train_loader(rt, models.model.config.vocab_size)
     wrap_logits_models(rt, models)
     params = models.params()
-    opt = new_optimizer(params, KD_LR)
+    opt = adamw(params, KD_LR, WEIGHT_DECAY)
     step = 0
     if models.resume_from:
         step = restore_training(load_state(models.resume_from), loader, opt, models.model)
@@ -877,7 +877,7 @@ def logits_phase(run, models, val):
     for s in bar:
         lr = lr_at(s, KD_STEPS, KD_LR, KD_WARMUP_STEPS, "cosine", MIN_LR_RATIO)
         loss_sum, kl_sum = logits_losses(rt, models, loader)
-        (norm,) = step_optimizer(rt, opt, [params], lr, reduced=PARALLEL == "fsdp")
+        (norm,) = step_optimizer(rt, opt, [params], lr, GRAD_CLIP, reduced=PARALLEL == "fsdp")
         step = s + 1
         if s % LOG_EVERY == 0 or step == KD_STEPS:
             rec = {
@@ -1041,41 +1041,6 @@ def trainable_params(student, name):
     for n, p in named:
         p.requires_grad_(any(p is q for _, q in chosen))
     return [p for _, p in chosen]
-
-
-def new_optimizer(params, lr):
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
-
-
-def step_optimizer(rt, opt, groups, lr, reduced=False):
-    """Average grads over ranks (unless `reduced`: FSDP reduce-scatters them in backward), clip each student's grads
-    on their own, set the LR, step. Returns each group's grad norm (a tensor: no host sync here)."""
-    if not reduced:
-        sync_grads(rt, [p for g in groups for p in g])
-    norms = [parallel.clip_grad_norm(g, GRAD_CLIP if GRAD_CLIP > 0 else float("inf")) for g in groups]
-    for g in opt.param_groups:
-        g["lr"] = lr
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norms
-
-
-def sync_grads(rt, params, bucket_numel=2**24):
-    """Average gradients over ranks once per optimizer step, in flat buckets of ~64 MB (fp32)."""
-    if not rt.ddp:
-        return
-    grads = [p.grad for p in params]
-    while grads:
-        n, size = 0, 0
-        while n < len(grads) and (n == 0 or size + grads[n].numel() <= bucket_numel):
-            size += grads[n].numel()
-            n += 1
-        bucket, grads = grads[:n], grads[n:]
-        flat = torch.cat([g.flatten() for g in bucket])
-        dist.all_reduce(flat)
-        flat /= rt.world_size
-        for g, f in zip(bucket, flat.split([g.numel() for g in bucket])):
-            g.copy_(f.view_as(g))
 
 
 def decoder_loss(student_out, teacher_out):

@@ -243,7 +243,7 @@ def test_logits_phase_has_its_own_lr_and_kl_falls(teacher_dir, tiny_data_dir, tm
         "--kd-save-every",
         "15",
     )
-    from common.runtime import lr_at
+    from common.optim import lr_at
 
     steps = read_metrics(out, phase="logits")
     lrs = [(r["step"], r["lr"]) for r in steps if "lr" in r]
@@ -259,7 +259,8 @@ def test_logits_phase_on_cpu_keeps_fp32_and_its_numbers(teacher_dir, tiny_data_d
     into the teacher, hidden states from its base model, the chunked KD loss, clipping, AdamW)."""
     from common.checkpoint import load_model
     from common.kd import kd_loss, lm_head
-    from common.runtime import Runtime, lr_at
+    from common.optim import lr_at
+    from common.runtime import Runtime
     from common.shards import TokenLoader, shard_files
     from common.swap import get_block, student_specs, swapped
 
