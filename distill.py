@@ -48,13 +48,13 @@ from common.checkpoint import (
     training_state,
 )
 from common.config import check_ranges, exit_on_stop_signals, exit_when_disk_full, fail, override
-from common.evaluate import evaluate
 from common.files import read_json, write_json_atomic
 from common.kd import final_hidden, kd_loss, lm_head
 from common.latent_cache import LatentCache, cache_bytes, free_bytes, place_cache
 from common.offload import home_device, offload_layers, resident
 from common.optim import adamw, lr_at, step_optimizer
 from common.plots import run_png
+from common.quality import evaluate
 from common.run_folder import (
     check_unchanged,
     folder_name,

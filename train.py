@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common import parallel, students
 from common.checkpoint import load_model, load_state, restore_training, save_checkpoint, training_state
 from common.config import check_ranges, exit_on_stop_signals, exit_when_disk_full, fail, override
-from common.evaluate import evaluate
 from common.optim import adamw, lr_at, step_optimizer
+from common.quality import evaluate
 from common.run_folder import (
     check_unchanged,
     folder_name,

@@ -547,7 +547,7 @@ def test_attention_students_rotation_then_logits_then_evaluation(teacher_dir, ti
     )
 
     from common.checkpoint import load_model
-    from common.evaluate import evaluate
+    from common.quality import evaluate
     from common.shards import val_batches
 
     model = load_model(os.path.join(out, "logits_final"))

@@ -1,4 +1,5 @@
-"""common/evaluate.py and common/generate.py on the tiny model: metrics, the CLI table and JSON, generation."""
+"""common/quality.py, common/evaluate.py and common/generate.py on the tiny model: metrics, the CLI table and JSON,
+generation."""
 
 import copy
 import json
@@ -12,11 +13,11 @@ import torch.nn.functional as F
 import common.evaluate
 import common.generate
 from common.checkpoint import load_model, save_checkpoint
-from common.evaluate import evaluate, evaluate_models
 from common.evaluate import main as evaluate_main
 from common.generate import generate
 from common.generate import main as generate_main
 from common.kd import final_hidden
+from common.quality import evaluate, evaluate_models
 from common.shards import val_batches
 from common.students import make_student
 from common.swap import get_block, set_block
