@@ -26,7 +26,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import parallel, students
-from common.checkpoint import load_model, load_state, restore_training, save_checkpoint, training_state
+from common.checkpoint import (
+    check_has_config,
+    load_model,
+    load_state,
+    restore_training,
+    save_checkpoint,
+    training_state,
+)
 from common.config import check_ranges, exit_on_stop_signals, exit_when_disk_full, fail, override
 from common.optim import adamw, lr_at, step_optimizer
 from common.quality import evaluate
@@ -193,10 +200,7 @@ try:
     elif FROM_SCRATCH:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        if not os.path.isfile(os.path.join(INIT, "config.json")):
-            raise FileNotFoundError(
-                f"{INIT}: no config.json to build the model from; run prepare.py or point --init to a model folder"
-            )
+        check_has_config(INIT)
         model = AutoModelForCausalLM.from_config(
             AutoConfig.from_pretrained(INIT), dtype=torch.float32, attn_implementation="sdpa"
         ).to(load_on)

@@ -93,15 +93,21 @@ def read_config(folder: str, trust_remote_code: bool = False) -> PreTrainedConfi
     decoder-only causal LM's); else FileNotFoundError or ValueError, one line."""
     from transformers import AutoConfig
 
+    check_has_config(folder)
+    check_config(folder, trust_remote_code)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    check_decoder_only(config, folder, trust_remote_code)
+    return config
+
+
+def check_has_config(folder: str) -> None:
+    """Raise FileNotFoundError, one line, unless the folder holds a config.json: without one it is no model or
+    checkpoint folder (what every script checks of the folders it is given before it loads anything)."""
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(
             f"{folder}: no config.json, so not a model or checkpoint folder; "
             f"run prepare.py to fetch the model, or point to a checkpoint folder (OUT/final)"
         )
-    check_config(folder, trust_remote_code)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    check_decoder_only(config, folder, trust_remote_code)
-    return config
 
 
 def add_students(model: nn.Module, students_path: str) -> None:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from common import swap
-from common.checkpoint import load_model, tokenizer_folder
+from common.checkpoint import check_has_config, load_model, tokenizer_folder
 from common.config import check_ranges, fail, override
 from common.files import check_writable, write_json_atomic
 from common.generate import decoding_cache, forward_cached, generate, state_bytes
@@ -304,11 +304,10 @@ def check_arguments(paths: list[str], usage: str) -> str | None:
     )
     check_out()
     for path in paths + ([TEACHER] if TEACHER else []):  # every folder, before loading any model
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            fail(
-                f"{path}: not a model or checkpoint folder (no config.json); pass a checkpoint folder such as "
-                f"runs/NAME/final, or the model folder prepare.py wrote"
-            )
+        try:
+            check_has_config(path)
+        except FileNotFoundError as e:
+            fail(e)
     if SPEED and (not CONTEXTS or min(CONTEXTS) <= DECODE_STEPS or DECODE_STEPS < 1):
         fail(
             f"--contexts {CONTEXTS} must each exceed --decode-steps {DECODE_STEPS} (>= 1): each context is a "

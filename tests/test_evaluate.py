@@ -106,7 +106,7 @@ def test_cli_prints_table_and_writes_json(tiny_model_dir, tiny_data_dir, student
 def test_cli_bad_checkpoint_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         evaluate_main([str(tmp_path / "missing")])
-    assert "missing: not a model or checkpoint folder" in str(e.value) and "\n" not in str(e.value)
+    assert "missing: no config.json, so not a model or checkpoint folder" in str(e.value) and "\n" not in str(e.value)
 
 
 def cli_error(main, argv):
