@@ -425,7 +425,7 @@ def train_rotation(run, calls, layers, val, teacher_ce):
     the per-layer rows, the step count and the last checkpoint's training state."""
     rt, model = run.rt, calls.model
     n_seq = rotation_sequences(rt)
-    where = place_cache(rt, latent_tokens(rt, len(val)), model.config.hidden_size, LATENT_CACHE, run.out_dir)
+    where = place_latents(rt, latent_tokens(rt, len(val)), model.config.hidden_size, run.out_dir)
     loader = train_loader(rt, model.config.vocab_size)
     students = make_students(model, layers, rt.device, with_layers=True)
     state = resume_rotation(run, model, loader, students, len(layers))
@@ -468,6 +468,17 @@ def rotation_sequences(rt):
     """Sequences per rank each layer of a rotation reads: its steps' tokens, each once, extended when calibration
     wants more."""
     return max(STEPS_PER_LAYER * GRAD_ACCUM, calib_batches(rt)) * BATCH_SIZE
+
+
+def place_latents(rt, n_tokens, hidden_size, out_dir):
+    """Where a latent cache of n_tokens per rank lives (LATENT_CACHE; common.latent_cache.place_cache); when it fits
+    nowhere, the error names the constants that size it."""
+    try:
+        return place_cache(rt, n_tokens, hidden_size, LATENT_CACHE, out_dir)
+    except ValueError as e:
+        raise ValueError(
+            f"{e}; lower STEPS_PER_LAYER x GRAD_ACCUM x BATCH_SIZE x SEQ_LEN, or free memory/disk"
+        ) from None
 
 
 def latent_tokens(rt, n_val):
@@ -582,7 +593,7 @@ def train_parallel(run, calls, layers, val, teacher_ce):
     total, step = STEPS_PER_LAYER * ROTATIONS, 0
     blocks = {(i, TARGET): students[i] for i in layers}
     val_tokens = len(val) * BATCH_SIZE * SEQ_LEN
-    where = place_cache(rt, val_tokens, model.config.hidden_size, LATENT_CACHE, run.out_dir)
+    where = place_latents(rt, val_tokens, model.config.hidden_size, run.out_dir)
     # a resumed run calibrates its new students again (deterministic) before it loads the trained ones, so that its
     # table reports the same start and calibrated errors as the run had
     start_errors = calib_errors = student_val_errors(run, calls, students, val, where)
@@ -681,7 +692,7 @@ def calibrate_all(run, calls, students):
     if not CALIB_TOKENS or not any(hasattr(s, "calibrate") for s in students.values()):
         return False
     tokens = read_tokens(train_loader(rt, model.config.vocab_size), calib_batches(rt))
-    where = place_cache(rt, tokens.numel(), model.config.hidden_size, LATENT_CACHE, run.out_dir)
+    where = place_latents(rt, tokens.numel(), model.config.hidden_size, run.out_dir)
     cache = LatentCache(rt, model, tokens, calls, BATCH_SIZE, where, os.path.join(run.out_dir, ".latent_calib"))
     for i in tqdm(sorted(students), desc="calibrate", disable=not rt.master, leave=False):
         with resident(transformer_layers(model)[i], students[i]):

@@ -859,3 +859,24 @@ def test_each_phase_prints_its_memory_estimate_and_refuses_a_plan_that_cannot_fi
         assert error.startswith(f"distill.py: the {phase} phase needs about ") and "\n" not in error, error
         assert f"; use {advice}" in error and error.endswith(" or a smaller --batch-size or --seq-len"), error
         assert not refused.exists()
+
+
+def test_a_latent_cache_that_fits_nowhere_names_the_constants_that_size_it(monkeypatch):
+    """common.latent_cache says the size and the places it tried; distill.py adds its constants that set the size."""
+    import importlib
+
+    import distill
+    from common import latent_cache
+    from common.runtime import Runtime
+
+    importlib.reload(distill)  # its default constants (LATENT_CACHE=auto), whatever a run before set
+    monkeypatch.setattr(latent_cache, "free_bytes", lambda where, rt, disk_dir: 0)
+    with pytest.raises(ValueError) as e:
+        latent_cache.place_cache(Runtime("cpu", "float32"), 1024, 64, "auto", ".")
+    assert str(e.value) == "the latent cache needs 0.5 MiB per rank and fits in none of: device, host, disk"
+    with pytest.raises(ValueError) as e:
+        distill.place_latents(Runtime("cpu", "float32"), 1024, 64, ".")
+    assert str(e.value) == (
+        "the latent cache needs 0.5 MiB per rank and fits in none of: device, host, disk; "
+        "lower STEPS_PER_LAYER x GRAD_ACCUM x BATCH_SIZE x SEQ_LEN, or free memory/disk"
+    )
