@@ -26,22 +26,17 @@ logits_phase() -> logits_losses() and validate_logits(). The pieces both phases 
 
 import copy
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import memory, parallel
 from common.checkpoint import (
-    check_unchanged,
-    latest_checkpoint,
-    list_checkpoints,
     load_model,
     load_state,
     load_swapped_students,
@@ -49,18 +44,26 @@ from common.checkpoint import (
     restore_training,
     run_record,
     save_checkpoint,
-    start_run,
     teacher_ref,
     training_state,
 )
 from common.config import check_ranges, exit_on_stop_signals, exit_when_disk_full, fail, override
-from common.evaluate import evaluate
 from common.files import read_json, write_json_atomic
 from common.kd import final_hidden, kd_loss, lm_head
 from common.latent_cache import LatentCache, cache_bytes, free_bytes, place_cache
 from common.offload import home_device, offload_layers, resident
+from common.optim import adamw, lr_at, step_optimizer
 from common.plots import run_png
-from common.runtime import RunLog, Runtime, environment, get_rng_state, lr_at
+from common.quality import evaluate
+from common.run_folder import (
+    check_unchanged,
+    folder_name,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    start_run,
+)
+from common.runtime import RunLog, Runtime, environment, get_rng_state
 from common.shards import ShardError, TokenLoader, read_shard, shard_files, val_batches
 from common.students import make_student
 from common.swap import (
@@ -152,7 +155,7 @@ def main():
             parallel.check(PARALLEL, rt.world_size)
     except ValueError as e:
         fail(str(e))
-    run = Run(rt, run_folder(rt))
+    run = Run(rt, folder_name(rt, OUT_DIR, "distill"))
     exit_on_stop_signals(run.out_dir)
     config["OUT_DIR"] = run.out_dir
     reopen = RESUME or (PHASE == "logits" and not INIT)
@@ -215,16 +218,6 @@ def check_constants():
         fail("the choose phase does not resume (it saves no training state): run it again in a new --out-dir")
 
 
-def run_folder(rt):
-    """OUT_DIR, or a new runs/distill_<date>_<time>: rank 0's name on every rank."""
-    out_dir = OUT_DIR or os.path.join("runs", time.strftime("distill_%Y%m%d_%H%M%S"))
-    if rt.ddp:
-        box = [out_dir]
-        dist.broadcast_object_list(box)
-        out_dir = box[0]
-    return out_dir
-
-
 def open_run(run, config, reopen):
     """Rank 0 creates the run folder, or reopens it (reopen: --resume, or the logits phase after the layer-wise
     one), locked for the life of this process; a resumed phase must keep the constants its checkpoints were made
@@ -241,7 +234,7 @@ def open_run(run, config, reopen):
                 raise ValueError(
                     f"{run.out_dir} already holds logits-phase checkpoints; pass --resume to continue them"
                 )
-        start_run(run.out_dir, reopen, "distill.py", config)
+        start_run(run.out_dir, reopen, "distill.py", config, scratch=[".latent_*"])  # disk latent caches
         saved = os.path.join(run.out_dir, f"config_{PHASE}.json")
         if RESUME and os.path.exists(saved):
             first = read_json(saved, "the run folder is damaged; start a new run in another --out-dir")["config"]
@@ -433,7 +426,7 @@ def train_rotation(run, calls, layers, val, teacher_ce):
     the per-layer rows, the step count and the last checkpoint's training state."""
     rt, model = run.rt, calls.model
     n_seq = rotation_sequences(rt)
-    where = place_cache(rt, latent_tokens(rt, len(val)), model.config.hidden_size, LATENT_CACHE, run.out_dir)
+    where = place_latents(rt, latent_tokens(rt, len(val)), model.config.hidden_size, run.out_dir)
     loader = train_loader(rt, model.config.vocab_size)
     students = make_students(model, layers, rt.device, with_layers=True)
     state = resume_rotation(run, model, loader, students, len(layers))
@@ -476,6 +469,17 @@ def rotation_sequences(rt):
     """Sequences per rank each layer of a rotation reads: its steps' tokens, each once, extended when calibration
     wants more."""
     return max(STEPS_PER_LAYER * GRAD_ACCUM, calib_batches(rt)) * BATCH_SIZE
+
+
+def place_latents(rt, n_tokens, hidden_size, out_dir):
+    """Where a latent cache of n_tokens per rank lives (LATENT_CACHE; common.latent_cache.place_cache); when it fits
+    nowhere, the error names the constants that size it."""
+    try:
+        return place_cache(rt, n_tokens, hidden_size, LATENT_CACHE, out_dir)
+    except ValueError as e:
+        raise ValueError(
+            f"{e}; lower STEPS_PER_LAYER x GRAD_ACCUM x BATCH_SIZE x SEQ_LEN, or free memory/disk"
+        ) from None
 
 
 def latent_tokens(rt, n_val):
@@ -539,7 +543,7 @@ def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, ste
     count."""
     rt = run.rt
     params = trainable_params(student, f"layer {layer}")
-    opt = new_optimizer(params, LR)
+    opt = adamw(params, LR, WEIGHT_DECAY)
     bar = tqdm(range(STEPS_PER_LAYER), desc=f"rot {rotation} layer {layer}", disable=not rt.master, leave=False)
     for s in bar:
         lr = lr_at(s, STEPS_PER_LAYER, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
@@ -553,7 +557,7 @@ def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, ste
                 loss = decoder_loss(cache.run_block(student, xb), target) / GRAD_ACCUM
             loss.backward()
             loss_sum += loss.detach()
-        (norm,) = step_optimizer(rt, opt, [params], lr)
+        (norm,) = step_optimizer(rt, opt, [params], lr, GRAD_CLIP)
         step += 1
         record = {"phase": "layerwise", "rotation": rotation, "layer": layer, "step": step, "layer_step": s + 1}
         if s % LOG_EVERY == 0 or s == STEPS_PER_LAYER - 1:
@@ -586,11 +590,11 @@ def train_parallel(run, calls, layers, val, teacher_ce):
     loader = train_loader(rt, model.config.vocab_size)
     students = make_students(model, layers, rt.device)  # all train at once
     groups = [trainable_params(students[i], f"layer {i}") for i in layers]
-    opt = new_optimizer([p for g in groups for p in g], LR)
+    opt = adamw([p for g in groups for p in g], LR, WEIGHT_DECAY)
     total, step = STEPS_PER_LAYER * ROTATIONS, 0
     blocks = {(i, TARGET): students[i] for i in layers}
     val_tokens = len(val) * BATCH_SIZE * SEQ_LEN
-    where = place_cache(rt, val_tokens, model.config.hidden_size, LATENT_CACHE, run.out_dir)
+    where = place_latents(rt, val_tokens, model.config.hidden_size, run.out_dir)
     # a resumed run calibrates its new students again (deterministic) before it loads the trained ones, so that its
     # table reports the same start and calibrated errors as the run had
     start_errors = calib_errors = student_val_errors(run, calls, students, val, where)
@@ -605,7 +609,7 @@ def train_parallel(run, calls, layers, val, teacher_ce):
     for step in bar:
         lr = lr_at(step, total, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
         losses = parallel_losses(rt, calls, loader, students, layers)
-        norms = step_optimizer(rt, opt, groups, lr)
+        norms = step_optimizer(rt, opt, groups, lr, GRAD_CLIP)
         steps_done = step + 1
         if step % LOG_EVERY == 0 or steps_done == total:
             mean_loss = rt.all_mean(losses.mean().item())
@@ -689,7 +693,7 @@ def calibrate_all(run, calls, students):
     if not CALIB_TOKENS or not any(hasattr(s, "calibrate") for s in students.values()):
         return False
     tokens = read_tokens(train_loader(rt, model.config.vocab_size), calib_batches(rt))
-    where = place_cache(rt, tokens.numel(), model.config.hidden_size, LATENT_CACHE, run.out_dir)
+    where = place_latents(rt, tokens.numel(), model.config.hidden_size, run.out_dir)
     cache = LatentCache(rt, model, tokens, calls, BATCH_SIZE, where, os.path.join(run.out_dir, ".latent_calib"))
     for i in tqdm(sorted(students), desc="calibrate", disable=not rt.master, leave=False):
         with resident(transformer_layers(model)[i], students[i]):
@@ -855,7 +859,7 @@ def logits_phase(run, models, val):
     loader = train_loader(rt, models.model.config.vocab_size)
     wrap_logits_models(rt, models)
     params = models.params()
-    opt = new_optimizer(params, KD_LR)
+    opt = adamw(params, KD_LR, WEIGHT_DECAY)
     step = 0
     if models.resume_from:
         step = restore_training(load_state(models.resume_from), loader, opt, models.model)
@@ -885,7 +889,7 @@ def logits_phase(run, models, val):
     for s in bar:
         lr = lr_at(s, KD_STEPS, KD_LR, KD_WARMUP_STEPS, "cosine", KD_MIN_LR_RATIO)
         loss_sum, kl_sum = logits_losses(rt, models, loader)
-        (norm,) = step_optimizer(rt, opt, [params], lr, reduced=PARALLEL == "fsdp")
+        (norm,) = step_optimizer(rt, opt, [params], lr, GRAD_CLIP, reduced=PARALLEL == "fsdp")
         step = s + 1
         if s % LOG_EVERY == 0 or step == KD_STEPS:
             rec = {
@@ -1051,41 +1055,6 @@ def trainable_params(student, name):
     return [p for _, p in chosen]
 
 
-def new_optimizer(params, lr):
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
-
-
-def step_optimizer(rt, opt, groups, lr, reduced=False):
-    """Average grads over ranks (unless `reduced`: FSDP reduce-scatters them in backward), clip each student's grads
-    on their own, set the LR, step. Returns each group's grad norm (a tensor: no host sync here)."""
-    if not reduced:
-        sync_grads(rt, [p for g in groups for p in g])
-    norms = [parallel.clip_grad_norm(g, GRAD_CLIP if GRAD_CLIP > 0 else float("inf")) for g in groups]
-    for g in opt.param_groups:
-        g["lr"] = lr
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norms
-
-
-def sync_grads(rt, params, bucket_numel=2**24):
-    """Average gradients over ranks once per optimizer step, in flat buckets of ~64 MB (fp32)."""
-    if not rt.ddp:
-        return
-    grads = [p.grad for p in params]
-    while grads:
-        n, size = 0, 0
-        while n < len(grads) and (n == 0 or size + grads[n].numel() <= bucket_numel):
-            size += grads[n].numel()
-            n += 1
-        bucket, grads = grads[:n], grads[n:]
-        flat = torch.cat([g.flatten() for g in bucket])
-        dist.all_reduce(flat)
-        flat /= rt.world_size
-        for g, f in zip(bucket, flat.split([g.numel() for g in bucket])):
-            g.copy_(f.view_as(g))
-
-
 def decoder_loss(student_out, teacher_out):
     s, t = student_out.float(), teacher_out.float()
     if DECODER_LOSS == "mse":
@@ -1167,10 +1136,7 @@ def write_checkpoint(run, name, model, blocks, meta, state, complete=False):
         with swapped(model, blocks):
             folder = os.path.join(run.out_dir, name)
             save_checkpoint(folder, model, {"script": "distill.py", **meta}, state, teacher=teacher, weights=weights)
-        if KEEP_LAST > 0:
-            for old in list_checkpoints(run.out_dir, meta["phase"])[:-KEEP_LAST]:
-                if os.path.basename(old) != "final":
-                    shutil.rmtree(old)
+        prune_checkpoints(run.out_dir, meta["phase"], KEEP_LAST, spare={"final"})
     run.rt.barrier()
 
 

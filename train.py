@@ -27,19 +27,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import parallel, students
 from common.checkpoint import (
-    check_unchanged,
-    latest_checkpoint,
-    list_checkpoints,
+    check_has_config,
     load_model,
     load_state,
     restore_training,
     save_checkpoint,
-    start_run,
     training_state,
 )
 from common.config import check_ranges, exit_on_stop_signals, exit_when_disk_full, fail, override
-from common.evaluate import evaluate
-from common.runtime import RunLog, Runtime, environment, lr_at
+from common.optim import adamw, lr_at, step_optimizer
+from common.quality import evaluate
+from common.run_folder import (
+    check_unchanged,
+    folder_name,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    start_run,
+)
+from common.runtime import RunLog, Runtime, environment
 from common.shards import ShardError, TokenLoader, shard_files
 from common.swap import transformer_layers
 
@@ -116,8 +122,7 @@ if cuda:
 torch.manual_seed(SEED)
 if RESUME and not OUT_DIR:
     fail("--resume needs --out-dir RUN_FOLDER, the run to continue")
-if not OUT_DIR:
-    OUT_DIR = config["OUT_DIR"] = time.strftime("runs/train_%Y%m%d_%H%M%S")
+OUT_DIR = config["OUT_DIR"] = folder_name(rt, OUT_DIR, "train")
 exit_on_stop_signals(OUT_DIR)
 
 # the batch: derived numbers, computed once
@@ -195,10 +200,7 @@ try:
     elif FROM_SCRATCH:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        if not os.path.isfile(os.path.join(INIT, "config.json")):
-            raise FileNotFoundError(
-                f"{INIT}: no config.json to build the model from; run prepare.py or point --init to a model folder"
-            )
+        check_has_config(INIT)
         model = AutoModelForCausalLM.from_config(
             AutoConfig.from_pretrained(INIT), dtype=torch.float32, attn_implementation="sdpa"
         ).to(load_on)
@@ -261,15 +263,7 @@ else:
 
 # the optimizer: AdamW with weight decay on matrices only; fused kernels on GPUs
 params = [p for p in raw_model.parameters() if p.requires_grad]
-optimizer = torch.optim.AdamW(
-    [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": WEIGHT_DECAY},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ],
-    lr=LR,
-    betas=tuple(BETAS),
-    fused=True if cuda else None,
-)
+optimizer = adamw(params, LR, WEIGHT_DECAY, tuple(BETAS), matrices_only=True, fused=True if cuda else None)
 
 # resume: optimizer moments, the step, the data position and RNG (the LR is a pure function of the step)
 start_step = restore_training(state, train_loader, optimizer, raw_model) if ckpt else 0
@@ -380,8 +374,7 @@ def save(step):
     if rt.master:
         meta = {"script": "train.py", "phase": "train", "step": step, "run_id": run_id, "init": INIT}
         save_checkpoint(folder, raw_model, meta, state, keep_tokenizer_from=INIT, weights=weights)
-        for old in list_checkpoints(OUT_DIR, phase="train")[:-KEEP_LAST]:
-            shutil.rmtree(old)
+        prune_checkpoints(OUT_DIR, "train", KEEP_LAST)
     return folder
 
 
@@ -405,8 +398,6 @@ with exit_when_disk_full(OUT_DIR):  # one line saying how to continue, not a tra
     t_last = time.perf_counter()
     for step in range(start_step, STEPS):
         lr = lr_at(step, STEPS, LR, WARMUP_STEPS, SCHEDULE, MIN_LR_RATIO)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         try:
             step_loss = torch.zeros((), device=rt.device)
             for micro in range(grad_accum):
@@ -417,11 +408,9 @@ with exit_when_disk_full(OUT_DIR):  # one line saying how to continue, not a tra
                     loss = loss_on(*get_batch(train_loader)) / grad_accum
                     loss.backward()
                 step_loss += loss.detach()
-            norm = parallel.clip_grad_norm(params, GRAD_CLIP or math.inf)
-            optimizer.step()
+            (norm,) = step_optimizer(rt, optimizer, [params], lr, GRAD_CLIP, reduced=True)  # DDP or FSDP reduced them
         except torch.OutOfMemoryError:
             out_of_memory(step + 1)
-        optimizer.zero_grad(set_to_none=True)
         steps_done = step + 1  # optimizer steps taken: the step number in logs and checkpoint names
         pending.append((steps_done, lr, step_loss, norm))
         validate = VAL_EVERY and (steps_done % VAL_EVERY == 0 or steps_done == STEPS)

@@ -1,4 +1,4 @@
-"""Checkpoint folders and run folders, shared by train.py, distill.py and evaluation.
+"""Checkpoint folders, written by train.py and distill.py and read by every script.
 
 A checkpoint folder holds:
   config.json        the teacher's (backbone's) Hugging Face config
@@ -9,23 +9,15 @@ A checkpoint folder holds:
   meta.json          what wrote it: script, phase, step, rotation, layer, run id
   state.pt           training state (optimizer, step, data position, RNG), tensors and plain types only
 A Hugging Face model folder (no students.json) loads too. Folders are written to a temp name
-and renamed, so a folder with its final name is always complete.
-
-A run folder holds run.json (run id, script, resolved config) and the run's checkpoints. The run
-that uses it holds an flock on its run.lock for the whole of its life, so a second run on the same
-folder is refused; a killed holder releases it.
+and renamed (common.files.folder_written_whole), so a folder with its final name is always complete.
+The run folders that hold checkpoints are common/run_folder.py's.
 """
 
 import contextlib
-import fcntl
 import hashlib
-import json
 import os
 import pickle
-import re
 import shutil
-import sys
-import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
 
@@ -38,7 +30,7 @@ from safetensors.torch import save_file as save_safetensors_file
 from safetensors.torch import save_model as save_safetensors_model
 from transformers import PreTrainedConfig
 
-from common.files import read_json, write_json_atomic
+from common.files import folder_written_whole, read_json, write_json_atomic
 from common.kd import check_head
 from common.parallel import load_optimizer_state, optimizer_state
 from common.runtime import get_rng_state, set_rng_state
@@ -55,7 +47,6 @@ from common.swap import (
 )
 
 TEACHER_REF = "teacher.json"  # in a checkpoint that holds only its students: the teacher's folder and weights' hash
-LOCK = "run.lock"  # in a run folder: flock'ed by the process running it, holds that process's pid
 
 
 def load_model(
@@ -102,15 +93,21 @@ def read_config(folder: str, trust_remote_code: bool = False) -> PreTrainedConfi
     decoder-only causal LM's); else FileNotFoundError or ValueError, one line."""
     from transformers import AutoConfig
 
+    check_has_config(folder)
+    check_config(folder, trust_remote_code)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    check_decoder_only(config, folder, trust_remote_code)
+    return config
+
+
+def check_has_config(folder: str) -> None:
+    """Raise FileNotFoundError, one line, unless the folder holds a config.json: without one it is no model or
+    checkpoint folder (what every script checks of the folders it is given before it loads anything)."""
     if not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(
             f"{folder}: no config.json, so not a model or checkpoint folder; "
             f"run prepare.py to fetch the model, or point to a checkpoint folder (OUT/final)"
         )
-    check_config(folder, trust_remote_code)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    check_decoder_only(config, folder, trust_remote_code)
-    return config
 
 
 def add_students(model: nn.Module, students_path: str) -> None:
@@ -364,16 +361,11 @@ def save_checkpoint(
     teacher: dict | None = None,
     weights: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Write a checkpoint folder atomically (temp folder, then rename); replaces one of the same name. With
+    """Write a checkpoint folder atomically (folder_written_whole); replaces one of the same name. With
     `teacher` (teacher_ref(TEACHER_FOLDER)), it holds only the students' weights and that reference: a layer's
     checkpoint costs the students' bytes, not the model's. `weights`: the whole state dict to take them from instead
     of the model's own (a sharded model's, gathered: common.parallel.full_state_dict)."""
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp_{os.path.basename(folder)}_{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with folder_written_whole(folder) as tmp:
         model.config.save_pretrained(tmp)
         if teacher is None:  # save_model asks its model for state_dict() alone, and writes shared tensors once
             holder = model if weights is None else SimpleNamespace(state_dict=lambda: weights)
@@ -391,148 +383,6 @@ def save_checkpoint(
                 src = os.path.join(keep_tokenizer_from, name)
                 if os.path.exists(src):
                     shutil.copy(src, tmp)
-        old = None
-        if os.path.exists(folder):
-            old = os.path.join(parent, f".old_{os.path.basename(folder)}_{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-_held = {}  # real path of each run folder this process holds -> its lock file descriptor
-
-
-def lock_run(out_dir: str) -> None:
-    """Hold an exclusive lock on a run folder for the rest of this process's life (flock on OUT/run.lock: a
-    killed holder releases it at once). Raises ValueError naming the holder's pid when another process holds it."""
-    path = os.path.join(out_dir, LOCK)
-    held = _held.get(os.path.realpath(out_dir))
-    if held is not None and os.path.exists(path) and os.path.samestat(os.fstat(held), os.stat(path)):
-        return  # this process holds it already (a folder deleted and made anew needs a new lock)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise ValueError(
-            f"{out_dir}: in use by another run (pid {holder}); wait for it to end or stop it, "
-            f"or choose another --out-dir"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _held[os.path.realpath(out_dir)] = fd  # never closed: closing would release the lock
-
-
-def start_run(out_dir: str, resume: bool, script: str, config: dict) -> dict:
-    """Create or reopen a run folder and lock it (lock_run). A new run creates the folder atomically, refusing
-    one that holds files, and writes run.json (run id, script, config); a resumed run needs a run.json written
-    by the same script and has what a killed run left half-written cleared (clear_torn). Returns run.json's
-    contents; raises ValueError with a one-line message."""
-    run_file = os.path.join(out_dir, "run.json")
-    if resume:
-        if not os.path.exists(run_file):
-            raise ValueError(
-                f"{out_dir}: no run.json, so there is no run to resume here; drop --resume to start a new run"
-            )
-        lock_run(out_dir)
-        run = read_json(run_file, "the run folder is damaged; start a new run in another --out-dir")
-        if run.get("script") != script:
-            raise ValueError(
-                f"{out_dir}: this run was written by {run.get('script')}, not {script}; "
-                f"resume it with that script or choose another --out-dir"
-            )
-        clear_torn(out_dir)
-        return run
-    if os.path.exists(os.path.join(out_dir, LOCK)):
-        lock_run(out_dir)  # a run going on in it is refused with its pid
-    if holds_files(out_dir):  # checked before the lock too, so that a folder of other files is left untouched
-        raise ValueError(
-            f"{out_dir}: already holds files of another run; pass --resume to continue it, or choose a new --out-dir"
-        )
-    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    try:
-        os.mkdir(out_dir)  # atomic: of two runs starting at once, at most one creates it
-    except FileExistsError:
-        pass
-    lock_run(out_dir)
-    if holds_files(out_dir):  # another run took it between the check above and the lock
-        raise ValueError(f"{out_dir}: another run started in it just now; choose a new --out-dir")
-    run = {"run_id": uuid.uuid4().hex[:12], "script": script, "config": config}
-    write_json_atomic(run_file, run)
-    return run
-
-
-def holds_files(out_dir: str) -> bool:
-    return os.path.isdir(out_dir) and any(name != LOCK for name in os.listdir(out_dir))
-
-
-def clear_torn(out_dir: str) -> None:
-    """Clear what a run killed mid-write leaves in its folder: temp checkpoint folders (a whole model each),
-    temp files of atomic writes and disk latent caches. A checkpoint moved aside to be replaced
-    (.old_NAME_PID) goes back to its name when the kill came before its replacement took that name."""
-    for name in os.listdir(out_dir):
-        path = os.path.join(out_dir, name)
-        old = re.fullmatch(r"\.old_(.+)_\d+", name)
-        if old and not os.path.exists(os.path.join(out_dir, old.group(1))):
-            os.replace(path, os.path.join(out_dir, old.group(1)))
-        elif old or name.startswith(".tmp_"):
-            shutil.rmtree(path)
-        elif name.startswith(".latent_") or re.search(r"\.tmp\d+$", name):
-            os.remove(path)
-
-
-def check_unchanged(saved: dict, config: dict, may_change: set[str], source: str) -> list[str]:
-    """Refuse (ValueError) to resume a run with constants that differ from those it was started with (`saved`,
-    read from `source`), except those named in `may_change`: one line naming each changed constant with its old
-    and new value. Constants the run did not record (added to the script later) are not compared.
-    Returns the changes it allows, as 'NAME old -> new'."""
-    config = json.loads(json.dumps(config, default=str))  # compare as stored: tuples as lists, and so on
-    changed = [(k, saved[k], v) for k, v in config.items() if k in saved and saved[k] != v]
-    refused = [f"{k} {old!r} -> {new!r}" for k, old, new in changed if k not in may_change]
-    if refused:
-        raise ValueError(
-            f"{source}: this run's result depends on constants changed since it started "
-            f"({'; '.join(refused)}); resume with the run's values, or start a new run in another "
-            f"--out-dir"
-        )
-    return [f"{k} {old!r} -> {new!r}" for k, old, new in changed]
-
-
-def list_checkpoints(out_dir: str, phase: str | None = None, damaged: list[str] | None = None) -> list[str]:
-    """Complete checkpoint folders of a run, oldest first by their recorded step. A folder whose meta.json cannot
-    be read is left out (and appended to the list `damaged`, when given)."""
-    found = []
-    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-        path = os.path.join(out_dir, name)
-        if name.startswith(".") or not os.path.isfile(os.path.join(path, "meta.json")):
-            continue
-        try:
-            meta = read_json(os.path.join(path, "meta.json"), "")
-            step = int(meta["step"])
-        except (ValueError, TypeError, KeyError):
-            if damaged is not None:
-                damaged.append(path)
-            continue
-        if phase is None or meta.get("phase") == phase:
-            found.append((step, path))
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(out_dir: str, phase: str | None = None) -> str | None:
-    """The newest complete checkpoint of the phase, passing over (and naming on stderr) damaged ones."""
-    damaged = []
-    found = list_checkpoints(out_dir, phase, damaged)
-    for path in damaged:
-        print(
-            f"{path}: unreadable meta.json, so this checkpoint is passed over (delete it); using the newest good one",
-            file=sys.stderr,
-        )
-    return found[-1] if found else None
 
 
 def has_tokenizer(folder: str) -> bool:

@@ -17,10 +17,10 @@ A checkpoint is any folder common.checkpoint.load_model accepts (a distill.py or
 checkpoint, or a Hugging Face model folder). Every model sees the same tokens: the first
 VAL_TOKENS of the val shards, in whole batches, read from the start on every call. All models are
 loaded together so that the teacher runs once per batch; the logits are reduced a chunk of tokens
-at a time (common.kd.kd_metrics) and never held for a whole batch.
+at a time (common.kd.kd_metrics) and never held for a whole batch: common/quality.py, what train.py and distill.py
+validate with.
 """
 
-import contextlib
 import math
 import os
 import statistics
@@ -34,12 +34,12 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from common import swap
-from common.checkpoint import load_model, tokenizer_folder
+from common.checkpoint import check_has_config, load_model, tokenizer_folder
 from common.config import check_ranges, fail, override
 from common.files import check_writable, write_json_atomic
 from common.generate import decoding_cache, forward_cached, generate, state_bytes
-from common.kd import final_hidden, kd_metrics, lm_head
 from common.plots import comparison_png
+from common.quality import evaluate_models
 from common.runtime import Runtime
 from common.shards import ShardError, val_batches
 
@@ -60,91 +60,6 @@ TASK_DIR = ""                     # a folder of your own task YAML files (lm_eva
 LIMIT = 0                         # --tasks: examples per task (quick runs); 0 = all
 TASK_BATCH_SIZE = 8               # --tasks: lm_eval's batch size
 # fmt: on
-
-
-@torch.no_grad()
-def evaluate_models(
-    models: dict[str, nn.Module],
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-    teacher: nn.Module | Callable | None = None,
-    rt: Runtime | None = None,
-    progress: bool = False,
-) -> tuple[dict[str, dict], dict | None]:
-    """Evaluate {name: model} on `batches` ((x, y) pairs) in one pass, the teacher once per batch.
-    `teacher` is a model, or a function ids -> final hidden states whose logits use each model's
-    own LM head (the logits phase with decoders only, where teacher and student share a backbone).
-    Returns ({name: {'ce', 'ppl'[, 'kl', 'agreement']}}, the teacher's {'ce', 'ppl'} or None);
-    with `rt` the numbers are means over the ranks and bf16 autocast is used where rt uses it."""
-    teacher_model = teacher if isinstance(teacher, torch.nn.Module) else None
-    if teacher is not None and teacher_model is None and not models:
-        raise ValueError("a teacher given as a function needs at least one model (its LM head scores the teacher)")
-    modules = list(models.values()) + ([teacher_model] if teacher_model is not None else [])
-    if not modules:
-        raise ValueError("nothing to evaluate: give at least one model or a teacher model")
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    device = next(modules[0].parameters()).device
-    sums = {name: {} for name in models}
-    teacher_sums = {}
-    try:
-        for x, y in tqdm(batches, desc="eval", disable=not progress, leave=False):
-            x, y = x.to(device), y.to(device)
-            with rt.autocast() if rt else contextlib.nullcontext():
-                ht = None
-                if teacher_model is not None:
-                    ht = final_hidden(teacher_model, x)
-                    if not models:
-                        _add(teacher_sums, kd_metrics(ht, lm_head(teacher_model), y))
-                elif teacher is not None:
-                    ht = teacher(x)
-                for k, (name, model) in enumerate(models.items()):
-                    m = kd_metrics(
-                        final_hidden(model, x),
-                        lm_head(model),
-                        y,
-                        ht,
-                        None if teacher_model is None else lm_head(teacher_model),
-                    )
-                    teacher_ce = m.pop("teacher_ce", None)
-                    if teacher_ce is not None and k == 0:
-                        _add(teacher_sums, {"tokens": m["tokens"], "ce": teacher_ce})
-                    _add(sums[name], m)
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
-    results = {name: _finish(s, rt) for name, s in sums.items()}
-    return results, (_finish(teacher_sums, rt) if teacher_sums else None)
-
-
-def evaluate(
-    model: nn.Module,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
-    teacher: nn.Module | Callable | None = None,
-    rt: Runtime | None = None,
-) -> dict[str, float]:
-    """One model's {'ce', 'ppl'} and, with a teacher, 'kl', 'agreement', 'teacher_ce', 'teacher_ppl'."""
-    results, t = evaluate_models({"model": model}, batches, teacher, rt)
-    out = results["model"]
-    if t:
-        out.update(teacher_ce=t["ce"], teacher_ppl=t["ppl"])
-    return out
-
-
-def _add(sums, m):
-    for k, v in m.items():
-        sums[k] = sums.get(k, 0) + v
-
-
-def _finish(sums, rt):
-    """Per-token means (rank means under DDP: every rank has the same number of tokens)."""
-    mean = {k: float(v) / float(sums["tokens"]) for k, v in sums.items() if k != "tokens"}
-    if rt:
-        mean = {k: rt.all_mean(v) for k, v in mean.items()}
-    out = {"ce": mean["ce"], "ppl": math.exp(mean["ce"])}
-    if "kl" in mean:
-        out.update(kl=mean["kl"], agreement=mean["agree"])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- --speed
@@ -391,11 +306,10 @@ def check_arguments(paths: list[str], usage: str) -> str | None:
     )
     check_out()
     for path in paths + ([TEACHER] if TEACHER else []):  # every folder, before loading any model
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            fail(
-                f"{path}: not a model or checkpoint folder (no config.json); pass a checkpoint folder such as "
-                f"runs/NAME/final, or the model folder prepare.py wrote"
-            )
+        try:
+            check_has_config(path)
+        except FileNotFoundError as e:
+            fail(e)
     if SPEED and (not CONTEXTS or min(CONTEXTS) <= DECODE_STEPS or DECODE_STEPS < 1):
         fail(
             f"--contexts {CONTEXTS} must each exceed --decode-steps {DECODE_STEPS} (>= 1): each context is a "

@@ -10,7 +10,6 @@ Decoding is incremental, through the model's own forward: the prompt runs once, 
 with transformers' KV cache layers for the teacher's attention and the students' own (common/students/attention.py).
 """
 
-import os
 import sys
 import time
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn as nn
 from transformers.cache_utils import Cache, DynamicCache
 
-from common.checkpoint import load_model, tokenizer_folder
+from common.checkpoint import check_has_config, load_model, tokenizer_folder
 from common.config import fail, override
 from common.runtime import Runtime
 from common.students.attention import RecurrentLayer
@@ -214,11 +213,10 @@ def main(argv: list[str]) -> None:
 
 def check_arguments(folder: str) -> str:
     """Exit with one line for arguments that cannot work, before the model loads; return the tokenizer's folder."""
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        fail(
-            f"{folder}: not a model or checkpoint folder (no config.json); pass a checkpoint folder such as "
-            f"runs/NAME/final, or the model folder prepare.py wrote"
-        )
+    try:
+        check_has_config(folder)
+    except FileNotFoundError as e:
+        fail(e)
     if TEMPERATURE < 0 or not 0 < TOP_P <= 1:
         fail(f"--temperature must be >= 0 (0 = greedy) and --top-p in (0, 1]; got {TEMPERATURE} and {TOP_P}")
     if MAX_NEW_TOKENS < 1:

@@ -36,7 +36,7 @@ def cache_bytes(n_tokens: int, hidden_size: int) -> int:
 def place_cache(rt: Runtime, n_tokens: int, hidden_size: int, choice: str, disk_dir: str) -> str:
     """Where a cache of n_tokens (per rank) lives: `choice` (device, host or disk), or with choice 'auto' the
     device when it fits, else host memory, else a disk memory map in disk_dir. Raises ValueError when it fits
-    nowhere."""
+    nowhere, saying its size and where it was tried (the caller adds what makes its cache smaller)."""
     nbytes = cache_bytes(n_tokens, hidden_size)
     size = f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
     options = PLACES if choice == "auto" else (choice,)
@@ -44,10 +44,7 @@ def place_cache(rt: Runtime, n_tokens: int, hidden_size: int, choice: str, disk_
         if nbytes < 0.7 * free_bytes(where, rt, disk_dir):
             rt.print(f"latent cache: {size} per rank on {where}" + (f" ({rt.device})" if where == "device" else ""))
             return where
-    raise ValueError(
-        f"the latent cache needs {size} per rank and fits in none of: {', '.join(options)}; "
-        f"lower STEPS_PER_LAYER x GRAD_ACCUM x BATCH_SIZE x SEQ_LEN, or free memory/disk"
-    )
+    raise ValueError(f"the latent cache needs {size} per rank and fits in none of: {', '.join(options)}")
 
 
 def _buffer(rt: Runtime, where: str, shape: tuple, path: str) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Data parallelism over torchrun's ranks for train.py and distill.py's logits phase, with PyTorch's own engines.
 
-PARALLEL=ddp replicates the model on every rank (DistributedDataParallel in train.py, a gradient all-reduce in
+PARALLEL=ddp replicates the model on every rank (DistributedDataParallel in train.py, common.optim.sync_grads in
 distill.py). PARALLEL=fsdp shards it (FSDP2, torch.distributed.fsdp.fully_shard): every transformer layer and the
 root (embeddings, final norm, head) are units whose weights, gradients and AdamW state are split over the ranks;
 a unit's weights are gathered whole only while it computes, and its gradients are reduce-scattered after its
@@ -23,7 +23,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from common.runtime import Runtime
 from common.swap import transformer_layers
@@ -102,10 +101,3 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, model: n
         optimizer.load_state_dict(state)
     else:
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_, sharded parameters included (the norm of DTensor gradients is reduced over
-    the ranks); returns the total norm before clipping as a plain tensor."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm

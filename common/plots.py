@@ -3,18 +3,23 @@ written atomically (temp file, then rename), so a running job can be watched.
 
   run_png(out_dir, layer_rows, logits_rows)   OUT/layers.png of a distill.py run
   comparison_png(path, rows, names, ...)      common.evaluate's comparison table as bars
+
+matplotlib is imported when a picture is drawn, not with this module: importing distill.py loads none of it.
 """
+
+from __future__ import annotations
 
 import io
 import json
 import math
 import os
-
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter, StrMethodFormatter
+from typing import TYPE_CHECKING
 
 from common.files import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 DPI = 100  # pixels per inch: the figures are 12 x 4 inches per row of panels
 
@@ -28,6 +33,8 @@ def save_png(fig: Figure, path: str) -> None:
 def log_scale(ax: Axes, values: list[float]) -> None:
     """A log y axis when the positive values span more than a decade (relative errors often do; a copy
     student's is 0), its ticks reading 0.35 rather than 3.5 x 10^-1; else the linear axis stays."""
+    from matplotlib.ticker import NullFormatter, StrMethodFormatter
+
     positive = [v for v in values if v > 0]
     if not positive or max(positive) < 10 * min(positive):
         return
@@ -55,6 +62,8 @@ def run_png(out_dir: str, layer_rows: list[dict] | None = None, logits_rows: lis
     if layer_rows is None and os.path.exists(os.path.join(out_dir, "layers.json")):
         with open(os.path.join(out_dir, "layers.json")) as f:
             layer_rows = json.load(f)
+    from matplotlib.figure import Figure
+
     sections = [rows for rows in (layer_rows, logits_rows) if rows]
     if not sections:
         return
@@ -105,6 +114,9 @@ def comparison_png(path: str, rows: list[dict], names: list[str], has_teacher: b
     """common.evaluate's comparison table as bars: for each metric, each checkpoint's value as a ratio to
     the teacher's (the first name; without a teacher, to the first model), on a log axis so that 2x and
     0.5x stand equally far from 1; the value beside each bar, the reference value beside the metric."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, StrMethodFormatter
+
     reference, compared = names[0], names[1:] or names
     rows = [r for r in rows if r["values"].get(reference)]
     fig = Figure(figsize=(12, 1 + 0.3 * len(rows) * len(compared)), layout="constrained")

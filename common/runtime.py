@@ -1,9 +1,8 @@
 """What train.py and distill.py share about running: torchrun's environment, the device and its
-precision, the run folder (config, versions, metrics.jsonl) and the learning-rate schedule."""
+precision, what the run folder records (versions, the code's commit, metrics.jsonl) and the RNG state."""
 
 import contextlib
 import json
-import math
 import os
 import platform
 import subprocess
@@ -180,36 +179,6 @@ class RunLog:
             with open(self.path) as f:
                 kept = [line for line in f if line.endswith("\n") and keep(json.loads(line))]
             atomic_write_bytes(self.path, [line.encode() for line in kept])
-
-
-def lr_at(
-    step: int,
-    total: int,
-    peak: float,
-    warmup: int,
-    schedule: str = "cosine",
-    min_lr_ratio: float = 0.1,
-    decay_frac: float = 0.2,
-) -> float:
-    """Learning rate for optimizer step `step` (0-based) of `total`: linear warmup, then
-    cosine decay to min_lr_ratio*peak ('cosine') or hold then linear decay over the last
-    decay_frac of the steps ('wsd', warmup-stable-decay). A pure function of the step, so
-    resume needs nothing but the step and a new phase starts its own schedule."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    min_lr = peak * min_lr_ratio
-    if schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-    if schedule == "wsd":
-        decay_steps = max(1, int(total * decay_frac))
-        decay_start = total - decay_steps
-        if step < decay_start:
-            return peak
-        return peak - (peak - min_lr) * min(1.0, (step - decay_start + 1) / decay_steps)
-    if schedule == "constant":
-        return peak
-    raise ValueError(f"unknown LR schedule {schedule!r}: use cosine, wsd or constant")
 
 
 def get_rng_state() -> dict[str, torch.Tensor]:

@@ -85,7 +85,7 @@ def main():
     import torch
 
     from common.checkpoint import load_model
-    from common.evaluate import evaluate_models
+    from common.quality import evaluate_models
     from common.shards import val_batches
 
     if os.path.isdir(OUT_DIR):

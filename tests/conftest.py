@@ -233,10 +233,10 @@ def run_killed(script_args, kill_when, signal_name="SIGKILL", launcher=(sys.exec
 
 @contextlib.contextmanager
 def another_run_in(folder):
-    """A separate process holding the run folder's lock (common.checkpoint.lock_run), as a run still going there
+    """A separate process holding the run folder's lock (common.run_folder.lock_run), as a run still going there
     would; yields it. Leaving the block kills it with SIGKILL, as a crash would."""
     code = (
-        "import sys; from common.checkpoint import lock_run; lock_run(sys.argv[1]); print('locked', flush=True); "
+        "import sys; from common.run_folder import lock_run; lock_run(sys.argv[1]); print('locked', flush=True); "
         "sys.stdin.read()"
     )
     proc = subprocess.Popen(

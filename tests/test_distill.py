@@ -244,7 +244,7 @@ def test_logits_phase_has_its_own_lr_and_kl_falls(teacher_dir, tiny_data_dir, tm
         "--kd-save-every",
         "15",
     )
-    from common.runtime import lr_at
+    from common.optim import lr_at
 
     steps = read_metrics(out, phase="logits")
     lrs = [(r["step"], r["lr"]) for r in steps if "lr" in r]
@@ -260,7 +260,8 @@ def test_logits_phase_on_cpu_keeps_fp32_and_its_numbers(teacher_dir, tiny_data_d
     into the teacher, hidden states from its base model, the chunked KD loss, clipping, AdamW)."""
     from common.checkpoint import load_model
     from common.kd import kd_loss, lm_head
-    from common.runtime import Runtime, lr_at
+    from common.optim import lr_at
+    from common.runtime import Runtime
     from common.shards import TokenLoader, shard_files
     from common.swap import get_block, student_specs, swapped
 
@@ -574,7 +575,7 @@ def test_attention_students_rotation_then_logits_then_evaluation(
     )
 
     from common.checkpoint import load_model
-    from common.evaluate import evaluate
+    from common.quality import evaluate
     from common.shards import val_batches
 
     model = load_model(os.path.join(out, "logits_final"))
@@ -926,3 +927,24 @@ def test_each_phase_prints_its_memory_estimate_and_refuses_a_plan_that_cannot_fi
         assert error.startswith(f"distill.py: the {phase} phase needs about ") and "\n" not in error, error
         assert f"; use {advice}" in error and error.endswith(" or a smaller --batch-size or --seq-len"), error
         assert not refused.exists()
+
+
+def test_a_latent_cache_that_fits_nowhere_names_the_constants_that_size_it(monkeypatch):
+    """common.latent_cache says the size and the places it tried; distill.py adds its constants that set the size."""
+    import importlib
+
+    import distill
+    from common import latent_cache
+    from common.runtime import Runtime
+
+    importlib.reload(distill)  # its default constants (LATENT_CACHE=auto), whatever a run before set
+    monkeypatch.setattr(latent_cache, "free_bytes", lambda where, rt, disk_dir: 0)
+    with pytest.raises(ValueError) as e:
+        latent_cache.place_cache(Runtime("cpu", "float32"), 1024, 64, "auto", ".")
+    assert str(e.value) == "the latent cache needs 0.5 MiB per rank and fits in none of: device, host, disk"
+    with pytest.raises(ValueError) as e:
+        distill.place_latents(Runtime("cpu", "float32"), 1024, 64, ".")
+    assert str(e.value) == (
+        "the latent cache needs 0.5 MiB per rank and fits in none of: device, host, disk; "
+        "lower STEPS_PER_LAYER x GRAD_ACCUM x BATCH_SIZE x SEQ_LEN, or free memory/disk"
+    )

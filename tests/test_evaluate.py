@@ -1,4 +1,5 @@
-"""common/evaluate.py and common/generate.py on the tiny model: metrics, the CLI table and JSON, generation."""
+"""common/quality.py, common/evaluate.py and common/generate.py on the tiny model: metrics, the CLI table and JSON,
+generation."""
 
 import copy
 import json
@@ -12,11 +13,11 @@ import torch.nn.functional as F
 import common.evaluate
 import common.generate
 from common.checkpoint import load_model, save_checkpoint
-from common.evaluate import evaluate, evaluate_models
 from common.evaluate import main as evaluate_main
 from common.generate import generate
 from common.generate import main as generate_main
 from common.kd import final_hidden
+from common.quality import evaluate, evaluate_models
 from common.shards import val_batches
 from common.students import make_student
 from common.swap import get_block, set_block
@@ -105,7 +106,7 @@ def test_cli_prints_table_and_writes_json(tiny_model_dir, tiny_data_dir, student
 def test_cli_bad_checkpoint_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         evaluate_main([str(tmp_path / "missing")])
-    assert "missing: not a model or checkpoint folder" in str(e.value) and "\n" not in str(e.value)
+    assert "missing: no config.json, so not a model or checkpoint folder" in str(e.value) and "\n" not in str(e.value)
 
 
 def cli_error(main, argv):

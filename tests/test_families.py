@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from common.checkpoint import load_model
-from common.evaluate import evaluate
 from common.latent_cache import LatentCache
+from common.quality import evaluate
 from common.runtime import Runtime
 from common.shards import val_batches
 from common.students import make_student
@@ -94,7 +94,7 @@ def test_the_stream_is_what_the_models_own_forward_computes(family, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_evaluation_ce_is_transformers_own_and_a_copy_student_is_exact(family, folders, data_dir):
-    """common.evaluate's CE equals the cross-entropy of transformers' own logits (the model's logit transform
+    """common.quality's CE equals the cross-entropy of transformers' own logits (the model's logit transform
     included), and the teacher with a copy student in every FFN gives the teacher's CE exactly."""
     model = load_model(folders(family))
     val = val_batches(data_dir, 256, 2, SEQ_LEN)
