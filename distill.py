@@ -300,7 +300,10 @@ def layerwise_inputs(rt):
     and the data opened: everything the phase needs, checked before the run folder exists. The teacher is read into
     host memory, in the frozen dtype (bf16 on GPUs), and placed once the phase's memory estimate is found to fit."""
     model = load_model(TEACHER, dtype=rt.frozen_dtype).eval().requires_grad_(False)
-    check_target(model, TARGET)
+    try:
+        check_target(model, TARGET)
+    except ValueError as e:
+        fail(f"TARGET={TARGET!r}: {e}")
     layers = LAYERS if LAYERS else list(range(len(transformer_layers(model))))
     check_layers(model, layers)
     check_layers(model, KEEP_TEACHER_LAYERS, "KEEP_TEACHER_LAYERS")
@@ -1017,7 +1020,10 @@ def make_students(model, layers, device, with_layers=False):
     for i in layers:
         torch.manual_seed(SEED + i)
         teacher_block = get_block(model, i, TARGET)
-        student = make_student(TARGET, STUDENT_KIND, teacher_block, model.config, **STUDENT_KWARGS)
+        try:
+            student = make_student(TARGET, STUDENT_KIND, teacher_block, model.config, **STUDENT_KWARGS)
+        except ValueError as e:  # the library says what it knows; these are the options that chose it
+            raise ValueError(f"STUDENT_KIND={STUDENT_KIND!r} STUDENT_KWARGS={STUDENT_KWARGS}: {e}") from None
         home = home_device(transformer_layers(model)[i], device) if with_layers else device
         students[i] = student.to(home, torch.float32)
     return students

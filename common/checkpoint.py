@@ -115,7 +115,13 @@ def add_students(model: nn.Module, students_path: str) -> None:
     model's dtype."""
     for s in read_student_specs(students_path, model):
         teacher = get_block(model, s["layer"], s["target"])
-        student = make_student(s["target"], s["kind"], teacher, model.config, **s["kwargs"]).to(model.dtype)
+        try:
+            student = make_student(s["target"], s["kind"], teacher, model.config, **s["kwargs"]).to(model.dtype)
+        except ValueError as e:
+            raise ValueError(
+                f"{students_path}: layer {s['layer']}: {e}; this code does not build that student: load the "
+                f"checkpoint with the code that wrote it"
+            ) from None
         set_block(model, s["layer"], s["target"], student)
 
 

@@ -44,13 +44,13 @@ def transformer_layers(model: nn.Module) -> nn.ModuleList:
 def block_name(layer: nn.Module, target: str) -> str:
     """The attribute of `layer` that holds its `target` block; ValueError when it has none."""
     if target not in BLOCK_NAMES:
-        raise ValueError(f"unknown TARGET {target!r}: use one of {', '.join(BLOCK_NAMES)}")
+        raise ValueError(f"unknown block target {target!r}: use one of {', '.join(BLOCK_NAMES)}")
     for name in BLOCK_NAMES[target]:
         if isinstance(getattr(layer, name, None), nn.Module):
             return name
     raise ValueError(
-        f"{type(layer).__name__} has no {target} block (none of {', '.join(BLOCK_NAMES[target])}), so "
-        f"TARGET={target!r} cannot be swapped; add its name to BLOCK_NAMES in common/swap.py"
+        f"{type(layer).__name__} has no {target} block (none of {', '.join(BLOCK_NAMES[target])}), so its "
+        f"{target!r} blocks cannot be swapped; add its name to BLOCK_NAMES in common/swap.py"
     )
 
 

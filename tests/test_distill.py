@@ -363,10 +363,10 @@ def test_layerwise_teacher_in_bf16_and_students_in_fp32(teacher_dir, tiny_data_d
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--student-kind", "nope"], "unknown STUDENT_KIND 'nope'"),
+        (["--student-kind", "nope"], "STUDENT_KIND='nope' STUDENT_KWARGS={}: unknown student kind 'nope'"),
         (["--layers", "0,7"], "LAYERS [7] out of range"),
         (["--keep-teacher-layers", "9"], "KEEP_TEACHER_LAYERS [9] out of range"),
-        (["--target", "ffn"], "unknown TARGET 'ffn'"),
+        (["--target", "ffn"], "TARGET='ffn': unknown block target 'ffn'"),
         (["--student-kwargs", '{"width": 3}'], "do not fit student"),
         (["--trainable", "nothing_like_this"], "matches no parameter"),
         (["--latent-cache", "gpu"], "LATENT_CACHE must be auto, device, host or disk"),

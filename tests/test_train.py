@@ -479,7 +479,7 @@ def test_gpt2_trains_and_checkpoints_and_a_non_decoder_is_refused_at_the_start(t
     "damage,message",
     [
         (lambda specs: [{**specs[0], "layer": 7}], "students.json: a student's layer [7] out of range"),
-        (lambda specs: [{**specs[0], "target": "ffn"}], "students.json: unknown TARGET 'ffn'"),
+        (lambda specs: [{**specs[0], "target": "ffn"}], "students.json: unknown block target 'ffn'"),
         (lambda specs: specs[0], "students.json: it is not a list of {layer, target, kind, kwargs}"),
         (lambda specs: [[1, "mlp"]], "students.json: it is not a list of {layer, target, kind, kwargs}"),
         (lambda specs: [{**specs[0], "kwargs": {"scale": 0.25}}], "model.safetensors: its tensors do not fit"),

@@ -29,11 +29,11 @@ def make_student(
     cls = STUDENTS.get((target, kind))
     if cls is None:
         known = ", ".join(k for t, k in STUDENTS if t == target)
-        raise ValueError(f"unknown STUDENT_KIND {kind!r} for target {target!r}; known: {known}")
+        raise ValueError(f"unknown student kind {kind!r} for target {target!r}; known: {known}")
     try:
         student = cls(teacher_block, config, **kwargs)
     except TypeError as e:
-        raise ValueError(f"STUDENT_KWARGS {kwargs} do not fit student {kind!r}: {e}") from None
+        raise ValueError(f"arguments {kwargs} do not fit student {kind!r}: {e}") from None
     defaults = {n: p.default for n, p in inspect.signature(cls).parameters.items() if p.default is not p.empty}
     student.kwargs = {**defaults, **kwargs}  # every argument, defaults too: the checkpoint says what was used
     return student.to(next(teacher_block.parameters()).device)
