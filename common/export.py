@@ -49,7 +49,6 @@ EVAL = ""                           # a JSON file from `python -m common.evaluat
 PAD_TO_WIDEST = False               # FFNs of different widths: zero-pad each to the widest (exact, but saves nothing)
 CHECK_TOKENS = 64                   # tokens of the logits check between the checkpoint and the reloaded folder
 # fmt: on
-_HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "relu2": "relu2"}  # prototype activation -> transformers' name
 # The config attributes that may hold a family's FFN width (Llama and most: intermediate_size; GPT-2 n_inner,
 # Falcon ffn_hidden_size, Qwen-MoE moe_intermediate_size) or its activation; export_state finds which one does.
 _WIDTH_ATTRIBUTES = ("intermediate_size", "n_inner", "ffn_hidden_size", "moe_intermediate_size", "ffn_dim")
@@ -76,23 +75,15 @@ def activation_attribute(config: PreTrainedConfig) -> str | None:
 
 def ffn_weights(block: nn.Module, config: PreTrainedConfig) -> tuple[str, int, str, dict[str, torch.Tensor]]:
     """A layer's FFN as (what it is, width, activation, its weights under the keys of the teacher's FFN
-    block), or ValueError saying why the teacher's FFN class cannot hold it."""
+    block): the teacher's own, or what its student's as_teacher_ffn() says; ValueError saying why the teacher's
+    FFN class cannot hold it."""
     kind, activation = getattr(block, "kind", None), getattr(config, activation_attribute(config) or "", None)
-    if kind in (None, "copy"):
-        inner = block if kind is None else block.block
-        return kind or "teacher", ffn_layout(inner, config.hidden_size).width, activation, inner.state_dict()
-    if kind == "pruned":  # its width may equal the hidden size, which ffn_layout cannot tell from the shapes
-        return "pruned", block.width, activation, block.block.state_dict()
-    if kind == "prototype" and block.gated and block.fc_in.bias is None and block.activation in _HF_ACTIVATION:
-        gate, up = block.fc_in.weight.chunk(2)
-        return (
-            "prototype",
-            block.width,
-            _HF_ACTIVATION[block.activation],
-            {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": block.fc_out.weight},
-        )
-    why = "ungated or with biases" if kind == "prototype" else "an unknown kind"
-    raise ValueError(f"{kind} FFN students ({why}) have no standard transformers class")
+    if kind is None:
+        return "teacher", ffn_layout(block, config.hidden_size).width, activation, block.state_dict()
+    if not hasattr(block, "as_teacher_ffn"):
+        raise ValueError(f"{kind} FFN students have no standard transformers class")
+    width, own_activation, weights = block.as_teacher_ffn()
+    return kind, width, own_activation or activation, weights
 
 
 def meta_shapes(config: PreTrainedConfig) -> dict[str, torch.Size]:

@@ -178,12 +178,19 @@ class CopyMLP(nn.Module):
     def __init__(self, teacher: nn.Module, config: PreTrainedConfig) -> None:
         super().__init__()
         self.block = copy.deepcopy(teacher)
+        self.width = ffn_layout(teacher, config.hidden_size).width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
 
+    def as_teacher_ffn(self) -> tuple[int, str | None, dict[str, torch.Tensor]]:
+        """How common/export.py writes it: (width, activation, or None for the teacher's, the weights under the
+        teacher FFN's keys)."""
+        return self.width, None, self.block.state_dict()
+
 
 ACTIVATIONS = {"relu2": lambda x: F.relu(x).square(), "gelu": F.gelu, "silu": F.silu}
+_HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "relu2": "relu2"}  # prototype activation -> transformers' name
 
 
 @register("mlp", "prototype")
@@ -235,6 +242,15 @@ class PrototypeMLP(nn.Module):
     @torch.no_grad()
     def calibrate(self, teacher: nn.Module, batches: Batches, all_reduce: AllReduce, forward: Forward) -> None:
         fit_linear(self.fc_out, self.hidden, batches, all_reduce, self.ridge)
+
+    def as_teacher_ffn(self) -> tuple[int, str | None, dict[str, torch.Tensor]]:
+        """As CopyMLP's: a gated prototype without biases is a gate_proj/up_proj/down_proj FFN with its activation;
+        ValueError for the others, which no standard transformers FFN holds."""
+        if not self.gated or self.fc_in.bias is not None or self.activation not in _HF_ACTIVATION:
+            raise ValueError("prototype FFN students (ungated or with biases) have no standard transformers class")
+        gate, up = self.fc_in.weight.chunk(2)
+        weights = {"gate_proj.weight": gate, "up_proj.weight": up, "down_proj.weight": self.fc_out.weight}
+        return self.width, _HF_ACTIVATION[self.activation], weights
 
 
 @register("mlp", "pruned")
@@ -325,6 +341,10 @@ class PrunedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
+
+    def as_teacher_ffn(self) -> tuple[int, str | None, dict[str, torch.Tensor]]:
+        """As CopyMLP's; its width is its own (it may equal the hidden size, which ffn_layout cannot tell)."""
+        return self.width, None, self.block.state_dict()
 
 
 def activation_importance(
