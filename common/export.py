@@ -28,7 +28,6 @@ is complete.
 import copy
 import json
 import os
-import shutil
 import sys
 
 import torch
@@ -38,7 +37,7 @@ from transformers import AutoModelForCausalLM, PreTrainedConfig
 from common.checkpoint import load_model, run_record, tokenizer_folder
 from common.config import check_ranges, fail, override
 from common.evaluate import format_comparison
-from common.files import read_json
+from common.files import folder_written_whole, read_json
 from common.students.ffn import ffn_layout
 from common.swap import get_block, student_specs, transformer_layers
 
@@ -266,11 +265,7 @@ def export_model(model: nn.Module, checkpoint: str, out: str, tok_dir: str | Non
             f"{checkpoint} has no tokenizer files, nor has the teacher its run folder's run.json names, nor "
             f"{TOKENIZER}; pass --tokenizer with the teacher's model folder"
         )
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp_{os.path.basename(out)}_{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with folder_written_whole(out) as tmp:
         exported = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         exported.load_state_dict(state, strict=True)
         if os.path.isfile(os.path.join(tok_dir, "generation_config.json")):
@@ -288,10 +283,6 @@ def export_model(model: nn.Module, checkpoint: str, out: str, tok_dir: str | Non
             )
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card(checkpoint, config, described, sum(p.numel() for p in reloaded.parameters()), max_diff))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return max_diff, described
 
 
