@@ -63,7 +63,7 @@ from common.run_folder import (
     prune_checkpoints,
     start_run,
 )
-from common.runtime import RunLog, Runtime, environment, get_rng_state
+from common.runtime import RunLog, Runtime, due, environment, get_rng_state
 from common.shards import ShardError, TokenLoader, read_shard, shard_files, val_batches
 from common.students import make_student
 from common.swap import (
@@ -107,7 +107,7 @@ WEIGHT_DECAY = 0.0                # students start at or near the teacher: no pu
 GRAD_CLIP = 1.0                   # max gradient norm per optimizer step; 0 turns clipping off
 DECODER_LOSS = "mse"              # mse, nmse (squared error / squared teacher norm, per token) or cosine
 TRAINABLE = []                    # train only student parameters whose names contain one of these; empty = all
-LOG_EVERY = 10                    # log the loss every N steps (a host sync on GPUs)
+LOG_EVERY = 10                    # log the loss at step 1 and every N after (a host sync on GPUs); 0 = at val/save/end
 VAL_TOKENS = 8192                 # held-out val tokens (all ranks together), the same ones every time
 VAL_EVERY = 0                     # also validate every N steps inside a layer (parallel: the whole run); 0 = off
 SAVE_EVERY = 0                    # parallel schedule: checkpoint every N steps; 0 = only the final one
@@ -197,9 +197,9 @@ def check_constants():
         "KD_TRAINABLE": ("decoders", "all"),
         "PARALLEL": parallel.MODES,
     }
-    at_least_1 = "ROTATIONS KD_STEPS BATCH_SIZE SEQ_LEN GRAD_ACCUM LOG_EVERY KD_VAL_EVERY KD_SAVE_EVERY".split()
+    at_least_1 = "ROTATIONS KD_STEPS BATCH_SIZE SEQ_LEN GRAD_ACCUM KD_VAL_EVERY KD_SAVE_EVERY".split()
     at_least_0 = (
-        "STEPS_PER_LAYER CALIB_TOKENS WARMUP_STEPS KD_WARMUP_STEPS VAL_EVERY SAVE_EVERY KEEP_LAST WEIGHT_DECAY "
+        "STEPS_PER_LAYER CALIB_TOKENS WARMUP_STEPS KD_WARMUP_STEPS LOG_EVERY VAL_EVERY SAVE_EVERY KEEP_LAST WEIGHT_DECAY "
         "GRAD_CLIP CONVERT".split()
     )
     check_ranges(
@@ -210,6 +210,8 @@ def check_constants():
             "STEPS_PER_LAYER": " (0: calibration only)",
             "CALIB_TOKENS": " (0 turns calibration off)",
             "GRAD_CLIP": " (0 turns clipping off)",
+            "LOG_EVERY": " (0: only where it validates or saves, and at the end)",
+            "KEEP_LAST": " (0 keeps every checkpoint)",
         },
         positive=["KD_TEMPERATURE", "LR", "KD_LR"],
         fractions=["MIN_LR_RATIO", "KD_MIN_LR_RATIO", "KD_CE_WEIGHT"],
@@ -561,13 +563,14 @@ def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, ste
             loss.backward()
             loss_sum += loss.detach()
         (norm,) = step_optimizer(rt, opt, [params], lr, GRAD_CLIP)
-        step += 1
-        record = {"phase": "layerwise", "rotation": rotation, "layer": layer, "step": step, "layer_step": s + 1}
-        if s % LOG_EVERY == 0 or s == STEPS_PER_LAYER - 1:
+        step, layer_step = step + 1, s + 1  # steps done: of the run, of this layer
+        record = {"phase": "layerwise", "rotation": rotation, "layer": layer, "step": step, "layer_step": layer_step}
+        validate = due(layer_step, VAL_EVERY)
+        if due(layer_step, LOG_EVERY, STEPS_PER_LAYER, first=True) or (not LOG_EVERY and validate):
             loss_val = rt.all_mean(loss_sum.item())
             bar.set_postfix(loss=f"{loss_val:.4g}")
             run.log.log(**record, loss=loss_val, lr=lr, grad_norm=norm.item())
-        if VAL_EVERY and (s + 1) % VAL_EVERY == 0:
+        if validate:
             run.log.log(**record, **layer_error(rt, student, teacher_block, vcache))
     return step
 
@@ -609,35 +612,35 @@ def train_parallel(run, calls, layers, val, teacher_ce):
         step = restore_training(load_state(ckpt), loader, opt)
         rt.print(f"resuming from {ckpt} at step {step}")
     bar = tqdm(range(step, total), desc="parallel", disable=not rt.master)
-    for step in bar:
-        lr = lr_at(step, total, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
+    for s in bar:
+        lr = lr_at(s, total, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
         losses = parallel_losses(rt, calls, loader, students, layers)
         norms = step_optimizer(rt, opt, groups, lr, GRAD_CLIP)
-        steps_done = step + 1
-        if step % LOG_EVERY == 0 or steps_done == total:
+        step = s + 1  # steps done
+        validate = due(step, VAL_EVERY) and step < total  # the end validates after the loop
+        save = due(step, SAVE_EVERY) and step < total  # the end is OUT/final
+        if due(step, LOG_EVERY, total, first=True) or (not LOG_EVERY and (validate or save)):
             mean_loss = rt.all_mean(losses.mean().item())
             bar.set_postfix(loss=f"{mean_loss:.4g}")
             run.log.log(
                 phase="layerwise",
-                step=steps_done,
+                step=step,
                 loss=mean_loss,
                 lr=lr,
                 layer_loss={i: rt.all_mean(v) for i, v in zip(layers, losses.tolist())},
                 grad_norm={i: n.item() for i, n in zip(layers, norms)},
             )
-        if VAL_EVERY and steps_done % VAL_EVERY == 0 and steps_done < total:
+        if validate:
             errors = student_val_errors(run, calls, students, val, where)
             run.log.log(
                 phase="layerwise",
-                step=steps_done,
+                step=step,
                 hybrid_ce=hybrid_ce(rt, model, val, blocks),
                 layer_val_mse={i: e["val_mse"] for i, e in errors.items()},
             )
-        if SAVE_EVERY and steps_done % SAVE_EVERY == 0 and steps_done < total:
-            meta = {"phase": "layerwise", "schedule": "parallel", "step": steps_done}
-            write_checkpoint(
-                run, f"parallel_step{steps_done:06d}", model, blocks, meta, training_state(steps_done, opt, loader)
-            )
+        if save:
+            meta = {"phase": "layerwise", "schedule": "parallel", "step": step}
+            write_checkpoint(run, f"parallel_step{step:06d}", model, blocks, meta, training_state(step, opt, loader))
     errors = student_val_errors(run, calls, students, val, where)
     ce = hybrid_ce(rt, model, val, blocks)
     rows = [parallel_row(i, start_errors[i], calib_errors[i], errors[i], ce, teacher_ce) for i in layers]
@@ -893,8 +896,10 @@ def logits_phase(run, models, val):
         lr = lr_at(s, KD_STEPS, KD_LR, KD_WARMUP_STEPS, "cosine", KD_MIN_LR_RATIO)
         loss_sum, kl_sum = logits_losses(rt, models, loader)
         (norm,) = step_optimizer(rt, opt, [params], lr, GRAD_CLIP, reduced=PARALLEL == "fsdp")
-        step = s + 1
-        if s % LOG_EVERY == 0 or step == KD_STEPS:
+        step = s + 1  # steps done
+        validate = due(step, KD_VAL_EVERY, KD_STEPS)
+        save = due(step, KD_SAVE_EVERY) and step < KD_STEPS  # the end is OUT/logits_final
+        if due(step, LOG_EVERY, KD_STEPS, first=True) or (not LOG_EVERY and (validate or save)):
             rec = {
                 "loss": rt.all_mean(loss_sum.item()),
                 "kl": rt.all_mean(kl_sum.item()),
@@ -904,9 +909,9 @@ def logits_phase(run, models, val):
             }
             bar.set_postfix(loss=f"{rec['loss']:.4g}")
             run.log.log(phase="logits", step=step, **rec)
-        if step % KD_VAL_EVERY == 0 or step == KD_STEPS:
+        if validate:
             validate_logits(run, models, val, step, results)
-        if step % KD_SAVE_EVERY == 0 and step < KD_STEPS:
+        if save:
             logits_checkpoint(run, models, f"logits_step{step:06d}", step, opt, loader)
     logits_checkpoint(run, models, "logits_final", step, opt, loader)
     if rt.master:

@@ -45,7 +45,7 @@ from common.run_folder import (
     prune_checkpoints,
     start_run,
 )
-from common.runtime import RunLog, Runtime, environment
+from common.runtime import RunLog, Runtime, due, environment
 from common.shards import ShardError, TokenLoader, shard_files
 from common.swap import transformer_layers
 
@@ -396,8 +396,8 @@ with exit_when_disk_full(OUT_DIR):  # one line saying how to continue, not a tra
         log_validation(0)
     pending = []  # (step, lr, loss, grad norm) of the steps whose numbers are still on the device
     t_last = time.perf_counter()
-    for step in range(start_step, STEPS):
-        lr = lr_at(step, STEPS, LR, WARMUP_STEPS, SCHEDULE, MIN_LR_RATIO)
+    for s in range(start_step, STEPS):
+        lr = lr_at(s, STEPS, LR, WARMUP_STEPS, SCHEDULE, MIN_LR_RATIO)
         try:
             step_loss = torch.zeros((), device=rt.device)
             for micro in range(grad_accum):
@@ -410,18 +410,18 @@ with exit_when_disk_full(OUT_DIR):  # one line saying how to continue, not a tra
                 step_loss += loss.detach()
             (norm,) = step_optimizer(rt, optimizer, [params], lr, GRAD_CLIP, reduced=True)  # DDP or FSDP reduced them
         except torch.OutOfMemoryError:
-            out_of_memory(step + 1)
-        steps_done = step + 1  # optimizer steps taken: the step number in logs and checkpoint names
-        pending.append((steps_done, lr, step_loss, norm))
-        validate = VAL_EVERY and (steps_done % VAL_EVERY == 0 or steps_done == STEPS)
-        checkpoint = (SAVE_EVERY and steps_done % SAVE_EVERY == 0) or steps_done == STEPS
+            out_of_memory(s + 1)
+        step = s + 1  # optimizer steps done: the step number in logs and checkpoint names
+        pending.append((step, lr, step_loss, norm))
+        validate = VAL_EVERY > 0 and due(step, VAL_EVERY, STEPS)
+        checkpoint = due(step, SAVE_EVERY, STEPS)
         # the pending steps are checked finite before anything is saved
-        if (LOG_EVERY and steps_done % LOG_EVERY == 0) or validate or checkpoint:
+        if due(step, LOG_EVERY) or validate or checkpoint:
             log_pending_steps(pending, t_last)
             pending = []
             if validate:
-                log_validation(steps_done)
+                log_validation(step)
             if checkpoint:
-                rt.print(f"saved {save(steps_done)}")
+                rt.print(f"saved {save(step)}")
             t_last = time.perf_counter()  # tokens/s counts training only, not validation or saving
 rt.close()

@@ -192,3 +192,10 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def due(step: int, every: int, last: int | None = None, first: bool = False) -> bool:
+    """Whether a training loop logs, validates or saves after `step`, the optimizer steps done (1-based, counted
+    after the optimizer step): at every multiple of `every` (0: at none), or counted from step 1 with `first`
+    (steps 1, 1 + every, 1 + 2 x every, ...), and at step `last` (the loop's final step; None: no step especially)."""
+    return (every > 0 and (step - first) % every == 0) or step == last

@@ -948,3 +948,25 @@ def test_a_latent_cache_that_fits_nowhere_names_the_constants_that_size_it(monke
         "the latent cache needs 0.5 MiB per rank and fits in none of: device, host, disk; "
         "lower STEPS_PER_LAYER x GRAD_ACCUM x BATCH_SIZE x SEQ_LEN, or free memory/disk"
     )
+
+
+def test_log_every_0_logs_the_loss_where_it_validates_or_saves_and_at_the_end(teacher_dir, tiny_data_dir, tmp_path):
+    """LOG_EVERY=0 means what it means in train.py: a loss record only at a step that validates or saves, and at the
+    last step (of each layer in a rotation, of the parallel schedule, of the logits phase)."""
+    common = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--log-every", "0", "--calib-tokens", "0"]
+
+    def loss_steps(out, phase, key="step"):
+        records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+        return [r[key] for r in records if r.get("phase") == phase and "loss" in r]
+
+    rotation = str(tmp_path / "rotation")
+    layers = ["--layers", "0,1", "--steps-per-layer", "5", "--val-every", "2"]
+    run_distill(*TINY_DISTILL, *common, "--out-dir", rotation, *layers)
+    assert loss_steps(rotation, "layerwise", "layer_step") == [2, 4, 5, 2, 4, 5]
+    out = str(tmp_path / "parallel")
+    parallel = ["--schedule", "parallel", "--steps-per-layer", "7", "--val-every", "2", "--save-every", "3"]
+    run_distill(*TINY_DISTILL, *common, "--out-dir", out, *parallel)
+    assert loss_steps(out, "layerwise") == [2, 3, 4, 6, 7]
+    logits = ["--phase", "logits", "--kd-steps", "7", "--kd-val-every", "5", "--kd-save-every", "3"]
+    run_distill(*TINY_DISTILL, *common, "--out-dir", out, *logits)
+    assert loss_steps(out, "logits") == [3, 5, 6, 7]

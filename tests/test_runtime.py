@@ -52,3 +52,14 @@ def test_outside_git_the_commit_is_none_and_the_run_goes_on(tmp_path, monkeypatc
     assert info["git_commit"] is None and info["git_dirty"] is None
     monkeypatch.setenv("PATH", "")  # no git at all
     assert runtime.git_state() == (None, None)
+
+
+def test_due_is_every_multiple_and_the_last_step():
+    """The one rule the four training loops log, validate and save by; `step` is 1-based, the steps done."""
+    steps = range(1, 11)
+    assert [s for s in steps if runtime.due(s, 4, 10)] == [4, 8, 10]
+    assert [s for s in steps if runtime.due(s, 4)] == [4, 8]
+    assert [s for s in steps if runtime.due(s, 0, 10)] == [10]  # 0: at none of the multiples
+    assert [s for s in steps if runtime.due(s, 0)] == []
+    assert [s for s in steps if runtime.due(s, 4, 10, first=True)] == [1, 5, 9, 10]  # distill.py's loss lines
+    assert [s for s in steps if runtime.due(s, 1, 10, first=True)] == list(steps)
