@@ -136,12 +136,35 @@ SEED = 1337                       # student initialisation (layer i uses SEED + 
 
 
 # ---------------------------------------------------------------------------------------------- main
+class Batch(NamedTuple):
+    """The numbers the batch constants and the world size give, computed once (batch_numbers) and carried on Run."""
+
+    batch_tokens: int  # tokens per micro-batch on each rank: BATCH_SIZE x SEQ_LEN
+    tokens_per_step: int  # tokens per optimizer step over all ranks: batch_tokens x GRAD_ACCUM x ranks
+    calib_batches: int  # micro-batches per rank that hold CALIB_TOKENS (all ranks together), rounded up
+    calib_tokens: int  # the tokens (all ranks) a student calibrates on: CALIB_TOKENS rounded up to whole batches
+
+
+def batch_numbers(world_size):
+    """The Batch of this run's constants on `world_size` ranks."""
+    batch_tokens = BATCH_SIZE * SEQ_LEN
+    calib_batches = -(-CALIB_TOKENS // (batch_tokens * world_size))
+    batch = Batch(
+        batch_tokens, batch_tokens * GRAD_ACCUM * world_size, calib_batches, calib_batches * batch_tokens * world_size
+    )
+    assert batch.tokens_per_step == BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * world_size
+    assert CALIB_TOKENS <= batch.calib_tokens < CALIB_TOKENS + batch_tokens * world_size
+    return batch
+
+
 @dataclass
 class Run:
-    """What the phases share: the ranks and device, the run folder, and its metrics log (rank 0 writes)."""
+    """What the phases share: the ranks and device, the run folder, the batch's numbers, and the metrics log (rank 0
+    writes)."""
 
     rt: Runtime
     out_dir: str
+    batch: Batch
     log: RunLog | None = None
     teacher: dict | None = None  # teacher_ref(TEACHER), for checkpoints of the students alone (rank 0)
 
@@ -155,7 +178,7 @@ def main():
             parallel.check(PARALLEL, rt.world_size)
     except ValueError as e:
         fail(str(e))
-    run = Run(rt, folder_name(rt, OUT_DIR, "distill"))
+    run = Run(rt, folder_name(rt, OUT_DIR, "distill"), batch_numbers(rt.world_size))
     exit_on_stop_signals(run.out_dir)
     config["OUT_DIR"] = run.out_dir
     reopen = RESUME or (PHASE == "logits" and not INIT)
@@ -164,10 +187,10 @@ def main():
         if reopen:  # lock the run before reading its checkpoints: a run still going in it would change them
             open_run(run, config, reopen)
         if PHASE in ("layerwise", "choose"):
-            model, layers, val = layerwise_inputs(rt)
+            model, layers, val = layerwise_inputs(run)
         else:
             models = logits_inputs(run)
-            val = check_data(rt, models.model.config.vocab_size)
+            val = check_data(run, models.model.config.vocab_size)
         if not reopen:  # a new run's folder appears only once everything it needs has been checked
             open_run(run, config, reopen)
     except (ShardError, ValueError, OSError) as e:
@@ -297,10 +320,11 @@ def may_change_on_resume():
 
 
 # ---------------------------------------------------------------------------------------------- layer-wise phase
-def layerwise_inputs(rt):
+def layerwise_inputs(run):
     """The teacher, the layers to distill and the val batches, with a student of the kind asked for built once
     and the data opened: everything the phase needs, checked before the run folder exists. The teacher is read into
     host memory, in the frozen dtype (bf16 on GPUs), and placed once the phase's memory estimate is found to fit."""
+    rt = run.rt
     model = load_model(TEACHER, dtype=rt.frozen_dtype).eval().requires_grad_(False)
     try:
         check_target(model, TARGET)
@@ -318,8 +342,8 @@ def layerwise_inputs(rt):
     with torch.random.fork_rng(devices=[]):  # STUDENT_KIND, STUDENT_KWARGS and TRAINABLE; the RNG is left as it was
         student = make_students(model, layers[:1], "cpu")[layers[0]]
         trainable_params(student, f"layer {layers[0]}")
-    val = check_data(rt, model.config.vocab_size)
-    model = place_teacher(rt, model, lambda where: layerwise_memory(rt, model, layers, student, len(val), where))
+    val = check_data(run, model.config.vocab_size)
+    model = place_teacher(rt, model, lambda where: layerwise_memory(run, model, layers, student, len(val), where))
     return model, layers, val
 
 
@@ -343,19 +367,19 @@ def place_teacher(rt, model, estimate):
     return model.to(rt.device)
 
 
-def layerwise_memory(rt, model, layers, student, n_val, teacher_on):
+def layerwise_memory(run, model, layers, student, n_val, teacher_on):
     """common.memory's estimate of the layer-wise phase on one GPU with the teacher's layers on `teacher_on`: a
     student like `student` in each of `layers`, one training at a time in a rotation and all at once in the parallel
     schedule, and the latent cache where it is sure to be on the device (LATENT_CACHE=auto on a GPU puts it there
     only when it fits what the rest leaves)."""
     trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
     plan = memory.Plan(
-        tokens=BATCH_SIZE * SEQ_LEN,
+        tokens=run.batch.batch_tokens,
         trained=trained * (len(layers) if SCHEDULE == "parallel" else 1),
         frozen_bytes=next(model.parameters()).element_size(),
     )
-    cache_on_device = LATENT_CACHE == "device" or (rt.device.type == "cpu" and LATENT_CACHE != "disk")
-    cache = cache_bytes(latent_tokens(rt, n_val), model.config.hidden_size) if cache_on_device else 0
+    cache_on_device = LATENT_CACHE == "device" or (run.rt.device.type == "cpu" and LATENT_CACHE != "disk")
+    cache = cache_bytes(latent_tokens(run, n_val), model.config.hidden_size) if cache_on_device else 0
     # streamed, one layer at a time: the students live on the host beside their layers; on the device the one
     # training and one visiting with the layer the stream advances through
     held = 2 if teacher_on == "host" and (SCHEDULE == "rotation" or PHASE == "choose") else len(layers)
@@ -390,26 +414,25 @@ def check_no_students(teacher, layers):
 
 def layerwise_phase(run, model, layers, val):
     """Print what the phase will do, distill `layers` on the schedule, write OUT/final and layers.json."""
-    rt = run.rt
-    tokens_per_step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * rt.world_size
+    rt, batch = run.rt, run.batch
     rt.print(
         f"layer-wise {SCHEDULE}: target {TARGET}, student {STUDENT_KIND} {STUDENT_KWARGS}, "
         f"layers {layers} (keep teacher: {KEEP_TEACHER_LAYERS or 'none'})"
     )
     rt.print(
         f"tokens per step: {BATCH_SIZE} batch x {SEQ_LEN} seq x {GRAD_ACCUM} accum x {rt.world_size} ranks = "
-        f"{tokens_per_step:,}; per layer per rotation: {STEPS_PER_LAYER} steps = "
-        f"{tokens_per_step * STEPS_PER_LAYER:,} tokens; {ROTATIONS} rotation(s)"
+        f"{batch.tokens_per_step:,}; per layer per rotation: {STEPS_PER_LAYER} steps = "
+        f"{batch.tokens_per_step * STEPS_PER_LAYER:,} tokens; {ROTATIONS} rotation(s)"
     )
     if CALIB_TOKENS:
         rt.print(
-            f"calibration: {calib_batches(rt) * BATCH_SIZE * SEQ_LEN * rt.world_size:,} tokens per student "
+            f"calibration: {batch.calib_tokens:,} tokens per student "
             f"(CALIB_TOKENS rounded up to whole batches), {LATENT_STREAM} stream"
         )
     teacher_ce = hybrid_ce(rt, model, val)
     rt.print(
         f"teacher val ce {teacher_ce:.4f} (ppl {np.exp(teacher_ce):.2f}) on "
-        f"{len(val) * BATCH_SIZE * SEQ_LEN * rt.world_size:,} tokens"
+        f"{len(val) * batch.batch_tokens * rt.world_size:,} tokens"
     )
     train = train_rotation if SCHEDULE == "rotation" else train_parallel
     calls = LayerCalls(model, TARGET)  # how the model's own forward calls each layer and block, per batch shape
@@ -430,8 +453,8 @@ def train_rotation(run, calls, layers, val, teacher_ce):
     """One layer at a time over a cached teacher stream; a checkpoint after each layer. Returns the students,
     the per-layer rows, the step count and the last checkpoint's training state."""
     rt, model = run.rt, calls.model
-    n_seq = rotation_sequences(rt)
-    where = place_latents(rt, latent_tokens(rt, len(val)), model.config.hidden_size, run.out_dir)
+    n_seq = rotation_sequences(run)
+    where = place_latents(rt, latent_tokens(run, len(val)), model.config.hidden_size, run.out_dir)
     loader = train_loader(rt, model.config.vocab_size)
     students = make_students(model, layers, rt.device, with_layers=True)
     state = resume_rotation(run, model, loader, students, len(layers))
@@ -470,10 +493,10 @@ def train_rotation(run, calls, layers, val, teacher_ce):
     return students, rows, step, state
 
 
-def rotation_sequences(rt):
+def rotation_sequences(run):
     """Sequences per rank each layer of a rotation reads: its steps' tokens, each once, extended when calibration
     wants more."""
-    return max(STEPS_PER_LAYER * GRAD_ACCUM, calib_batches(rt)) * BATCH_SIZE
+    return max(STEPS_PER_LAYER * GRAD_ACCUM, run.batch.calib_batches) * BATCH_SIZE
 
 
 def place_latents(rt, n_tokens, hidden_size, out_dir):
@@ -487,13 +510,13 @@ def place_latents(rt, n_tokens, hidden_size, out_dir):
         ) from None
 
 
-def latent_tokens(rt, n_val):
+def latent_tokens(run, n_val):
     """Tokens per rank in the latent caches that live at once: the rotation's and the val cache (n_val batches), or
     in the parallel schedule the larger of the val and the calibration cache."""
-    val = n_val * BATCH_SIZE * SEQ_LEN
+    val = n_val * run.batch.batch_tokens
     if SCHEDULE == "rotation":
-        return rotation_sequences(rt) * SEQ_LEN + val
-    return max(val, calib_batches(rt) * BATCH_SIZE * SEQ_LEN)
+        return rotation_sequences(run) * SEQ_LEN + val
+    return max(val, run.batch.calib_batches * run.batch.batch_tokens)
 
 
 def resume_rotation(run, model, loader, students, n_layers):
@@ -522,7 +545,8 @@ def distill_layer(run, model, i, students, cache, vcache, rotation, step):
     start_err = layer_error(rt, student, teacher_block, vcache)
     t_train = time.time()  # the rotation's teacher and student compute on training tokens
     cache.split_at(i, stream_students(students))
-    calib_s = calibrate(rt, student, teacher_block, cache, calib_batches(rt) * BATCH_SIZE) if rotation == 0 else None
+    n_calib = run.batch.calib_batches * BATCH_SIZE
+    calib_s = calibrate(rt, student, teacher_block, cache, n_calib) if rotation == 0 else None
     calib_err = layer_error(rt, student, teacher_block, vcache) if calib_s is not None else start_err
     rt.synchronize()
     t_steps = time.time()
@@ -599,7 +623,7 @@ def train_parallel(run, calls, layers, val, teacher_ce):
     opt = adamw([p for g in groups for p in g], LR, WEIGHT_DECAY)
     total, step = STEPS_PER_LAYER * ROTATIONS, 0
     blocks = {(i, TARGET): students[i] for i in layers}
-    val_tokens = len(val) * BATCH_SIZE * SEQ_LEN
+    val_tokens = len(val) * run.batch.batch_tokens
     where = place_latents(rt, val_tokens, model.config.hidden_size, run.out_dir)
     # a resumed run calibrates its new students again (deterministic) before it loads the trained ones, so that its
     # table reports the same start and calibrated errors as the run had
@@ -698,7 +722,7 @@ def calibrate_all(run, calls, students):
     rt, model = run.rt, calls.model
     if not CALIB_TOKENS or not any(hasattr(s, "calibrate") for s in students.values()):
         return False
-    tokens = read_tokens(train_loader(rt, model.config.vocab_size), calib_batches(rt))
+    tokens = read_tokens(train_loader(rt, model.config.vocab_size), run.batch.calib_batches)
     where = place_latents(rt, tokens.numel(), model.config.hidden_size, run.out_dir)
     cache = LatentCache(rt, model, tokens, calls, BATCH_SIZE, where, os.path.join(run.out_dir, ".latent_calib"))
     for i in tqdm(sorted(students), desc="calibrate", disable=not rt.master, leave=False):
@@ -777,7 +801,7 @@ def logits_inputs(run):
                 f"run the layer-wise phase first or pass --init CHECKPOINT"
             )
     resume_from = latest_checkpoint(run.out_dir, "logits") if RESUME else None
-    check_memory(rt, logits_memory(rt, resume_from or init), free_bytes("device", rt, "."), logits_remedies(rt))
+    check_memory(rt, logits_memory(run, resume_from or init), free_bytes("device", rt, "."), logits_remedies(rt))
     load_on = parallel.load_device(rt, PARALLEL)
     teacher = load_model(TEACHER, load_on, dtype=rt.frozen_dtype).eval().requires_grad_(False)
     # decoders: the checkpoint is read on the host, whence only what trains moves to the device as it is (fp32)
@@ -808,7 +832,7 @@ def logits_inputs(run):
     return LogitsModels(init, resume_from, teacher, teacher, blocks)
 
 
-def logits_memory(rt, source):
+def logits_memory(run, source):
     """common.memory's estimate of the logits phase on one GPU, from the teacher and the student model (the folder
     `source`) built on the meta device, before either is read."""
     teacher, student = memory.meta_model(TEACHER), memory.meta_model(source)
@@ -818,10 +842,10 @@ def logits_memory(rt, source):
     else:
         trained = sum(p.numel() for p in student.parameters())
     plan = memory.Plan(
-        tokens=BATCH_SIZE * SEQ_LEN,
+        tokens=run.batch.batch_tokens,
         trained=trained,
-        frozen_bytes=rt.frozen_dtype.itemsize,
-        world_size=rt.world_size,
+        frozen_bytes=run.rt.frozen_dtype.itemsize,
+        world_size=run.rt.world_size,
         parallel=PARALLEL,
         checkpointing=ACTIVATION_CHECKPOINTING,
     )
@@ -876,7 +900,7 @@ def logits_phase(run, models, val):
     elif KD_FRESH_TOKENS and os.path.exists(os.path.join(init, "state.pt")) and "loader" in load_state(init):
         loader.load_state(load_state(init)["loader"])
         rt.print(f"reading fresh tokens after those {init} consumed (shard {loader.shard}, position {loader.pos:,})")
-    tokens_per_step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * rt.world_size
+    tokens_per_step = run.batch.tokens_per_step
     rt.print(
         f"logits phase from {init}: trainable {KD_TRAINABLE} ({sum(p.numel() for p in params):,} "
         f"parameters), {KD_STEPS} steps x {tokens_per_step:,} tokens, lr {KD_LR} (warmup {KD_WARMUP_STEPS}, "
@@ -985,14 +1009,15 @@ def validate_logits(run, models, val, step, results):
 
 
 # ---------------------------------------------------------------------------------------------- shared pieces
-def check_data(rt, vocab_size):
+def check_data(run, vocab_size):
     """Open the first train shard (header, size, ids inside the vocabulary), check that the train split holds
     the calibration tokens, and return the val batches."""
+    rt = run.rt
     train_loader(rt, vocab_size)
     val = val_batches(DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, vocab_size)
     if PHASE != "layerwise" or not CALIB_TOKENS:
         return val
-    calib = calib_batches(rt) * BATCH_SIZE * SEQ_LEN * rt.world_size
+    calib = run.batch.calib_tokens
     train_tokens = sum(len(read_shard(f)) for f in shard_files(DATA_DIR, "train"))
     if calib > train_tokens:
         raise ValueError(
@@ -1073,11 +1098,6 @@ def decoder_loss(student_out, teacher_out):
     if DECODER_LOSS == "nmse":
         return ((s - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)).mean()
     return 1 - F.cosine_similarity(s, t, dim=-1).mean()
-
-
-def calib_batches(rt):
-    """Batches per rank that hold CALIB_TOKENS (all ranks together), rounded up to whole steps."""
-    return -(-CALIB_TOKENS // (BATCH_SIZE * SEQ_LEN * rt.world_size))
 
 
 @torch.no_grad()

@@ -970,3 +970,18 @@ def test_log_every_0_logs_the_loss_where_it_validates_or_saves_and_at_the_end(te
     logits = ["--phase", "logits", "--kd-steps", "7", "--kd-val-every", "5", "--kd-save-every", "3"]
     run_distill(*TINY_DISTILL, *common, "--out-dir", out, *logits)
     assert loss_steps(out, "logits") == [3, 5, 6, 7]
+
+
+def test_the_batch_numbers_are_computed_once_from_the_constants(monkeypatch):
+    import importlib
+
+    import distill
+
+    importlib.reload(distill)  # its default constants, whatever a run before set
+    for name, value in {"BATCH_SIZE": 2, "SEQ_LEN": 32, "GRAD_ACCUM": 3, "CALIB_TOKENS": 1000}.items():
+        monkeypatch.setattr(distill, name, value)
+    assert distill.batch_numbers(2) == distill.Batch(
+        batch_tokens=64, tokens_per_step=384, calib_batches=8, calib_tokens=1024
+    )
+    monkeypatch.setattr(distill, "CALIB_TOKENS", 0)
+    assert distill.batch_numbers(1).calib_tokens == 0
