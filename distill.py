@@ -86,6 +86,17 @@ DATA_DIR = "data/fineweb_edu"     # shards and manifest from prepare.py
 OUT_DIR = ""                      # run folder; empty = runs/distill_<date>_<time>
 RESUME = False                    # continue the run in OUT_DIR from its latest checkpoint of this phase
 PHASE = "layerwise"               # layerwise: match decoder outputs; logits: next-token distributions; choose: layers
+# data and batch (both phases)
+BATCH_SIZE = 8                    # sequences per micro-batch, per rank
+SEQ_LEN = 512                     # tokens per sequence
+GRAD_ACCUM = 1                    # micro-batches per optimizer step
+VAL_TOKENS = 8192                 # held-out val tokens (all ranks together), the same ones every time
+# optimizer (both phases; each has its own LR schedule, below)
+WEIGHT_DECAY = 0.0                # students start at or near the teacher: no pull toward zero by default
+GRAD_CLIP = 1.0                   # max gradient norm per optimizer step; 0 turns clipping off
+# logging and checkpoints (both phases)
+LOG_EVERY = 10                    # log the loss at step 1 and every N after (a host sync on GPUs); 0 = at val/save/end
+KEEP_LAST = 0                     # keep the newest K checkpoints of the phase, delete the rest (disk); 0 = keep all
 # layer-wise phase
 TARGET = "mlp"                    # the block each layer swaps: mlp (FFN) or attn (self-attention)
 STUDENT_KIND = "prototype"        # a registered student: mlp: copy/prototype/pruned; attn: linear/delta/lolcats/window
@@ -97,23 +108,13 @@ KEEP_TEACHER_LAYERS = []          # layers that keep the teacher's block (hybrid
 SCHEDULE = "rotation"             # rotation (one layer at a time) or parallel (all layers per teacher pass)
 ROTATIONS = 1                     # passes over LAYERS, each on fresh tokens
 STEPS_PER_LAYER = 100             # optimizer steps each layer gets per rotation; 0 = calibration only
-BATCH_SIZE = 8                    # sequences per micro-batch, per rank
-SEQ_LEN = 512                     # tokens per sequence
-GRAD_ACCUM = 1                    # micro-batches per optimizer step
 LR = 1e-3                         # peak learning rate of each layer's schedule
 WARMUP_STEPS = 10                 # linear warmup at the start of each layer's schedule
 MIN_LR_RATIO = 0.1                # each layer's cosine decay ends at this fraction of LR
-WEIGHT_DECAY = 0.0                # students start at or near the teacher: no pull toward zero by default
-GRAD_CLIP = 1.0                   # max gradient norm per optimizer step; 0 turns clipping off
 DECODER_LOSS = "mse"              # mse, nmse (squared error / squared teacher norm, per token) or cosine
 TRAINABLE = []                    # train only student parameters whose names contain one of these; empty = all
-LOG_EVERY = 10                    # log the loss at step 1 and every N after (a host sync on GPUs); 0 = at val/save/end
-VAL_TOKENS = 8192                 # held-out val tokens (all ranks together), the same ones every time
 VAL_EVERY = 0                     # also validate every N steps inside a layer (parallel: the whole run); 0 = off
 SAVE_EVERY = 0                    # parallel schedule: checkpoint every N steps; 0 = only the final one
-KEEP_LAST = 0                     # delete all but the newest K checkpoints of the phase (disk); 0 = keep all
-LATENT_CACHE = "auto"             # where the latent caches live: auto, device, host or disk
-TEACHER_ON = "auto"               # teacher layers on the device, or in host memory one at a time on it; auto: by fit
 # choose phase: which layers to convert
 CONVERT = 0                       # layers to convert, those whose conversion alone costs the least KL; 0 = half
 # logits phase
@@ -128,6 +129,9 @@ KD_CE_WEIGHT = 0.0                # weight of next-token cross-entropy mixed int
 KD_VAL_EVERY = 50                 # validate (val CE, KL to the teacher) every N steps
 KD_SAVE_EVERY = 50                # checkpoint every N steps
 KD_FRESH_TOKENS = True            # continue after the tokens the init checkpoint consumed, not from the start
+# system (memory: layer-wise phase; GPUs: logits phase; precision and seed: both)
+LATENT_CACHE = "auto"             # where the latent caches live: auto, device, host or disk
+TEACHER_ON = "auto"               # teacher layers on the device, or in host memory one at a time on it; auto: by fit
 PARALLEL = "ddp"                  # ddp: each rank holds the whole models; fsdp: FSDP2 shards them over the ranks
 ACTIVATION_CHECKPOINTING = False  # recompute each layer's activations in backward: less memory, ~1/3 more compute
 DTYPE = "auto"                    # auto: bf16 autocast on GPU (fp32 master weights, bf16 frozen ones), fp32 on CPU
@@ -642,8 +646,8 @@ def train_parallel(run, calls, layers, val, teacher_ce):
         norms = step_optimizer(rt, opt, groups, lr, GRAD_CLIP)
         step = s + 1  # steps done
         validate = due(step, VAL_EVERY) and step < total  # the end validates after the loop
-        save = due(step, SAVE_EVERY) and step < total  # the end is OUT/final
-        if due(step, LOG_EVERY, total, first=True) or (not LOG_EVERY and (validate or save)):
+        checkpoint = due(step, SAVE_EVERY) and step < total  # the end is OUT/final
+        if due(step, LOG_EVERY, total, first=True) or (not LOG_EVERY and (validate or checkpoint)):
             mean_loss = rt.all_mean(losses.mean().item())
             bar.set_postfix(loss=f"{mean_loss:.4g}")
             run.log.log(
@@ -662,7 +666,7 @@ def train_parallel(run, calls, layers, val, teacher_ce):
                 hybrid_ce=hybrid_ce(rt, model, val, blocks),
                 layer_val_mse={i: e["val_mse"] for i, e in errors.items()},
             )
-        if save:
+        if checkpoint:
             meta = {"phase": "layerwise", "schedule": "parallel", "step": step}
             write_checkpoint(run, f"parallel_step{step:06d}", model, blocks, meta, training_state(step, opt, loader))
     errors = student_val_errors(run, calls, students, val, where)
@@ -922,8 +926,8 @@ def logits_phase(run, models, val):
         (norm,) = step_optimizer(rt, opt, [params], lr, GRAD_CLIP, reduced=PARALLEL == "fsdp")
         step = s + 1  # steps done
         validate = due(step, KD_VAL_EVERY, KD_STEPS)
-        save = due(step, KD_SAVE_EVERY) and step < KD_STEPS  # the end is OUT/logits_final
-        if due(step, LOG_EVERY, KD_STEPS, first=True) or (not LOG_EVERY and (validate or save)):
+        checkpoint = due(step, KD_SAVE_EVERY) and step < KD_STEPS  # the end is OUT/logits_final
+        if due(step, LOG_EVERY, KD_STEPS, first=True) or (not LOG_EVERY and (validate or checkpoint)):
             rec = {
                 "loss": rt.all_mean(loss_sum.item()),
                 "kl": rt.all_mean(kl_sum.item()),
@@ -935,7 +939,7 @@ def logits_phase(run, models, val):
             run.log.log(phase="logits", step=step, **rec)
         if validate:
             validate_logits(run, models, val, step, results)
-        if save:
+        if checkpoint:
             logits_checkpoint(run, models, f"logits_step{step:06d}", step, opt, loader)
     logits_checkpoint(run, models, "logits_final", step, opt, loader)
     if rt.master:

@@ -985,3 +985,20 @@ def test_the_batch_numbers_are_computed_once_from_the_constants(monkeypatch):
     )
     monkeypatch.setattr(distill, "CALIB_TOKENS", 0)
     assert distill.batch_numbers(1).calib_tokens == 0
+
+
+def test_help_groups_the_constants_by_concern(capsys):
+    """--help lists each constant under its source's section: the shared ones apart from each phase's own."""
+    assert run_distill("--help", check=False) == "0"
+    section, where = None, {}
+    for line in capsys.readouterr().out.splitlines()[2:]:
+        if line.startswith("  "):
+            where[line.split()[0]] = section
+        else:
+            section = line
+    assert where["--batch-size"] == where["--val-tokens"] == "data and batch (both phases):"
+    assert where["--log-every"] == where["--keep-last"] == "logging and checkpoints (both phases):"
+    assert where["--lr"] == where["--val-every"] == where["--save-every"] == "layer-wise phase:"
+    assert where["--kd-lr"] == where["--kd-val-every"] == "logits phase:"
+    assert where["--dtype"] == where["--seed"] == where["--parallel"] == where["--latent-cache"]
+    assert where["--seed"].startswith("system")
