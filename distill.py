@@ -101,7 +101,7 @@ KEEP_LAST = 0                     # keep the newest K checkpoints of the phase, 
 TARGET = "mlp"                    # the block each layer swaps: mlp (FFN) or attn (self-attention)
 STUDENT_KIND = "prototype"        # a registered student: mlp: copy/prototype/pruned; attn: linear/delta/lolcats/window
 STUDENT_KWARGS = {}               # the student's arguments, JSON: '{"scale": 0.5, "activation": "relu2"}'
-CALIB_TOKENS = 32768              # tokens (all ranks) each student calibrates on before its first step; 0 = off
+CALIB_TOKENS = 65536              # tokens (all ranks) each student calibrates on before its first step; 0 = off
 LATENT_STREAM = "teacher"         # what feeds layer i: the teacher's layers, or the students already trained
 LAYERS = []                       # layer indices to distill; empty = every layer
 KEEP_TEACHER_LAYERS = []          # layers that keep the teacher's block (hybrids); removed from LAYERS
@@ -121,7 +121,7 @@ CONVERT = 0                       # layers to convert, those whose conversion al
 INIT = ""                         # checkpoint to start from; empty = this run's latest layer-wise checkpoint
 KD_TRAINABLE = "decoders"         # decoders: only the students train; all: the whole student model trains
 KD_STEPS = 100                    # optimizer steps of the logits phase
-KD_LR = 1e-4                      # its own peak LR: never inherited from the layer-wise phase
+KD_LR = 1e-3                      # its own peak LR: never inherited from the layer-wise phase
 KD_WARMUP_STEPS = 10              # its own warmup, then cosine decay to KD_MIN_LR_RATIO x KD_LR
 KD_MIN_LR_RATIO = 0.1             # where its cosine ends, as a fraction of KD_LR; 1 = a flat KD_LR (RADLADS step 2)
 KD_TEMPERATURE = 1.0              # softens both distributions; the loss is scaled by T^2

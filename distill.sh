@@ -2,7 +2,8 @@
 # The one command line to edit. PRESET picks its arguments (default: pruned):
 #   pruned   distill every FFN of the prepared SmolLM2-135M into a pruned half-width SwiGLU. Layer by layer,
 #            each student is first calibrated in closed form on the teacher's latents (channels chosen by
-#            activation, down projection refit), then trained to match its teacher block.
+#            Optimal Brain Surgeon, down projection refit), then trained to match its teacher block; the
+#            calibration, learning rates and validation are distill.py's defaults.
 #   radlads  RADLADS (arXiv:2505.03005) on every attention: step 1 aligns every attention output with the
 #            teacher's, all layers at once from one teacher pass a batch, LR 1e-3 cosine to 1e-5; step 2 is the
 #            logits phase at a flat LR 1e-5. (Its optional step 3, fine-tuning, is not in it: train.py --init.)
@@ -13,8 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")"
 case "${PRESET:-pruned}" in
   pruned)
-    args=(--target mlp --student-kind pruned --student-kwargs '{"scale": 0.5}' --calib-tokens 65536
-          --steps-per-layer 100 --lr 1e-4 --batch-size 8 --seq-len 512 --kd-steps 2000 --kd-lr 1e-3) ;;
+    args=(--target mlp --student-kind pruned --student-kwargs '{"scale": 0.5}'
+          --steps-per-layer 100 --batch-size 8 --seq-len 512 --kd-steps 2000) ;;
   radlads)
     kind=linear  # the student; delta (gated delta rule, the RADLADS class of RNN) once it is registered
     # RADLADS spends 100M tokens on step 1 and 250M on step 2 for a 7B teacher; for SmolLM2-135M a quarter of

@@ -520,7 +520,7 @@ def test_parallel_and_logits_resumes_refuse_changed_constants(teacher_dir, tiny_
     run_distill(*TINY_DISTILL, *common, *logits)
     shutil.rmtree(os.path.join(out, "logits_final"))
     error = run_distill(*TINY_DISTILL, *common, *logits, "--resume", "--kd-lr", "0.5", check=False)
-    assert error and "KD_LR 0.0001 -> 0.5" in error and "config_logits.json" in error, error
+    assert error and "KD_LR 0.001 -> 0.5" in error and "config_logits.json" in error, error
     # the layer-wise phase's own constants do not bear on the logits phase
     run_distill(*TINY_DISTILL, *common, *logits, "--resume", "--student-kind", "pruned", "--steps-per-layer", "7")
     assert os.path.isdir(os.path.join(out, "logits_final"))
