@@ -17,7 +17,7 @@ case "${PRESET:-pruned}" in
     args=(--target mlp --student-kind pruned --student-kwargs '{"scale": 0.5}'
           --steps-per-layer 100 --batch-size 8 --seq-len 512 --kd-steps 2000) ;;
   radlads)
-    kind=linear  # the student; delta (gated delta rule, the RADLADS class of RNN) once it is registered
+    kind=delta  # the student: the gated delta rule, RADLADS' class (RWKV-7); linear (GLA) trained less far (docs)
     # RADLADS spends 100M tokens on step 1 and 250M on step 2 for a 7B teacher; for SmolLM2-135M a quarter of
     # that in the same 2:5 ratio, per GPU: 6,000 x 8 x 512 = 25M and 15,000 x 8 x 512 = 61M tokens
     args=(--target attn --student-kind "$kind" --schedule parallel --calib-tokens 65536 --batch-size 8 --seq-len 512

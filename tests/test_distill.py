@@ -652,7 +652,7 @@ def test_distill_sh_runs_both_phases(teacher_dir, tiny_data_dir, tmp_path):
 
 
 def test_distill_sh_radlads_preset_runs_its_lr_shapes(teacher_dir, tiny_data_dir, tmp_path):
-    """PRESET=radlads ./distill.sh at test size: linear attention students aligned all at once (the parallel
+    """PRESET=radlads ./distill.sh at test size: delta-rule attention students aligned all at once (the parallel
     schedule) at LR 1e-3 cosine to 1e-5, then the logits phase at a flat 1e-5, as metrics.jsonl logs them. An
     unknown preset is one line."""
     command = [os.path.join(ROOT, "distill.sh"), "--teacher", teacher_dir, "--data-dir", tiny_data_dir]
@@ -687,7 +687,7 @@ def test_distill_sh_radlads_preset_runs_its_lr_shapes(teacher_dir, tiny_data_dir
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(out, "config_layerwise.json")) as f:
         config = json.load(f)["config"]
-    assert (config["TARGET"], config["STUDENT_KIND"], config["SCHEDULE"]) == ("attn", "linear", "parallel")
+    assert (config["TARGET"], config["STUDENT_KIND"], config["SCHEDULE"]) == ("attn", "delta", "parallel")
     assert [r["layer"] for r in layer_rows(out)] == [0, 1, 2]
     step1 = [r["lr"] for r in read_metrics(out, phase="layerwise") if "lr" in r]
     assert step1 == pytest.approx([1e-5 + (1e-3 - 1e-5) / 2 * (1 + math.cos(math.pi * s / 8)) for s in range(8)])
