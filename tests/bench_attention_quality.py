@@ -32,7 +32,7 @@ from common.config import fail, override  # noqa: E402
 TEACHER = "models/smolllm2_135m"  # a real model folder (prepare.py writes it)
 DATA_DIR = "data/fineweb_edu"  # its prepared shards
 OUT_DIR = "runs/bench_attention_quality"  # a run folder per kind and results.json (replaced on every run)
-KINDS = ["linear", "delta", "lolcats", "window"]  # attention students (registered for target attn), each through the same recipe
+KINDS = ["linear", "delta", "lolcats", "window"]  # attention kinds (registered for attn), through one recipe
 STUDENT_KWARGS = {}  # per kind, its --student-kwargs, JSON: '{"window": {"window": 512}}'; absent = defaults
 LAYERS = [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28]  # every second layer of SmolLM2's 30: a hybrid
 KEEP_TEACHER_LAYERS = []  # distill.py's --keep-teacher-layers (removed from LAYERS)
