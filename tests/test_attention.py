@@ -200,8 +200,18 @@ def test_linear_student_trains():
     assert losses[-1] < 0.5 * losses[0], losses[::8]  # gradients reach the copy's projections and the decay
 
 
-def test_linear_calibration_lowers_held_out_error():
-    """calibrate(teacher, batches, all_reduce, forward) with forward the block run as its layer calls it."""
+@pytest.mark.parametrize(
+    "kind,kwargs,n_train,most",
+    [
+        ("linear", {}, 4, 0.97),
+        ("delta", {}, 8, 0.95),  # 0.79 to 0.74 when written
+        ("lolcats", {"window": 4}, 8, 0.95),  # 0.35 to 0.28 when written (gamma 0.1 to 0.9)
+    ],
+)
+def test_calibration_lowers_held_out_error(kind, kwargs, n_train, most):
+    """calibrate(teacher, batches, all_reduce, forward), forward the block run as its layer calls it: what a recurrent
+    student fits in closed form (its starts, the output gain) on n_train x 64 tokens lowers the error on held-out
+    ones to at most `most` of its start's."""
     model = family_model("gpt2")
     calls = LayerCalls(model, "attn")
     teacher = get_block(model, 1, "attn")
@@ -214,7 +224,7 @@ def test_linear_calibration_lowers_held_out_error():
         with torch.no_grad():
             return [(x, forward(teacher, x)) for x in xs]
 
-    train, held_out = pairs(range(4)), pairs(range(10, 12))
+    train, held_out = pairs(range(n_train)), pairs(range(10, 10 + n_train // 2))
 
     def error(student):
         with torch.no_grad():
@@ -223,12 +233,12 @@ def test_linear_calibration_lowers_held_out_error():
             )
 
     torch.manual_seed(0)
-    student = make_student("attn", "linear", teacher, model.config)
+    student = make_student("attn", kind, teacher, model.config, **kwargs)
     before = error(student)
     student.calibrate(
         teacher, lambda targets=True: ((x, y if targets else None) for x, y in train), lambda t: t, forward
     )
-    assert error(student) < 0.97 * before
+    assert error(student) < most * before
 
 
 @pytest.mark.parametrize("kind", ["linear", "delta", "lolcats"])
