@@ -12,7 +12,7 @@ from common.students.attention import MAX_LOG_DECAY
 from common.students.delta import delta_chunked, delta_recurrent, fla_chunk_gated_delta_rule
 from common.swap import get_block
 from families import FAMILIES, family_model
-from test_attention import block_run, tokens
+from test_attention import block_run, tokens, trained_on_block_mse
 
 
 def delta_inputs(B=2, H=3, T=37, K=8, V=6, seed=0):
@@ -76,21 +76,7 @@ def test_chunked_exact_at_fastest_decay_and_long_chunks():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_delta_trains_on_every_family(family):
     """Adam on layer 1's block output MSE (smollm3's layer 1 has no rotary, gpt2 none at all): the loss falls."""
-    model, ids = family_model(family), tokens()
-    x, call = block_run(model, 1, ids)
-    teacher = get_block(model, 1, "attn")
-    with torch.no_grad():
-        target = call(teacher, x)
-    torch.manual_seed(0)
-    student = make_student("attn", "delta", teacher, model.config, chunk_size=8)
-    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(12):
-        loss = F.mse_loss(call(student, x), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    student, x, losses = trained_on_block_mse(family_model(family), "delta", tokens(), 12, chunk_size=8)
     assert losses[-1] < 0.7 * losses[0], losses[::3]  # 0.23-0.51x on the 17 families when written
     g, beta = student.log_decay(x), student.write_strength(x)
     assert ((g < 0) & (g >= -MAX_LOG_DECAY)).all() and ((beta > 0) & (beta < 1)).all()

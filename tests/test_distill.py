@@ -298,20 +298,26 @@ def test_logits_phase_on_cpu_keeps_fp32_and_its_numbers(teacher_dir, tiny_data_d
     assert all(torch.equal(saved[k], expected[k]) for k in saved)
 
 
-def test_frozen_weights_in_bf16_and_students_in_fp32(teacher_dir, tiny_data_dir, init_dir, tmp_path, monkeypatch):
-    """The GPU path, on CPU under bf16 autocast with Runtime.frozen_dtype forced to bf16: the teacher (and the
-    backbone the students share with it) is held in bf16, the students keep fp32 weights and train, and the
-    checkpoint holds both as they were and loads."""
-    from common.checkpoint import load_model
+@pytest.fixture
+def frozen_in_bf16(monkeypatch):
+    """Runtime.frozen_dtype forced to bf16, as on a GPU computing in bf16 (on CPU it is fp32)."""
     from common.runtime import Runtime
 
     init = Runtime.__init__
 
-    def frozen_in_bf16(self, *args, **kwargs):
+    def bf16_frozen(self, *args, **kwargs):
         init(self, *args, **kwargs)
         self.frozen_dtype = torch.bfloat16
 
-    monkeypatch.setattr(Runtime, "__init__", frozen_in_bf16)
+    monkeypatch.setattr(Runtime, "__init__", bf16_frozen)
+
+
+def test_frozen_weights_in_bf16_and_students_in_fp32(teacher_dir, tiny_data_dir, init_dir, tmp_path, frozen_in_bf16):
+    """The GPU path, on CPU under bf16 autocast with Runtime.frozen_dtype forced to bf16: the teacher (and the
+    backbone the students share with it) is held in bf16, the students keep fp32 weights and train, and the
+    checkpoint holds both as they were and loads."""
+    from common.checkpoint import load_model
+
     out = str(tmp_path / "run")
     kd = ["--kd-steps", "2", "--kd-lr", "1e-2", "--kd-val-every", "2", "--dtype", "bfloat16"]
     run_tiny_distill(teacher_dir, tiny_data_dir, out, "--phase", "logits", "--init", init_dir, *kd)
@@ -327,20 +333,12 @@ def test_frozen_weights_in_bf16_and_students_in_fp32(teacher_dir, tiny_data_dir,
     assert {p.dtype for p in load_model(init_dir, dtype=torch.bfloat16).parameters()} == {torch.bfloat16}
 
 
-def test_layerwise_teacher_in_bf16_and_students_in_fp32(teacher_dir, tiny_data_dir, tmp_path, monkeypatch):
+def test_layerwise_teacher_in_bf16_and_students_in_fp32(teacher_dir, tiny_data_dir, tmp_path, frozen_in_bf16):
     """The GPU path of the layer-wise phase, on CPU under bf16 autocast with Runtime.frozen_dtype forced to bf16 and
     the teacher streamed: the teacher is held in bf16, each student is built from it in fp32, calibrates against an
     fp32 copy of its teacher block and trains; final/ holds the students in fp32 on the bf16 backbone, and resumes."""
     from common.checkpoint import load_model
-    from common.runtime import Runtime
 
-    init = Runtime.__init__
-
-    def frozen_in_bf16(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.frozen_dtype = torch.bfloat16
-
-    monkeypatch.setattr(Runtime, "__init__", frozen_in_bf16)
     out = str(tmp_path / "run")
     args = ["--student-kind", "pruned", "--student-kwargs", '{"scale": 0.5}', "--steps-per-layer", "3"]
     args += ["--lr", "1e-2", "--calib-tokens", "2048", "--dtype", "bfloat16", "--teacher-on", "host"]

@@ -12,7 +12,7 @@ from common.students import make_student
 from common.students.lolcats import feature_map, hybrid_chunked
 from common.swap import LayerCalls, get_block
 from families import FAMILIES, family_model
-from test_attention import block_run, latent, tokens
+from test_attention import latent, tokens, trained_on_block_mse
 
 
 def hybrid_token_by_token(q, k, v, fq, fk, factor, scale, window, softcap=None):
@@ -131,21 +131,7 @@ def test_window_covering_the_sequence_is_the_teacher(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lolcats_trains_on_every_family(family):
     """Adam on layer 1's block output MSE with a window of 4 on 32 tokens (mostly linear terms): the loss falls."""
-    model, ids = family_model(family), tokens()
-    x, call = block_run(model, 1, ids)
-    teacher = get_block(model, 1, "attn")
-    with torch.no_grad():
-        target = call(teacher, x)
-    torch.manual_seed(0)
-    student = make_student("attn", "lolcats", teacher, model.config, window=4, chunk_size=8)
-    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(12):
-        loss = F.mse_loss(call(student, x), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    student, _, losses = trained_on_block_mse(family_model(family), "lolcats", tokens(), 12, window=4, chunk_size=8)
     assert losses[-1] < 0.8 * losses[0], losses[::3]  # 0.30-0.53x on the 17 families when written
     assert all(p.grad is not None for p in (student.feature_q, student.feature_k, student.window_factor))
 
