@@ -24,7 +24,6 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_file as save_safetensors_file
 from safetensors.torch import save_model as save_safetensors_model
@@ -146,17 +145,24 @@ def student_weights(model: nn.Module, weights: dict[str, torch.Tensor] | None = 
     return {k: v for k, v in (model.state_dict() if weights is None else weights).items() if k.startswith(prefixes)}
 
 
-def load_students_only(model: nn.Module, weights: str) -> None:
-    """Load a checkpoint's students' weights (and nothing else) into a model that holds those students."""
+def load_students_only(model: nn.Module, weights: str, whole_file: bool = True) -> None:
+    """Load a checkpoint's students' weights (and nothing else) into a model that holds those students, reading
+    their tensors alone. `whole_file`: the file holds those tensors and no others (a checkpoint of the students
+    alone); else it may hold more (a complete checkpoint, read for its students)."""
     if not os.path.exists(weights):
         raise FileNotFoundError(f"{weights}: missing; the checkpoint is incomplete, use another one")
-    saved, expected = load_safetensors_file(weights), set(student_weights(model))
-    if set(saved) != expected:
-        raise ValueError(
-            f"{weights}: holds {len(saved)} tensors where its students have {len(expected)} (e.g. "
-            f"{sorted(set(saved) ^ expected)[0]}); the checkpoint is damaged, use another one"
-        )
-    model.load_state_dict(saved, strict=False)
+    expected = set(student_weights(model))
+    with safe_open(weights, "pt") as f:
+        held = set(f.keys())
+        if whole_file and held != expected:
+            raise ValueError(
+                f"{weights}: holds {len(held)} tensors where its students have {len(expected)} (e.g. "
+                f"{sorted(held ^ expected)[0]}); the checkpoint is damaged, use another one"
+            )
+        if not expected <= held:
+            missing = sorted(expected - held)[0]
+            raise ValueError(f"{weights}: {missing} is missing; the checkpoint is damaged, use another one")
+        model.load_state_dict({k: f.get_tensor(k) for k in expected}, strict=False)
 
 
 def load_swapped_students(model: nn.Module, folder: str) -> None:
@@ -164,13 +170,8 @@ def load_swapped_students(model: nn.Module, folder: str) -> None:
     alone on a teacher, which is checked), reading their tensors alone: never a second copy of the teacher."""
     if os.path.exists(os.path.join(folder, TEACHER_REF)):
         checked_teacher(folder)
-    weights, expected = os.path.join(folder, "model.safetensors"), student_weights(model)
     check_weights(folder)
-    with safe_open(weights, "pt") as f:
-        missing = sorted(expected.keys() - set(f.keys()))
-        if missing:
-            raise ValueError(f"{weights}: {missing[0]} is missing; the checkpoint is damaged, use another one")
-        model.load_state_dict({k: f.get_tensor(k) for k in expected}, strict=False)
+    load_students_only(model, os.path.join(folder, "model.safetensors"), whole_file=False)
 
 
 def weights_hash(folder: str) -> str:
