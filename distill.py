@@ -19,9 +19,10 @@ with its own optimizer and LR schedule.
     python distill.py [--name value ...]        (--help lists the constants below)
     torchrun --standalone --nproc_per_node N distill.py [--name value ...]
 
-Map of this file: main() checks every constant, loads and checks the inputs, opens the run folder and runs
-one phase. layerwise_phase() -> train_rotation() -> distill_layer() -> train_layer(), or train_parallel();
-logits_phase() -> logits_losses() and validate_logits(). The pieces both phases share follow them.
+Map of this file: main() resolves the constants below and the command line into one read-only Settings (`args`,
+carried on Run: no function reads the constants themselves), checks them, loads and checks the inputs, opens the
+run folder and runs one phase. layerwise_phase() -> train_rotation() -> distill_layer() -> train_layer(), or
+train_parallel(); logits_phase() -> logits_losses() and validate_logits(). The pieces both phases share follow them.
 """
 
 import copy
@@ -47,7 +48,7 @@ from common.checkpoint import (
     teacher_ref,
     training_state,
 )
-from common.config import check_ranges, exit_on_stop_signals, exit_when_disk_full, fail, override
+from common.config import Settings, check_ranges, exit_on_stop_signals, exit_when_disk_full, fail, override
 from common.files import read_json, write_json_atomic
 from common.kd import final_hidden, kd_loss, lm_head
 from common.latent_cache import LatentCache, cache_bytes, free_bytes, place_cache
@@ -149,23 +150,27 @@ class Batch(NamedTuple):
     calib_tokens: int  # the tokens (all ranks) a student calibrates on: CALIB_TOKENS rounded up to whole batches
 
 
-def batch_numbers(world_size):
-    """The Batch of this run's constants on `world_size` ranks."""
-    batch_tokens = BATCH_SIZE * SEQ_LEN
-    calib_batches = -(-CALIB_TOKENS // (batch_tokens * world_size))
+def batch_numbers(args, world_size):
+    """The Batch of the settings `args` on `world_size` ranks."""
+    batch_tokens = args.BATCH_SIZE * args.SEQ_LEN
+    calib_batches = -(-args.CALIB_TOKENS // (batch_tokens * world_size))
     batch = Batch(
-        batch_tokens, batch_tokens * GRAD_ACCUM * world_size, calib_batches, calib_batches * batch_tokens * world_size
+        batch_tokens,
+        batch_tokens * args.GRAD_ACCUM * world_size,
+        calib_batches,
+        calib_batches * batch_tokens * world_size,
     )
-    assert batch.tokens_per_step == BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * world_size
-    assert CALIB_TOKENS <= batch.calib_tokens < CALIB_TOKENS + batch_tokens * world_size
+    assert batch.tokens_per_step == args.BATCH_SIZE * args.SEQ_LEN * args.GRAD_ACCUM * world_size
+    assert args.CALIB_TOKENS <= batch.calib_tokens < args.CALIB_TOKENS + batch_tokens * world_size
     return batch
 
 
 @dataclass
 class Run:
-    """What the phases share: the ranks and device, the run folder, the batch's numbers, and the metrics log (rank 0
-    writes)."""
+    """What the phases share: the settings, the ranks and device, the run folder, the batch's numbers, and the
+    metrics log (rank 0 writes)."""
 
+    args: Settings  # the run's constants, resolved (override): args.BATCH_SIZE
     rt: Runtime
     out_dir: str
     batch: Batch
@@ -173,24 +178,25 @@ class Run:
     teacher: dict | None = None  # teacher_ref(TEACHER), for checkpoints of the students alone (rank 0)
 
 
-def main():
-    config = override(globals())
-    check_constants()
+def main(argv=None):
+    """distill.py with the command line `argv` (default: sys.argv[1:])."""
+    args = override(globals(), argv)
+    check_constants(args)
     try:
-        rt = Runtime(dtype=DTYPE)
-        if PHASE == "logits":
-            parallel.check(PARALLEL, rt.world_size)
+        rt = Runtime(dtype=args.DTYPE)
+        if args.PHASE == "logits":
+            parallel.check(args.PARALLEL, rt.world_size)
     except ValueError as e:
         fail(str(e))
-    run = Run(rt, folder_name(rt, OUT_DIR, "distill"), batch_numbers(rt.world_size))
+    run = Run(args, rt, folder_name(rt, args.OUT_DIR, "distill"), batch_numbers(args, rt.world_size))
     exit_on_stop_signals(run.out_dir)
-    config["OUT_DIR"] = run.out_dir
-    reopen = RESUME or (PHASE == "logits" and not INIT)
-    torch.manual_seed(SEED)
+    config = {**args.as_dict(), "OUT_DIR": run.out_dir}  # what the run folder records
+    reopen = args.RESUME or (args.PHASE == "logits" and not args.INIT)
+    torch.manual_seed(args.SEED)
     try:
         if reopen:  # lock the run before reading its checkpoints: a run still going in it would change them
             open_run(run, config, reopen)
-        if PHASE in ("layerwise", "choose"):
+        if args.PHASE in ("layerwise", "choose"):
             model, layers, val = layerwise_inputs(run)
         else:
             models = logits_inputs(run)
@@ -201,19 +207,19 @@ def main():
         fail(str(e))
     with exit_when_disk_full(run.out_dir):
         start_log(run, config, reopen)
-        run.teacher = teacher_ref(TEACHER) if rt.master else None
+        run.teacher = teacher_ref(args.TEACHER) if rt.master else None
         try:
-            if PHASE == "logits":
+            if args.PHASE == "logits":
                 logits_phase(run, models, val)
             else:
-                (layerwise_phase if PHASE == "layerwise" else choose_phase)(run, model, layers, val)
+                (layerwise_phase if args.PHASE == "layerwise" else choose_phase)(run, model, layers, val)
         except (ShardError, ValueError, FileNotFoundError) as e:
             fail(str(e))
     rt.close()
 
 
-def check_constants():
-    """Every constant that can be checked without the model or the data, before anything runs."""
+def check_constants(args):
+    """Every setting that can be checked without the model or the data, before anything runs."""
     choices = {
         "PHASE": ("layerwise", "logits", "choose"),
         "SCHEDULE": ("rotation", "parallel"),
@@ -230,7 +236,7 @@ def check_constants():
         "GRAD_CLIP CONVERT".split()
     )
     check_ranges(
-        globals(),
+        args.as_dict(),
         choices,
         at_least={**dict.fromkeys(at_least_1, 1), **dict.fromkeys(at_least_0, 0)},
         notes={
@@ -243,7 +249,7 @@ def check_constants():
         positive=["KD_TEMPERATURE", "LR", "KD_LR"],
         fractions=["MIN_LR_RATIO", "KD_MIN_LR_RATIO", "KD_CE_WEIGHT"],
     )
-    if PHASE == "choose" and RESUME:
+    if args.PHASE == "choose" and args.RESUME:
         fail("the choose phase does not resume (it saves no training state): run it again in a new --out-dir")
 
 
@@ -251,9 +257,12 @@ def open_run(run, config, reopen):
     """Rank 0 creates the run folder, or reopens it (reopen: --resume, or the logits phase after the layer-wise
     one), locked for the life of this process; a resumed phase must keep the constants its checkpoints were made
     with (config_PHASE.json). Raises ValueError on every rank when rank 0 refuses."""
+    args = run.args
 
     def start():
-        if PHASE == "logits" and not INIT and not RESUME:  # phase 2 of the layer-wise run in the run folder
+        if (
+            args.PHASE == "logits" and not args.INIT and not args.RESUME
+        ):  # phase 2 of the layer-wise run in the run folder
             if not os.path.exists(os.path.join(run.out_dir, "run.json")):
                 raise ValueError(
                     f"{run.out_dir}: no distill run here to continue; run the layer-wise phase into "
@@ -264,10 +273,10 @@ def open_run(run, config, reopen):
                     f"{run.out_dir} already holds logits-phase checkpoints; pass --resume to continue them"
                 )
         start_run(run.out_dir, reopen, "distill.py", config, scratch=[".latent_*"])  # disk latent caches
-        saved = os.path.join(run.out_dir, f"config_{PHASE}.json")
-        if RESUME and os.path.exists(saved):
+        saved = os.path.join(run.out_dir, f"config_{args.PHASE}.json")
+        if args.RESUME and os.path.exists(saved):
             first = read_json(saved, "the run folder is damaged; start a new run in another --out-dir")["config"]
-            check_unchanged(first, config, may_change_on_resume(), saved)
+            check_unchanged(first, config, may_change_on_resume(args.PHASE), saved)
 
     run.rt.master_only(start)
 
@@ -275,37 +284,37 @@ def open_run(run, config, reopen):
 def start_log(run, config, reopen):
     """Rank 0 records the phase's config and environment (OUT/config_PHASE.json) and opens metrics.jsonl, from which a
     reopened run first drops what it will redo."""
-    rt = run.rt
+    args, rt = run.args, run.rt
     run.log = RunLog(rt, run.out_dir)
     if rt.master:
         write_json_atomic(
-            os.path.join(run.out_dir, f"config_{PHASE}.json"), {"config": config, "environment": environment(rt)}
+            os.path.join(run.out_dir, f"config_{args.PHASE}.json"), {"config": config, "environment": environment(rt)}
         )
         if reopen:
-            run.log.trim(logged_by(latest_checkpoint(run.out_dir, PHASE)))
+            run.log.trim(logged_by(args.PHASE, latest_checkpoint(run.out_dir, args.PHASE)))
     rt.print(
         f"run folder {run.out_dir} | device {rt.device} | dtype {str(rt.dtype).replace('torch.', '')} | "
         f"world size {rt.world_size}"
     )
 
 
-def logged_by(checkpoint):
-    """Which metrics records a reopened run keeps: those of the other phase, and those this phase logged up to its
+def logged_by(phase, checkpoint):
+    """Which metrics records a reopened run keeps: those of the other phase, and those `phase` logged up to its
     checkpoint `checkpoint` (None: none, the phase starts over); the rest are redone. A record's place is its step
     and, in a rotation (where layers of 0 steps share a step), its rotation and layer."""
     meta = read_json(os.path.join(checkpoint, "meta.json"), "") if checkpoint else None
     fields = ("step", "rotation", "layer") if meta and "layer" in meta else ("step",)
 
     def keep(record):
-        if record.get("phase") != PHASE:
+        if record.get("phase") != phase:
             return True
         return meta is not None and [record[f] for f in fields] <= [meta[f] for f in fields]
 
     return keep
 
 
-def may_change_on_resume():
-    """Constants a resumed phase may change: where and how often it reports and saves, where it keeps its teacher,
+def may_change_on_resume(phase):
+    """Constants a resumed `phase` may change: where and how often it reports and saves, where it keeps its teacher,
     latents and activations, and the other phase's own constants. Every other constant (one added later too, until
     it is listed here) defines the phase's result, so a resume that changes it is refused."""
     reporting = set(
@@ -320,7 +329,7 @@ def may_change_on_resume():
         "INIT KD_TRAINABLE KD_STEPS KD_LR KD_WARMUP_STEPS KD_MIN_LR_RATIO KD_TEMPERATURE KD_CE_WEIGHT "
         "KD_FRESH_TOKENS PARALLEL ACTIVATION_CHECKPOINTING".split()
     )
-    return reporting | {"CONVERT"} | (logits_only if PHASE == "layerwise" else layerwise_only)
+    return reporting | {"CONVERT"} | (logits_only if phase == "layerwise" else layerwise_only)
 
 
 # ---------------------------------------------------------------------------------------------- layer-wise phase
@@ -328,45 +337,49 @@ def layerwise_inputs(run):
     """The teacher, the layers to distill and the val batches, with a student of the kind asked for built once
     and the data opened: everything the phase needs, checked before the run folder exists. The teacher is read into
     host memory, in the frozen dtype (bf16 on GPUs), and placed once the phase's memory estimate is found to fit."""
-    rt = run.rt
-    model = load_model(TEACHER, dtype=rt.frozen_dtype).eval().requires_grad_(False)
+    args, rt = run.args, run.rt
+    model = load_model(args.TEACHER, dtype=rt.frozen_dtype).eval().requires_grad_(False)
     try:
-        check_target(model, TARGET)
+        check_target(model, args.TARGET)
     except ValueError as e:
-        fail(f"TARGET={TARGET!r}: {e}")
-    layers = LAYERS if LAYERS else list(range(len(transformer_layers(model))))
+        fail(f"TARGET={args.TARGET!r}: {e}")
+    layers = args.LAYERS if args.LAYERS else list(range(len(transformer_layers(model))))
     check_layers(model, layers)
-    check_layers(model, KEEP_TEACHER_LAYERS, "KEEP_TEACHER_LAYERS")
-    layers = sorted(set(layers) - set(KEEP_TEACHER_LAYERS))
+    check_layers(model, args.KEEP_TEACHER_LAYERS, "KEEP_TEACHER_LAYERS")
+    layers = sorted(set(layers) - set(args.KEEP_TEACHER_LAYERS))
     if not layers:
-        fail(f"no layer left to distill: LAYERS={LAYERS or 'all'} minus KEEP_TEACHER_LAYERS={KEEP_TEACHER_LAYERS}")
-    if PHASE == "choose" and not 1 <= (CONVERT or len(layers) // 2) <= len(layers):
-        fail(f"CONVERT must be 1..{len(layers)} (of the layers to choose from; 0 = half of them), got {CONVERT}")
-    check_no_students(model, layers)
+        fail(
+            f"no layer left to distill: LAYERS={args.LAYERS or 'all'} minus "
+            f"KEEP_TEACHER_LAYERS={args.KEEP_TEACHER_LAYERS}"
+        )
+    if args.PHASE == "choose" and not 1 <= (args.CONVERT or len(layers) // 2) <= len(layers):
+        fail(f"CONVERT must be 1..{len(layers)} (of the layers to choose from; 0 = half of them), got {args.CONVERT}")
+    check_no_students(args, model, layers)
     with torch.random.fork_rng(devices=[]):  # STUDENT_KIND, STUDENT_KWARGS and TRAINABLE; the RNG is left as it was
-        student = make_students(model, layers[:1], "cpu")[layers[0]]
-        trainable_params(student, f"layer {layers[0]}")
+        student = make_students(args, model, layers[:1], "cpu")[layers[0]]
+        trainable_params(student, f"layer {layers[0]}", args.TRAINABLE)
     val = check_data(run, model.config.vocab_size)
-    model = place_teacher(rt, model, lambda where: layerwise_memory(run, model, layers, student, len(val), where))
+    model = place_teacher(run, model, lambda where: layerwise_memory(run, model, layers, student, len(val), where))
     return model, layers, val
 
 
-def place_teacher(rt, model, estimate):
+def place_teacher(run, model, estimate):
     """The teacher on the device, or (TEACHER_ON=host) with its decoder layers in host memory, each visiting the
     device while it computes (common/offload.py); TEACHER_ON=auto keeps it on the device when the phase fits there.
     `estimate(where)` is the phase's memory estimate with the teacher's layers there, printed and checked first."""
+    args, rt = run.args, run.rt
     held = memory.model_bytes(model) if rt.device.type == "cpu" else 0  # on a CPU the teacher takes device memory
     free = free_bytes("device", rt, ".") + held  # already: free is what the phase has, the teacher counted in it
-    where = TEACHER_ON
+    where = args.TEACHER_ON
     if where == "auto":
         where = "host" if rt.device.type == "cuda" and sum(estimate("device").values()) > free else "device"
     terms = estimate(where)
     cuda = rt.device.type == "cuda"
     remedies = ["--teacher-on host"] if cuda and where == "device" else []
     remedies += [f"--latent-cache {'host' if cuda else 'disk'}"] if terms["latent cache"] else []
-    check_memory(rt, terms, free, [*remedies, "a smaller --batch-size or --seq-len"])
+    check_memory(run, terms, free, [*remedies, "a smaller --batch-size or --seq-len"])
     if where == "host":
-        rt.print(f"teacher layers in host memory, one at a time on {rt.device} (TEACHER_ON={TEACHER_ON})")
+        rt.print(f"teacher layers in host memory, one at a time on {rt.device} (TEACHER_ON={args.TEACHER_ON})")
         return offload_layers(model, rt.device)
     return model.to(rt.device)
 
@@ -376,75 +389,78 @@ def layerwise_memory(run, model, layers, student, n_val, teacher_on):
     student like `student` in each of `layers`, one training at a time in a rotation and all at once in the parallel
     schedule, and the latent cache where it is sure to be on the device (LATENT_CACHE=auto on a GPU puts it there
     only when it fits what the rest leaves)."""
+    args = run.args
     trained = sum(p.numel() for p in student.parameters() if p.requires_grad)
     plan = memory.Plan(
         tokens=run.batch.batch_tokens,
-        trained=trained * (len(layers) if SCHEDULE == "parallel" else 1),
+        trained=trained * (len(layers) if args.SCHEDULE == "parallel" else 1),
         frozen_bytes=next(model.parameters()).element_size(),
     )
-    cache_on_device = LATENT_CACHE == "device" or (run.rt.device.type == "cpu" and LATENT_CACHE != "disk")
+    cache_on_device = args.LATENT_CACHE == "device" or (run.rt.device.type == "cpu" and args.LATENT_CACHE != "disk")
     cache = cache_bytes(latent_tokens(run, n_val), model.config.hidden_size) if cache_on_device else 0
     # streamed, one layer at a time: the students live on the host beside their layers; on the device the one
     # training and one visiting with the layer the stream advances through
-    held = 2 if teacher_on == "host" and (SCHEDULE == "rotation" or PHASE == "choose") else len(layers)
+    held = 2 if teacher_on == "host" and (args.SCHEDULE == "rotation" or args.PHASE == "choose") else len(layers)
     students = min(held, len(layers)) * sum(p.numel() for p in student.parameters())
     return memory.layerwise(memory.shape_of(model), plan, students, teacher_on, cache)
 
 
-def check_memory(rt, terms, free, remedies):
+def check_memory(run, terms, free, remedies):
     """Print the phase's memory estimate per GPU ({term: bytes}, common/memory.py) beside the `free` bytes of the
     device, and stop in one line that names the `remedies` when it is more."""
+    args, rt = run.args, run.rt
     estimate, free_on = memory.describe(terms), f"{memory.size(free)} free on {rt.device}"
-    rt.print(f"memory estimate of the {PHASE} phase: {estimate} ({free_on})")
+    rt.print(f"memory estimate of the {args.PHASE} phase: {estimate} ({free_on})")
     if sum(terms.values()) > free:
         remedy = " or ".join([", ".join(remedies[:-1]), remedies[-1]] if len(remedies) > 1 else remedies)
-        fail(f"the {PHASE} phase needs about {estimate}, and there are {free_on}; use {remedy}")
+        fail(f"the {args.PHASE} phase needs about {estimate}, and there are {free_on}; use {remedy}")
 
 
-def check_no_students(teacher, layers):
+def check_no_students(args, teacher, layers):
     """A teacher that is a checkpoint may hold students of its own; one in a layer to distill would be the teacher
     of the new student there: refused, saying what to do instead."""
-    held = [s for s in student_specs(teacher) if s["target"] == TARGET and s["layer"] in layers]
+    held = [s for s in student_specs(teacher) if s["target"] == args.TARGET and s["layer"] in layers]
     if held:
-        origin = run_record(TEACHER).get("config", {}).get("TEACHER")
+        origin = run_record(args.TEACHER).get("config", {}).get("TEACHER")
         numbers = ",".join(str(s["layer"]) for s in held)
         fail(
-            f"--teacher {TEACHER} already holds {'/'.join(sorted({s['kind'] for s in held}))} students in layers "
-            f"{numbers} ({TARGET}), which would teach the new ones: pass the model they were distilled from as "
+            f"--teacher {args.TEACHER} already holds {'/'.join(sorted({s['kind'] for s in held}))} students in layers "
+            f"{numbers} ({args.TARGET}), which would teach the new ones: pass the model they were distilled from as "
             f"--teacher{f' ({origin}, its run.json says)' if origin else ''}, keep them with --keep-teacher-layers "
-            f"{numbers}, or train them on with --phase logits --init {TEACHER}"
+            f"{numbers}, or train them on with --phase logits --init {args.TEACHER}"
         )
 
 
 def layerwise_phase(run, model, layers, val):
     """Print what the phase will do, distill `layers` on the schedule, write OUT/final and layers.json."""
-    rt, batch = run.rt, run.batch
+    args, rt, batch = run.args, run.rt, run.batch
     rt.print(
-        f"layer-wise {SCHEDULE}: target {TARGET}, student {STUDENT_KIND} {STUDENT_KWARGS}, "
-        f"layers {layers} (keep teacher: {KEEP_TEACHER_LAYERS or 'none'})"
+        f"layer-wise {args.SCHEDULE}: target {args.TARGET}, student {args.STUDENT_KIND} {args.STUDENT_KWARGS}, "
+        f"layers {layers} (keep teacher: {args.KEEP_TEACHER_LAYERS or 'none'})"
     )
     rt.print(
-        f"tokens per step: {BATCH_SIZE} batch x {SEQ_LEN} seq x {GRAD_ACCUM} accum x {rt.world_size} ranks = "
-        f"{batch.tokens_per_step:,}; per layer per rotation: {STEPS_PER_LAYER} steps = "
-        f"{batch.tokens_per_step * STEPS_PER_LAYER:,} tokens; {ROTATIONS} rotation(s)"
+        f"tokens per step: {args.BATCH_SIZE} batch x {args.SEQ_LEN} seq x {args.GRAD_ACCUM} accum x "
+        f"{rt.world_size} ranks = "
+        f"{batch.tokens_per_step:,}; per layer per rotation: {args.STEPS_PER_LAYER} steps = "
+        f"{batch.tokens_per_step * args.STEPS_PER_LAYER:,} tokens; {args.ROTATIONS} rotation(s)"
     )
-    if CALIB_TOKENS:
+    if args.CALIB_TOKENS:
         rt.print(
             f"calibration: {batch.calib_tokens:,} tokens per student "
-            f"(CALIB_TOKENS rounded up to whole batches), {LATENT_STREAM} stream"
+            f"(CALIB_TOKENS rounded up to whole batches), {args.LATENT_STREAM} stream"
         )
     teacher_ce = hybrid_ce(rt, model, val)
     rt.print(
         f"teacher val ce {teacher_ce:.4f} (ppl {np.exp(teacher_ce):.2f}) on "
         f"{len(val) * batch.batch_tokens * rt.world_size:,} tokens"
     )
-    train = train_rotation if SCHEDULE == "rotation" else train_parallel
-    calls = LayerCalls(model, TARGET)  # how the model's own forward calls each layer and block, per batch shape
+    train = train_rotation if args.SCHEDULE == "rotation" else train_parallel
+    calls = LayerCalls(model, args.TARGET)  # how the model's own forward calls each layer and block, per batch shape
     students, rows, step, state = train(run, calls, layers, val, teacher_ce)
-    meta = {"phase": "layerwise", "schedule": SCHEDULE, "step": step}
-    write_checkpoint(run, "final", model, {(i, TARGET): students[i] for i in layers}, meta, state, complete=True)
+    meta = {"phase": "layerwise", "schedule": args.SCHEDULE, "step": step}
+    write_checkpoint(run, "final", model, {(i, args.TARGET): students[i] for i in layers}, meta, state, complete=True)
     if rt.master:
-        print(f"\nper-layer validation ({TARGET} -> {STUDENT_KIND}); teacher val ce {teacher_ce:.4f}")
+        print(f"\nper-layer validation ({args.TARGET} -> {args.STUDENT_KIND}); teacher val ce {teacher_ce:.4f}")
         print_table(
             rows,
             ["rotation", "layer", "start_rel_err", "calib_rel_err", "rel_err", "mse_end", "hybrid_ce", "hybrid_ppl"],
@@ -456,35 +472,35 @@ def layerwise_phase(run, model, layers, val):
 def train_rotation(run, calls, layers, val, teacher_ce):
     """One layer at a time over a cached teacher stream; a checkpoint after each layer. Returns the students,
     the per-layer rows, the step count and the last checkpoint's training state."""
-    rt, model = run.rt, calls.model
+    args, rt, model = run.args, run.rt, calls.model
     n_seq = rotation_sequences(run)
-    where = place_latents(rt, latent_tokens(run, len(val)), model.config.hidden_size, run.out_dir)
-    loader = train_loader(rt, model.config.vocab_size)
-    students = make_students(model, layers, rt.device, with_layers=True)
+    where = place_latents(run, latent_tokens(run, len(val)), model.config.hidden_size)
+    loader = train_loader(run, model.config.vocab_size)
+    students = make_students(args, model, layers, rt.device, with_layers=True)
     state = resume_rotation(run, model, loader, students, len(layers))
     rows, step = state["rows"], state["step"]
     trained = {r["layer"] for r in rows}
-    for rotation in range(state["rotation"], ROTATIONS):
+    for rotation in range(state["rotation"], args.ROTATIONS):
         first_layer = state["done"] if rotation == state["rotation"] else 0
         rotation_start = loader.state()
         t0 = time.time()
-        tokens = read_tokens(loader, n_seq // BATCH_SIZE)
-        assert tokens.shape == (n_seq, SEQ_LEN), tokens.shape
+        tokens = read_tokens(loader, n_seq // args.BATCH_SIZE)
+        assert tokens.shape == (n_seq, args.SEQ_LEN), tokens.shape
         files = os.path.join(run.out_dir, ".latent")  # where=disk: the memory maps' names
-        cache = LatentCache(rt, model, tokens, calls, BATCH_SIZE, where, f"{files}_train")
-        vcache = LatentCache(rt, model, val_inputs(val), calls, BATCH_SIZE, where, f"{files}_val")
+        cache = LatentCache(rt, model, tokens, calls, args.BATCH_SIZE, where, f"{files}_train")
+        vcache = LatentCache(rt, model, val_inputs(val), calls, args.BATCH_SIZE, where, f"{files}_val")
         for k in range(first_layer, len(layers)):
             i = layers[k]
             # a streamed teacher keeps layer i and its student on the device for its turn
             with resident(transformer_layers(model)[i], students[i]):
                 errors, times, calibrated, step = distill_layer(run, model, i, students, cache, vcache, rotation, step)
             trained.add(i)
-            trained_blocks = {(j, TARGET): students[j] for j in trained}
+            trained_blocks = {(j, args.TARGET): students[j] for j in trained}
             ce = hybrid_ce(rt, model, val, trained_blocks)
             hybrid = {"hybrid_ce": ce, "hybrid_ppl": float(np.exp(ce)), "teacher_ce": teacher_ce}
             rows.append({"rotation": rotation, "layer": i, **errors, **hybrid, **times, "seconds": time.time() - t0})
             report_layer(run, rows, step, calibrated)
-            vcache.finish(stream_students(students).get(i))
+            vcache.finish(stream_students(args, students).get(i))
             last = k + 1 == len(layers)  # then the next rotation starts after this one's tokens
             position = {"loader": loader.state() if last else rotation_start, "rng": get_rng_state()}
             progress = {"rotation": rotation + 1, "done": 0} if last else {"rotation": rotation, "done": k + 1}
@@ -500,14 +516,15 @@ def train_rotation(run, calls, layers, val, teacher_ce):
 def rotation_sequences(run):
     """Sequences per rank each layer of a rotation reads: its steps' tokens, each once, extended when calibration
     wants more."""
-    return max(STEPS_PER_LAYER * GRAD_ACCUM, run.batch.calib_batches) * BATCH_SIZE
+    args = run.args
+    return max(args.STEPS_PER_LAYER * args.GRAD_ACCUM, run.batch.calib_batches) * args.BATCH_SIZE
 
 
-def place_latents(rt, n_tokens, hidden_size, out_dir):
+def place_latents(run, n_tokens, hidden_size):
     """Where a latent cache of n_tokens per rank lives (LATENT_CACHE; common.latent_cache.place_cache); when it fits
     nowhere, the error names the constants that size it."""
     try:
-        return place_cache(rt, n_tokens, hidden_size, LATENT_CACHE, out_dir)
+        return place_cache(run.rt, n_tokens, hidden_size, run.args.LATENT_CACHE, run.out_dir)
     except ValueError as e:
         raise ValueError(
             f"{e}; lower STEPS_PER_LAYER x GRAD_ACCUM x BATCH_SIZE x SEQ_LEN, or free memory/disk"
@@ -517,9 +534,10 @@ def place_latents(rt, n_tokens, hidden_size, out_dir):
 def latent_tokens(run, n_val):
     """Tokens per rank in the latent caches that live at once: the rotation's and the val cache (n_val batches), or
     in the parallel schedule the larger of the val and the calibration cache."""
+    args = run.args
     val = n_val * run.batch.batch_tokens
-    if SCHEDULE == "rotation":
-        return rotation_sequences(run) * SEQ_LEN + val
+    if args.SCHEDULE == "rotation":
+        return rotation_sequences(run) * args.SEQ_LEN + val
     return max(val, run.batch.calib_batches * run.batch.batch_tokens)
 
 
@@ -527,12 +545,13 @@ def resume_rotation(run, model, loader, students, n_layers):
     """The rotation's progress to start from: a new run's, or with RESUME that of the latest layer-wise checkpoint
     (its state.pt: rotation, done = layers of that rotation finished, step, rows), whose data position, RNG and
     students are restored."""
-    ckpt = latest_checkpoint(run.out_dir, "layerwise") if RESUME else None
+    args = run.args
+    ckpt = latest_checkpoint(run.out_dir, "layerwise") if args.RESUME else None
     if ckpt is None:
         return {"rotation": 0, "done": 0, "step": 0, "rows": []}
     state = load_state(ckpt)
     restore_training(state, loader)
-    load_students(ckpt, model, students)
+    load_students(ckpt, model, students, args.TARGET)
     run.rt.print(
         f"resuming from {ckpt}: rotation {state['rotation']}, {state['done']} of {n_layers} layers done, "
         f"step {state['step']}"
@@ -544,20 +563,21 @@ def distill_layer(run, model, i, students, cache, vcache, rotation, step):
     """Layer i's turn in a rotation: split both caches at layer i, calibrate its student (first rotation only),
     train it, then move the training cache past the layer. Returns its val errors (before, after calibration,
     after training), its timings, whether it calibrated and the step count."""
-    rt, student, teacher_block = run.rt, students[i], get_block(model, i, TARGET)
-    vcache.split_at(i, stream_students(students))
+    args, rt, student = run.args, run.rt, students[i]
+    teacher_block = get_block(model, i, args.TARGET)
+    vcache.split_at(i, stream_students(args, students))
     start_err = layer_error(rt, student, teacher_block, vcache)
     t_train = time.time()  # the rotation's teacher and student compute on training tokens
-    cache.split_at(i, stream_students(students))
-    n_calib = run.batch.calib_batches * BATCH_SIZE
+    cache.split_at(i, stream_students(args, students))
+    n_calib = run.batch.calib_batches * args.BATCH_SIZE
     calib_s = calibrate(rt, student, teacher_block, cache, n_calib) if rotation == 0 else None
     calib_err = layer_error(rt, student, teacher_block, vcache) if calib_s is not None else start_err
     rt.synchronize()
     t_steps = time.time()
     step = train_layer(run, student, teacher_block, cache, vcache, rotation, i, step)
     rt.synchronize()
-    step_ms = 1000 * (time.time() - t_steps) / max(1, STEPS_PER_LAYER)
-    cache.finish(stream_students(students).get(i))
+    step_ms = 1000 * (time.time() - t_steps) / max(1, args.STEPS_PER_LAYER)
+    cache.finish(stream_students(args, students).get(i))
     rt.synchronize()
     train_s = time.time() - t_train - (calib_s or 0)
     end_err = layer_error(rt, student, teacher_block, vcache)
@@ -574,27 +594,27 @@ def distill_layer(run, model, i, students, cache, vcache, rotation, step):
 def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, step):
     """STEPS_PER_LAYER optimizer steps of one student on the cache's latents, each token once. Returns the step
     count."""
-    rt = run.rt
-    params = trainable_params(student, f"layer {layer}")
-    opt = adamw(params, LR, WEIGHT_DECAY)
-    bar = tqdm(range(STEPS_PER_LAYER), desc=f"rot {rotation} layer {layer}", disable=not rt.master, leave=False)
+    args, rt = run.args, run.rt
+    params = trainable_params(student, f"layer {layer}", args.TRAINABLE)
+    opt = adamw(params, args.LR, args.WEIGHT_DECAY)
+    bar = tqdm(range(args.STEPS_PER_LAYER), desc=f"rot {rotation} layer {layer}", disable=not rt.master, leave=False)
     for s in bar:
-        lr = lr_at(s, STEPS_PER_LAYER, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
+        lr = lr_at(s, args.STEPS_PER_LAYER, args.LR, args.WARMUP_STEPS, "cosine", args.MIN_LR_RATIO)
         loss_sum = 0.0
-        for m in range(GRAD_ACCUM):
-            j = (s * GRAD_ACCUM + m) * BATCH_SIZE
-            xb = cache.x[j : j + BATCH_SIZE].to(rt.device, non_blocking=True)
+        for m in range(args.GRAD_ACCUM):
+            j = (s * args.GRAD_ACCUM + m) * args.BATCH_SIZE
+            xb = cache.x[j : j + args.BATCH_SIZE].to(rt.device, non_blocking=True)
             with torch.no_grad(), rt.autocast():
                 target = cache.run_block(teacher_block, xb)
             with rt.autocast():
-                loss = decoder_loss(cache.run_block(student, xb), target) / GRAD_ACCUM
+                loss = decoder_loss(cache.run_block(student, xb), target, args.DECODER_LOSS) / args.GRAD_ACCUM
             loss.backward()
             loss_sum += loss.detach()
-        (norm,) = step_optimizer(rt, opt, [params], lr, GRAD_CLIP)
+        (norm,) = step_optimizer(rt, opt, [params], lr, args.GRAD_CLIP)
         step, layer_step = step + 1, s + 1  # steps done: of the run, of this layer
         record = {"phase": "layerwise", "rotation": rotation, "layer": layer, "step": step, "layer_step": layer_step}
-        validate = due(layer_step, VAL_EVERY)
-        if due(layer_step, LOG_EVERY, STEPS_PER_LAYER, first=True) or (not LOG_EVERY and validate):
+        validate = due(layer_step, args.VAL_EVERY)
+        if due(layer_step, args.LOG_EVERY, args.STEPS_PER_LAYER, first=True) or (not args.LOG_EVERY and validate):
             loss_val = rt.all_mean(loss_sum.item())
             bar.set_postfix(loss=f"{loss_val:.4g}")
             run.log.log(**record, loss=loss_val, lr=lr, grad_norm=norm.item())
@@ -620,34 +640,34 @@ def report_layer(run, rows, step, calibrated):
 def train_parallel(run, calls, layers, val, teacher_ce):
     """Every layer per teacher pass: each student trains on its own teacher input and target. Returns what
     train_rotation returns."""
-    rt, model = run.rt, calls.model
-    loader = train_loader(rt, model.config.vocab_size)
-    students = make_students(model, layers, rt.device)  # all train at once
-    groups = [trainable_params(students[i], f"layer {i}") for i in layers]
-    opt = adamw([p for g in groups for p in g], LR, WEIGHT_DECAY)
-    total, step = STEPS_PER_LAYER * ROTATIONS, 0
-    blocks = {(i, TARGET): students[i] for i in layers}
+    args, rt, model = run.args, run.rt, calls.model
+    loader = train_loader(run, model.config.vocab_size)
+    students = make_students(args, model, layers, rt.device)  # all train at once
+    groups = [trainable_params(students[i], f"layer {i}", args.TRAINABLE) for i in layers]
+    opt = adamw([p for g in groups for p in g], args.LR, args.WEIGHT_DECAY)
+    total, step = args.STEPS_PER_LAYER * args.ROTATIONS, 0
+    blocks = {(i, args.TARGET): students[i] for i in layers}
     val_tokens = len(val) * run.batch.batch_tokens
-    where = place_latents(rt, val_tokens, model.config.hidden_size, run.out_dir)
+    where = place_latents(run, val_tokens, model.config.hidden_size)
     # a resumed run calibrates its new students again (deterministic) before it loads the trained ones, so that its
     # table reports the same start and calibrated errors as the run had
     start_errors = calib_errors = student_val_errors(run, calls, students, val, where)
     if calibrate_all(run, calls, students):
         calib_errors = student_val_errors(run, calls, students, val, where)
-    ckpt = latest_checkpoint(run.out_dir, "layerwise") if RESUME else None
+    ckpt = latest_checkpoint(run.out_dir, "layerwise") if args.RESUME else None
     if ckpt:
-        load_students(ckpt, model, students)
+        load_students(ckpt, model, students, args.TARGET)
         step = restore_training(load_state(ckpt), loader, opt)
         rt.print(f"resuming from {ckpt} at step {step}")
     bar = tqdm(range(step, total), desc="parallel", disable=not rt.master)
     for s in bar:
-        lr = lr_at(s, total, LR, WARMUP_STEPS, "cosine", MIN_LR_RATIO)
-        losses = parallel_losses(rt, calls, loader, students, layers)
-        norms = step_optimizer(rt, opt, groups, lr, GRAD_CLIP)
+        lr = lr_at(s, total, args.LR, args.WARMUP_STEPS, "cosine", args.MIN_LR_RATIO)
+        losses = parallel_losses(run, calls, loader, students, layers)
+        norms = step_optimizer(rt, opt, groups, lr, args.GRAD_CLIP)
         step = s + 1  # steps done
-        validate = due(step, VAL_EVERY) and step < total  # the end validates after the loop
-        checkpoint = due(step, SAVE_EVERY) and step < total  # the end is OUT/final
-        if due(step, LOG_EVERY, total, first=True) or (not LOG_EVERY and (validate or checkpoint)):
+        validate = due(step, args.VAL_EVERY) and step < total  # the end validates after the loop
+        checkpoint = due(step, args.SAVE_EVERY) and step < total  # the end is OUT/final
+        if due(step, args.LOG_EVERY, total, first=True) or (not args.LOG_EVERY and (validate or checkpoint)):
             mean_loss = rt.all_mean(losses.mean().item())
             bar.set_postfix(loss=f"{mean_loss:.4g}")
             run.log.log(
@@ -695,22 +715,22 @@ def parallel_row(layer, start, calibrated, end, ce, teacher_ce):
     }
 
 
-def parallel_losses(rt, calls, loader, students, layers):
+def parallel_losses(run, calls, loader, students, layers):
     """GRAD_ACCUM micro-batches through the teacher, layer by layer, each student's loss on its own layer's teacher
     input and output (taken where the layer computes them) back-propagated on the way: the per-layer losses (a
     tensor: no host sync)."""
-    model = calls.model
+    args, rt, model = run.args, run.rt, calls.model
     losses = torch.zeros(len(layers), device=rt.device)
 
     def train_student(i, x, y):  # on_block for layer i: x, y are the teacher block's input and output
         with torch.enable_grad(), rt.autocast():
             student_out = calls.block(i, x.shape[:2])(students[i], x)
-            loss = decoder_loss(student_out, y) / GRAD_ACCUM
+            loss = decoder_loss(student_out, y, args.DECODER_LOSS) / args.GRAD_ACCUM
         loss.backward()
         losses[layers.index(i)] += loss.detach()
-        return student_out.detach() if LATENT_STREAM == "student" else None
+        return student_out.detach() if args.LATENT_STREAM == "student" else None
 
-    for _ in range(GRAD_ACCUM):
+    for _ in range(args.GRAD_ACCUM):
         h = embed(model, loader.next_batch()[0].to(rt.device))
         for i in range(layers[-1] + 1):
             on_block = (lambda x, y, i=i: train_student(i, x, y)) if i in students else None
@@ -723,17 +743,17 @@ def calibrate_all(run, calls, students):
     """Parallel schedule: calibrate every student, layer by layer, on the first CALIB_TOKENS of the
     training stream (the tokens the first steps train on), through a latent cache of those tokens.
     Returns whether any student calibrated."""
-    rt, model = run.rt, calls.model
-    if not CALIB_TOKENS or not any(hasattr(s, "calibrate") for s in students.values()):
+    args, rt, model = run.args, run.rt, calls.model
+    if not args.CALIB_TOKENS or not any(hasattr(s, "calibrate") for s in students.values()):
         return False
-    tokens = read_tokens(train_loader(rt, model.config.vocab_size), run.batch.calib_batches)
-    where = place_latents(rt, tokens.numel(), model.config.hidden_size, run.out_dir)
-    cache = LatentCache(rt, model, tokens, calls, BATCH_SIZE, where, os.path.join(run.out_dir, ".latent_calib"))
+    tokens = read_tokens(train_loader(run, model.config.vocab_size), run.batch.calib_batches)
+    where = place_latents(run, tokens.numel(), model.config.hidden_size)
+    cache = LatentCache(rt, model, tokens, calls, args.BATCH_SIZE, where, os.path.join(run.out_dir, ".latent_calib"))
     for i in tqdm(sorted(students), desc="calibrate", disable=not rt.master, leave=False):
         with resident(transformer_layers(model)[i], students[i]):
-            cache.split_at(i, stream_students(students))
-            calibrate(rt, students[i], get_block(model, i, TARGET), cache, len(tokens))
-            cache.finish(stream_students(students).get(i))
+            cache.split_at(i, stream_students(args, students))
+            calibrate(rt, students[i], get_block(model, i, args.TARGET), cache, len(tokens))
+            cache.finish(stream_students(args, students).get(i))
     cache.close()
     return True
 
@@ -744,16 +764,17 @@ def choose_phase(run, model, layers, val):
     model's next-token distribution to the teacher's on the val tokens is what converting that layer costs.
     Prints the layers by that cost and the --layers / --keep-teacher-layers that convert the CONVERT cheapest;
     writes OUT/choice.json and the calibrated students (OUT/calibrated, a start for the layer-wise phase)."""
-    rt, n_convert = run.rt, CONVERT or len(layers) // 2
-    calls = LayerCalls(model, TARGET)
-    students = make_students(model, layers, rt.device, with_layers=True)
+    args, rt = run.args, run.rt
+    n_convert = args.CONVERT or len(layers) // 2
+    calls = LayerCalls(model, args.TARGET)
+    students = make_students(args, model, layers, rt.device, with_layers=True)
     calibrate_all(run, calls, students)
     with torch.no_grad(), rt.autocast():  # the teacher's, once: every layer's KL is to these
         teacher_hidden = [final_hidden(model, x.to(rt.device)) for x, _ in val]
     rows = []
     for i in tqdm(layers, desc="choose", disable=not rt.master, leave=False):
         hidden = iter(teacher_hidden)  # evaluate asks for the teacher's once per batch, in order
-        with swapped(model, {(i, TARGET): students[i]}):
+        with swapped(model, {(i, args.TARGET): students[i]}):
             m = evaluate(model, val, lambda ids, hidden=hidden: next(hidden), rt)
         row = {"layer": i, "kl": m["kl"], "val_ce": m["ce"], "agree": m["agreement"], "teacher_ce": m["teacher_ce"]}
         rows.append(row)
@@ -761,11 +782,14 @@ def choose_phase(run, model, layers, val):
     convert = sorted(r["layer"] for r in rows[:n_convert])
     keep = sorted(set(range(len(transformer_layers(model)))) - set(convert))
     write_checkpoint(
-        run, "calibrated", model, {(i, TARGET): students[i] for i in layers}, {"phase": "choose", "step": 0}, None
+        run, "calibrated", model, {(i, args.TARGET): students[i] for i in layers}, {"phase": "choose", "step": 0}, None
     )
     if rt.master:
         write_json_atomic(os.path.join(run.out_dir, "choice.json"), {"rows": rows, "convert": convert, "keep": keep})
-        print(f"\nwhat converting each layer alone costs ({TARGET} -> {STUDENT_KIND}, calibrated), cheapest first")
+        print(
+            f"\nwhat converting each layer alone costs ({args.TARGET} -> {args.STUDENT_KIND}, calibrated), "
+            "cheapest first"
+        )
         print_table(rows, ["layer", "kl", "val_ce", "agree", "teacher_ce"])
         print(
             f"convert the {n_convert} cheapest: --layers {','.join(map(str, convert))} "
@@ -795,28 +819,28 @@ class LogitsModels(NamedTuple):
 
 def logits_inputs(run):
     """The logits phase's models, loaded and checked before the run folder exists."""
-    rt = run.rt
-    init = INIT or os.path.join(run.out_dir, "final")
-    if not INIT and not os.path.isdir(init):
+    args, rt = run.args, run.rt
+    init = args.INIT or os.path.join(run.out_dir, "final")
+    if not args.INIT and not os.path.isdir(init):
         init = latest_checkpoint(run.out_dir, "layerwise")
         if init is None:
             fail(
                 f"{run.out_dir} has no layer-wise checkpoint to start the logits phase from; "
                 f"run the layer-wise phase first or pass --init CHECKPOINT"
             )
-    resume_from = latest_checkpoint(run.out_dir, "logits") if RESUME else None
-    check_memory(rt, logits_memory(run, resume_from or init), free_bytes("device", rt, "."), logits_remedies(rt))
-    load_on = parallel.load_device(rt, PARALLEL)
-    teacher = load_model(TEACHER, load_on, dtype=rt.frozen_dtype).eval().requires_grad_(False)
+    resume_from = latest_checkpoint(run.out_dir, "logits") if args.RESUME else None
+    check_memory(run, logits_memory(run, resume_from or init), free_bytes("device", rt, "."), logits_remedies(args))
+    load_on = parallel.load_device(rt, args.PARALLEL)
+    teacher = load_model(args.TEACHER, load_on, dtype=rt.frozen_dtype).eval().requires_grad_(False)
     # decoders: the checkpoint is read on the host, whence only what trains moves to the device as it is (fp32)
-    source = load_model(resume_from or init, load_on if KD_TRAINABLE == "all" else "cpu")
+    source = load_model(resume_from or init, load_on if args.KD_TRAINABLE == "all" else "cpu")
     if source.config.vocab_size != teacher.config.vocab_size:
         fail(
-            f"{init} has a vocabulary of {source.config.vocab_size:,} tokens and --teacher {TEACHER} one of "
+            f"{init} has a vocabulary of {source.config.vocab_size:,} tokens and --teacher {args.TEACHER} one of "
             f"{teacher.config.vocab_size:,}: the KL compares their next-token distributions, which needs one "
             f"vocabulary; pass the teacher {init} was distilled from"
         )
-    if KD_TRAINABLE == "all":
+    if args.KD_TRAINABLE == "all":
         return LogitsModels(init, resume_from, teacher, source, {})
     blocks = {(s["layer"], s["target"]): get_block(source, s["layer"], s["target"]) for s in student_specs(source)}
     if not blocks:
@@ -827,7 +851,9 @@ def logits_inputs(run):
             f"{init}: its backbone differs from the teacher's ({differs[0]}, ...), so they cannot share it; "
             f"use --kd-trainable all, or the --teacher the checkpoint was distilled from"
         )
-    if PARALLEL == "fsdp":  # the student model of its own: the backbone (the teacher's) cast and frozen, students out
+    if (
+        args.PARALLEL == "fsdp"
+    ):  # the student model of its own: the backbone (the teacher's) cast and frozen, students out
         with swapped(source, {key: torch.nn.Module() for key in blocks}):
             source.requires_grad_(False).to(rt.frozen_dtype)
         return LogitsModels(init, resume_from, teacher, source, {})
@@ -839,8 +865,9 @@ def logits_inputs(run):
 def logits_memory(run, source):
     """common.memory's estimate of the logits phase on one GPU, from the teacher and the student model (the folder
     `source`) built on the meta device, before either is read."""
-    teacher, student = memory.meta_model(TEACHER), memory.meta_model(source)
-    if KD_TRAINABLE == "decoders":
+    args = run.args
+    teacher, student = memory.meta_model(args.TEACHER), memory.meta_model(source)
+    if args.KD_TRAINABLE == "decoders":
         blocks = [get_block(student, s["layer"], s["target"]) for s in student_specs(student)]
         trained = sum(p.numel() for b in blocks for p in b.parameters())
     else:
@@ -850,18 +877,20 @@ def logits_memory(run, source):
         trained=trained,
         frozen_bytes=run.rt.frozen_dtype.itemsize,
         world_size=run.rt.world_size,
-        parallel=PARALLEL,
-        checkpointing=ACTIVATION_CHECKPOINTING,
+        parallel=args.PARALLEL,
+        checkpointing=args.ACTIVATION_CHECKPOINTING,
     )
-    shared = KD_TRAINABLE == "decoders" and PARALLEL == "ddp"  # the students swapped into the teacher's own backbone
+    shared = (
+        args.KD_TRAINABLE == "decoders" and args.PARALLEL == "ddp"
+    )  # the students swapped into the teacher's own backbone
     return memory.logits(memory.shape_of(teacher), memory.shape_of(student), plan, shared)
 
 
-def logits_remedies(rt):
+def logits_remedies(args):
     """What makes the logits phase take less memory per GPU, of what this run does not do already."""
-    remedies = ["--kd-trainable decoders"] if KD_TRAINABLE == "all" else []
-    remedies += ["more GPUs with --parallel fsdp" if PARALLEL == "ddp" else "more GPUs"]
-    remedies += [] if ACTIVATION_CHECKPOINTING else ["--activation-checkpointing"]
+    remedies = ["--kd-trainable decoders"] if args.KD_TRAINABLE == "all" else []
+    remedies += ["more GPUs with --parallel fsdp" if args.PARALLEL == "ddp" else "more GPUs"]
+    remedies += [] if args.ACTIVATION_CHECKPOINTING else ["--activation-checkpointing"]
     return [*remedies, "a smaller --batch-size or --seq-len"]
 
 
@@ -877,63 +906,56 @@ def backbone_differs(teacher, model, blocks):
     ]
 
 
-def wrap_logits_models(rt, models):
+def wrap_logits_models(run, models):
     """ACTIVATION_CHECKPOINTING on the student model's layers; PARALLEL=fsdp shards the student model and the
     teacher (each layer, then the root) over the ranks."""
-    if ACTIVATION_CHECKPOINTING:
+    args = run.args
+    if args.ACTIVATION_CHECKPOINTING:
         parallel.checkpoint_layers(models.model)
-    if PARALLEL == "fsdp":
-        parallel.shard(models.teacher, rt)
-        parallel.shard(models.model, rt)
+    if args.PARALLEL == "fsdp":
+        parallel.shard(models.teacher, run.rt)
+        parallel.shard(models.model, run.rt)
 
 
 def logits_phase(run, models, val):
     """KL(teacher || student) on next-token distributions, with its own optimizer and LR schedule."""
-    rt, init = run.rt, models.init
-    loader = train_loader(rt, models.model.config.vocab_size)
-    wrap_logits_models(rt, models)
+    args, rt, init = run.args, run.rt, models.init
+    loader = train_loader(run, models.model.config.vocab_size)
+    wrap_logits_models(run, models)
     params = models.params()
-    opt = adamw(params, KD_LR, WEIGHT_DECAY)
+    opt = adamw(params, args.KD_LR, args.WEIGHT_DECAY)
     step = 0
     if models.resume_from:
         step = restore_training(load_state(models.resume_from), loader, opt, models.model)
-        if step >= KD_STEPS:
-            rt.print(f"the logits phase is finished: {models.resume_from} is at step {step} of KD_STEPS={KD_STEPS}")
+        if step >= args.KD_STEPS:
+            rt.print(
+                f"the logits phase is finished: {models.resume_from} is at step {step} of KD_STEPS={args.KD_STEPS}"
+            )
             return
         rt.print(f"resuming the logits phase from {models.resume_from} at step {step}")
-    elif KD_FRESH_TOKENS and os.path.exists(os.path.join(init, "state.pt")) and "loader" in load_state(init):
+    elif args.KD_FRESH_TOKENS and os.path.exists(os.path.join(init, "state.pt")) and "loader" in load_state(init):
         loader.load_state(load_state(init)["loader"])
         rt.print(f"reading fresh tokens after those {init} consumed (shard {loader.shard}, position {loader.pos:,})")
-    tokens_per_step = run.batch.tokens_per_step
-    rt.print(
-        f"logits phase from {init}: trainable {KD_TRAINABLE} ({sum(p.numel() for p in params):,} "
-        f"parameters), {KD_STEPS} steps x {tokens_per_step:,} tokens, lr {KD_LR} (warmup {KD_WARMUP_STEPS}, "
-        f"cosine to {KD_MIN_LR_RATIO * KD_LR:g}), temperature {KD_TEMPERATURE}, ce weight {KD_CE_WEIGHT}; frozen "
-        f"weights in {str(rt.frozen_dtype).replace('torch.', '')}, trained ones in float32"
-    )
-    rt.print(
-        f"{f'{PARALLEL} over {rt.world_size} ranks' if rt.ddp else 'one process'}; activation checkpointing "
-        f"{'on' if ACTIVATION_CHECKPOINTING else 'off'}"
-    )
+    describe_logits_phase(run, init, params)
     results = []  # one row per validation
     if step == 0:
         validate_logits(run, models, val, step, results)
     first, t0 = step, time.time()
-    bar = tqdm(range(step, KD_STEPS), desc="logits", disable=not rt.master)
+    bar = tqdm(range(step, args.KD_STEPS), desc="logits", disable=not rt.master)
     for s in bar:
-        lr = lr_at(s, KD_STEPS, KD_LR, KD_WARMUP_STEPS, "cosine", KD_MIN_LR_RATIO)
-        loss_sum, kl_sum = logits_losses(rt, models, loader)
-        (norm,) = step_optimizer(rt, opt, [params], lr, GRAD_CLIP, reduced=PARALLEL == "fsdp")
+        lr = lr_at(s, args.KD_STEPS, args.KD_LR, args.KD_WARMUP_STEPS, "cosine", args.KD_MIN_LR_RATIO)
+        loss_sum, kl_sum = logits_losses(run, models, loader)
+        (norm,) = step_optimizer(rt, opt, [params], lr, args.GRAD_CLIP, reduced=args.PARALLEL == "fsdp")
         step = s + 1  # steps done
-        validate = due(step, KD_VAL_EVERY, KD_STEPS)
-        checkpoint = due(step, KD_SAVE_EVERY) and step < KD_STEPS  # the end is OUT/logits_final
-        if due(step, LOG_EVERY, KD_STEPS, first=True) or (not LOG_EVERY and (validate or checkpoint)):
+        validate = due(step, args.KD_VAL_EVERY, args.KD_STEPS)
+        checkpoint = due(step, args.KD_SAVE_EVERY) and step < args.KD_STEPS  # the end is OUT/logits_final
+        if due(step, args.LOG_EVERY, args.KD_STEPS, first=True) or (not args.LOG_EVERY and (validate or checkpoint)):
             rec = {
                 "loss": rt.all_mean(loss_sum.item()),
                 "kl": rt.all_mean(kl_sum.item()),
                 "lr": lr,
                 "grad_norm": norm.item(),
-                "tokens_per_s": tokens_per_step * (step - first) / (time.time() - t0),
+                "tokens_per_s": run.batch.tokens_per_step * (step - first) / (time.time() - t0),
             }
             bar.set_postfix(loss=f"{rec['loss']:.4g}")
             run.log.log(phase="logits", step=step, **rec)
@@ -943,24 +965,42 @@ def logits_phase(run, models, val):
             logits_checkpoint(run, models, f"logits_step{step:06d}", step, opt, loader)
     logits_checkpoint(run, models, "logits_final", step, opt, loader)
     if rt.master:
-        print(f"\nlogits phase ({KD_TRAINABLE}) from {init}")
+        print(f"\nlogits phase ({args.KD_TRAINABLE}) from {init}")
         print_table(results, ["step", "val_ce", "val_ppl", "kl", "agree", "teacher_ce"])
         print(f"final model: {os.path.join(run.out_dir, 'logits_final')}")
+
+
+def describe_logits_phase(run, init, params):
+    """Print what the logits phase will do: its start, what trains, its tokens, schedule, loss and precision."""
+    args, rt = run.args, run.rt
+    rt.print(
+        f"logits phase from {init}: trainable {args.KD_TRAINABLE} ({sum(p.numel() for p in params):,} parameters), "
+        f"{args.KD_STEPS} steps x {run.batch.tokens_per_step:,} tokens, lr {args.KD_LR} (warmup "
+        f"{args.KD_WARMUP_STEPS}, cosine to {args.KD_MIN_LR_RATIO * args.KD_LR:g}), temperature "
+        f"{args.KD_TEMPERATURE}, ce weight {args.KD_CE_WEIGHT}; frozen weights in "
+        f"{str(rt.frozen_dtype).replace('torch.', '')}, trained ones in float32"
+    )
+    rt.print(
+        f"{f'{args.PARALLEL} over {rt.world_size} ranks' if rt.ddp else 'one process'}; activation checkpointing "
+        f"{'on' if args.ACTIVATION_CHECKPOINTING else 'off'}"
+    )
 
 
 def logits_checkpoint(run, models, name, step, opt, loader):
     """OUT/name: the student model (students swapped into the teacher with KD_TRAINABLE=decoders under ddp) and
     what resumes the phase (under fsdp gathered from every rank)."""
-    meta = {"phase": "logits", "step": step, "init": models.init, "kd_trainable": KD_TRAINABLE}
+    args = run.args
+    meta = {"phase": "logits", "step": step, "init": models.init, "kd_trainable": args.KD_TRAINABLE}
     state = training_state(step, opt, loader, models.model)
-    complete = name == "logits_final" or KD_TRAINABLE == "all"  # else the students alone, on the teacher
+    complete = name == "logits_final" or args.KD_TRAINABLE == "all"  # else the students alone, on the teacher
     write_checkpoint(run, name, models.model, models.blocks, meta, state, complete)
 
 
-def logits_losses(rt, models, loader):
+def logits_losses(run, models, loader):
     """GRAD_ACCUM micro-batches of the KD loss, back-propagated: the step's loss and KL (tensors: no host sync)."""
+    args, rt = run.args, run.rt
     kl_sum = loss_sum = 0.0
-    for _ in range(GRAD_ACCUM):
+    for _ in range(args.GRAD_ACCUM):
         x, y = loader.next_batch()
         x, y = x.to(rt.device), y.to(rt.device)
         with torch.no_grad(), rt.autocast():
@@ -972,13 +1012,13 @@ def logits_losses(rt, models, loader):
                 ht,
                 lm_head(models.model),
                 y,
-                KD_TEMPERATURE,
-                KD_CE_WEIGHT,
+                args.KD_TEMPERATURE,
+                args.KD_CE_WEIGHT,
                 teacher_head=lm_head(models.teacher),
             )
-            (loss / GRAD_ACCUM).backward()
-        loss_sum += loss.detach() / GRAD_ACCUM
-        kl_sum += parts["kl"] / GRAD_ACCUM
+            (loss / args.GRAD_ACCUM).backward()
+        loss_sum += loss.detach() / args.GRAD_ACCUM
+        kl_sum += parts["kl"] / args.GRAD_ACCUM
     return loss_sum, kl_sum
 
 
@@ -1016,76 +1056,82 @@ def validate_logits(run, models, val, step, results):
 def check_data(run, vocab_size):
     """Open the first train shard (header, size, ids inside the vocabulary), check that the train split holds
     the calibration tokens, and return the val batches."""
-    rt = run.rt
-    train_loader(rt, vocab_size)
-    val = val_batches(DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, vocab_size)
-    if PHASE != "layerwise" or not CALIB_TOKENS:
+    args, rt = run.args, run.rt
+    train_loader(run, vocab_size)
+    val = val_batches(args.DATA_DIR, args.VAL_TOKENS, args.BATCH_SIZE, args.SEQ_LEN, rt.rank, rt.world_size, vocab_size)
+    if args.PHASE != "layerwise" or not args.CALIB_TOKENS:
         return val
     calib = run.batch.calib_tokens
-    train_tokens = sum(len(read_shard(f)) for f in shard_files(DATA_DIR, "train"))
+    train_tokens = sum(len(read_shard(f)) for f in shard_files(args.DATA_DIR, "train"))
     if calib > train_tokens:
         raise ValueError(
-            f"CALIB_TOKENS={CALIB_TOKENS:,} (rounded up to whole batches: {calib:,}) is more than the "
-            f"{train_tokens:,} tokens of {DATA_DIR}'s train split; lower --calib-tokens or prepare more data"
+            f"CALIB_TOKENS={args.CALIB_TOKENS:,} (rounded up to whole batches: {calib:,}) is more than the "
+            f"{train_tokens:,} tokens of {args.DATA_DIR}'s train split; lower --calib-tokens or prepare more data"
         )
     return val
 
 
-def train_loader(rt, vocab_size):
+def train_loader(run, vocab_size):
     """This rank's loader over the train shards, from their start (the first shard opened and checked)."""
+    args, rt = run.args, run.rt
     return TokenLoader(
-        shard_files(DATA_DIR, "train"), BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, vocab_size=vocab_size
+        shard_files(args.DATA_DIR, "train"),
+        args.BATCH_SIZE,
+        args.SEQ_LEN,
+        rt.rank,
+        rt.world_size,
+        vocab_size=vocab_size,
     )
 
 
 def read_tokens(loader, n_batches):
-    return torch.cat([torch.empty(0, SEQ_LEN, dtype=torch.long)] + [loader.next_batch()[0] for _ in range(n_batches)])
+    return torch.cat([torch.empty(0, loader.T, dtype=torch.long)] + [loader.next_batch()[0] for _ in range(n_batches)])
 
 
 def val_inputs(val):
     return torch.cat([x for x, _ in val])
 
 
-def make_students(model, layers, device, with_layers=False):
+def make_students(args, model, layers, device, with_layers=False):
     """{layer: a new student for its TARGET block} in fp32 (master weights, whatever the teacher's dtype) on `device`;
     `with_layers`: a streamed teacher's student lives in host memory beside its layer and visits the device with it
     (the schedules that use one layer at a time). Layer i's initialisation uses seed SEED + i."""
     students = {}
     for i in layers:
-        torch.manual_seed(SEED + i)
-        teacher_block = get_block(model, i, TARGET)
+        torch.manual_seed(args.SEED + i)
+        teacher_block = get_block(model, i, args.TARGET)
         try:
-            student = make_student(TARGET, STUDENT_KIND, teacher_block, model.config, **STUDENT_KWARGS)
+            student = make_student(args.TARGET, args.STUDENT_KIND, teacher_block, model.config, **args.STUDENT_KWARGS)
         except ValueError as e:  # the library says what it knows; these are the options that chose it
-            raise ValueError(f"STUDENT_KIND={STUDENT_KIND!r} STUDENT_KWARGS={STUDENT_KWARGS}: {e}") from None
+            raise ValueError(f"STUDENT_KIND={args.STUDENT_KIND!r} STUDENT_KWARGS={args.STUDENT_KWARGS}: {e}") from None
         home = home_device(transformer_layers(model)[i], device) if with_layers else device
         students[i] = student.to(home, torch.float32)
     return students
 
 
-def load_students(ckpt, model, students):
+def load_students(ckpt, model, students, target):
     """Resume: the weights of every student the checkpoint holds, loaded exactly into `students` ({layer: student})
     from its file (common.checkpoint.load_swapped_students)."""
     specs = read_student_specs(os.path.join(ckpt, "students.json"), model)
-    held = [s["layer"] for s in specs if s["target"] == TARGET and s["layer"] in students]
-    with swapped(model, {(i, TARGET): students[i] for i in held}):
+    held = [s["layer"] for s in specs if s["target"] == target and s["layer"] in students]
+    with swapped(model, {(i, target): students[i] for i in held}):
         load_swapped_students(model, ckpt)
 
 
-def stream_students(students):
+def stream_students(args, students):
     """The students that carry the latent stream past their layers: all of them with LATENT_STREAM=student (later
     layers learn on, and correct, earlier students' outputs), none with teacher ({layer: student})."""
-    return students if LATENT_STREAM == "student" else {}
+    return students if args.LATENT_STREAM == "student" else {}
 
 
-def trainable_params(student, name):
-    """The student's parameters to train (all, or those whose names contain a TRAINABLE entry)."""
+def trainable_params(student, name, trainable):
+    """The student's parameters to train (all, or those whose names contain an entry of `trainable`, TRAINABLE)."""
     named = list(student.named_parameters())
-    if TRAINABLE:
-        chosen = [(n, p) for n, p in named if any(t in n for t in TRAINABLE)]
+    if trainable:
+        chosen = [(n, p) for n, p in named if any(t in n for t in trainable)]
         if not chosen:
             fail(
-                f"TRAINABLE {TRAINABLE} matches no parameter of the {name} student; its parameters: "
+                f"TRAINABLE {trainable} matches no parameter of the {name} student; its parameters: "
                 + ", ".join(n for n, _ in named)
             )
     else:
@@ -1095,11 +1141,12 @@ def trainable_params(student, name):
     return [p for _, p in chosen]
 
 
-def decoder_loss(student_out, teacher_out):
+def decoder_loss(student_out, teacher_out, kind):
+    """DECODER_LOSS `kind` of a student's output against its teacher block's."""
     s, t = student_out.float(), teacher_out.float()
-    if DECODER_LOSS == "mse":
+    if kind == "mse":
         return F.mse_loss(s, t)
-    if DECODER_LOSS == "nmse":
+    if kind == "nmse":
         return ((s - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)).mean()
     return 1 - F.cosine_similarity(s, t, dim=-1).mean()
 
@@ -1142,15 +1189,15 @@ def layer_error(rt, student, teacher_block, cache):
 
 def student_val_errors(run, calls, students, val, where):
     """Val error of every student ({layer: layer_error}), from one pass of the stream over the val tokens (O(L))."""
-    model = calls.model
+    args, model = run.args, calls.model
     cache = LatentCache(
-        run.rt, model, val_inputs(val), calls, BATCH_SIZE, where, os.path.join(run.out_dir, ".latent_val")
+        run.rt, model, val_inputs(val), calls, args.BATCH_SIZE, where, os.path.join(run.out_dir, ".latent_val")
     )
     errors = {}
     for i in sorted(students):
-        cache.split_at(i, stream_students(students))
-        errors[i] = layer_error(run.rt, students[i], get_block(model, i, TARGET), cache)
-        cache.finish(stream_students(students).get(i))
+        cache.split_at(i, stream_students(args, students))
+        errors[i] = layer_error(run.rt, students[i], get_block(model, i, args.TARGET), cache)
+        cache.finish(stream_students(args, students).get(i))
     cache.close()
     return errors
 
@@ -1171,7 +1218,7 @@ def write_checkpoint(run, name, model, blocks, meta, state, complete=False):
         with swapped(model, blocks):
             folder = os.path.join(run.out_dir, name)
             save_checkpoint(folder, model, {"script": "distill.py", **meta}, state, teacher=teacher, weights=weights)
-        prune_checkpoints(run.out_dir, meta["phase"], KEEP_LAST, spare={"final"})
+        prune_checkpoints(run.out_dir, meta["phase"], run.args.KEEP_LAST, spare={"final"})
     run.rt.barrier()
 
 

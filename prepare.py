@@ -50,7 +50,8 @@ WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 
 TASK_BYTES = 256 * 2**10                  # text per tokenizer task: amortises IPC, keeps workers busy on small runs
 SMOKE_TEST = False                        # quick end-to-end check: at most 8 MiB train, 1 MiB val, 1M-token shards
 # fmt: on
-config = override(globals())
+config = override(globals()).as_dict()
+globals().update(config)  # the constants now hold the run's settings
 if SMOKE_TEST:
     TRAIN_BYTES, VAL_BYTES, SHARD_TOKENS = min(TRAIN_BYTES, 8 * 2**20), min(VAL_BYTES, 2**20), min(SHARD_TOKENS, 10**6)
     config.update(TRAIN_BYTES=TRAIN_BYTES, VAL_BYTES=VAL_BYTES, SHARD_TOKENS=SHARD_TOKENS)

@@ -84,7 +84,8 @@ DTYPE = "auto"                  # auto: bf16 autocast with fp32 master weights o
 SEED = 1337                     # weight initialisation (--from-scratch) and any randomness in the model
 # fmt: on
 
-config = override(globals())
+config = override(globals()).as_dict()
+globals().update(config)  # the constants now hold the run's settings
 
 
 def check_constants():

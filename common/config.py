@@ -6,12 +6,14 @@ parsed to the constant's type: int, float, str, bool (`--resume` alone means tru
 list (`0,1,2`; empty string for an empty list) or dict (JSON). An unknown name or a
 value of the wrong type is a one-line error that lists what would have been accepted.
 `--help` (or `-h`) prints every constant with its default and the comment on its line in the
-script's source (`NAME = value  # comment`), then exits. `check_ranges` refuses a constant outside its range in one
-line. How a run ends is one line too: `fail()` for a mistake, `exit_when_disk_full` for a full disk and
-`exit_on_stop_signals` for Ctrl-C and SIGTERM.
+script's source (`NAME = value  # comment`), then exits. The resolved values come back as one read-only Settings
+(`args.LR`); the script's constants themselves stay the defaults its source and --help show. `check_ranges` refuses
+a constant outside its range in one line. How a run ends is one line too: `fail()` for a mistake,
+`exit_when_disk_full` for a full disk and `exit_on_stop_signals` for Ctrl-C and SIGTERM.
 """
 
 import contextlib
+import copy
 import errno
 import json
 import math
@@ -32,6 +34,29 @@ def fail(message: object, script: str | None = None) -> NoReturn:
     default the running script's file name, sys.argv[0] (distill.py under python and torchrun, evaluate.py
     under python -m common.evaluate)."""
     sys.exit(f"{script or os.path.basename(sys.argv[0])}: {message}")
+
+
+class Settings:
+    """A script's constants as one run resolved them, read-only: `args.STEPS_PER_LAYER`. `as_dict()` is a copy of
+    {NAME: value}, for the run's records."""
+
+    def __init__(self, values: dict):
+        object.__setattr__(self, "_values", copy.deepcopy(values))
+
+    def __getattr__(self, name):
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"no setting {name}") from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"settings are read-only: {name} is set on the command line (--{name.lower()})")
+
+    def __repr__(self):
+        return f"Settings({self._values!r})"
+
+    def as_dict(self) -> dict:
+        return copy.deepcopy(self._values)
 
 
 def check_ranges(
@@ -217,9 +242,10 @@ def _help(constants, names, usage=None):
     return "\n".join(out)
 
 
-def override(constants: dict, argv: list[str] | None = None, usage: str | None = None) -> dict:
-    """Apply `--name value` / `--name=value` overrides to the UPPER_CASE keys of `constants`
-    (a script's globals()) in place; return the resolved {NAME: value} config.
+def override(constants: dict, argv: list[str] | None = None, usage: str | None = None) -> Settings:
+    """The Settings of the UPPER_CASE keys of `constants` (a script's globals()) with the `--name value` /
+    `--name=value` overrides of `argv` (default: the command line) applied; `constants` is left as it is (a
+    top-level script makes them its globals with globals().update(args.as_dict())).
     Exits with a one-line message on bad input; prints the help and exits 0 given --help or -h
     (`usage`: the usage line's command, for scripts with more than options)."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -231,6 +257,7 @@ def override(constants: dict, argv: list[str] | None = None, usage: str | None =
     if any(arg in HELP for arg in argv):
         print(_help(constants, names, usage))
         sys.exit(0)
+    values = {n: constants[n] for n in names}
     try:
         i = 0
         while i < len(argv):
@@ -251,8 +278,8 @@ def override(constants: dict, argv: list[str] | None = None, usage: str | None =
                 else:
                     text = nxt
                     i += 1
-            constants[name] = _parse(key, default, text)
+            values[name] = _parse(key, default, text)
             i += 1
     except ValueError as e:
         fail(e, os.path.basename(constants.get("__file__") or "script"))
-    return {n: constants[n] for n in names}
+    return Settings(values)

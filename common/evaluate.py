@@ -266,7 +266,8 @@ def main(argv: list[str]) -> None:
     paths = []
     while argv and not argv[0].startswith("-"):
         paths.append(argv.pop(0))
-    config = override(globals(), argv, usage)
+    config = override(globals(), argv, usage).as_dict()
+    globals().update(config)  # the constants now hold the run's settings
     tok_dir = check_arguments(paths, usage)
     try:
         rt = Runtime(DEVICE, DTYPE)

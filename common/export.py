@@ -292,7 +292,7 @@ def main(argv: list[str]) -> None:
         override(globals(), argv, usage)  # --help prints the options and exits
         fail(f"usage: {usage}  (--help lists the options)")
     checkpoint = argv.pop(0)
-    override(globals(), argv, usage)
+    globals().update(override(globals(), argv, usage).as_dict())  # the constants now hold the run's settings
     if not OUT:
         fail("--out DIR is needed: the folder to write the exported model to")
     if os.path.exists(OUT):

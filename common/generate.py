@@ -160,7 +160,7 @@ def main(argv: list[str]) -> None:
         override(globals(), argv, usage)  # --help prints the options and exits
         fail(f"usage: {usage}  (--help lists the options)")
     folder = argv.pop(0)
-    override(globals(), argv, usage)
+    globals().update(override(globals(), argv, usage).as_dict())  # the constants now hold the run's settings
     tok_dir = check_arguments(folder)
     from transformers import AutoTokenizer
 

@@ -27,7 +27,8 @@ REPEATS = 3  # timings are the best of this many runs
 THREADS = 0  # torch threads; 0 = torch's default
 SEED = 0
 
-config = override(globals())
+config = override(globals()).as_dict()
+globals().update(config)  # the constants now hold the run's settings
 if THREADS:
     torch.set_num_threads(THREADS)
 

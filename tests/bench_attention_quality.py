@@ -173,7 +173,8 @@ def table(rows, n_tok):
 
 
 def main():
-    config = override(globals())
+    config = override(globals()).as_dict()
+    globals().update(config)  # the constants now hold the run's settings
     batches, tokens = check_inputs()
     from common.checkpoint import load_model
     from common.evaluate import evaluate_models, speed_rows

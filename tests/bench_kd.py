@@ -114,5 +114,5 @@ def main(argv):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    override(globals(), args)
+    globals().update(override(globals(), args).as_dict())  # the constants now hold the run's settings
     child() if VARIANT else main(args)

@@ -368,7 +368,7 @@ def mib(n):
 
 
 def main():
-    override(globals())
+    globals().update(override(globals()).as_dict())  # the constants now hold the run's settings
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # for every process started from now on: the fork server, torchrun
     if MEASURE:
         measure_all()

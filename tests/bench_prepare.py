@@ -28,7 +28,8 @@ MODEL_DIR = "models/smolllm2_135m"  # the tokenizer to measure; a tiny one is bu
 TEXT = ""  # a .jsonl with a "text" field; empty: generated text
 MB = 32  # text per run, in MB: enough that start-up costs weigh as little as in real runs
 REPEATS = 3  # interleaved repeats; the best of each is reported
-config = override(globals())
+config = override(globals()).as_dict()
+globals().update(config)  # the constants now hold the run's settings
 
 
 def corpus(folder):

@@ -81,7 +81,7 @@ def with_kwargs(**extra):
 
 
 def main():
-    override(globals())
+    globals().update(override(globals()).as_dict())  # the constants now hold the run's settings
     import torch
 
     from common.checkpoint import load_model

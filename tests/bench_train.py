@@ -43,7 +43,8 @@ COMPILE = True  # torch.compile on GPUs, in both loops (train.py's COMPILE)
 DTYPE = "auto"  # bf16 autocast on GPUs, fp32 on CPU, in both loops (train.py's DTYPE)
 THREADS = 0  # CPU threads of both loops; 0 = torch's default. 1 is steadier on a machine others share
 
-config = override(globals())
+config = override(globals()).as_dict()
+globals().update(config)  # the constants now hold the run's settings
 
 
 def small_llama(folder):

@@ -1,7 +1,6 @@
 """Tiny offline fixtures: a Llama-shaped model with its own small tokenizer, and token shards."""
 
 import contextlib
-import importlib
 import json
 import os
 import signal
@@ -129,16 +128,15 @@ def signal_handlers_kept():
 
 
 def run_distill(*args, check=True):
-    """distill.py's main in this process with fresh module constants, as `python distill.py ARGS` runs it (without
-    a torch/transformers import per run); returns its one-line exit message, None on success. With check, an
-    exit fails the test."""
+    """distill.py's main in this process, as `python distill.py ARGS` runs it (without a torch/transformers import per
+    run): its settings come from ARGS alone. Returns its one-line exit message, None on success. With check, an exit
+    fails the test."""
     import distill
 
-    importlib.reload(distill)
-    argv, sys.argv = sys.argv, ["distill.py", *args]
+    argv, sys.argv = sys.argv, ["distill.py", *args]  # fail() names sys.argv[0]
     try:
         with signal_handlers_kept():
-            distill.main()
+            distill.main(list(args))
     except SystemExit as e:
         if check:
             raise AssertionError(f"distill.py {' '.join(args)} exited: {e.code}") from None

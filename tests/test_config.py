@@ -1,5 +1,6 @@
 """common/config.py: `--name value` / `--name=value` overrides of a script's UPPER_CASE constants, --help, fail()."""
 
+import ast
 import os
 import re
 import shlex
@@ -31,14 +32,12 @@ def constants():
 
 def test_both_spellings_set_the_same_constant():
     for argv in (["--steps-per-layer", "10"], ["--steps_per_layer=10"], ["--STEPS-PER-LAYER=10"]):
-        c = constants()
-        config = override(c, argv)
-        assert c["STEPS_PER_LAYER"] == 10 and config["STEPS_PER_LAYER"] == 10
+        assert override(constants(), argv).STEPS_PER_LAYER == 10
 
 
 def test_values_take_the_type_of_the_default():
     c = constants()
-    config = override(
+    args = override(
         c,
         [
             "--lr",
@@ -54,12 +53,12 @@ def test_values_take_the_type_of_the_default():
             "runs/x/final",
         ],
     )
-    assert c["LR"] == 1e-3 and isinstance(c["LR"], float)
-    assert c["OUT_DIR"] == "runs/y"
-    assert c["LAYERS"] == [2, 3, 5] and c["NAMES"] == ["mlp", "attn"]
-    assert c["STUDENT_KWARGS"] == {"scale": 0.5, "rank": 8}
-    assert c["INIT_FROM"] == "runs/x/final"
-    assert set(config) == {
+    assert args.LR == 1e-3 and isinstance(args.LR, float)
+    assert args.OUT_DIR == "runs/y"
+    assert args.LAYERS == [2, 3, 5] and args.NAMES == ["mlp", "attn"]
+    assert args.STUDENT_KWARGS == {"scale": 0.5, "rank": 8}
+    assert args.INIT_FROM == "runs/x/final"
+    assert set(args.as_dict()) == {
         "STEPS_PER_LAYER",
         "LR",
         "OUT_DIR",
@@ -69,8 +68,20 @@ def test_values_take_the_type_of_the_default():
         "STUDENT_KWARGS",
         "INIT_FROM",
     }  # not lowercase names, functions or modules
-    assert override(constants(), ["--layers="])["LAYERS"] == []
-    assert override(constants(), ["--lr", "2"])["LR"] == 2.0
+    assert override(constants(), ["--layers="]).LAYERS == []
+    assert override(constants(), ["--lr", "2"]).LR == 2.0
+    assert c == constants()  # the script's own constants keep their defaults
+
+
+def test_settings_are_read_only():
+    args = override(constants(), ["--lr", "2"])
+    with pytest.raises(AttributeError, match="read-only: LR is set on the command line"):
+        args.LR = 3.0
+    record = args.as_dict()
+    record["LAYERS"].append(7)  # a copy: what a run records cannot change what it reads
+    assert args.LR == 2.0 and args.LAYERS == [0, 1]
+    with pytest.raises(AttributeError, match="no setting LRR"):
+        args.LRR
 
 
 @pytest.mark.parametrize(
@@ -85,7 +96,7 @@ def test_values_take_the_type_of_the_default():
     ],
 )
 def test_bools_alone_mean_true_and_accept_words(argv, want):
-    assert override(constants(), argv)["RESUME"] is want
+    assert override(constants(), argv).RESUME is want
 
 
 @pytest.mark.parametrize(
@@ -168,7 +179,7 @@ def test_help_lists_every_constant_with_its_comment_and_default(script, usage, t
         (shown,) = shlex.split(line[len(option) + 2 : -len(comment)])
         default = eval(value, {"os": os})  # noqa: S307 (our own source)
         # the default as shown is the default: typed back as the option, it gives the same value
-        assert override({"__file__": script, name: default}, [f"{option}={shown}"])[name] == default, line
+        assert getattr(override({"__file__": script, name: default}, [f"{option}={shown}"]), name) == default, line
     assert len(expected) >= 5
     listed = [line.split()[0] if line.startswith("  --") else line for line in lines[2:]]
     assert listed == expected  # every option, in order, and nothing else (no imported UPPER_CASE name)
@@ -219,3 +230,20 @@ def test_fail_is_one_line_named_after_the_running_script(tmp_path):
     result = run([os.path.join(ROOT, "prepare.py"), "--model-dirr", "x"], tmp_path)  # override's bad input
     assert result.returncode == 1 and result.stderr.startswith("prepare.py: unknown option --model-dirr; known: ")
     assert result.stderr.count("\n") == 1
+
+
+def test_no_function_of_distill_reads_its_module_constants():
+    """distill.py's functions read the run's settings (args) alone: a module constant read inside a function would be
+    the default, whatever the command line said."""
+    with open(os.path.join(ROOT, "distill.py")) as f:
+        tree = ast.parse(f.read())
+    constants = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if t.id.isupper()}
+    assert {"BATCH_SIZE", "STEPS_PER_LAYER", "KD_LR"} <= constants
+    functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)]
+    reads = {
+        (f.name, x.id)
+        for f in functions
+        for x in ast.walk(f)
+        if isinstance(x, ast.Name) and isinstance(x.ctx, ast.Load) and x.id in constants
+    }
+    assert len(functions) > 40 and reads == set()

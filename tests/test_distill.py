@@ -140,6 +140,32 @@ def test_resume_after_kill_is_exact(teacher_dir, tiny_data_dir, tmp_path):
     assert without_timing(layer_rows(whole)) == without_timing(layer_rows(cut))
 
 
+@pytest.mark.parametrize(
+    "kind,kwargs",
+    [
+        ("linear", '{"chunk_size": 16}'),
+        ("delta", '{"chunk_size": 16}'),
+        ("lolcats", '{"window": 16, "chunk_size": 16}'),
+    ],
+)
+def test_attention_students_resume_exactly(kind, kwargs, teacher_dir, tiny_data_dir, tmp_path):
+    """A rotation of recurrent attention students (several chunks per sequence, a window shorter than it), cut after
+    its first layer's checkpoint (the later ones removed, as a kill leaves it), resumes to the same students and
+    table as the run that was not cut."""
+    args = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--target", "attn", "--student-kind", kind]
+    args += ["--student-kwargs", kwargs, "--layers", "0,2", "--steps-per-layer", "3", "--seq-len", "64"]
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    run_distill(*TINY_DISTILL, "--out-dir", whole, *args)
+    run_distill(*TINY_DISTILL, "--out-dir", cut, *args)
+    for name in ("final", "rot0_layer002"):
+        shutil.rmtree(os.path.join(cut, name))
+    run_distill(*TINY_DISTILL, "--out-dir", cut, "--resume", *args)
+    a = load_file(os.path.join(whole, "final", "model.safetensors"))
+    b = load_file(os.path.join(cut, "final", "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_timing(layer_rows(whole)) == without_timing(layer_rows(cut))
+
+
 def without_timing(records):
     """Records (table rows, metrics lines) without what depends on the machine's speed."""
     timing = ("seconds", "train_s", "step_ms", "calib_s", "tokens_per_s")
@@ -732,6 +758,7 @@ def test_a_teacher_streamed_from_host_memory_gives_the_same_students_one_layer_a
     held on the device. (On a CPU device and host are one memory: this checks the bookkeeping and the results.)"""
     from safetensors.torch import load_file
 
+    import distill
     from common import offload
 
     most = []
@@ -747,7 +774,8 @@ def test_a_teacher_streamed_from_host_memory_gives_the_same_students_one_layer_a
     monkeypatch.setattr(offload._LayerHome, "enter", counting_enter)
     visits = []  # (layer, its companions) of each resident() stretch
     real_resident = offload.resident
-    monkeypatch.setattr(offload, "resident", lambda layer, *c: (visits.append((layer, c)), real_resident(layer, *c))[1])
+    counting_resident = lambda layer, *c: (visits.append((layer, c)), real_resident(layer, *c))[1]  # noqa: E731
+    monkeypatch.setattr(distill, "resident", counting_resident)  # the name distill.py calls
     runs = {}
     for where in ("device", "host"):
         runs[where] = str(tmp_path / where)
@@ -911,13 +939,15 @@ def test_each_phase_prints_its_memory_estimate_and_refuses_a_plan_that_cannot_fi
     """Each phase prints its memory estimate per GPU (common/memory.py) before it starts; a plan whose estimate is
     more than the device has free stops with one line that says what to change, before the run folder (and so any
     latent cache) exists."""
+    import distill
     from common import latent_cache
 
     out = tmp_path / "r"
     run_tiny_distill(teacher_dir, tiny_data_dir, str(out), "--layers", "0", "--steps-per-layer", "1")
     printed = capsys.readouterr().out
     assert "memory estimate of the layerwise phase: " in printed and " MiB per GPU = teacher " in printed, printed
-    monkeypatch.setattr(latent_cache, "free_bytes", lambda where, rt, disk_dir: 1000)  # distill.py reads it anew
+    for module in (latent_cache, distill):  # where the memory checks read it
+        monkeypatch.setattr(module, "free_bytes", lambda where, rt, disk_dir: 1000)
     for phase, advice in (("layerwise", "--latent-cache disk"), ("logits", "--kd-trainable decoders")):
         refused = tmp_path / phase
         args = ["--phase", "logits", "--init", teacher_dir, "--kd-trainable", "all"] if phase == "logits" else []
@@ -929,19 +959,20 @@ def test_each_phase_prints_its_memory_estimate_and_refuses_a_plan_that_cannot_fi
 
 def test_a_latent_cache_that_fits_nowhere_names_the_constants_that_size_it(monkeypatch):
     """common.latent_cache says the size and the places it tried; distill.py adds its constants that set the size."""
-    import importlib
-
     import distill
     from common import latent_cache
+    from common.config import override
     from common.runtime import Runtime
 
-    importlib.reload(distill)  # its default constants (LATENT_CACHE=auto), whatever a run before set
     monkeypatch.setattr(latent_cache, "free_bytes", lambda where, rt, disk_dir: 0)
+    rt = Runtime("cpu", "float32")
     with pytest.raises(ValueError) as e:
-        latent_cache.place_cache(Runtime("cpu", "float32"), 1024, 64, "auto", ".")
+        latent_cache.place_cache(rt, 1024, 64, "auto", ".")
     assert str(e.value) == "the latent cache needs 0.5 MiB per rank and fits in none of: device, host, disk"
+    args = override(vars(distill), [])  # the defaults: LATENT_CACHE=auto
+    run = distill.Run(args, rt, ".", distill.batch_numbers(args, 1))
     with pytest.raises(ValueError) as e:
-        distill.place_latents(Runtime("cpu", "float32"), 1024, 64, ".")
+        distill.place_latents(run, 1024, 64)
     assert str(e.value) == (
         "the latent cache needs 0.5 MiB per rank and fits in none of: device, host, disk; "
         "lower STEPS_PER_LAYER x GRAD_ACCUM x BATCH_SIZE x SEQ_LEN, or free memory/disk"
@@ -970,19 +1001,16 @@ def test_log_every_0_logs_the_loss_where_it_validates_or_saves_and_at_the_end(te
     assert loss_steps(out, "logits") == [3, 5, 6, 7]
 
 
-def test_the_batch_numbers_are_computed_once_from_the_constants(monkeypatch):
-    import importlib
-
+def test_the_batch_numbers_are_computed_once_from_the_settings():
     import distill
+    from common.config import override
 
-    importlib.reload(distill)  # its default constants, whatever a run before set
-    for name, value in {"BATCH_SIZE": 2, "SEQ_LEN": 32, "GRAD_ACCUM": 3, "CALIB_TOKENS": 1000}.items():
-        monkeypatch.setattr(distill, name, value)
-    assert distill.batch_numbers(2) == distill.Batch(
+    argv = ["--batch-size", "2", "--seq-len", "32", "--grad-accum", "3"]
+    args = override(vars(distill), [*argv, "--calib-tokens", "1000"])
+    assert distill.batch_numbers(args, 2) == distill.Batch(
         batch_tokens=64, tokens_per_step=384, calib_batches=8, calib_tokens=1024
     )
-    monkeypatch.setattr(distill, "CALIB_TOKENS", 0)
-    assert distill.batch_numbers(1).calib_tokens == 0
+    assert distill.batch_numbers(override(vars(distill), [*argv, "--calib-tokens", "0"]), 1).calib_tokens == 0
 
 
 def test_help_groups_the_constants_by_concern(capsys):
