@@ -21,8 +21,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, make_model_folder, make_text  # noqa: E402, I001 (conftest puts the repo on sys.path)
 from common.config import override  # noqa: E402
-from conftest import ROOT, make_model_folder, make_text  # noqa: E402
 
 MODEL_DIR = "models/smolllm2_135m"  # the tokenizer to measure; a tiny one is built when this folder is missing
 TEXT = ""  # a .jsonl with a "text" field; empty: generated text
