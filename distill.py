@@ -96,7 +96,7 @@ VAL_TOKENS = 8192                 # held-out val tokens (all ranks together), th
 WEIGHT_DECAY = 0.0                # students start at or near the teacher: no pull toward zero by default
 GRAD_CLIP = 1.0                   # max gradient norm per optimizer step; 0 turns clipping off
 # logging and checkpoints (both phases)
-LOG_EVERY = 10                    # log the loss at step 1 and every N after (a host sync on GPUs); 0 = at val/save/end
+LOG_EVERY = 10                    # log the loss at step 1 and every N steps (a host sync on GPUs); 0 = at val/save/end
 KEEP_LAST = 0                     # keep the newest K checkpoints of the phase, delete the rest (disk); 0 = keep all
 # layer-wise phase
 TARGET = "mlp"                    # the block each layer swaps: mlp (FFN) or attn (self-attention)

@@ -73,7 +73,7 @@ GRAD_CLIP = 1.0                 # clip the global gradient norm to this; 0 = no 
 # validation, logging, checkpoints
 VAL_EVERY = 250                 # validate at the start, every this many steps and at the end; 0 = never
 VAL_TOKENS = 2**20              # tokens per validation: the first VAL_TOKENS of the val split, the same every time
-LOG_EVERY = 10                  # print a step line every this many steps (metrics.jsonl gets all); 0 = at val/save only
+LOG_EVERY = 10                  # print the loss at step 1 and every N steps (metrics.jsonl gets all); 0 = at val/save/end
 SAVE_EVERY = 500                # checkpoint every this many steps and at the end; 0 = only at the end
 KEEP_LAST = 3                   # keep the newest this many checkpoints; 0 = keep all
 # system
@@ -417,7 +417,7 @@ with exit_when_disk_full(OUT_DIR):  # one line saying how to continue, not a tra
         validate = VAL_EVERY > 0 and due(step, VAL_EVERY, STEPS)
         checkpoint = due(step, SAVE_EVERY, STEPS)
         # the pending steps are checked finite before anything is saved
-        if due(step, LOG_EVERY) or validate or checkpoint:
+        if due(step, LOG_EVERY, first=True) or validate or checkpoint:
             log_pending_steps(pending, t_last)
             pending = []
             if validate:

@@ -196,6 +196,6 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 def due(step: int, every: int, last: int | None = None, first: bool = False) -> bool:
     """Whether a training loop logs, validates or saves after `step`, the optimizer steps done (1-based, counted
-    after the optimizer step): at every multiple of `every` (0: at none), or counted from step 1 with `first`
-    (steps 1, 1 + every, 1 + 2 x every, ...), and at step `last` (the loop's final step; None: no step especially)."""
-    return (every > 0 and (step - first) % every == 0) or step == last
+    after the optimizer step): at every multiple of `every` (0: at none), with `first` at step 1 too (the loss lines:
+    the first loss is seen at once), and at step `last` (the loop's final step; None: no step especially)."""
+    return (every > 0 and (step % every == 0 or (first and step == 1))) or step == last

@@ -61,5 +61,6 @@ def test_due_is_every_multiple_and_the_last_step():
     assert [s for s in steps if runtime.due(s, 4)] == [4, 8]
     assert [s for s in steps if runtime.due(s, 0, 10)] == [10]  # 0: at none of the multiples
     assert [s for s in steps if runtime.due(s, 0)] == []
-    assert [s for s in steps if runtime.due(s, 4, 10, first=True)] == [1, 5, 9, 10]  # distill.py's loss lines
+    assert [s for s in steps if runtime.due(s, 4, 10, first=True)] == [1, 4, 8, 10]  # the loss lines (LOG_EVERY)
+    assert [s for s in steps if runtime.due(s, 0, 10, first=True)] == [10]
     assert [s for s in steps if runtime.due(s, 1, 10, first=True)] == list(steps)
