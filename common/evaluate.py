@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 from common import swap
 from common.checkpoint import check_has_config, load_model, tokenizer_folder
-from common.config import check_ranges, fail, override
+from common.config import Settings, check_ranges, fail, override
 from common.files import check_writable, write_json_atomic
 from common.generate import decoding_cache, forward_cached, generate, state_bytes
 from common.plots import comparison_png
@@ -136,7 +136,9 @@ def speed_rows(
 
 
 # ---------------------------------------------------------------------------------------------- --tasks
-def harness_scores(models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase, rt: Runtime) -> dict[str, dict]:
+def harness_scores(
+    args: Settings, models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerBase, rt: Runtime
+) -> dict[str, dict]:
     """Each model's accuracy on TASKS through lm-evaluation-harness: {name: {task: {metric, value}}}, the
     metric being acc_norm where the task reports it, else acc, else exact_match (generation tasks).
     The loaded models are wrapped as lm_eval's HFLM, so students of every kind run as they do here;
@@ -165,10 +167,10 @@ def harness_scores(models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerB
                 real=kwargs["attention_mask"],
             )
 
-    manager = TaskManager(include_path=TASK_DIR, include_defaults=False) if TASK_DIR else None
-    if manager is None or not set(TASKS) <= set(manager.all_tasks):  # lm_eval's own tasks: a slower index
-        manager = TaskManager(include_path=TASK_DIR or None)
-    unknown = [t for t in TASKS if t not in manager.all_tasks and not os.path.isfile(t)]
+    manager = TaskManager(include_path=args.TASK_DIR, include_defaults=False) if args.TASK_DIR else None
+    if manager is None or not set(args.TASKS) <= set(manager.all_tasks):  # lm_eval's own tasks: a slower index
+        manager = TaskManager(include_path=args.TASK_DIR or None)
+    unknown = [t for t in args.TASKS if t not in manager.all_tasks and not os.path.isfile(t)]
     if unknown:
         raise ValueError(
             f"unknown lm-eval task(s) {', '.join(unknown)}: use lm_eval's task names, a task YAML file, or "
@@ -181,11 +183,16 @@ def harness_scores(models: dict[str, nn.Module], tokenizer: PreTrainedTokenizerB
             pretrained=model,
             backend="causal",
             tokenizer=tokenizer,
-            batch_size=TASK_BATCH_SIZE,
+            batch_size=args.TASK_BATCH_SIZE,
             mixed_precision_dtype=mixed,
         )
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=TASKS, limit=LIMIT or None, task_manager=manager, bootstrap_iters=0, log_samples=False
+            model=lm,
+            tasks=args.TASKS,
+            limit=args.LIMIT or None,
+            task_manager=manager,
+            bootstrap_iters=0,
+            log_samples=False,
         )["results"]
         scores[name] = {}
         for task, metrics in results.items():
@@ -266,72 +273,74 @@ def main(argv: list[str]) -> None:
     paths = []
     while argv and not argv[0].startswith("-"):
         paths.append(argv.pop(0))
-    config = override(globals(), argv, usage).as_dict()
-    globals().update(config)  # the constants now hold the run's settings
-    tok_dir = check_arguments(paths, usage)
+    args = override(globals(), argv, usage)
+    tok_dir = check_arguments(args, paths, usage)
     try:
-        rt = Runtime(DEVICE, DTYPE)
+        rt = Runtime(args.DEVICE, args.DTYPE)
     except ValueError as e:
         fail(str(e))
-    if (SPEED or TASKS) and rt.ddp:
+    if (args.SPEED or args.TASKS) and rt.ddp:
         fail("--speed and --tasks measure models in one process: run them with python, not torchrun")
     models = {path: _load(path, rt.device) for path in paths}
-    teacher = _load(TEACHER, rt.device) if TEACHER else None
+    teacher = _load(args.TEACHER, rt.device) if args.TEACHER else None
     every = {**({"teacher": teacher} if teacher else {}), **models}  # the comparison's columns, teacher first
-    batches, tokens = read_val(every, rt)
-    n_tok = len(batches) * BATCH_SIZE * SEQ_LEN * rt.world_size
+    batches, tokens = read_val(args, every, rt)
+    n_tok = len(batches) * args.BATCH_SIZE * args.SEQ_LEN * rt.world_size
     rt.print(
-        f"{n_tok:,} val tokens from {DATA_DIR}: {len(batches)} batches of {BATCH_SIZE} x {SEQ_LEN} "
+        f"{n_tok:,} val tokens from {args.DATA_DIR}: {len(batches)} batches of {args.BATCH_SIZE} x {args.SEQ_LEN} "
         f"x {rt.world_size} rank(s) on {rt.device} ({str(rt.dtype).replace('torch.', '')})"
     )
     results, teacher_result = evaluate_models(models, batches, teacher, rt, progress=rt.master)
-    rows = [{"model": TEACHER, "role": "teacher", **teacher_result}] if teacher_result else []
+    rows = [{"model": args.TEACHER, "role": "teacher", **teacher_result}] if teacher_result else []
     rows += [{"model": p, "role": "checkpoint", **r} for p, r in results.items()]
     print_quality(rt, rows)
-    report = {"val_tokens": n_tok, "config": config, "results": rows}
-    if SPEED or TASKS:
+    report = {"val_tokens": n_tok, "config": args.as_dict(), "results": rows}
+    if args.SPEED or args.TASKS:
         quality = {**({"teacher": teacher_result} if teacher_result else {}), **results}
-        report.update(compare(every, quality, tokens, tok_dir, rt))
-    if OUT and rt.master:
-        write_report(report, teacher is not None, rt)
+        report.update(compare(args, every, quality, tokens, tok_dir, rt))
+    if args.OUT and rt.master:
+        write_report(args, report, teacher is not None, rt)
     rt.close()
 
 
-def check_arguments(paths: list[str], usage: str) -> str | None:
+def check_arguments(args: Settings, paths: list[str], usage: str) -> str | None:
     """Exit with one line for arguments that cannot work, before any model loads; return the folder to take a
     tokenizer from (None: none has one)."""
-    if not paths and not TEACHER:
+    if not paths and not args.TEACHER:
         fail(f"usage: {usage}  (--help lists the options)")
     check_ranges(
-        globals(), at_least={**dict.fromkeys("VAL_TOKENS BATCH_SIZE SEQ_LEN TASK_BATCH_SIZE".split(), 1), "LIMIT": 0}
+        args.as_dict(),
+        at_least={**dict.fromkeys("VAL_TOKENS BATCH_SIZE SEQ_LEN TASK_BATCH_SIZE".split(), 1), "LIMIT": 0},
     )
-    check_out()
-    for path in paths + ([TEACHER] if TEACHER else []):  # every folder, before loading any model
+    check_out(args)
+    for path in paths + ([args.TEACHER] if args.TEACHER else []):  # every folder, before loading any model
         try:
             check_has_config(path)
         except FileNotFoundError as e:
             fail(e)
-    if SPEED and (not CONTEXTS or min(CONTEXTS) <= DECODE_STEPS or DECODE_STEPS < 1):
+    if args.SPEED and (not args.CONTEXTS or min(args.CONTEXTS) <= args.DECODE_STEPS or args.DECODE_STEPS < 1):
         fail(
-            f"--contexts {CONTEXTS} must each exceed --decode-steps {DECODE_STEPS} (>= 1): each context is a "
+            f"--contexts {args.CONTEXTS} must each exceed --decode-steps {args.DECODE_STEPS} (>= 1): each context is a "
             f"prefill of context - decode-steps tokens, then the decoded ones"
         )
-    tok_dir = next(filter(None, (tokenizer_folder(p) for p in [TEACHER, *paths] if p)), None)
-    if TASKS and tok_dir is None:
+    tok_dir = next(filter(None, (tokenizer_folder(p) for p in [args.TEACHER, *paths] if p)), None)
+    if args.TASKS and tok_dir is None:
         fail("--tasks needs a tokenizer: neither the teacher nor any checkpoint folder has tokenizer files")
     return tok_dir
 
 
-def check_out() -> None:
+def check_out(args: Settings) -> None:
     """Exit with one line, before any model loads, when OUT cannot be written: it is a folder, or its folder is
     read-only (or a file)."""
-    if OUT and os.path.isdir(OUT):
-        fail(f"--out {OUT} is a folder; give the JSON file to write, such as {os.path.join(OUT, 'eval.json')}")
+    if args.OUT and os.path.isdir(args.OUT):
+        fail(
+            f"--out {args.OUT} is a folder; give the JSON file to write, such as {os.path.join(args.OUT, 'eval.json')}"
+        )
     try:
-        if OUT:
-            check_writable(os.path.dirname(os.path.abspath(OUT)))
+        if args.OUT:
+            check_writable(os.path.dirname(os.path.abspath(args.OUT)))
     except ValueError as e:
-        fail(f"--out {OUT}: {e}; choose another --out")
+        fail(f"--out {args.OUT}: {e}; choose another --out")
 
 
 def _load(path, device):
@@ -341,20 +350,30 @@ def _load(path, device):
         fail(f"{path}: cannot load it as a model: {str(e).splitlines()[0]}")
 
 
-def read_val(models: dict[str, nn.Module], rt: Runtime) -> tuple[list, torch.Tensor | None]:
+def read_val(args: Settings, models: dict[str, nn.Module], rt: Runtime) -> tuple[list, torch.Tensor | None]:
     """The val batches for quality, and with --speed one sequence of max(CONTEXTS) val tokens; exits with one line
     when the models do not fit the data or the contexts."""
     vocab = {name: m.config.vocab_size for name, m in models.items()}
     if len(set(vocab.values())) > 1:
         fail(f"the models have different vocabularies ({vocab}); compare checkpoints of one teacher")
     limit = min(getattr(m.config, "max_position_embeddings", math.inf) for m in models.values())
-    if SPEED and max(CONTEXTS) > limit:
-        fail(f"--contexts {CONTEXTS} go beyond the models' {limit} positions; lower them")
+    if args.SPEED and max(args.CONTEXTS) > limit:
+        fail(f"--contexts {args.CONTEXTS} go beyond the models' {limit} positions; lower them")
     try:
         batches = val_batches(
-            DATA_DIR, VAL_TOKENS, BATCH_SIZE, SEQ_LEN, rt.rank, rt.world_size, next(iter(vocab.values()))
+            args.DATA_DIR,
+            args.VAL_TOKENS,
+            args.BATCH_SIZE,
+            args.SEQ_LEN,
+            rt.rank,
+            rt.world_size,
+            next(iter(vocab.values())),
         )
-        tokens = val_batches(DATA_DIR, max(CONTEXTS), 1, max(CONTEXTS))[0][0].to(rt.device) if SPEED else None
+        tokens = (
+            val_batches(args.DATA_DIR, max(args.CONTEXTS), 1, max(args.CONTEXTS))[0][0].to(rt.device)
+            if args.SPEED
+            else None
+        )
     except (ShardError, ValueError) as e:
         fail(str(e))
     return batches, tokens
@@ -370,6 +389,7 @@ def print_quality(rt: Runtime, rows: list[dict]) -> None:
 
 
 def compare(
+    args: Settings,
     models: dict[str, nn.Module],
     quality: dict[str, dict],
     tokens: torch.Tensor | None,
@@ -380,10 +400,10 @@ def compare(
     comparison table; returns them for the report."""
     from transformers import AutoTokenizer
 
-    params = {name: parameter_counts(m) for name, m in models.items()} if SPEED else {}
-    speed = speed_rows(models, tokens, rt, CONTEXTS, DECODE_STEPS) if SPEED else []
+    params = {name: parameter_counts(m) for name, m in models.items()} if args.SPEED else {}
+    speed = speed_rows(models, tokens, rt, args.CONTEXTS, args.DECODE_STEPS) if args.SPEED else []
     try:
-        tasks = harness_scores(models, AutoTokenizer.from_pretrained(tok_dir), rt) if TASKS else {}
+        tasks = harness_scores(args, models, AutoTokenizer.from_pretrained(tok_dir), rt) if args.TASKS else {}
     except ValueError as e:
         fail(str(e))
     names = list(models)
@@ -392,9 +412,9 @@ def compare(
     rt.print(
         f"\ncomparison on {rt.device} ({where})"
         + (
-            f"; at each context: a prefill of context - {DECODE_STEPS} tokens, then {DECODE_STEPS} tokens "
+            f"; at each context: a prefill of context - {args.DECODE_STEPS} tokens, then {args.DECODE_STEPS} tokens "
             f"decoded one at a time (median step); state = decoding cache per sequence"
-            if SPEED
+            if args.SPEED
             else ""
         )
     )
@@ -403,18 +423,18 @@ def compare(
     return {"parameters": params, "speed": speed, "tasks": tasks, "models": names, "comparison": table}
 
 
-def write_report(report: dict, has_teacher: bool, rt: Runtime) -> None:
+def write_report(args: Settings, report: dict, has_teacher: bool, rt: Runtime) -> None:
     """OUT (JSON), and beside it the comparison's plot when there is one."""
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(OUT)), exist_ok=True)
-        write_json_atomic(OUT, report)
-        rt.print(f"\nwrote {OUT}")
+        os.makedirs(os.path.dirname(os.path.abspath(args.OUT)), exist_ok=True)
+        write_json_atomic(args.OUT, report)
+        rt.print(f"\nwrote {args.OUT}")
         if "comparison" in report:
-            png = os.path.splitext(OUT)[0] + ".png"
+            png = os.path.splitext(args.OUT)[0] + ".png"
             comparison_png(png, report["comparison"], report["models"], has_teacher)
             rt.print(f"wrote {png}")
     except OSError as e:  # the disk filled up during the evaluation, say
-        fail(f"--out {OUT}: cannot write it ({e.strerror}); the results are printed above")
+        fail(f"--out {args.OUT}: cannot write it ({e.strerror}); the results are printed above")
 
 
 if __name__ == "__main__":

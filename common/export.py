@@ -35,7 +35,7 @@ import torch.nn as nn
 from transformers import AutoModelForCausalLM, PreTrainedConfig
 
 from common.checkpoint import load_model, run_record, tokenizer_folder
-from common.config import check_ranges, fail, override
+from common.config import Settings, check_ranges, fail, override
 from common.evaluate import format_comparison
 from common.files import folder_written_whole, read_json
 from common.students.ffn import ffn_layout
@@ -148,9 +148,12 @@ def padded_state(config: PreTrainedConfig, width: int, state: dict, ffns: list[t
     return full
 
 
-def export_state(model: nn.Module) -> tuple[PreTrainedConfig, dict[str, torch.Tensor], str]:
+def export_state(
+    model: nn.Module, pad_to_widest: bool = False
+) -> tuple[PreTrainedConfig, dict[str, torch.Tensor], str]:
     """The exported config, its state dict and a description of the FFNs; or ValueError, one line saying
-    which layers differ and why."""
+    which layers differ and why. `pad_to_widest` (PAD_TO_WIDEST): FFNs of different widths zero-padded to the
+    widest."""
     config = model.config
     attention = [s for s in student_specs(model) if s["target"] == "attn"]
     if attention:
@@ -172,7 +175,7 @@ def export_state(model: nn.Module) -> tuple[PreTrainedConfig, dict[str, torch.Te
         raise ValueError(f"the FFN activations differ ({described}): the config has one activation for every layer")
     widths = {width for _, (_, width, _, _) in ffns}
     widest = max(widths)
-    if len(widths) > 1 and not PAD_TO_WIDEST:
+    if len(widths) > 1 and not pad_to_widest:
         raise ValueError(
             f"the FFN widths differ ({described}): the config has one FFN width for every layer; "
             f"--pad-to-widest zero-pads them to {widest} (exact, but saves nothing)"
@@ -207,8 +210,11 @@ def export_state(model: nn.Module) -> tuple[PreTrainedConfig, dict[str, torch.Te
     )
 
 
-def model_card(checkpoint: str, config: PreTrainedConfig, described: str, n_params: int, max_diff: float) -> str:
-    """README.md: where the model comes from (checkpoint, run, teacher, students) and, with --eval, its table."""
+def model_card(
+    out: str, checkpoint: str, config: PreTrainedConfig, described: str, n_params: int, checked: tuple, report: str
+) -> str:
+    """README.md of the export `out`: where the model comes from (checkpoint, run, teacher, students), its logits
+    check (`checked`: max difference, over how many tokens) and, given an evaluation `report` (--eval), its table."""
     meta_file = os.path.join(checkpoint, "meta.json")
     meta = read_json(meta_file, "the checkpoint is damaged; use another one") if os.path.exists(meta_file) else {}
     run = run_record(checkpoint)
@@ -219,7 +225,7 @@ def model_card(checkpoint: str, config: PreTrainedConfig, described: str, n_para
         "tags: [distillation, layerwise-decoder-distillation]",
         "---",
         "",
-        f"# {os.path.basename(os.path.abspath(OUT))}",
+        f"# {os.path.basename(os.path.abspath(out))}",
         "",
         f"A {config.architectures[0]} with {n_params / 1e6:.2f}M parameters, exported by `python -m common.export` of layerwise-decoder-distillation from the checkpoint "
         f"`{checkpoint}`. It loads with `transformers.AutoModelForCausalLM.from_pretrained` alone.",
@@ -228,11 +234,11 @@ def model_card(checkpoint: str, config: PreTrainedConfig, described: str, n_para
         f"- run: `{run.get('run_id', 'unknown')}` ({run.get('script', 'unknown script')}), checkpoint meta: "
         f"`{json.dumps(meta)}`",
         f"- FFNs: {described}",
-        f"- check: reloaded with transformers, its logits differ from the checkpoint's by at most {max_diff:.2e} "
-        f"over {CHECK_TOKENS} tokens",
+        f"- check: reloaded with transformers, its logits differ from the checkpoint's by at most {checked[0]:.2e} "
+        f"over {checked[1]} tokens",
     ]
-    if EVAL:
-        with open(EVAL) as f:
+    if report:
+        with open(report) as f:
             report = json.load(f)
         lines += ["", "## Evaluation", "", f"`python -m common.evaluate` ({report['val_tokens']:,} val tokens):", ""]
         if "comparison" in report:
@@ -246,25 +252,35 @@ def model_card(checkpoint: str, config: PreTrainedConfig, described: str, n_para
 
 
 @torch.no_grad()
-def export(checkpoint: str, out: str) -> tuple[float, str]:
-    """Write the export of `checkpoint` to `out`. Returns the max logit difference and the FFNs' description."""
+def export(args: Settings, checkpoint: str) -> tuple[float, str]:
+    """Write the export of `checkpoint` to args.OUT. Returns the max logit difference and the FFNs' description."""
     model = load_model(checkpoint).eval()
-    return export_model(model, checkpoint, out, tokenizer_folder(checkpoint, TOKENIZER))
+    tok_dir = tokenizer_folder(checkpoint, args.TOKENIZER)
+    if tok_dir is None:
+        raise ValueError(
+            f"no tokenizer files, nor has the teacher its run folder's run.json names, nor {args.TOKENIZER}; pass "
+            f"--tokenizer with the teacher's model folder"
+        )
+    return export_model(model, checkpoint, args.OUT, tok_dir, args.PAD_TO_WIDEST, args.CHECK_TOKENS, args.EVAL)
 
 
 @torch.no_grad()
-def export_model(model: nn.Module, checkpoint: str, out: str, tok_dir: str | None) -> tuple[float, str]:
+def export_model(
+    model: nn.Module,
+    checkpoint: str,
+    out: str,
+    tok_dir: str,
+    pad_to_widest: bool = False,
+    check_tokens: int = 64,
+    report: str = "",
+) -> tuple[float, str]:
     """Write the export of `model` (loaded from `checkpoint`, students in place) to `out`, with tok_dir's
-    tokenizer: a temp folder, reloaded with plain transformers and checked to give the model's logits, then
-    renamed. Returns the max logit difference and the FFNs' description."""
+    tokenizer: a temp folder, reloaded with plain transformers and checked to give the model's logits over
+    `check_tokens` tokens, then renamed; its README holds the evaluation `report` when given. Returns the max logit
+    difference and the FFNs' description."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    config, state, described = export_state(model)
-    if tok_dir is None:
-        raise ValueError(
-            f"{checkpoint} has no tokenizer files, nor has the teacher its run folder's run.json names, nor "
-            f"{TOKENIZER}; pass --tokenizer with the teacher's model folder"
-        )
+    config, state, described = export_state(model, pad_to_widest)
     with folder_written_whole(out) as tmp:
         exported = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         exported.load_state_dict(state, strict=True)
@@ -273,7 +289,7 @@ def export_model(model: nn.Module, checkpoint: str, out: str, tok_dir: str | Non
         exported.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(tok_dir).save_pretrained(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-        ids = torch.randint(0, config.vocab_size, (2, CHECK_TOKENS), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, config.vocab_size, (2, check_tokens), generator=torch.Generator().manual_seed(0))
         expected = model(ids, use_cache=False).logits
         max_diff = (reloaded(ids, use_cache=False).logits - expected).abs().max().item()
         if max_diff > 1e-4 * max(1.0, expected.abs().max().item()):
@@ -282,7 +298,8 @@ def export_model(model: nn.Module, checkpoint: str, out: str, tok_dir: str | Non
                 f"common/export.py; nothing was written"
             )
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card(checkpoint, config, described, sum(p.numel() for p in reloaded.parameters()), max_diff))
+            n_params = sum(p.numel() for p in reloaded.parameters())
+            f.write(model_card(out, checkpoint, config, described, n_params, (max_diff, check_tokens), report))
     return max_diff, described
 
 
@@ -292,19 +309,19 @@ def main(argv: list[str]) -> None:
         override(globals(), argv, usage)  # --help prints the options and exits
         fail(f"usage: {usage}  (--help lists the options)")
     checkpoint = argv.pop(0)
-    globals().update(override(globals(), argv, usage).as_dict())  # the constants now hold the run's settings
-    if not OUT:
+    args = override(globals(), argv, usage)
+    if not args.OUT:
         fail("--out DIR is needed: the folder to write the exported model to")
-    if os.path.exists(OUT):
-        fail(f"{OUT} already exists; choose a new --out (an export never overwrites a folder)")
-    check_ranges(globals(), at_least={"CHECK_TOKENS": 1})
-    if EVAL and not os.path.isfile(EVAL):
-        fail(f"--eval {EVAL}: no such file; write one with python -m common.evaluate ... --out FILE.json")
+    if os.path.exists(args.OUT):
+        fail(f"{args.OUT} already exists; choose a new --out (an export never overwrites a folder)")
+    check_ranges(args.as_dict(), at_least={"CHECK_TOKENS": 1})
+    if args.EVAL and not os.path.isfile(args.EVAL):
+        fail(f"--eval {args.EVAL}: no such file; write one with python -m common.evaluate ... --out FILE.json")
     try:
-        max_diff, described = export(checkpoint, OUT)
+        max_diff, described = export(args, checkpoint)
     except (OSError, ValueError, RuntimeError) as e:
         fail(f"{checkpoint}: cannot export: {str(e).splitlines()[0]}")
-    print(f"wrote {OUT}: {described}; reloaded with plain transformers, max |logit difference| {max_diff:.2e}")
+    print(f"wrote {args.OUT}: {described}; reloaded with plain transformers, max |logit difference| {max_diff:.2e}")
 
 
 if __name__ == "__main__":

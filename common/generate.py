@@ -18,7 +18,7 @@ import torch.nn as nn
 from transformers.cache_utils import Cache, DynamicCache
 
 from common.checkpoint import check_has_config, load_model, tokenizer_folder
-from common.config import fail, override
+from common.config import Settings, fail, override
 from common.runtime import Runtime
 from common.students.attention import RecurrentLayer
 from common.swap import get_block, transformer_layers
@@ -160,8 +160,8 @@ def main(argv: list[str]) -> None:
         override(globals(), argv, usage)  # --help prints the options and exits
         fail(f"usage: {usage}  (--help lists the options)")
     folder = argv.pop(0)
-    globals().update(override(globals(), argv, usage).as_dict())  # the constants now hold the run's settings
-    tok_dir = check_arguments(folder)
+    args = override(globals(), argv, usage)
+    tok_dir = check_arguments(args, folder)
     from transformers import AutoTokenizer
 
     try:
@@ -169,7 +169,7 @@ def main(argv: list[str]) -> None:
     except (OSError, ValueError) as e:
         fail(f"{tok_dir}: cannot load its tokenizer: {str(e).splitlines()[0]}")
     try:
-        rt = Runtime(DEVICE, DTYPE)
+        rt = Runtime(args.DEVICE, args.DTYPE)
     except ValueError as e:
         fail(str(e))
     try:
@@ -181,24 +181,25 @@ def main(argv: list[str]) -> None:
             f"the tokenizer from {tok_dir} has {len(tokenizer)} ids but the model only {model.config.vocab_size}; "
             f"pass the --tokenizer of the model this checkpoint was distilled from"
         )
-    prompts = read_prompts()
+    prompts = read_prompts(args)
     prompt_ids = [tokenizer(p)["input_ids"] or [tokenizer.bos_token_id or tokenizer.eos_token_id] for p in prompts]
     longest = max(len(p) for p in prompt_ids)
     limit = getattr(model.config, "max_position_embeddings", None)
-    if limit and longest + MAX_NEW_TOKENS > limit:
+    if limit and longest + args.MAX_NEW_TOKENS > limit:
         fail(
-            f"prompt ({longest} tokens) + --max-new-tokens {MAX_NEW_TOKENS} exceeds the model's "
+            f"prompt ({longest} tokens) + --max-new-tokens {args.MAX_NEW_TOKENS} exceeds the model's "
             f"{limit} positions; shorten the prompt or lower --max-new-tokens"
         )
     ids, real = left_pad(prompt_ids, pad_id=0)  # the padding is never attended to, so any id will do
     ids, real = ids.to(rt.device), real.to(rt.device)
-    generator = torch.Generator(rt.device).manual_seed(SEED)
+    generator = torch.Generator(rt.device).manual_seed(args.SEED)
     t0 = time.perf_counter()
     with rt.autocast():
-        out = generate(model, ids, MAX_NEW_TOKENS, TEMPERATURE, TOP_P, generator, tokenizer.eos_token_id, real)
+        sampling = (args.TEMPERATURE, args.TOP_P, generator)
+        out = generate(model, ids, args.MAX_NEW_TOKENS, *sampling, tokenizer.eos_token_id, real)
     seconds = time.perf_counter() - t0
     new = out.shape[1] - ids.shape[1]
-    mode = "greedy" if TEMPERATURE == 0 else f"temperature {TEMPERATURE}, top-p {TOP_P}, seed {SEED}"
+    mode = f"temperature {args.TEMPERATURE}, top-p {args.TOP_P}, seed {args.SEED}" if args.TEMPERATURE else "greedy"
     print(
         "\n\n".join(
             p + tokenizer.decode(row[ids.shape[1] :].tolist(), skip_special_tokens=True) for p, row in zip(prompts, out)
@@ -211,36 +212,37 @@ def main(argv: list[str]) -> None:
     )
 
 
-def check_arguments(folder: str) -> str:
+def check_arguments(args: Settings, folder: str) -> str:
     """Exit with one line for arguments that cannot work, before the model loads; return the tokenizer's folder."""
     try:
         check_has_config(folder)
     except FileNotFoundError as e:
         fail(e)
-    if TEMPERATURE < 0 or not 0 < TOP_P <= 1:
-        fail(f"--temperature must be >= 0 (0 = greedy) and --top-p in (0, 1]; got {TEMPERATURE} and {TOP_P}")
-    if MAX_NEW_TOKENS < 1:
-        fail(f"--max-new-tokens must be at least 1, got {MAX_NEW_TOKENS}")
-    tok_dir = tokenizer_folder(folder, TOKENIZER)
+    if args.TEMPERATURE < 0 or not 0 < args.TOP_P <= 1:
+        fail(f"--temperature must be >= 0 (0 = greedy) and --top-p in (0, 1]; got {args.TEMPERATURE} and {args.TOP_P}")
+    if args.MAX_NEW_TOKENS < 1:
+        fail(f"--max-new-tokens must be at least 1, got {args.MAX_NEW_TOKENS}")
+    tok_dir = tokenizer_folder(folder, args.TOKENIZER)
     if tok_dir is None:
         fail(
-            f"{folder} has no tokenizer files, nor has the teacher its run folder's run.json names, nor {TOKENIZER}; "
+            f"{folder} has no tokenizer files, nor has the teacher its run folder's run.json names, nor "
+            f"{args.TOKENIZER}; "
             f"pass --tokenizer with the teacher's model folder (run prepare.py to write models/smolllm2_135m)"
         )
     return tok_dir
 
 
-def read_prompts() -> list[str]:
+def read_prompts(args: Settings) -> list[str]:
     """PROMPT, or the lines of PROMPTS_FILE that hold text; exits with one line when the file has none."""
-    if not PROMPTS_FILE:
-        return [PROMPT]
+    if not args.PROMPTS_FILE:
+        return [args.PROMPT]
     try:
-        with open(PROMPTS_FILE) as f:
+        with open(args.PROMPTS_FILE) as f:
             prompts = [line.rstrip("\n") for line in f if line.strip()]
     except OSError as e:
-        fail(f"--prompts-file {PROMPTS_FILE}: {e.strerror}")
+        fail(f"--prompts-file {args.PROMPTS_FILE}: {e.strerror}")
     if not prompts:
-        fail(f"--prompts-file {PROMPTS_FILE} holds no prompt; write one prompt per line")
+        fail(f"--prompts-file {args.PROMPTS_FILE} holds no prompt; write one prompt per line")
     return prompts
 
 

@@ -151,12 +151,6 @@ def run_tiny_distill(teacher, data_dir, out_dir, *args, check=True):
     return run_distill(*TINY_DISTILL, *paths, *args, check=check)
 
 
-def keep_constants(module, monkeypatch):
-    """A CLI's overrides change its module's constants; restore them after the test."""
-    for name in [n for n in vars(module) if n.isupper()]:
-        monkeypatch.setattr(module, name, getattr(module, name))
-
-
 def read_metrics(out_dir, **match):
     """The records of a run folder's metrics.jsonl that hold every key=value of `match`."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:

@@ -10,8 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common.evaluate
-import common.generate
 from common.checkpoint import load_model, save_checkpoint
 from common.evaluate import main as evaluate_main
 from common.generate import generate
@@ -21,7 +19,6 @@ from common.quality import evaluate, evaluate_models
 from common.shards import val_batches
 from common.students import make_student
 from common.swap import get_block, set_block
-from conftest import keep_constants
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +72,7 @@ def test_perturbed_student_and_shared_backbone_teacher(teacher, student_dir, bat
     assert results["b"]["kl"] <= 1e-6 and t["ce"] == pytest.approx(m["teacher_ce"], rel=1e-6)
 
 
-def test_cli_prints_table_and_writes_json(tiny_model_dir, tiny_data_dir, student_dir, tmp_path, capsys, monkeypatch):
-    keep_constants(common.evaluate, monkeypatch)
+def test_cli_prints_table_and_writes_json(tiny_model_dir, tiny_data_dir, student_dir, tmp_path, capsys):
     out = tmp_path / "eval" / "results.json"
     evaluate_main(
         [
@@ -116,11 +112,7 @@ def cli_error(main, argv):
     return e.value.code
 
 
-def test_cli_truncated_weights_and_bad_lengths_are_one_line(
-    student_dir, tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
-):
-    keep_constants(common.evaluate, monkeypatch)
-    keep_constants(common.generate, monkeypatch)
+def test_cli_truncated_weights_and_bad_lengths_are_one_line(student_dir, tiny_model_dir, tiny_data_dir, tmp_path):
     cut = shutil.copytree(student_dir, tmp_path / "cut")
     with open(cut / "model.safetensors", "r+b") as f:
         f.truncate(f.seek(0, 2) - 100)
@@ -145,8 +137,7 @@ def test_greedy_generation_is_the_step_by_step_argmax(teacher):
     assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], sampled[2])
 
 
-def test_generate_cli_from_checkpoint(student_dir, tiny_model_dir, capsys, monkeypatch):
-    keep_constants(common.generate, monkeypatch)
+def test_generate_cli_from_checkpoint(student_dir, tiny_model_dir, capsys):
     generate_main(
         [
             student_dir,
@@ -212,7 +203,6 @@ def direct_accuracy(model, tokenizer, docs):
 def test_cli_speed_and_local_lm_eval_task(tiny_model_dir, tiny_data_dir, teacher, tmp_path, capsys, monkeypatch):
     from transformers import AutoTokenizer
 
-    keep_constants(common.evaluate, monkeypatch)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model = copy.deepcopy(teacher)  # linear attention in layer 0, a window in layer 1, pruned FFNs everywhere
     set_block(model, 0, "attn", make_student("attn", "linear", get_block(model, 0, "attn"), model.config))
@@ -281,7 +271,6 @@ def test_cli_speed_and_local_lm_eval_task(tiny_model_dir, tiny_data_dir, teacher
 
 
 def test_tasks_without_lm_eval_is_one_line(tiny_model_dir, tiny_data_dir, monkeypatch):
-    keep_constants(common.evaluate, monkeypatch)
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the package were not installed
     with pytest.raises(SystemExit) as e:
         evaluate_main(
@@ -303,13 +292,9 @@ def test_tasks_without_lm_eval_is_one_line(tiny_model_dir, tiny_data_dir, monkey
     assert "pip install lm_eval" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_cli_bad_values_and_folders_are_one_line_before_loading(
-    student_dir, tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch
-):
+def test_cli_bad_values_and_folders_are_one_line_before_loading(student_dir, tiny_model_dir, tiny_data_dir, tmp_path):
     import common.export
 
-    keep_constants(common.generate, monkeypatch)
-    keep_constants(common.export, monkeypatch)
     data = ["--teacher", tiny_model_dir, "--data-dir", tiny_data_dir]
     for argv, message in (
         ([student_dir, *data, "--batch-size", "0"], "BATCH_SIZE must be >= 1, got 0"),
@@ -320,15 +305,12 @@ def test_cli_bad_values_and_folders_are_one_line_before_loading(
         ),
         ([student_dir, *data, "--out", f"{student_dir}/config.json/eval.json"], "config.json is a file, not a folder"),
     ):
-        with monkeypatch.context() as m:
-            keep_constants(common.evaluate, m)
-            assert message in cli_error(evaluate_main, argv)
+        assert message in cli_error(evaluate_main, argv)
     error = cli_error(common.export.main, [student_dir, "--out", str(tmp_path / "x"), "--check-tokens", "0"])
     assert "CHECK_TOKENS must be >= 1, got 0" in error
     broken = shutil.copytree(tiny_model_dir, tmp_path / "broken")
     (broken / "config.json").write_text('{"model_type": "llama", ')
     assert f"{broken}: cannot load its tokenizer: " in cli_error(generate_main, [str(broken)])
-    keep_constants(common.evaluate, monkeypatch)
     assert f"{broken / 'config.json'}: unreadable (not JSON" in cli_error(
         evaluate_main, [str(broken), "--teacher", "", "--data-dir", tiny_data_dir]
     )

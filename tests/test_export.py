@@ -13,7 +13,7 @@ from common.export import main as export_main
 from common.generate import generate
 from common.students import make_student
 from common.swap import get_block, set_block, student_specs
-from conftest import keep_constants, make_model_folder
+from conftest import make_model_folder
 from families import FAMILIES, family_model
 
 
@@ -44,15 +44,10 @@ def checkpoint(teacher_dir, folder, ffn=None, attn=None):
 
 def run_export(*args):
     """export's main; returns its one-line exit message, or None when it wrote the folder."""
-    import common.export
-
-    saved = {n: getattr(common.export, n) for n in vars(common.export) if n.isupper()}
     try:
         export_main(list(args))
     except SystemExit as e:
         return str(e)
-    finally:
-        vars(common.export).update(saved)
 
 
 def logits(model, ids):
@@ -178,14 +173,11 @@ def test_pruned_ffns_export_for_every_family(teacher_dir, tmp_path, family):
 
 
 @pytest.mark.parametrize("family", ["phi3", "gpt2", "qwen3_moe"])
-def test_pad_to_widest_pads_every_ffn_shape(teacher_dir, tmp_path, monkeypatch, family):
+def test_pad_to_widest_pads_every_ffn_shape(teacher_dir, tmp_path, family):
     """A fused gate_up is padded half by half, a Conv1D along its input rows, experts one by one."""
-    import common.export
-
-    monkeypatch.setattr(common.export, "PAD_TO_WIDEST", True)
     model = pruned_family_model(family, layers=[0])  # layer 1 keeps the teacher's FFN
     out = str(tmp_path / "hf")
-    _, described = export_model(model, str(tmp_path / "ckpt"), out, teacher_dir)
+    _, described = export_model(model, str(tmp_path / "ckpt"), out, teacher_dir, pad_to_widest=True)
     assert "zero-padded to width" in described
     assert_reloads_with_equal_logits(out, model)
 
@@ -202,11 +194,11 @@ def test_gated_prototypes_of_other_ffn_shapes_are_refused_in_one_line(teacher_di
     assert not os.listdir(tmp_path)
 
 
-def test_a_run_finds_its_teacher_for_the_tokenizer(teacher_dir, tmp_path, monkeypatch, capsys):
+def test_a_run_finds_its_teacher_for_the_tokenizer(teacher_dir, tmp_path, capsys):
     """A checkpoint without tokenizer files in a run made with --teacher elsewhere: export, generate and evaluate take
     the tokenizer (and generation config) from the teacher its run.json names, not from models/smolllm2_135m."""
     import common.evaluate
-    import common.generate
+    from common.config import override
     from common.evaluate import check_arguments
     from common.generate import main as generate_main
 
@@ -216,9 +208,6 @@ def test_a_run_finds_its_teacher_for_the_tokenizer(teacher_dir, tmp_path, monkey
     assert run_export(ckpt, "--out", str(out)) is None
     assert {"tokenizer.json", "generation_config.json"} <= set(os.listdir(out))
     capsys.readouterr()
-    keep_constants(common.generate, monkeypatch)
     generate_main([ckpt, "--prompt", "the cat", "--max-new-tokens", "3"])
     assert capsys.readouterr().out.startswith("the cat")
-    keep_constants(common.evaluate, monkeypatch)
-    monkeypatch.setattr(common.evaluate, "TEACHER", "")
-    assert check_arguments([ckpt], "usage") == teacher_dir
+    assert check_arguments(override(vars(common.evaluate), ["--teacher", ""]), [ckpt], "usage") == teacher_dir

@@ -108,15 +108,14 @@ def test_evaluation_ce_is_transformers_own_and_a_copy_student_is_exact(family, f
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_distill_pruned_and_linear_then_logits_then_evaluate_generate_export(
-    family, folders, data_dir, tmp_path, monkeypatch
-):
+def test_distill_pruned_and_linear_then_logits_then_evaluate_generate_export(family, folders, data_dir, tmp_path):
     """distill.py end to end on the family: pruned half-width FFNs (calibrated, a few steps), then the logits phase;
     linear attention in layer 0; the distilled checkpoints evaluate to transformers' own CE, generate incrementally
     as a full re-run does, and the pruned model exports to plain transformers with equal logits."""
     from transformers import AutoModelForCausalLM
 
     from common import export
+    from common.config import override
     from common.generate import generate
 
     teacher = folders(family)
@@ -138,8 +137,7 @@ def test_distill_pruned_and_linear_then_logits_then_evaluate_generate_export(
         assert torch.equal(incremental[0], rerun[0])
         torch.testing.assert_close(incremental[1], rerun[1], rtol=1e-4, atol=1e-4)
     out = str(tmp_path / "exported")
-    monkeypatch.setattr(export, "TOKENIZER", teacher)
-    export.export(os.path.join(ffn, "logits_final"), out)
+    export.export(override(vars(export), ["--out", out, "--tokenizer", teacher]), os.path.join(ffn, "logits_final"))
     model = load_model(os.path.join(ffn, "logits_final")).eval()
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():

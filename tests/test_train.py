@@ -23,7 +23,7 @@ from common.checkpoint import load_model, save_checkpoint
 from common.shards import TokenLoader, shard_files, write_shard
 from common.students import make_student
 from common.swap import get_block, set_block
-from conftest import ROOT, another_run_in, keep_constants, read_metrics, run_killed, signal_handlers_kept
+from conftest import ROOT, another_run_in, read_metrics, run_killed, signal_handlers_kept
 
 TRAIN = os.path.join(ROOT, "train.py")
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun sets this too
@@ -485,7 +485,7 @@ def test_gpt2_trains_and_checkpoints_and_a_non_decoder_is_refused_at_the_start(t
         (lambda specs: [{**specs[0], "kwargs": {"scale": 0.25}}], "model.safetensors: its tensors do not fit"),
     ],
 )
-def test_a_malformed_students_json_is_one_line(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, damage, message):
+def test_a_malformed_students_json_is_one_line(tiny_model_dir, tiny_data_dir, tmp_path, damage, message):
     import common.evaluate
 
     model = load_model(tiny_model_dir)
@@ -499,7 +499,6 @@ def test_a_malformed_students_json_is_one_line(tiny_model_dir, tiny_data_dir, tm
     out = str(tmp_path / "run")
     assert message in train_error(SMALL, ckpt, tiny_data_dir, out)
     assert not os.path.exists(out)
-    keep_constants(common.evaluate, monkeypatch)
     with pytest.raises(SystemExit) as e:
         common.evaluate.main([ckpt, "--teacher", "", "--data-dir", tiny_data_dir])
     assert message in e.value.code and "\n" not in e.value.code
