@@ -112,7 +112,9 @@ STEPS_PER_LAYER = 100             # optimizer steps each layer gets per rotation
 LR = 1e-3                         # peak learning rate of each layer's schedule
 WARMUP_STEPS = 10                 # linear warmup at the start of each layer's schedule
 MIN_LR_RATIO = 0.1                # each layer's cosine decay ends at this fraction of LR
-DECODER_LOSS = "mse"              # mse, nmse (squared error / squared teacher norm, per token) or cosine
+DECODER_LOSS = "mse"              # mse, nmse (squared error / squared teacher norm, per token), cosine, or kl: the
+                                  # model's next-token KL to the teacher's with only this layer's student swapped
+                                  # in (a whole-model forward per step, a backward from the layer; rotation only)
 TRAINABLE = []                    # train only student parameters whose names contain one of these; empty = all
 VAL_EVERY = 0                     # also validate every N steps inside a layer (parallel: the whole run); 0 = off
 SAVE_EVERY = 0                    # parallel schedule: checkpoint every N steps; 0 = only the final one
@@ -223,7 +225,7 @@ def check_constants(args):
     choices = {
         "PHASE": ("layerwise", "logits", "choose"),
         "SCHEDULE": ("rotation", "parallel"),
-        "DECODER_LOSS": ("mse", "nmse", "cosine"),
+        "DECODER_LOSS": ("mse", "nmse", "cosine", "kl"),
         "LATENT_STREAM": ("teacher", "student"),
         "LATENT_CACHE": ("auto", "device", "host", "disk"),
         "TEACHER_ON": ("auto", "device", "host"),
@@ -251,6 +253,15 @@ def check_constants(args):
     )
     if args.PHASE == "choose" and args.RESUME:
         fail("the choose phase does not resume (it saves no training state): run it again in a new --out-dir")
+    if args.DECODER_LOSS == "kl" and args.SCHEDULE == "parallel":
+        fail(
+            "DECODER_LOSS=kl swaps one layer's student in at a time (the rotation); for the KL of the model with "
+            "every student in, train them with --phase logits after this phase"
+        )
+    if args.DECODER_LOSS == "kl" and args.TEACHER_ON == "host":
+        fail(
+            "DECODER_LOSS=kl runs the whole model every step, so it keeps the teacher on the device: --teacher-on auto"
+        )
 
 
 def open_run(run, config, reopen):
@@ -370,7 +381,7 @@ def place_teacher(run, model, estimate):
     args, rt = run.args, run.rt
     held = memory.model_bytes(model) if rt.device.type == "cpu" else 0  # on a CPU the teacher takes device memory
     free = free_bytes("device", rt, ".") + held  # already: free is what the phase has, the teacher counted in it
-    where = args.TEACHER_ON
+    where = "device" if args.DECODER_LOSS == "kl" else args.TEACHER_ON  # kl: every layer in every step
     if where == "auto":
         where = "host" if rt.device.type == "cuda" and sum(estimate("device").values()) > free else "device"
     terms = estimate(where)
@@ -402,7 +413,8 @@ def layerwise_memory(run, model, layers, student, n_val, teacher_on):
     # training and one visiting with the layer the stream advances through
     held = 2 if teacher_on == "host" and (args.SCHEDULE == "rotation" or args.PHASE == "choose") else len(layers)
     students = min(held, len(layers)) * sum(p.numel() for p in student.parameters())
-    return memory.layerwise(memory.shape_of(model), plan, students, teacher_on, cache)
+    whole_model = args.DECODER_LOSS == "kl"
+    return memory.layerwise(memory.shape_of(model), plan, students, teacher_on, cache, whole_model)
 
 
 def check_memory(run, terms, free, remedies):
@@ -603,11 +615,15 @@ def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, ste
         loss_sum = 0.0
         for m in range(args.GRAD_ACCUM):
             j = (s * args.GRAD_ACCUM + m) * args.BATCH_SIZE
-            xb = cache.x[j : j + args.BATCH_SIZE].to(rt.device, non_blocking=True)
-            with torch.no_grad(), rt.autocast():
-                target = cache.run_block(teacher_block, xb)
-            with rt.autocast():
-                loss = decoder_loss(cache.run_block(student, xb), target, args.DECODER_LOSS) / args.GRAD_ACCUM
+            if args.DECODER_LOSS == "kl":
+                loss = swapped_kl(run, cache.model, layer, student, cache.tokens[j : j + args.BATCH_SIZE])
+            else:
+                xb = cache.x[j : j + args.BATCH_SIZE].to(rt.device, non_blocking=True)
+                with torch.no_grad(), rt.autocast():
+                    target = cache.run_block(teacher_block, xb)
+                with rt.autocast():
+                    loss = decoder_loss(cache.run_block(student, xb), target, args.DECODER_LOSS)
+            loss = loss / args.GRAD_ACCUM
             loss.backward()
             loss_sum += loss.detach()
         (norm,) = step_optimizer(rt, opt, [params], lr, args.GRAD_CLIP)
@@ -621,6 +637,18 @@ def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, ste
         if validate:
             run.log.log(**record, **layer_error(rt, student, teacher_block, vcache))
     return step
+
+
+def swapped_kl(run, model, layer, student, ids):
+    """DECODER_LOSS=kl: KL(teacher || the model with `student` in `layer`'s slot, every other block the teacher's) of
+    the next-token distributions on ids, a mean per token (common.kd's chunked loss). The layers before `layer` keep
+    no graph (nothing there trains), so backward runs from `layer` to the head."""
+    ids = ids.to(run.rt.device)
+    with torch.no_grad(), run.rt.autocast():
+        teacher_hidden = final_hidden(model, ids)
+    with swapped(model, {(layer, run.args.TARGET): student}), run.rt.autocast():
+        loss, _ = kd_loss(final_hidden(model, ids), teacher_hidden, lm_head(model))
+    return loss
 
 
 def report_layer(run, rows, step, calibrated):
@@ -1142,7 +1170,7 @@ def trainable_params(student, name, trainable):
 
 
 def decoder_loss(student_out, teacher_out, kind):
-    """DECODER_LOSS `kind` of a student's output against its teacher block's."""
+    """DECODER_LOSS `kind` (mse, nmse or cosine) of a student's output against its teacher block's."""
     s, t = student_out.float(), teacher_out.float()
     if kind == "mse":
         return F.mse_loss(s, t)

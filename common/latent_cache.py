@@ -56,10 +56,10 @@ def _buffer(rt: Runtime, where: str, shape: tuple, path: str) -> torch.Tensor:
 
 
 class LatentCache:
-    """h: the teacher's residual stream for `tokens` (n, T) at the input of layer `self.layer`; after split(),
-    x: the latent that layer's target block sees. Every layer is computed by the model's own layer forward, called
-    as the model calls it (`calls`, a LayerCalls for the target). Batches of `batch_size` sequences go to the
-    device as they are used. With where='disk' both live in memory maps at `{file_prefix}_{h|x}_rank{rank}.npy`."""
+    """h: the teacher's residual stream for `tokens` (n, T, kept as `self.tokens`) at the input of layer
+    `self.layer`; after split(), x: the latent that layer's target block sees. Every layer is computed by the model's
+    own layer forward, called as the model calls it (`calls`, a LayerCalls for the target). Batches of `batch_size`
+    sequences go to the device as they are used. With where='disk' both live in memory maps at `{file_prefix}_{h|x}_rank{rank}.npy`."""
 
     def __init__(
         self,
@@ -71,7 +71,7 @@ class LatentCache:
         where: str,
         file_prefix: str,
     ):
-        self.rt, self.model, self.calls, self.batch_size = rt, model, calls, batch_size
+        self.rt, self.model, self.calls, self.batch_size, self.tokens = rt, model, calls, batch_size, tokens
         n, seq_len = tokens.shape
         shape = (n, seq_len, model.config.hidden_size)
         self.paths = [f"{file_prefix}_{part}_rank{rt.rank}.npy" for part in "hx"]

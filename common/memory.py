@@ -107,18 +107,21 @@ def gathered(plan: Plan, *models: Shape) -> int:
     return plan.frozen_bytes * (2 * max(m.layer_params for m in models) + sum(m.outside_layers() for m in models))
 
 
-def layerwise(teacher: Shape, plan: Plan, students: int, teacher_on: str, cache_bytes: int) -> dict[str, int]:
+def layerwise(
+    teacher: Shape, plan: Plan, students: int, teacher_on: str, cache_bytes: int, whole_model: bool = False
+) -> dict[str, int]:
     """The layer-wise phase: the teacher frozen, `students` parameters of students on the device in fp32 (all of
     them, or streamed one at a time: see distill.layerwise_memory), plan.trained of them training (one student in a
-    rotation, all of them in the parallel schedule), one layer computing at a time."""
+    rotation, all of them in the parallel schedule), one layer computing at a time; with `whole_model`
+    (DECODER_LOSS=kl) every step runs the whole model to the head and back, as the logits phase does."""
     on_device = teacher.layers if teacher_on == "device" else 2  # streamed: the layer distilled and the one the
     return {  # cache advances through
         "teacher": plan.frozen_bytes * (teacher.outside_layers() + on_device * teacher.layer_params),
         "students": 4 * max(0, students - plan.trained),  # fp32 weights of the students not training now
         "trained": ADAMW_BYTES * plan.trained,
         "latent cache": cache_bytes,  # the part of it on the device
-        "activations": activations(teacher, plan, 1),  # one layer's student and teacher block
-        "head chunks": head_chunks(teacher, plan, CE_BUFFERS),  # the hybrid model's validation
+        "activations": activations(teacher, plan, teacher.layers if whole_model else 1),  # one layer's blocks
+        "head chunks": head_chunks(teacher, plan, KD_BUFFERS if whole_model else CE_BUFFERS),  # or the KD loss
     }
 
 

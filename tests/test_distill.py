@@ -166,6 +166,35 @@ def test_attention_students_resume_exactly(kind, kwargs, teacher_dir, tiny_data_
     assert without_timing(layer_rows(whole)) == without_timing(layer_rows(cut))
 
 
+def test_the_kl_objective_is_the_models_kl_with_only_that_layer_swapped(teacher_dir, tiny_data_dir, tmp_path):
+    """DECODER_LOSS=kl: each step's loss is KL(teacher || the model with only layer i's student in) of next-token
+    distributions, checked at step 1 against transformers' own logits (the calibrated student, the first batch);
+    its steps lower that KL on held-out tokens."""
+    from common.checkpoint import load_model
+    from common.shards import TokenLoader, shard_files, val_batches
+    from common.swap import get_block, swapped
+
+    base = ["--layers", "1", "--student-kind", "pruned", "--student-kwargs", '{"scale": 0.5}', "--lr", "1e-2"]
+    calibrated, trained = str(tmp_path / "calibrated"), str(tmp_path / "kl")
+    run_tiny_distill(teacher_dir, tiny_data_dir, calibrated, *base, "--steps-per-layer", "0")
+    run_tiny_distill(teacher_dir, tiny_data_dir, trained, *base, "--steps-per-layer", "8", "--decoder-loss", "kl")
+    teacher = load_model(teacher_dir).eval()
+    x, _ = TokenLoader(shard_files(tiny_data_dir, "train"), 2, 32).next_batch()  # TINY_DISTILL's first batch
+
+    def kl(folder, ids):  # mean per token, from the two models' logits
+        student = get_block(load_model(os.path.join(folder, "final")), 1, "mlp")
+        with torch.no_grad(), swapped(teacher, {(1, "mlp"): student}):
+            log_q = teacher(ids).logits.log_softmax(-1)
+        with torch.no_grad():
+            log_p = teacher(ids).logits.log_softmax(-1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+
+    first = read_metrics(trained, phase="layerwise", layer_step=1)[0]["loss"]
+    assert abs(first - kl(calibrated, x)) < 1e-5 * max(1.0, first), (first, kl(calibrated, x))
+    val = torch.cat([b[0] for b in val_batches(tiny_data_dir, 512, 2, 32)])
+    assert kl(trained, val) < kl(calibrated, val)
+
+
 def without_timing(records):
     """Records (table rows, metrics lines) without what depends on the machine's speed."""
     timing = ("seconds", "train_s", "step_ms", "calib_s", "tokens_per_s")
@@ -420,6 +449,8 @@ def test_layerwise_teacher_in_bf16_and_students_in_fp32(teacher_dir, tiny_data_d
             ["--target", "attn", "--student-kind", "lolcats", "--student-kwargs", '{"window": 0}'],
             "lolcats student: window, feature_dim and chunk_size must be >= 1, got 0, None and 64",
         ),
+        (["--decoder-loss", "kl", "--schedule", "parallel"], "DECODER_LOSS=kl swaps one layer's student in at a time"),
+        (["--decoder-loss", "kl", "--teacher-on", "host"], "it keeps the teacher on the device: --teacher-on auto"),
     ],
 )
 def test_bad_input_is_one_clear_line(teacher_dir, tiny_data_dir, tmp_path, args, message):
