@@ -112,9 +112,7 @@ STEPS_PER_LAYER = 100             # optimizer steps each layer gets per rotation
 LR = 1e-3                         # peak learning rate of each layer's schedule
 WARMUP_STEPS = 10                 # linear warmup at the start of each layer's schedule
 MIN_LR_RATIO = 0.1                # each layer's cosine decay ends at this fraction of LR
-DECODER_LOSS = "mse"              # mse, nmse (squared error / squared teacher norm, per token), cosine, or kl: the
-                                  # model's next-token KL to the teacher's with only this layer's student swapped
-                                  # in (a whole-model forward per step, a backward from the layer; rotation only)
+DECODER_LOSS = "mse"              # mse, nmse (per token, / teacher's squared norm), cosine, or kl (model KL, slow)
 TRAINABLE = []                    # train only student parameters whose names contain one of these; empty = all
 VAL_EVERY = 0                     # also validate every N steps inside a layer (parallel: the whole run); 0 = off
 SAVE_EVERY = 0                    # parallel schedule: checkpoint every N steps; 0 = only the final one
