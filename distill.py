@@ -269,9 +269,8 @@ def open_run(run, config, reopen):
     args = run.args
 
     def start():
-        if (
-            args.PHASE == "logits" and not args.INIT and not args.RESUME
-        ):  # phase 2 of the layer-wise run in the run folder
+        # the logits phase as phase 2 of the layer-wise run in the run folder
+        if args.PHASE == "logits" and not args.INIT and not args.RESUME:
             if not os.path.exists(os.path.join(run.out_dir, "run.json")):
                 raise ValueError(
                     f"{run.out_dir}: no distill run here to continue; run the layer-wise phase into "
@@ -877,9 +876,7 @@ def logits_inputs(run):
             f"{init}: its backbone differs from the teacher's ({differs[0]}, ...), so they cannot share it; "
             f"use --kd-trainable all, or the --teacher the checkpoint was distilled from"
         )
-    if (
-        args.PARALLEL == "fsdp"
-    ):  # the student model of its own: the backbone (the teacher's) cast and frozen, students out
+    if args.PARALLEL == "fsdp":  # the student model of its own: the teacher's backbone cast and frozen, students out
         with swapped(source, {key: torch.nn.Module() for key in blocks}):
             source.requires_grad_(False).to(rt.frozen_dtype)
         return LogitsModels(init, resume_from, teacher, source, {})
