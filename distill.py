@@ -903,9 +903,8 @@ def logits_memory(run, source):
         parallel=args.PARALLEL,
         checkpointing=args.ACTIVATION_CHECKPOINTING,
     )
-    shared = (
-        args.KD_TRAINABLE == "decoders" and args.PARALLEL == "ddp"
-    )  # the students swapped into the teacher's own backbone
+    # the students swapped into the teacher's own backbone
+    shared = args.KD_TRAINABLE == "decoders" and args.PARALLEL == "ddp"
     return memory.logits(memory.shape_of(teacher), memory.shape_of(student), plan, shared)
 
 

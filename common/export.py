@@ -211,10 +211,17 @@ def export_state(
 
 
 def model_card(
-    out: str, checkpoint: str, config: PreTrainedConfig, described: str, n_params: int, checked: tuple, report: str
+    out: str,
+    checkpoint: str,
+    config: PreTrainedConfig,
+    described: str,
+    n_params: int,
+    max_diff: float,
+    check_tokens: int,
+    eval_file: str,
 ) -> str:
     """README.md of the export `out`: where the model comes from (checkpoint, run, teacher, students), its logits
-    check (`checked`: max difference, over how many tokens) and, given an evaluation `report` (--eval), its table."""
+    check (max_diff over check_tokens tokens) and, given an evaluation report (`eval_file`, --eval), its table."""
     meta_file = os.path.join(checkpoint, "meta.json")
     meta = read_json(meta_file, "the checkpoint is damaged; use another one") if os.path.exists(meta_file) else {}
     run = run_record(checkpoint)
@@ -234,11 +241,11 @@ def model_card(
         f"- run: `{run.get('run_id', 'unknown')}` ({run.get('script', 'unknown script')}), checkpoint meta: "
         f"`{json.dumps(meta)}`",
         f"- FFNs: {described}",
-        f"- check: reloaded with transformers, its logits differ from the checkpoint's by at most {checked[0]:.2e} "
-        f"over {checked[1]} tokens",
+        f"- check: reloaded with transformers, its logits differ from the checkpoint's by at most {max_diff:.2e} "
+        f"over {check_tokens} tokens",
     ]
-    if report:
-        with open(report) as f:
+    if eval_file:
+        with open(eval_file) as f:
             report = json.load(f)
         lines += ["", "## Evaluation", "", f"`python -m common.evaluate` ({report['val_tokens']:,} val tokens):", ""]
         if "comparison" in report:
@@ -272,12 +279,12 @@ def export_model(
     tok_dir: str,
     pad_to_widest: bool = False,
     check_tokens: int = 64,
-    report: str = "",
+    eval_file: str = "",
 ) -> tuple[float, str]:
     """Write the export of `model` (loaded from `checkpoint`, students in place) to `out`, with tok_dir's
     tokenizer: a temp folder, reloaded with plain transformers and checked to give the model's logits over
-    `check_tokens` tokens, then renamed; its README holds the evaluation `report` when given. Returns the max logit
-    difference and the FFNs' description."""
+    `check_tokens` tokens, then renamed; its README holds the evaluation report `eval_file` when given. Returns the
+    max logit difference and the FFNs' description."""
     from transformers import AutoTokenizer, GenerationConfig
 
     config, state, described = export_state(model, pad_to_widest)
@@ -299,7 +306,7 @@ def export_model(
             )
         with open(os.path.join(tmp, "README.md"), "w") as f:
             n_params = sum(p.numel() for p in reloaded.parameters())
-            f.write(model_card(out, checkpoint, config, described, n_params, (max_diff, check_tokens), report))
+            f.write(model_card(out, checkpoint, config, described, n_params, max_diff, check_tokens, eval_file))
     return max_diff, described
 
 

@@ -226,8 +226,8 @@ def check_arguments(args: Settings, folder: str) -> str:
     if tok_dir is None:
         fail(
             f"{folder} has no tokenizer files, nor has the teacher its run folder's run.json names, nor "
-            f"{args.TOKENIZER}; "
-            f"pass --tokenizer with the teacher's model folder (run prepare.py to write models/smolllm2_135m)"
+            f"{args.TOKENIZER}; pass --tokenizer with the teacher's model folder (run prepare.py to write "
+            "models/smolllm2_135m)"
         )
     return tok_dir
 
