@@ -103,7 +103,7 @@ TARGET = "mlp"                    # the block each layer swaps: mlp (FFN) or att
 STUDENT_KIND = "prototype"        # a registered student: mlp: copy/prototype/pruned; attn: linear/delta/lolcats/window
 STUDENT_KWARGS = {}               # the student's arguments, JSON: '{"scale": 0.5, "activation": "relu2"}'
 CALIB_TOKENS = 65536              # tokens (all ranks) each student calibrates on before its first step; 0 = off
-LATENT_STREAM = "teacher"         # what feeds layer i: the teacher's layers, or the students already trained
+LATENT_STREAM = "auto"            # what feeds layer i: teacher, student or corrected (docs); auto: corrected in rotations
 LAYERS = []                       # layer indices to distill; empty = every layer
 KEEP_TEACHER_LAYERS = []          # layers that keep the teacher's block (hybrids); removed from LAYERS
 SCHEDULE = "rotation"             # rotation (one layer at a time) or parallel (all layers per teacher pass)
@@ -182,6 +182,7 @@ def main(argv=None):
     """distill.py with the command line `argv` (default: sys.argv[1:])."""
     args = override(globals(), argv)
     check_constants(args)
+    args = resolve_latent_stream(args)
     try:
         rt = Runtime(dtype=args.DTYPE)
         if args.PHASE == "logits":
@@ -218,13 +219,23 @@ def main(argv=None):
     rt.close()
 
 
+def resolve_latent_stream(args):
+    """LATENT_STREAM=auto: corrected in a rotation of the layer-wise phase (it measured best for FFN and attention
+    students, docs/distill.md), teacher where each layer trains or is measured on its own teacher input (the
+    parallel schedule, the choose phase). The run's records hold the resolved value."""
+    if args.LATENT_STREAM != "auto":
+        return args
+    rotation = args.PHASE == "layerwise" and args.SCHEDULE == "rotation"
+    return Settings({**args.as_dict(), "LATENT_STREAM": "corrected" if rotation else "teacher"})
+
+
 def check_constants(args):
     """Every setting that can be checked without the model or the data, before anything runs."""
     choices = {
         "PHASE": ("layerwise", "logits", "choose"),
         "SCHEDULE": ("rotation", "parallel"),
         "DECODER_LOSS": ("mse", "nmse", "cosine", "kl"),
-        "LATENT_STREAM": ("teacher", "student"),
+        "LATENT_STREAM": ("auto", "teacher", "student", "corrected"),
         "LATENT_CACHE": ("auto", "device", "host", "disk"),
         "TEACHER_ON": ("auto", "device", "host"),
         "KD_TRAINABLE": ("decoders", "all"),
@@ -255,6 +266,11 @@ def check_constants(args):
         fail(
             "DECODER_LOSS=kl swaps one layer's student in at a time (the rotation); for the KL of the model with "
             "every student in, train them with --phase logits after this phase"
+        )
+    if args.LATENT_STREAM == "corrected" and args.SCHEDULE == "parallel":
+        fail(
+            "LATENT_STREAM=corrected keeps the teacher's stream beside the students' layer by layer (the rotation's "
+            "cache); with --schedule parallel use --latent-stream teacher or student"
         )
     if args.DECODER_LOSS == "kl" and args.TEACHER_ON == "host":
         fail(
@@ -405,7 +421,8 @@ def layerwise_memory(run, model, layers, student, n_val, teacher_on):
         frozen_bytes=next(model.parameters()).element_size(),
     )
     cache_on_device = args.LATENT_CACHE == "device" or (run.rt.device.type == "cpu" and args.LATENT_CACHE != "disk")
-    cache = cache_bytes(latent_tokens(run, n_val), model.config.hidden_size) if cache_on_device else 0
+    corrected = args.LATENT_STREAM == "corrected"
+    cache = cache_bytes(latent_tokens(run, n_val), model.config.hidden_size, corrected) if cache_on_device else 0
     # streamed, one layer at a time: the students live on the host beside their layers; on the device the one
     # training and one visiting with the layer the stream advances through
     held = 2 if teacher_on == "host" and (args.SCHEDULE == "rotation" or args.PHASE == "choose") else len(layers)
@@ -496,8 +513,9 @@ def train_rotation(run, calls, layers, val, teacher_ce):
         tokens = read_tokens(loader, n_seq // args.BATCH_SIZE)
         assert tokens.shape == (n_seq, args.SEQ_LEN), tokens.shape
         files = os.path.join(run.out_dir, ".latent")  # where=disk: the memory maps' names
-        cache = LatentCache(rt, model, tokens, calls, args.BATCH_SIZE, where, f"{files}_train")
-        vcache = LatentCache(rt, model, val_inputs(val), calls, args.BATCH_SIZE, where, f"{files}_val")
+        corrected = args.LATENT_STREAM == "corrected"
+        cache = LatentCache(rt, model, tokens, calls, args.BATCH_SIZE, where, f"{files}_train", corrected)
+        vcache = LatentCache(rt, model, val_inputs(val), calls, args.BATCH_SIZE, where, f"{files}_val", corrected)
         for k in range(first_layer, len(layers)):
             i = layers[k]
             # a streamed teacher keeps layer i and its student on the device for its turn
@@ -532,8 +550,11 @@ def rotation_sequences(run):
 def place_latents(run, n_tokens, hidden_size):
     """Where a latent cache of n_tokens per rank lives (LATENT_CACHE; common.latent_cache.place_cache); when it fits
     nowhere, the error names the constants that size it."""
+    args = run.args
     try:
-        return place_cache(run.rt, n_tokens, hidden_size, run.args.LATENT_CACHE, run.out_dir)
+        return place_cache(
+            run.rt, n_tokens, hidden_size, args.LATENT_CACHE, run.out_dir, args.LATENT_STREAM == "corrected"
+        )
     except ValueError as e:
         raise ValueError(
             f"{e}; lower STEPS_PER_LAYER x GRAD_ACCUM x BATCH_SIZE x SEQ_LEN, or free memory/disk"
@@ -583,7 +604,10 @@ def distill_layer(run, model, i, students, cache, vcache, rotation, step):
     calib_err = layer_error(rt, student, teacher_block, vcache) if calib_s is not None else start_err
     rt.synchronize()
     t_steps = time.time()
-    step = train_layer(run, student, teacher_block, cache, vcache, rotation, i, step)
+    upstream = {j: s for j, s in stream_students(args, students).items() if j < i}  # what feeds layer i
+    for block in upstream.values():  # frozen while they feed layer i (their turn's trainable_params sets them again)
+        block.requires_grad_(False)
+    step = train_layer(run, student, teacher_block, cache, vcache, rotation, i, upstream, step)
     rt.synchronize()
     step_ms = 1000 * (time.time() - t_steps) / max(1, args.STEPS_PER_LAYER)
     cache.finish(stream_students(args, students).get(i))
@@ -600,9 +624,10 @@ def distill_layer(run, model, i, students, cache, vcache, rotation, step):
     return errors, {"step_ms": step_ms, "calib_s": calib_s or 0.0, "train_s": train_s}, calib_s is not None, step
 
 
-def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, step):
-    """STEPS_PER_LAYER optimizer steps of one student on the cache's latents, each token once. Returns the step
-    count."""
+def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, upstream, step):
+    """STEPS_PER_LAYER optimizer steps of one student on the cache's latents, each token once; `upstream` ({layer:
+    student}) holds the students that feed this layer (LATENT_STREAM=student), which DECODER_LOSS=kl swaps in too.
+    Returns the step count."""
     args, rt = run.args, run.rt
     params = trainable_params(student, f"layer {layer}", args.TRAINABLE)
     opt = adamw(params, args.LR, args.WEIGHT_DECAY)
@@ -613,11 +638,12 @@ def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, ste
         for m in range(args.GRAD_ACCUM):
             j = (s * args.GRAD_ACCUM + m) * args.BATCH_SIZE
             if args.DECODER_LOSS == "kl":
-                loss = swapped_kl(run, cache.model, layer, student, cache.tokens[j : j + args.BATCH_SIZE])
+                blocks = {(k, args.TARGET): b for k, b in {**upstream, layer: student}.items()}
+                loss = swapped_kl(run, cache.model, blocks, cache.tokens[j : j + args.BATCH_SIZE])
             else:
                 xb = cache.x[j : j + args.BATCH_SIZE].to(rt.device, non_blocking=True)
                 with torch.no_grad(), rt.autocast():
-                    target = cache.run_block(teacher_block, xb)
+                    target = cache.target(teacher_block, j, xb)
                 with rt.autocast():
                     loss = decoder_loss(cache.run_block(student, xb), target, args.DECODER_LOSS)
             loss = loss / args.GRAD_ACCUM
@@ -636,14 +662,14 @@ def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, ste
     return step
 
 
-def swapped_kl(run, model, layer, student, ids):
-    """DECODER_LOSS=kl: KL(teacher || the model with `student` in `layer`'s slot, every other block the teacher's) of
-    the next-token distributions on ids, a mean per token (common.kd's chunked loss). The layers before `layer` keep
-    no graph (nothing there trains), so backward runs from `layer` to the head."""
+def swapped_kl(run, model, blocks, ids):
+    """DECODER_LOSS=kl: KL(teacher || the model with `blocks` ({(layer, target): student}) swapped in, every other
+    block the teacher's) of the next-token distributions on ids, a mean per token (common.kd's chunked loss). Only
+    the last of them trains: the layers before it keep no graph, so backward runs from it to the head."""
     ids = ids.to(run.rt.device)
     with torch.no_grad(), run.rt.autocast():
         teacher_hidden = final_hidden(model, ids)
-    with swapped(model, {(layer, run.args.TARGET): student}), run.rt.autocast():
+    with swapped(model, blocks), run.rt.autocast():
         loss, _ = kd_loss(final_hidden(model, ids), teacher_hidden, lm_head(model))
     return loss
 
@@ -773,7 +799,8 @@ def calibrate_all(run, calls, students):
         return False
     tokens = read_tokens(train_loader(run, model.config.vocab_size), run.batch.calib_batches)
     where = place_latents(run, tokens.numel(), model.config.hidden_size)
-    cache = LatentCache(rt, model, tokens, calls, args.BATCH_SIZE, where, os.path.join(run.out_dir, ".latent_calib"))
+    files = os.path.join(run.out_dir, ".latent_calib")
+    cache = LatentCache(rt, model, tokens, calls, args.BATCH_SIZE, where, files, args.LATENT_STREAM == "corrected")
     for i in tqdm(sorted(students), desc="calibrate", disable=not rt.master, leave=False):
         with resident(transformer_layers(model)[i], students[i]):
             cache.split_at(i, stream_students(args, students))
@@ -1141,9 +1168,10 @@ def load_students(ckpt, model, students, target):
 
 
 def stream_students(args, students):
-    """The students that carry the latent stream past their layers: all of them with LATENT_STREAM=student (later
-    layers learn on, and correct, earlier students' outputs), none with teacher ({layer: student})."""
-    return students if args.LATENT_STREAM == "student" else {}
+    """The students that carry the latent stream past their layers: all of them with LATENT_STREAM=student or
+    corrected (later layers learn on earlier students' outputs; corrected also fits them to undo their drift), none
+    with teacher ({layer: student})."""
+    return students if args.LATENT_STREAM != "teacher" else {}
 
 
 def trainable_params(student, name, trainable):
@@ -1185,8 +1213,8 @@ def calibrate(rt, student, teacher_block, cache, n_seq):
         teacher_block = copy.deepcopy(teacher_block).float()
 
     def batches(targets=True):
-        for _, xb in cache.batches(cache.x, n_seq):
-            yield xb, cache.run_block(teacher_block, xb) if targets else None
+        for s, xb in cache.batches(cache.x, n_seq):
+            yield xb, cache.target(teacher_block, s, xb) if targets else None
 
     student.calibrate(teacher_block, batches, rt.all_sum_, cache.run_block)
     rt.synchronize()
@@ -1195,12 +1223,12 @@ def calibrate(rt, student, teacher_block, cache, n_seq):
 
 @torch.no_grad()
 def layer_error(rt, student, teacher_block, cache):
-    """Val MSE and relative error ||s - t||^2 / ||t||^2 of a student against the teacher block,
-    on the latents of a (val) cache split at this layer."""
+    """Val MSE and relative error ||s - t||^2 / ||t||^2 of a student against its target (the teacher block's
+    output, corrected with LATENT_STREAM=corrected), on the latents of a (val) cache split at this layer."""
     se = sq = count = 0.0
-    for _, xb in cache.batches(cache.x):
+    for start, xb in cache.batches(cache.x):
         with rt.autocast():
-            t = cache.run_block(teacher_block, xb).float()
+            t = cache.target(teacher_block, start, xb).float()
             s = cache.run_block(student, xb).float()
         se += (s - t).square().sum().item()
         sq += t.square().sum().item()

@@ -28,16 +28,18 @@ def free_bytes(where: str, rt: Runtime, disk_dir: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def cache_bytes(n_tokens: int, hidden_size: int) -> int:
-    """Bytes of a cache of n_tokens: h and x, fp32."""
-    return 2 * 4 * hidden_size * n_tokens
+def cache_bytes(n_tokens: int, hidden_size: int, corrected: bool = False) -> int:
+    """Bytes of a cache of n_tokens, fp32: h and x, and with corrected=True the teacher's stream and the correction."""
+    return (4 if corrected else 2) * 4 * hidden_size * n_tokens
 
 
-def place_cache(rt: Runtime, n_tokens: int, hidden_size: int, choice: str, disk_dir: str) -> str:
+def place_cache(
+    rt: Runtime, n_tokens: int, hidden_size: int, choice: str, disk_dir: str, corrected: bool = False
+) -> str:
     """Where a cache of n_tokens (per rank) lives: `choice` (device, host or disk), or with choice 'auto' the
     device when it fits, else host memory, else a disk memory map in disk_dir. Raises ValueError when it fits
     nowhere, saying its size and where it was tried (the caller adds what makes its cache smaller)."""
-    nbytes = cache_bytes(n_tokens, hidden_size)
+    nbytes = cache_bytes(n_tokens, hidden_size, corrected)
     size = f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
     options = PLACES if choice == "auto" else (choice,)
     for where in options:
@@ -56,10 +58,17 @@ def _buffer(rt: Runtime, where: str, shape: tuple, path: str) -> torch.Tensor:
 
 
 class LatentCache:
-    """h: the teacher's residual stream for `tokens` (n, T, kept as `self.tokens`) at the input of layer
-    `self.layer`; after split(), x: the latent that layer's target block sees. Every layer is computed by the model's
-    own layer forward, called as the model calls it (`calls`, a LayerCalls for the target). Batches of `batch_size`
-    sequences go to the device as they are used. With where='disk' both live in memory maps at `{file_prefix}_{h|x}_rank{rank}.npy`."""
+    """h: the residual stream for `tokens` (n, T, kept as `self.tokens`) at the input of layer `self.layer`; after
+    split(), x: the latent that layer's target block sees. Every layer is computed by the model's own layer forward,
+    called as the model calls it (`calls`, a LayerCalls for the target). Batches of `batch_size` sequences go to the
+    device as they are used. With where='disk' the buffers live in memory maps at `{file_prefix}_{part}_rank{rank}.npy`.
+
+    h is the teacher's stream, or, where split() and finish() are given students, the stream through them. With
+    corrected=True the cache also carries the teacher's own stream (ht) beside it, and split() with a student
+    stores d: the teacher stream's layer output minus this stream's layer output with the teacher's block. The
+    target a student is fit to, target(), is then the teacher block's output on x plus d: what the block must add
+    for the layer's output to be the teacher's, so later students also undo the drift of the earlier ones (exact
+    where the block's output is added to the residual last, the FFN of a pre-norm layer)."""
 
     def __init__(
         self,
@@ -70,16 +79,23 @@ class LatentCache:
         batch_size: int,
         where: str,
         file_prefix: str,
+        corrected: bool = False,
     ):
         self.rt, self.model, self.calls, self.batch_size, self.tokens = rt, model, calls, batch_size, tokens
         n, seq_len = tokens.shape
         shape = (n, seq_len, model.config.hidden_size)
-        self.paths = [f"{file_prefix}_{part}_rank{rt.rank}.npy" for part in "hx"]
-        self.h, self.x = (_buffer(rt, where, shape, path) for path in self.paths)
+        parts = "hxtd" if corrected else "hx"
+        self.paths = [f"{file_prefix}_{part}_rank{rt.rank}.npy" for part in parts]
+        buffers = [_buffer(rt, where, shape, path) for path in self.paths]
+        self.h, self.x = buffers[:2]
+        self.ht, self.d = buffers[2:] if corrected else (None, None)
         self.layer = 0  # h is the input to this layer
         self.advanced = False  # split() already moved h past this layer through the teacher's block
+        self.teacher_advanced = False  # split() already moved ht past this layer
         for s in range(0, n, batch_size):
             self.h[s : s + batch_size].copy_(embed(model, tokens[s : s + batch_size].to(rt.device)))
+        if corrected:
+            self.ht.copy_(self.h)
 
     def batches(self, buffer: torch.Tensor, n: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """(start, batch on the device) over the first n sequences (default all) of a cache buffer."""
@@ -91,20 +107,35 @@ class LatentCache:
         """A block (the teacher's or a student) on latents x of this layer, called as the layer calls its block."""
         return self.calls.block(self.layer, x.shape[:2])(block, x)
 
+    def target(self, block: nn.Module, start: int, x: torch.Tensor) -> torch.Tensor:
+        """What a student is fit to on the batch of latents x at sequence `start`: the teacher's block on x,
+        plus the correction d with corrected=True."""
+        y = self.run_block(block, x)
+        return y if self.d is None else y + self.d[start : start + len(x)].to(self.rt.device, non_blocking=True)
+
     @torch.no_grad()
     def split(self, stream_block: nn.Module | None = None) -> None:
         """x <- the latent into this layer's target block. When the stream goes on through the teacher's block
-        (stream_block None), the same pass moves h past the layer, and finish() has nothing left to compute."""
+        (stream_block None), the same pass moves h past the layer, and finish() has nothing left to compute.
+        With corrected=True and a student, it also moves ht past the layer and stores the correction d."""
+        correct = self.d is not None and stream_block is not None
         for s, hb in self.batches(self.h):
+            n = len(hb)
             with self.rt.autocast():
-                if stream_block is None:
+                if stream_block is None or correct:
                     seen = {}
                     out = run_layer(self.model, self.calls, self.layer, hb, lambda x, y: seen.update(x=x))
-                    self.x[s : s + len(hb)].copy_(seen["x"])  # first: x may be hb itself, a view of h (OLMo 2)
-                    self.h[s : s + len(hb)].copy_(out)
+                    self.x[s : s + n].copy_(seen["x"])  # first: x may be hb itself, a view of h (OLMo 2)
+                    if correct:
+                        teacher_out = run_layer(self.model, self.calls, self.layer, self.ht[s : s + n].to(hb.device))
+                        self.d[s : s + n].copy_(teacher_out - out)
+                        self.ht[s : s + n].copy_(teacher_out)
+                    else:
+                        self.h[s : s + n].copy_(out)
                 else:
-                    self.x[s : s + len(hb)].copy_(block_input(self.model, self.calls, self.layer, hb))
+                    self.x[s : s + n].copy_(block_input(self.model, self.calls, self.layer, hb))
         self.advanced = stream_block is None
+        self.teacher_advanced = correct
 
     @torch.no_grad()
     def finish(self, block: nn.Module | None = None) -> None:
@@ -115,8 +146,12 @@ class LatentCache:
                 for s, hb in self.batches(self.h):
                     with self.rt.autocast():
                         self.h[s : s + len(hb)].copy_(run_layer(self.model, self.calls, self.layer, hb))
+        if self.ht is not None and not self.teacher_advanced:
+            for s, hb in self.batches(self.ht):
+                with self.rt.autocast():
+                    self.ht[s : s + len(hb)].copy_(run_layer(self.model, self.calls, self.layer, hb))
         self.layer += 1
-        self.advanced = False
+        self.advanced = self.teacher_advanced = False
 
     def advance_to(self, layer_index: int, blocks: dict | None = None) -> None:
         """Advance to layer_index through the teacher's blocks, or those in `blocks` ({layer: block})."""
@@ -133,7 +168,7 @@ class LatentCache:
 
     def close(self) -> None:
         """Free the buffers and delete their files when the cache lives on disk."""
-        del self.h, self.x
+        del self.h, self.x, self.ht, self.d
         for path in self.paths:
             if os.path.exists(path):
                 os.remove(path)

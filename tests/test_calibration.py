@@ -1,5 +1,8 @@
 """Student calibration: fp64 statistics over chunks, the closed-form fits, and how distill.py runs it."""
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -189,6 +192,15 @@ def test_student_stream_feeds_later_layers_the_students_output(teacher_dir, tiny
     assert rows["teacher"][1]["start_rel_err"] != rows["student"][1]["start_rel_err"]
 
 
+@pytest.mark.parametrize("schedule,stream", [("rotation", "corrected"), ("parallel", "teacher")])
+def test_the_default_latent_stream_is_corrected_in_rotations(teacher_dir, tiny_data_dir, tmp_path, schedule, stream):
+    """LATENT_STREAM=auto resolves by schedule, and the run records the resolved value."""
+    out = str(tmp_path / "run")
+    run_tiny_distill(teacher_dir, tiny_data_dir, out, "--student-kind", "pruned", "--schedule", schedule, *TINY_RUN)
+    with open(os.path.join(out, "config_layerwise.json")) as f:
+        assert json.load(f)["config"]["LATENT_STREAM"] == stream
+
+
 def test_parallel_schedule_calibrates(teacher_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
     run_tiny_distill(
@@ -216,7 +228,8 @@ def test_parallel_schedule_calibrates(teacher_dir, tiny_data_dir, tmp_path):
         (["--student-kind", "pruned", "--student-kwargs", '{"ridge": -1}'], "ridge must be >= 0"),
         (["--calib-tokens", "-5"], "CALIB_TOKENS must be >= 0"),
         (["--calib-tokens", "10000000"], "is more than the 40,000 tokens of"),
-        (["--latent-stream", "both"], "LATENT_STREAM must be teacher or student"),
+        (["--latent-stream", "both"], "LATENT_STREAM must be auto, teacher, student or corrected"),
+        (["--latent-stream", "corrected", "--schedule", "parallel"], "LATENT_STREAM=corrected keeps the teacher's"),
     ],
 )
 def test_bad_calibration_arguments_are_one_line(teacher_dir, tiny_data_dir, tmp_path, args, message):

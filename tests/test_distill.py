@@ -56,6 +56,47 @@ def test_latent_cache_is_the_teachers_hidden_state(teacher_dir, tiny_data_dir, t
         assert not list(tmp_path.glob("*.npy"))
 
 
+def test_corrected_targets_give_back_the_teachers_hidden_state(teacher_dir, tiny_data_dir, tmp_path):
+    """LATENT_STREAM=corrected: with students carrying the stream, a block that outputs the cache's target makes
+    the layer's output the teacher's own hidden state (transformers' forward), at every layer: the target undoes
+    the earlier students' drift. Without the correction it does not."""
+    from common.checkpoint import load_model
+    from common.latent_cache import LatentCache
+    from common.runtime import Runtime
+    from common.shards import TokenLoader, shard_files
+    from common.students import make_student
+    from common.swap import LayerCalls, get_block, run_layer, transformer_layers
+
+    model = load_model(teacher_dir).eval()
+    tokens = TokenLoader(shard_files(tiny_data_dir, "train"), 4, 16).next_batch()[0]
+    seen = []  # the last layer's output, before the final norm that transformers' last hidden state includes
+    handle = model.model.norm.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        hidden = [*model(tokens, output_hidden_states=True).hidden_states[:-1], *seen]
+    handle.remove()
+    n_layers = len(transformer_layers(model))
+    students = {i: make_student("mlp", "prototype", get_block(model, i, "mlp"), model.config) for i in range(n_layers)}
+    calls = LayerCalls(model, "mlp")
+    for where in ("host", "disk"):
+        cache = LatentCache(Runtime(), model, tokens, calls, 3, where, str(tmp_path / ".latent"), corrected=True)
+        plain = LatentCache(Runtime(), model, tokens, calls, 3, "host", str(tmp_path / ".plain"))
+        for i in range(n_layers):
+            teacher_block = get_block(model, i, "mlp")
+            for c in (cache, plain):
+                c.split(students[i])
+                with torch.no_grad():
+                    target = torch.cat([c.target(teacher_block, s, xb) for s, xb in c.batches(c.x)])
+                    out = run_layer(model, calls, i, c.h.clone(), lambda x, y: target)
+                if c is cache:
+                    torch.testing.assert_close(out, hidden[i + 1], rtol=0, atol=1e-5)
+                elif i > 0:  # the students' drift stays
+                    assert (out - hidden[i + 1]).abs().max() > 1e-2
+                c.finish(students[i])
+        cache.close()
+        plain.close()
+        assert not list(tmp_path.glob("*.npy"))
+
+
 def test_copy_student_is_exact_and_checkpoints_keep_the_backbone(teacher_dir, tiny_data_dir, tmp_path):
     out = str(tmp_path / "run")
     run_tiny_distill(teacher_dir, tiny_data_dir, out, "--student-kind", "copy", "--steps-per-layer", "3")
@@ -193,6 +234,46 @@ def test_the_kl_objective_is_the_models_kl_with_only_that_layer_swapped(teacher_
     assert abs(first - kl(calibrated, x)) < 1e-5 * max(1.0, first), (first, kl(calibrated, x))
     val = torch.cat([b[0] for b in val_batches(tiny_data_dir, 512, 2, 32)])
     assert kl(trained, val) < kl(calibrated, val)
+
+
+@pytest.mark.parametrize("stream", ["teacher", "corrected"])
+def test_the_kl_objective_swaps_in_the_students_that_feed_the_layer(teacher_dir, tiny_data_dir, tmp_path, stream):
+    """DECODER_LOSS=kl with a student stream: layer 1's loss is the model's KL with layer 0's student in too (what
+    feeds layer 1); with the teacher stream, with layer 1's alone. A negligible LR keeps the students as they start,
+    so the final model holds the students the first step saw."""
+    from common.checkpoint import load_model
+    from common.shards import TokenLoader, shard_files
+    from common.swap import get_block, swapped
+
+    out = str(tmp_path / "kl")
+    args = ["--layers", "0,1", "--student-kind", "pruned", "--student-kwargs", '{"scale": 0.5}', "--lr", "1e-12"]
+    run_tiny_distill(
+        teacher_dir,
+        tiny_data_dir,
+        out,
+        *args,
+        "--steps-per-layer",
+        "2",
+        "--decoder-loss",
+        "kl",
+        "--latent-stream",
+        stream,
+    )
+    teacher, final = load_model(teacher_dir).eval(), load_model(os.path.join(out, "final"))
+    x, _ = TokenLoader(shard_files(tiny_data_dir, "train"), 2, 32).next_batch()  # each layer's first batch
+
+    def kl(swap):  # mean per token, from transformers' logits
+        with torch.no_grad():
+            log_p = teacher(x).logits.log_softmax(-1)
+            with swapped(teacher, {(i, "mlp"): get_block(final, i, "mlp") for i in swap}):
+                log_q = teacher(x).logits.log_softmax(-1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
+
+    both, alone = kl([0, 1]), kl([1])
+    assert abs(both - alone) > 1e-3 * alone  # the two objectives differ on this batch
+    expected = both if stream == "corrected" else alone
+    first = read_metrics(out, phase="layerwise", layer=1, layer_step=1)[0]["loss"]
+    assert abs(first - expected) < 1e-5 * max(1.0, expected), (first, both, alone)
 
 
 def without_timing(records):
