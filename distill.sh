@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one command line to edit. PRESET picks its arguments (default: pruned):
 #   pruned   distill every FFN of the prepared SmolLM2-135M into a pruned half-width SwiGLU. Layer by layer,
-#            each student is first calibrated in closed form on the teacher's latents (channels chosen by
-#            Optimal Brain Surgeon, down projection refit), then trained to match its teacher block; the
-#            calibration, learning rates and validation are distill.py's defaults.
+#            each student is first calibrated in closed form on the latents of the model with the earlier
+#            students in place (channels chosen by Optimal Brain Surgeon, down projection refit), then trained,
+#            both toward the output that puts the teacher's hidden state back; the calibration, stream,
+#            learning rates and validation are distill.py's defaults.
 #   radlads  RADLADS (arXiv:2505.03005) on every attention: step 1 aligns every attention output with the
 #            teacher's, all layers at once from one teacher pass a batch, LR 1e-3 cosine to 1e-5; step 2 is the
 #            logits phase at a flat LR 1e-5. (Its optional step 3, fine-tuning, is not in it: train.py --init.)
