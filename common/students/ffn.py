@@ -364,27 +364,26 @@ def obs_importance(
     teacher: nn.Module, layout: FFNLayout, batches: Batches, all_reduce: AllReduce, forward: Forward, student
 ) -> torch.Tensor:
     """A dense FFN's channels ranked (1, I) by Optimal Brain Surgeon (Hassibi & Stork 1993; ZipLM's structured
-    form): with G the Gram matrix of what the output projection sees over the batches plus the refit's ridge, and W
-    the ridge fit of the batches' targets (the teacher's output, or what LATENT_STREAM=corrected asks of the block),
-    removing channel j and refitting on the rest raises the refit's objective by exactly ||W_:,j||^2 / (G^-1)_jj.
-    The cheapest channel goes, W and G^-1 are updated to the refit, and again, until `student.width` remain; a
-    channel's rank is the step it went at (those kept rank last). A bias is an all-ones channel that never goes.
-    Unlike 'activation', which scores each channel alone, this sees that two channels that move together can be one."""
+    form): with G the Gram matrix of what the output projection sees over the batches plus the refit's ridge, and W its
+    ridge fit, removing channel j and refitting on the rest raises the refit's objective by exactly
+    ||W_:,j||^2 / (G^-1)_jj. The cheapest channel goes, W and G^-1 are updated to the refit, and again, until
+    `student.width` remain; a channel's rank is the step it
+    went at (those kept rank last). A bias is an all-ones channel that never goes. Unlike 'activation', which scores
+    each channel alone, this sees that two channels that move together can be one."""
     output = getattr(teacher, layout.output)
-    gram = cross = None
-    for x, y in batches():
+    gram = None
+    for x, _ in batches(targets=False):
         a = _projection_input(teacher, layout.output, forward, x).flatten(0, -2).double()
         if output.bias is not None:
             a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-        y = y.flatten(0, -2).double()
         gram = a.T @ a if gram is None else gram.addmm_(a.T, a)
-        cross = a.T @ y if cross is None else cross.addmm_(a.T, y)
     all_reduce(gram)
-    all_reduce(cross)
+    w = linear_weight(output).double()  # (d, I), and the bias as channel I
+    w = torch.cat([w, output.bias.double()[:, None]], 1) if output.bias is not None else w.clone()
     n, channels = len(gram), layout.width
     lam = student.ridge * gram.diagonal().mean().clamp_min(1e-30)
     inverse = torch.linalg.inv(gram + lam * torch.eye(n, dtype=gram.dtype, device=gram.device))
-    w = (inverse @ cross).T  # (d, I), and the bias as channel I: the ridge fit on every channel, where the refit starts
+    w -= lam * w @ inverse  # the ridge fit on every channel, (G + lam)^-1 G W^T: where the refit starts from
     rank = torch.full((channels,), float(channels), dtype=torch.float64, device=gram.device)
     gone = torch.zeros(n, dtype=torch.bool, device=gram.device)
     gone[channels:] = True  # the bias channel is never a candidate
