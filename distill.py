@@ -1,8 +1,10 @@
 """Layer-wise distillation of a decoder-only LM's decoders, then full-model logits distillation.
 
 Phase 'layerwise' (default). A decoder is the swappable block of a layer (TARGET: the FFN 'mlp' or
-self-attention 'attn'). For layer i, the teacher's input latent to its decoder is fed to both the
-teacher's decoder and the student; only the student trains, to match the teacher's output.
+self-attention 'attn'). For layer i, the input latent to its decoder is fed to both the teacher's decoder and
+the student; only the student trains, to match the teacher's output (LATENT_STREAM: the teacher's latent, or by
+default in rotations the latent of the model with the earlier students in, and the output that puts the
+teacher's hidden state back).
   - SCHEDULE=rotation: one layer at a time, STEPS_PER_LAYER steps each, in layer order. The teacher's
     residual stream for the rotation's tokens is cached and advanced one layer at a time, so a
     rotation costs O(L) teacher layer-forwards per token and never runs layers after i or the head.
