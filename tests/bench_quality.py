@@ -166,16 +166,18 @@ def main():
         f"{STEPS_PER_LAYER} layer-wise steps, {KD_STEPS} logits steps of {BATCH_SIZE} x {SEQ_LEN}; "
         f"{n_tok:,} val tokens"
     )
-    print(f"{'stage':<20}{'val CE':>8}{'ppl':>9}{'x teacher':>11}{'KL':>9}{'top-1':>8}{'params':>14}{'wall s':>9}")
     print(
-        f"{'teacher':<20}{teacher_result['ce']:>8.4f}{teacher_result['ppl']:>9.2f}{1:>11.3f}{'-':>9}{'-':>8}"
-        f"{params(teacher):>14,}{'-':>9}"
+        f"{'stage':<20} {'val CE':>8} {'ppl':>9} {'x teacher':>11} {'KL':>8} {'top-1':>6} {'params':>13} {'wall s':>7}"
+    )
+    print(
+        f"{'teacher':<20} {teacher_result['ce']:>8.4f} {teacher_result['ppl']:>9.4g} {1:>11.3f} {'-':>8} {'-':>6} "
+        f"{params(teacher):>13,} {'-':>7}"
     )
     for stage, r in results.items():
         ratio = math.exp(r["ce"] - teacher_result["ce"])
         print(
-            f"{stage:<20}{r['ce']:>8.4f}{r['ppl']:>9.2f}{ratio:>11.3f}{r['kl']:>9.4f}{r['agreement']:>8.3f}"
-            f"{params(models[stage]):>14,}{seconds[stage]:>9.0f}"
+            f"{stage:<20} {r['ce']:>8.4f} {r['ppl']:>9.4g} {ratio:>11,.3f} {r['kl']:>8.4f} {r['agreement']:>6.3f} "
+            f"{params(models[stage]):>13,} {seconds[stage]:>7.0f}"
         )
 
 
