@@ -628,8 +628,8 @@ def distill_layer(run, model, i, students, cache, vcache, rotation, step):
 
 def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, upstream, step):
     """STEPS_PER_LAYER optimizer steps of one student on the cache's latents, each token once; `upstream` ({layer:
-    student}) holds the students that feed this layer (LATENT_STREAM=student), which DECODER_LOSS=kl swaps in too.
-    Returns the step count."""
+    student}) holds the students that feed this layer (LATENT_STREAM student or corrected), which DECODER_LOSS=kl
+    swaps in too. Returns the step count."""
     args, rt = run.args, run.rt
     params = trainable_params(student, f"layer {layer}", args.TRAINABLE)
     opt = adamw(params, args.LR, args.WEIGHT_DECAY)
