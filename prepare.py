@@ -407,6 +407,20 @@ def tokenize(texts):
     return tokens, lengths, time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def tokenizer_workers(tokenizer_json, eot_id):
+    """A pool of WORKERS tokenizer processes. When the caller fails (a full disk, Ctrl-C) the workers finish the
+    tasks already queued and exit: the pool's own terminate() can hang for good when it kills them while a task
+    larger than a pipe's buffer is half sent (here, once in a few hundred failures)."""
+    with mp.get_context().Pool(WORKERS, init_worker, (tokenizer_json, eot_id)) as pool:
+        try:
+            yield pool
+        except BaseException:
+            pool.close()
+            pool.join()
+            raise
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -558,7 +572,7 @@ def tokenize_stream(progress, source, tokenizer_json, eot_id, started, clock):
     writer = ShardWriter(progress)
     split_bytes = {s: progress["splits"][s]["text_bytes"] for s in SPLITS}  # documents before next_doc
     nbytes, tokens = 0, 0
-    with mp.get_context().Pool(WORKERS, init_worker, (tokenizer_json, eot_id)) as pool:
+    with tokenizer_workers(tokenizer_json, eot_id) as pool:
         stream, log = open_stream(source)
         t0, cpu0 = time.perf_counter(), cpu_seconds()
         clock["start-up"] = t0 - started
