@@ -462,22 +462,15 @@ def test_an_out_dir_that_cannot_be_written_and_a_damaged_marker_are_one_line(mod
     assert not os.path.exists(tmp_path / "out")
 
 
-def prepare_patched(patch, *args):
-    """prepare.py run after the Python lines `patch`: a failure injected where the test needs it."""
-    script = f"import runpy, sys\n{patch}\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
-    return subprocess.run(
-        [sys.executable, "-c", script, PREPARE, *map(str, args)], cwd=ROOT, capture_output=True, text=True
-    )
-
-
 def test_a_full_disk_is_one_line(model, corpus, tmp_path):
     full = (
-        "import errno, common.shards\n"
+        "import errno, runpy, sys\nimport common.shards\n"
         "def full(*args, **kwargs):\n    raise OSError(errno.ENOSPC, 'No space left on device')\n"
-        "common.shards.write_shard = full"
+        "common.shards.write_shard = full\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n"
     )
     out = tmp_path / "out"
-    result = prepare_patched(
-        full, "--model", model, "--model-dir", model, "--dataset", corpus, "--out-dir", out, *SIZES
+    args = ["--model", model, "--model-dir", model, "--dataset", corpus, "--out-dir", out, *SIZES]
+    result = subprocess.run(
+        [sys.executable, "-c", full, PREPARE, *map(str, args)], cwd=ROOT, capture_output=True, text=True
     )
     fails(result, f"the disk holding {out} is full", "free some space, then re-run the same command")
