@@ -104,7 +104,7 @@ KEEP_LAST = 0                     # keep the newest K checkpoints of the phase, 
 TARGET = "mlp"                    # the block each layer swaps: mlp (FFN) or attn (self-attention)
 STUDENT_KIND = "prototype"        # a registered student: mlp: copy/prototype/pruned; attn: linear/delta/lolcats/window
 STUDENT_KWARGS = {}               # the student's arguments, JSON: '{"scale": 0.5, "activation": "relu2"}'
-CALIB_TOKENS = 65536              # tokens (all ranks) each student calibrates on before its first step; 0 = off
+CALIB_TOKENS = 262144             # tokens (all ranks) each student fits on first; fewer miss rare tokens; 0 = off
 LATENT_STREAM = "auto"            # what feeds layer i: teacher, student or corrected (docs); auto: corrected in rotations
 LAYERS = []                       # layer indices to distill; empty = every layer
 KEEP_TEACHER_LAYERS = []          # layers that keep the teacher's block (hybrids); removed from LAYERS
