@@ -53,7 +53,10 @@ def calibrate_seconds(kind, kwargs, tokens, batch, seq, device):
     with torch.no_grad():
         t0 = time.time()
         student.calibrate(
-            teacher, lambda targets=True: ((x, teacher(x) if targets else None) for x in latents), lambda t: t
+            teacher,
+            lambda targets=True: ((x, teacher(x) if targets else None) for x in latents),
+            lambda t: t,
+            lambda module, x: module(x),
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -83,7 +86,7 @@ def peak_memory_child(kind, kwargs, tokens, batch, seq):
         before = rss_bytes()
         sampler = threading.Thread(target=sample)
         sampler.start()
-        student.calibrate(teacher, batches, lambda t: t)
+        student.calibrate(teacher, batches, lambda t: t, lambda module, x: module(x))
         done.set()
         sampler.join()
     print(json.dumps({"added_mib": (peak[0] - before) / 2**20, "peak_mib": peak[0] / 2**20}))
