@@ -60,8 +60,9 @@ def test_statistics_in_chunks_equal_one_shot(kind, kwargs):
     chunked, whole = student(kind, teacher, **kwargs), student(kind, teacher, **kwargs)
     chunked.calibrate(teacher, data(teacher, xs), no_reduce, call)
     whole.calibrate(teacher, data(teacher, [torch.cat(xs)]), no_reduce, call)
+    tol = 1e-4 if kind == "pruned" else 1e-6  # pruned: a batch's products are fp32 (common/students/ffn.py)
     for (name, a), b in zip(chunked.state_dict().items(), whole.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(a, b, rtol=10 * tol, atol=tol, msg=name)
 
 
 def test_refit_solves_least_squares():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from common.students import make_student
+from common.students.fit import linear_weight
 from common.swap import get_block
 from families import FAMILIES, family_model
 from test_calibration import call, data, latents, no_reduce, rel_err
@@ -93,7 +94,9 @@ def test_pruned_statistics_in_chunks_equal_one_shot(family):
         chunked.calibrate(t, data(t, xs), no_reduce, call)
         whole.calibrate(t, data(t, [torch.cat(xs)]), no_reduce, call)
     for (name, a), b in zip(chunked.state_dict().items(), whole.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        # a batch's products are fp32 (output_statistics), so chunks round differently: within fp32 steps of
+        # these random tiny blocks' ill-conditioned refits (condition numbers near 1e5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -134,37 +137,47 @@ def test_a_block_of_no_known_ffn_shape_is_refused_in_one_line():
         make_student("mlp", "pruned", get_block(model, 0, "attn"), model.config)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_obs_removes_channels_as_a_brute_force_greedy_search_over_refits_does(family):
+@pytest.mark.parametrize("family,corrected", [("llama", False), ("gpt2", False), ("llama", True)])
+def test_obs_removes_channels_as_a_brute_force_greedy_search_over_refits_does(family, corrected):
     """importance='obs' (common/students/ffn.py): each channel it removes is the one whose removal, with the output
     projection ridge-refit on the rest (and its bias, gpt2), leaves the least refit objective: checked against every
-    candidate's refit solved directly, for the first removals; and the student keeps the channels it did not remove."""
-    from common.students.ffn import _projection_input, ffn_layout, obs_importance
+    candidate's refit solved directly, for the first removals, for the teacher's output as the target and for a
+    corrected one (the teacher's output plus a drift to undo, LATENT_STREAM=corrected); and the student keeps the
+    channels it did not remove, refit on them."""
+    from common.students.ffn import _projection_input, ffn_layout, obs_importance, output_statistics
 
     t, config = teacher(family)
     xs, ridge = latents(n_batches=12), 1e-3
+    drift = [0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(k)) for k, x in enumerate(xs)]
+    batches = lambda targets=True: ((x, t(x) + (d if corrected else 0)) for x, d in zip(xs, drift))  # noqa: E731
     s = student(family, "pruned", scale=0.5, importance="obs", ridge=ridge)
     layout = ffn_layout(t, config.hidden_size)
     with torch.no_grad():
-        rank = obs_importance(t, layout, data(t, xs), no_reduce, call, s)[0]
+        rank = obs_importance(*output_statistics(t, layout, batches, no_reduce, call), layout.width, s.width, ridge)[0]
         a = torch.cat([_projection_input(t, layout.output, call, x).flatten(0, -2) for x in xs]).double()
-        y = torch.cat([t(x).flatten(0, -2) for x in xs]).double()
+        y = torch.cat([y.flatten(0, -2) for _, y in batches()]).double()
     a = torch.cat([a, torch.ones_like(a[:, :1])], 1) if getattr(t, layout.output).bias is not None else a
     lam = ridge * (a.T @ a).diagonal().mean()
 
-    def objective(kept):  # min over W of ||y - a_kept W||^2 + lam ||W||^2
+    def fit(kept, lam=lam):  # argmin over W of ||y - a_kept W||^2 + lam ||W||^2, and that minimum
         ak = a[:, kept]
         w = torch.linalg.solve(ak.T @ ak + lam * torch.eye(len(kept), dtype=a.dtype), ak.T @ y)
-        return ((y - ak @ w).square().sum() + lam * w.square().sum()).item()
+        return w, ((y - ak @ w).square().sum() + lam * w.square().sum()).item()
 
     kept = list(range(a.shape[1]))
     for step in range(4):
         candidates = [j for j in kept if j < layout.width]
-        best = min(candidates, key=lambda j: objective([k for k in kept if k != j]))
+        best = min(candidates, key=lambda j: fit([k for k in kept if k != j])[1])
         assert rank[best] == step
         kept.remove(best)
     with torch.no_grad():
-        s.calibrate(t, data(t, xs), no_reduce, call)
+        s.calibrate(t, batches, no_reduce, call)
         seen = _projection_input(s.block, layout.output, call, xs[0])
-        keep = (rank == layout.width).nonzero()[:, 0]
-        torch.testing.assert_close(seen, _projection_input(t, layout.output, call, xs[0])[..., keep])
+    keep = (rank == layout.width).nonzero()[:, 0]
+    torch.testing.assert_close(seen, _projection_input(t, layout.output, call, xs[0])[..., keep])
+    rows = [*keep.tolist(), *range(layout.width, a.shape[1])]  # the refit: kept channels, bias last, its own ridge
+    w, _ = fit(rows, ridge * (a[:, rows].T @ a[:, rows]).diagonal().mean())
+    output = s.block.c_proj if family == "gpt2" else s.block.down_proj
+    torch.testing.assert_close(linear_weight(output).double(), w[: len(keep)].T, rtol=1e-4, atol=1e-5)
+    if output.bias is not None:
+        torch.testing.assert_close(output.bias.double(), w[-1], rtol=1e-4, atol=1e-5)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-from common.students.fit import AllReduce, Batches, Forward, fit_linear, linear_weight
+from common.students.fit import AllReduce, Batches, Forward, fit_linear, linear_weight, ridge_solve, ridged
 from common.students.registry import register
 
 
@@ -311,8 +311,9 @@ class PrunedMLP(nn.Module):
         self.keep_channels(teacher, weight_importance(_channel_weights(teacher, self.layout)))
 
     @torch.no_grad()
-    def keep_channels(self, teacher: nn.Module, importance: torch.Tensor) -> None:
-        """Copy the teacher's channels of largest importance (E, I), each expert's own, in the teacher's order."""
+    def keep_channels(self, teacher: nn.Module, importance: torch.Tensor) -> torch.Tensor:
+        """Copy the teacher's channels of largest importance (E, I), each expert's own, in the teacher's order;
+        returns their indices (E, width)."""
         keep = importance.topk(self.width, dim=-1).indices.sort(dim=-1).values
         pairs = zip(_channel_weights(self.block, self.layout), _channel_weights(teacher, self.layout))
         for (role, mine, my_bias), (_, theirs, their_bias) in pairs:
@@ -325,19 +326,28 @@ class PrunedMLP(nn.Module):
             mine.copy_(theirs.gather(1, rows[:, :, None].expand(-1, -1, theirs.shape[2])))
             if my_bias is not None:
                 my_bias.copy_(their_bias.gather(1, rows))
+        return keep
 
     @torch.no_grad()
     def calibrate(self, teacher: nn.Module, batches: Batches, all_reduce: AllReduce, forward: Forward) -> None:
+        importance = weight_importance(_channel_weights(teacher, self.layout))  # the choice before calibration
         if self.importance == "activation":
             importance = (expert_importance if self.layout.experts else activation_importance)(
                 teacher, self.layout, batches, all_reduce, forward
             )
-            self.keep_channels(teacher, importance)
-        elif self.importance == "obs":
-            self.keep_channels(teacher, obs_importance(teacher, self.layout, batches, all_reduce, forward, self))
-        if self.refit and self.layout.output:
-            features = functools.partial(_projection_input, self.block, self.layout.output, forward)
-            fit_linear(getattr(self.block, self.layout.output), features, batches, all_reduce, self.ridge)
+        refit = self.refit and self.layout.output is not None
+        if refit:  # one pass over the data: OBS and the refit both read its statistics
+            gram, cross = output_statistics(teacher, self.layout, batches, all_reduce, forward)
+            if self.importance == "obs":
+                importance = obs_importance(gram, cross, self.layout.width, self.width, self.ridge)
+        keep = self.keep_channels(teacher, importance)[0]
+        if refit:  # the output projection's ridge fit on the kept channels (and the bias channel, last)
+            rows = torch.cat([keep.to(gram.device), torch.arange(self.layout.width, len(gram), device=gram.device)])
+            w = ridge_solve(gram[rows][:, rows], cross[rows], self.ridge).T
+            output = getattr(self.block, self.layout.output)
+            linear_weight(output).copy_(w[:, : self.width])
+            if output.bias is not None:
+                output.bias.copy_(w[:, -1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x)
@@ -360,34 +370,42 @@ def activation_importance(
     return (square_sum.sqrt() * linear_weight(getattr(teacher, layout.output)).double().norm(dim=0))[None]
 
 
-def obs_importance(
-    teacher: nn.Module, layout: FFNLayout, batches: Batches, all_reduce: AllReduce, forward: Forward, student
-) -> torch.Tensor:
-    """A dense FFN's channels ranked (1, I) by Optimal Brain Surgeon (Hassibi & Stork 1993; ZipLM's structured
-    form): with G the Gram matrix of what the output projection sees over the batches plus the refit's ridge, and W its
-    ridge fit, removing channel j and refitting on the rest raises the refit's objective by exactly
-    ||W_:,j||^2 / (G^-1)_jj. The cheapest channel goes, W and G^-1 are updated to the refit, and again, until
-    `student.width` remain; a channel's rank is the step it
-    went at (those kept rank last). A bias is an all-ones channel that never goes. Unlike 'activation', which scores
-    each channel alone, this sees that two channels that move together can be one."""
+def output_statistics(
+    teacher: nn.Module, layout: FFNLayout, batches: Batches, all_reduce: AllReduce, forward: Forward
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense FFN's refit statistics, from one pass over the batches: (G, C) = (A^T A, A^T Y) in fp64, summed
+    over ranks, where A (tokens, n) is what the teacher's output projection sees (I channels, then a column of
+    ones for its bias, if any) and Y the target. Each batch's products run in fp32 and are summed in fp64: the
+    Gram is the calibration's largest matmul, fp64 runs it at half speed on CPUs and far slower on most GPUs, and
+    a batch's sums in fp32 leave ranks and refit as they were (docs/distill.md)."""
     output = getattr(teacher, layout.output)
-    gram = None
-    for x, _ in batches(targets=False):
-        a = _projection_input(teacher, layout.output, forward, x).flatten(0, -2).double()
+    gram = cross = 0
+    for x, y in batches():
+        a = _projection_input(teacher, layout.output, forward, x).flatten(0, -2).float()
         if output.bias is not None:
             a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-        gram = a.T @ a if gram is None else gram.addmm_(a.T, a)
+        gram = gram + (a.T @ a).double()
+        cross = cross + (a.T @ y.flatten(0, -2).float()).double()
     all_reduce(gram)
-    w = linear_weight(output).double()  # (d, I), and the bias as channel I
-    w = torch.cat([w, output.bias.double()[:, None]], 1) if output.bias is not None else w.clone()
-    n, channels = len(gram), layout.width
-    lam = student.ridge * gram.diagonal().mean().clamp_min(1e-30)
-    inverse = torch.linalg.inv(gram + lam * torch.eye(n, dtype=gram.dtype, device=gram.device))
-    w -= lam * w @ inverse  # the ridge fit on every channel, (G + lam)^-1 G W^T: where the refit starts from
+    all_reduce(cross)
+    return gram, cross
+
+
+def obs_importance(gram: torch.Tensor, cross: torch.Tensor, channels: int, width: int, ridge: float) -> torch.Tensor:
+    """A dense FFN's channels ranked (1, I) by Optimal Brain Surgeon (Hassibi & Stork 1993; ZipLM's structured
+    form), from output_statistics' (G, C) (`channels` = I of them, then the bias's, which never goes): with H = G plus the
+    refit's ridge and W = H^-1 C the ridge fit on every channel, removing channel j and refitting on the rest
+    raises the refit's objective by exactly ||W_j||^2 / (H^-1)_jj, whatever the target. The cheapest channel
+    goes, W and H^-1 are updated to the refit, and again, until `width` remain; a channel's rank is the step it
+    went at (those kept rank last). Unlike 'activation', which scores each channel alone, this sees that two
+    channels that move together can be one."""
+    n = len(gram)
+    inverse = torch.linalg.inv(ridged(gram, ridge))
+    w = cross.T @ inverse  # (d, n): the ridge fit on every channel, transposed (H^-1 is symmetric)
     rank = torch.full((channels,), float(channels), dtype=torch.float64, device=gram.device)
     gone = torch.zeros(n, dtype=torch.bool, device=gram.device)
     gone[channels:] = True  # the bias channel is never a candidate
-    for step in range(channels - student.width):
+    for step in range(channels - width):
         cost = w.square().sum(0) / inverse.diagonal().clamp_min(1e-30)
         j = int(cost.masked_fill(gone, float("inf")).argmin())
         row = inverse[j] / inverse[j, j]

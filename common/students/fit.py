@@ -24,8 +24,14 @@ def linear_weight(linear: nn.Module) -> torch.Tensor:
 def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
     """argmin_W ||A W - Y||^2 + lam ||W||^2 from gram = A^T A (n, n) and cross = A^T Y (n, d), in fp64,
     with lam = ridge x the mean of gram's diagonal (so `ridge` does not depend on scale or token count)."""
-    lam = ridge * gram.diagonal().mean().clamp_min(1e-30)
-    return torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), cross)
+    return torch.linalg.solve(ridged(gram, ridge), cross)
+
+
+def ridged(gram: torch.Tensor, ridge: float) -> torch.Tensor:
+    """gram + lam I, lam = ridge x the mean of gram's diagonal: a new matrix, and no other of its size."""
+    out = gram.clone()
+    out.diagonal().add_(ridge * gram.diagonal().mean().clamp_min(1e-30))
+    return out
 
 
 def fit_linear(
