@@ -376,16 +376,16 @@ def output_statistics(
     """A dense FFN's refit statistics, from one pass over the batches: (G, C) = (A^T A, A^T Y) in fp64, summed
     over ranks, where A (tokens, n) is what the teacher's output projection sees (I channels, then a column of
     ones for its bias, if any) and Y the target. Each batch's products run in fp32 and are summed in fp64: the
-    Gram is the calibration's largest matmul, fp64 runs it at half speed on CPUs and far slower on most GPUs, and
-    a batch's sums in fp32 leave ranks and refit as they were (docs/distill.md)."""
+    Gram is the calibration's largest matmul, fp64 runs it at half speed on CPUs (at 1/32 or less on consumer
+    GPUs), and a batch's sums in fp32 leave the kept channels and the fit as they were (docs/distill.md)."""
     output = getattr(teacher, layout.output)
-    gram = cross = 0
+    gram = cross = None
     for x, y in batches():
         a = _projection_input(teacher, layout.output, forward, x).flatten(0, -2).float()
         if output.bias is not None:
             a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-        gram = gram + (a.T @ a).double()
-        cross = cross + (a.T @ y.flatten(0, -2).float()).double()
+        g, c = a.T @ a, a.T @ y.flatten(0, -2).float()
+        gram, cross = (g.double(), c.double()) if gram is None else (gram.add_(g), cross.add_(c))
     all_reduce(gram)
     all_reduce(cross)
     return gram, cross
@@ -393,12 +393,12 @@ def output_statistics(
 
 def obs_importance(gram: torch.Tensor, cross: torch.Tensor, channels: int, width: int, ridge: float) -> torch.Tensor:
     """A dense FFN's channels ranked (1, I) by Optimal Brain Surgeon (Hassibi & Stork 1993; ZipLM's structured
-    form), from output_statistics' (G, C) (`channels` = I of them, then the bias's, which never goes): with H = G plus the
-    refit's ridge and W = H^-1 C the ridge fit on every channel, removing channel j and refitting on the rest
-    raises the refit's objective by exactly ||W_j||^2 / (H^-1)_jj, whatever the target. The cheapest channel
-    goes, W and H^-1 are updated to the refit, and again, until `width` remain; a channel's rank is the step it
-    went at (those kept rank last). Unlike 'activation', which scores each channel alone, this sees that two
-    channels that move together can be one."""
+    form), from output_statistics' (G, C) over `channels` = I channels (then the bias's, which never goes): with
+    H = G plus the refit's ridge and W = H^-1 C the ridge fit on every channel, removing channel j and refitting
+    on the rest raises the refit's objective by exactly ||W_j||^2 / (H^-1)_jj, whatever the target. The
+    cheapest channel goes, W and H^-1 are updated to the refit, and again, until `width` remain; a channel's
+    rank is the step it went at (those kept rank last). Unlike 'activation', which scores each channel alone,
+    this sees that two channels that move together can be one."""
     n = len(gram)
     inverse = torch.linalg.inv(ridged(gram, ridge))
     w = cross.T @ inverse  # (d, n): the ridge fit on every channel, transposed (H^-1 is symmetric)
