@@ -77,6 +77,7 @@ from common.swap import (
     embed,
     get_block,
     run_layer,
+    starting_at,
     student_specs,
     swapped,
     transformer_layers,
@@ -424,7 +425,8 @@ def layerwise_memory(run, model, layers, student, n_val, teacher_on):
     )
     cache_on_device = args.LATENT_CACHE == "device" or (run.rt.device.type == "cpu" and args.LATENT_CACHE != "disk")
     corrected = args.LATENT_STREAM == "corrected"
-    cache = cache_bytes(latent_tokens(run, n_val), model.config.hidden_size, corrected) if cache_on_device else 0
+    n_tokens, final = latent_tokens(run, n_val), kl_tokens(run)
+    cache = cache_bytes(n_tokens, model.config.hidden_size, corrected, final) if cache_on_device else 0
     # streamed, one layer at a time: the students live on the host beside their layers; on the device the one
     # training and one visiting with the layer the stream advances through
     held = 2 if teacher_on == "host" and (args.SCHEDULE == "rotation" or args.PHASE == "choose") else len(layers)
@@ -502,7 +504,7 @@ def train_rotation(run, calls, layers, val, teacher_ce):
     the per-layer rows, the step count and the last checkpoint's training state."""
     args, rt, model = run.args, run.rt, calls.model
     n_seq = rotation_sequences(run)
-    where = place_latents(run, latent_tokens(run, len(val)), model.config.hidden_size)
+    where = place_latents(run, latent_tokens(run, len(val)), model.config.hidden_size, kl_tokens(run))
     loader = train_loader(run, model.config.vocab_size)
     students = make_students(args, model, layers, rt.device, with_layers=True)
     state = resume_rotation(run, model, loader, students, len(layers))
@@ -516,7 +518,8 @@ def train_rotation(run, calls, layers, val, teacher_ce):
         assert tokens.shape == (n_seq, args.SEQ_LEN), tokens.shape
         files = os.path.join(run.out_dir, ".latent")  # where=disk: the memory maps' names
         corrected = args.LATENT_STREAM == "corrected"
-        cache = LatentCache(rt, model, tokens, calls, args.BATCH_SIZE, where, f"{files}_train", corrected)
+        kl = kl_tokens(run) // args.SEQ_LEN  # DECODER_LOSS=kl: the teacher's side for the sequences steps read
+        cache = LatentCache(rt, model, tokens, calls, args.BATCH_SIZE, where, f"{files}_train", corrected, kl)
         vcache = LatentCache(rt, model, val_inputs(val), calls, args.BATCH_SIZE, where, f"{files}_val", corrected)
         for k in range(first_layer, len(layers)):
             i = layers[k]
@@ -549,18 +552,27 @@ def rotation_sequences(run):
     return max(args.STEPS_PER_LAYER * args.GRAD_ACCUM, run.batch.calib_batches) * args.BATCH_SIZE
 
 
-def place_latents(run, n_tokens, hidden_size):
-    """Where a latent cache of n_tokens per rank lives (LATENT_CACHE; common.latent_cache.place_cache); when it fits
-    nowhere, the error names the constants that size it."""
+def place_latents(run, n_tokens, hidden_size, final_tokens=0):
+    """Where a latent cache of n_tokens per rank (with the teacher's final hidden states for final_tokens of them)
+    lives (LATENT_CACHE; common.latent_cache.place_cache); when it fits nowhere, the error names the constants that
+    size it."""
     args = run.args
     try:
-        return place_cache(
-            run.rt, n_tokens, hidden_size, args.LATENT_CACHE, run.out_dir, args.LATENT_STREAM == "corrected"
-        )
+        corrected = args.LATENT_STREAM == "corrected"
+        return place_cache(run.rt, n_tokens, hidden_size, args.LATENT_CACHE, run.out_dir, corrected, final_tokens)
     except ValueError as e:
         raise ValueError(
             f"{e}; lower STEPS_PER_LAYER x GRAD_ACCUM x BATCH_SIZE x SEQ_LEN, or free memory/disk"
         ) from None
+
+
+def kl_tokens(run):
+    """Tokens per rank whose teacher final hidden states a rotation's cache keeps: those its steps read, with
+    DECODER_LOSS=kl (else 0)."""
+    args = run.args
+    if args.DECODER_LOSS != "kl" or args.SCHEDULE != "rotation":
+        return 0
+    return args.STEPS_PER_LAYER * args.GRAD_ACCUM * args.BATCH_SIZE * args.SEQ_LEN
 
 
 def latent_tokens(run, n_val):
@@ -600,16 +612,16 @@ def distill_layer(run, model, i, students, cache, vcache, rotation, step):
     vcache.split_at(i, stream_students(args, students))
     start_err = layer_error(rt, student, teacher_block, vcache)
     t_train = time.time()  # the rotation's teacher and student compute on training tokens
-    cache.split_at(i, stream_students(args, students))
+    blocks = stream_students(args, students)
+    if args.DECODER_LOSS == "kl":  # kl runs the model on from h, the layer's input: splitting must leave h there
+        blocks = {i: teacher_block, **blocks}
+    cache.split_at(i, blocks)
     n_calib = run.batch.calib_batches * args.BATCH_SIZE
     calib_s = calibrate(rt, student, teacher_block, cache, n_calib) if rotation == 0 else None
     calib_err = layer_error(rt, student, teacher_block, vcache) if calib_s is not None else start_err
     rt.synchronize()
     t_steps = time.time()
-    upstream = {j: s for j, s in stream_students(args, students).items() if j < i}  # what feeds layer i
-    for block in upstream.values():  # frozen while they feed layer i (their turn's trainable_params sets them again)
-        block.requires_grad_(False)
-    step = train_layer(run, student, teacher_block, cache, vcache, rotation, i, upstream, step)
+    step = train_layer(run, student, teacher_block, cache, vcache, rotation, i, step)
     rt.synchronize()
     step_ms = 1000 * (time.time() - t_steps) / max(1, args.STEPS_PER_LAYER)
     cache.finish(stream_students(args, students).get(i))
@@ -626,10 +638,9 @@ def distill_layer(run, model, i, students, cache, vcache, rotation, step):
     return errors, {"step_ms": step_ms, "calib_s": calib_s or 0.0, "train_s": train_s}, calib_s is not None, step
 
 
-def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, upstream, step):
-    """STEPS_PER_LAYER optimizer steps of one student on the cache's latents, each token once; `upstream` ({layer:
-    student}) holds the students that feed this layer (LATENT_STREAM student or corrected), which DECODER_LOSS=kl
-    swaps in too. Returns the step count."""
+def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, step):
+    """STEPS_PER_LAYER optimizer steps of one student on the cache's latents, each token once. Returns the step
+    count."""
     args, rt = run.args, run.rt
     params = trainable_params(student, f"layer {layer}", args.TRAINABLE)
     opt = adamw(params, args.LR, args.WEIGHT_DECAY)
@@ -640,8 +651,7 @@ def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, ups
         for m in range(args.GRAD_ACCUM):
             j = (s * args.GRAD_ACCUM + m) * args.BATCH_SIZE
             if args.DECODER_LOSS == "kl":
-                blocks = {(k, args.TARGET): b for k, b in {**upstream, layer: student}.items()}
-                loss = swapped_kl(run, cache.model, blocks, cache.tokens[j : j + args.BATCH_SIZE])
+                loss = swapped_kl(run, cache, student, j)
             else:
                 xb = cache.x[j : j + args.BATCH_SIZE].to(rt.device, non_blocking=True)
                 with torch.no_grad(), rt.autocast():
@@ -664,15 +674,18 @@ def train_layer(run, student, teacher_block, cache, vcache, rotation, layer, ups
     return step
 
 
-def swapped_kl(run, model, blocks, ids):
-    """DECODER_LOSS=kl: KL(teacher || the model with `blocks` ({(layer, target): student}) swapped in, every other
-    block the teacher's) of the next-token distributions on ids, a mean per token (common.kd's chunked loss). Only
-    the last of them trains: the layers before it keep no graph, so backward runs from it to the head."""
-    ids = ids.to(run.rt.device)
-    with torch.no_grad(), run.rt.autocast():
-        teacher_hidden = final_hidden(model, ids)
-    with swapped(model, blocks), run.rt.autocast():
-        loss, _ = kd_loss(final_hidden(model, ids), teacher_hidden, lm_head(model))
+def swapped_kl(run, cache, student, j):
+    """DECODER_LOSS=kl on the batch of sequences from j: KL(teacher || the model with `student` in this layer's
+    slot) of the next-token distributions, a mean per token (common.kd's chunked loss). The model runs on from the
+    layer's input in the cache, h: the teacher's stream, or with LATENT_STREAM student or corrected the stream
+    through the students before it, so they count as swapped in too; every later block is the teacher's. The
+    teacher's side is the cache's `final`, computed once a rotation. Backward runs from the head to the layer."""
+    rt, model, n = run.rt, cache.model, run.args.BATCH_SIZE
+    ids = cache.tokens[j : j + n].to(rt.device)
+    h, teacher_hidden = (buf[j : j + n].to(rt.device, non_blocking=True) for buf in (cache.h, cache.final))
+    with swapped(model, {(cache.layer, cache.calls.target): student}), starting_at(cache.calls, cache.layer, h):
+        with rt.autocast():
+            loss, _ = kd_loss(final_hidden(model, ids), teacher_hidden, lm_head(model))
     return loss
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from common.kd import final_hidden
 from common.runtime import Runtime
 from common.swap import LayerCalls, block_input, embed, run_layer, swapped
 
@@ -28,18 +29,25 @@ def free_bytes(where: str, rt: Runtime, disk_dir: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def cache_bytes(n_tokens: int, hidden_size: int, corrected: bool = False) -> int:
-    """Bytes of a cache of n_tokens, fp32: h and x, and with corrected=True the teacher's stream and the correction."""
-    return (4 if corrected else 2) * 4 * hidden_size * n_tokens
+def cache_bytes(n_tokens: int, hidden_size: int, corrected: bool = False, final_tokens: int = 0) -> int:
+    """Bytes of a cache of n_tokens, fp32: h and x, with corrected=True the teacher's stream and the correction, and
+    the teacher's final hidden states for final_tokens of them."""
+    return ((4 if corrected else 2) * n_tokens + final_tokens) * 4 * hidden_size
 
 
 def place_cache(
-    rt: Runtime, n_tokens: int, hidden_size: int, choice: str, disk_dir: str, corrected: bool = False
+    rt: Runtime,
+    n_tokens: int,
+    hidden_size: int,
+    choice: str,
+    disk_dir: str,
+    corrected: bool = False,
+    final_tokens: int = 0,
 ) -> str:
     """Where a cache of n_tokens (per rank) lives: `choice` (device, host or disk), or with choice 'auto' the
     device when it fits, else host memory, else a disk memory map in disk_dir. Raises ValueError when it fits
     nowhere, saying its size and where it was tried (the caller adds what makes its cache smaller)."""
-    nbytes = cache_bytes(n_tokens, hidden_size, corrected)
+    nbytes = cache_bytes(n_tokens, hidden_size, corrected, final_tokens)
     size = f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
     options = PLACES if choice == "auto" else (choice,)
     for where in options:
@@ -68,7 +76,10 @@ class LatentCache:
     stores d: the teacher stream's layer output minus this stream's layer output with the teacher's block. The
     target a student is fit to, target(), is then the teacher block's output on x plus d: what the block must add
     for the layer's output to be the teacher's, so later students also undo the drift of the earlier ones (exact
-    where the block's output is added to the residual last, the FFN of a pre-norm layer)."""
+    where the block's output is added to the residual last, the FFN of a pre-norm layer).
+
+    With final_sequences, `final` holds the teacher's final hidden states (what its LM head sees) for that many
+    sequences from the start: the teacher's side of DECODER_LOSS=kl, one forward per rotation."""
 
     def __init__(
         self,
@@ -80,6 +91,7 @@ class LatentCache:
         where: str,
         file_prefix: str,
         corrected: bool = False,
+        final_sequences: int = 0,
     ):
         self.rt, self.model, self.calls, self.batch_size, self.tokens = rt, model, calls, batch_size, tokens
         n, seq_len = tokens.shape
@@ -89,6 +101,14 @@ class LatentCache:
         buffers = [_buffer(rt, where, shape, path) for path in self.paths]
         self.h, self.x = buffers[:2]
         self.ht, self.d = buffers[2:] if corrected else (None, None)
+        self.final = None
+        if final_sequences:
+            self.paths.append(f"{file_prefix}_f_rank{rt.rank}.npy")
+            self.final = _buffer(rt, where, (final_sequences, *shape[1:]), self.paths[-1])
+            for s in range(0, final_sequences, batch_size):
+                with torch.no_grad(), rt.autocast():
+                    ids = tokens[s : min(s + batch_size, final_sequences)].to(rt.device)
+                    self.final[s : s + len(ids)].copy_(final_hidden(model, ids))
         self.layer = 0  # h is the input to this layer
         self.advanced = False  # split() already moved h past this layer through the teacher's block
         self.teacher_advanced = False  # split() already moved ht past this layer
@@ -168,7 +188,7 @@ class LatentCache:
 
     def close(self) -> None:
         """Free the buffers and delete their files when the cache lives on disk."""
-        del self.h, self.x, self.ht, self.d
+        del self.h, self.x, self.ht, self.d, self.final
         for path in self.paths:
             if os.path.exists(path):
                 os.remove(path)

@@ -198,6 +198,7 @@ class LayerCalls:
     def __init__(self, model: nn.Module, target: str) -> None:
         self.model, self.target = model, target
         self._layers, self._blocks = {}, {}
+        self.output_len = None  # a layer's output: a tensor (None) or a tuple of this length; known once captured
 
     def layer(self, i: int, shape: tuple[int, int]) -> Call:
         """Layer i's Call for batches of shape (B, T)."""
@@ -229,6 +230,10 @@ class LayerCalls:
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
+    def pass_on(self, h: torch.Tensor) -> object:
+        """h in the form a layer returns its output (a stand-in layer that hands its input on)."""
+        return h if self.output_len is None else (h, *[None] * (self.output_len - 1))
+
     @torch.no_grad()
     def _capture_layers(self, shape):
         """Every layer's Call, from one forward of the base model whose layers are stand-ins that record how
@@ -237,6 +242,7 @@ class LayerCalls:
         ids = torch.zeros(shape, dtype=torch.long, device=self.device)
         h, first = _forward_until(self.model, layers[0], ids)
         real = first.raw(layers[0], h)  # the form of a layer's output, which the stand-ins return
+        self.output_len = len(real) if isinstance(real, tuple) else None
         calls = []
 
         def record(*args, **kwargs):
@@ -244,7 +250,7 @@ class LayerCalls:
             calls.append(call)
             if len(calls) == len(layers):
                 raise _Stop
-            return (h, *[None] * (len(real) - 1)) if isinstance(real, tuple) else h
+            return self.pass_on(h)
 
         for layer in layers:
             layer.forward = record  # an instance attribute: the model's loop calls it instead of the class's
@@ -287,3 +293,29 @@ def block_input(model: nn.Module, calls: LayerCalls, i: int, h: torch.Tensor) ->
     with _hook(getattr(layer, block_name(layer, calls.target)), pre=stop), contextlib.suppress(_Stop):
         call(layer, h)
     return seen[0]
+
+
+@contextlib.contextmanager
+def starting_at(calls: LayerCalls, i: int, h: torch.Tensor) -> Iterator[None]:
+    """Within the block, the model's own forward starts at layer i from the residual h (B, T, d): the layers
+    before it are stand-ins that hand their input on (their compute skipped, as LayerCalls' capture does) and
+    layer i is called on h. Embeddings, masks, positions, the later layers and the final norm are the model's own,
+    so kd.final_hidden then gives what the model would with h as layer i's input."""
+    layers = transformer_layers(calls.model)
+    calls.layer(i, h.shape[:2])  # captured for this shape: the stand-ins need the form of a layer's output
+
+    def stand_in(*args, **kwargs):
+        return calls.pass_on(_split_call(args, kwargs)[0])
+
+    def feed_h(module, args, kwargs):
+        return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+    for layer in layers[:i]:
+        layer.forward = stand_in  # an instance attribute: the model's loop calls it instead of the class's
+    handle = layers[i].register_forward_pre_hook(feed_h, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for layer in layers[:i]:
+            del layer.forward

@@ -93,6 +93,32 @@ def test_the_stream_is_what_the_models_own_forward_computes(family, tmp_path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_the_forward_started_at_a_layer_from_its_input_is_the_models_own(family):
+    """swap.starting_at: the model's forward run on from layer i's input residual (as the stream holds it) gives
+    the final hidden states of the model's own whole forward, at every layer; and a student swapped in layer i
+    is seen (DECODER_LOSS=kl's forward)."""
+    from common.kd import final_hidden
+    from common.swap import starting_at
+
+    model = family_model(family)
+    ids = torch.randint(1, 320, (2, SEQ_LEN), generator=torch.Generator().manual_seed(0))
+    layer_in, _ = reference_stream(model, ids, "mlp")
+    calls = LayerCalls(model, "mlp")
+    with torch.no_grad():
+        whole = final_hidden(model, ids)
+        for i in range(len(transformer_layers(model))):
+            with starting_at(calls, i, layer_in[i]):
+                torch.testing.assert_close(final_hidden(model, ids), whole, rtol=0, atol=1e-5)
+        last = len(layer_in) - 1
+        student = make_student("mlp", "prototype", get_block(model, last, "mlp"), model.config)
+        with swapped(model, {(last, "mlp"): student}):
+            swapped_whole = final_hidden(model, ids)
+            with starting_at(calls, last, layer_in[last]):
+                torch.testing.assert_close(final_hidden(model, ids), swapped_whole, rtol=0, atol=1e-5)
+    assert not torch.allclose(swapped_whole, whole)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_evaluation_ce_is_transformers_own_and_a_copy_student_is_exact(family, folders, data_dir):
     """common.quality's CE equals the cross-entropy of transformers' own logits (the model's logit transform
     included), and the teacher with a copy student in every FFN gives the teacher's CE exactly."""
