@@ -170,6 +170,19 @@ def _hook(module: nn.Module, pre: Callable | None = None, post: Callable | None 
             h.remove()
 
 
+@contextlib.contextmanager
+def _standing_in(layers: list[nn.Module], forward: Callable) -> Iterator[None]:
+    """Within the block, `forward` runs in place of each of the layers' own (an instance attribute: the model's
+    loop calls it instead of the class's)."""
+    for layer in layers:
+        layer.forward = forward
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
 def _forward_until(model: nn.Module, module: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, Call]:
     """Run the base model's forward on ids until `module` is called: (its hidden states, its Call)."""
     seen = []
@@ -252,14 +265,8 @@ class LayerCalls:
                 raise _Stop
             return self.pass_on(h)
 
-        for layer in layers:
-            layer.forward = record  # an instance attribute: the model's loop calls it instead of the class's
-        try:
-            with contextlib.suppress(_Stop):
-                self.model.base_model(input_ids=ids, use_cache=False)
-        finally:
-            for layer in layers:
-                del layer.forward
+        with _standing_in(layers, record), contextlib.suppress(_Stop):
+            self.model.base_model(input_ids=ids, use_cache=False)
         return calls
 
 
@@ -310,12 +317,9 @@ def starting_at(calls: LayerCalls, i: int, h: torch.Tensor) -> Iterator[None]:
     def feed_h(module, args, kwargs):
         return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
 
-    for layer in layers[:i]:
-        layer.forward = stand_in  # an instance attribute: the model's loop calls it instead of the class's
     handle = layers[i].register_forward_pre_hook(feed_h, with_kwargs=True)
     try:
-        yield
+        with _standing_in(layers[:i], stand_in):
+            yield
     finally:
         handle.remove()
-        for layer in layers[:i]:
-            del layer.forward

@@ -330,7 +330,7 @@ class PrunedMLP(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, teacher: nn.Module, batches: Batches, all_reduce: AllReduce, forward: Forward) -> None:
-        importance = weight_importance(_channel_weights(teacher, self.layout))  # the choice before calibration
+        importance = None
         if self.importance == "activation":
             importance = (expert_importance if self.layout.experts else activation_importance)(
                 teacher, self.layout, batches, all_reduce, forward
@@ -340,6 +340,8 @@ class PrunedMLP(nn.Module):
             gram, cross = output_statistics(teacher, self.layout, batches, all_reduce, forward)
             if self.importance == "obs":
                 importance = obs_importance(gram, cross, self.layout.width, self.width, self.ridge)
+        if importance is None:  # 'weight': the choice made before calibration, kept
+            importance = weight_importance(_channel_weights(teacher, self.layout))
         keep = self.keep_channels(teacher, importance)[0]
         if refit:  # the output projection's ridge fit on the kept channels (and the bias channel, last)
             rows = torch.cat([keep.to(gram.device), torch.arange(self.layout.width, len(gram), device=gram.device)])
