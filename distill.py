@@ -112,7 +112,7 @@ KEEP_TEACHER_LAYERS = []          # layers that keep the teacher's block (hybrid
 SCHEDULE = "rotation"             # rotation (one layer at a time) or parallel (all layers per teacher pass)
 ROTATIONS = 1                     # passes over LAYERS, each on fresh tokens
 STEPS_PER_LAYER = 100             # optimizer steps each layer gets per rotation; 0 = calibration only
-LR = 1e-3                         # peak learning rate of each layer's schedule
+LR = 3e-3                         # peak learning rate of each layer's schedule (best measured: docs/distill.md)
 WARMUP_STEPS = 10                 # linear warmup at the start of each layer's schedule
 MIN_LR_RATIO = 0.1                # each layer's cosine decay ends at this fraction of LR
 DECODER_LOSS = "mse"              # mse, nmse (per token, / teacher's squared norm), cosine, or kl (model KL, slow)
