@@ -45,11 +45,9 @@ EVAL_TOKENS = 16384  # val tokens of the final table (the same for every model)
 DISTILL_VAL_TOKENS = 2048  # distill.py's own per-layer validation (kept small: it runs per layer)
 
 
-def distill(out_dir, *args):
-    """Run distill.py; returns its wall time in seconds."""
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "distill.py"),
+def distill_argv(out_dir, *args):
+    """distill.py's command line for one stage, after the bench's shared settings."""
+    return [
         "--teacher",
         TEACHER,
         "--data-dir",
@@ -72,6 +70,11 @@ def distill(out_dir, *args):
         "1",
         *args,
     ]  # keep-last: a checkpoint per layer is a whole model
+
+
+def distill(argv):
+    """Run distill.py with argv; returns its wall time in seconds."""
+    cmd = [sys.executable, os.path.join(ROOT, "distill.py"), *argv]
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -88,57 +91,33 @@ def main():
     globals().update(override(globals()).as_dict())  # the constants now hold the run's settings
     import torch
 
+    import distill as distill_script
     from common.checkpoint import load_model
     from common.quality import evaluate_models
     from common.shards import val_batches
 
-    if os.path.isdir(OUT_DIR):
-        shutil.rmtree(OUT_DIR)
     weight = os.path.join(OUT_DIR, "weight")
-    seconds = {
-        "weight-norm start": distill(
-            weight,
-            "--steps-per-layer",
-            "0",
-            "--calib-tokens",
-            "0",
-            "--student-kwargs",
-            with_kwargs(importance="weight", refit=False),
-        )
-    }
-    folders = {"weight-norm start": os.path.join(weight, "final")}
     # the recipe's layer-wise run calibrates and then steps; with no steps it is the calibrated start
     stage = "layer-wise" if STEPS_PER_LAYER else "calibrated start"
     recipe = os.path.join(OUT_DIR, "layerwise" if STEPS_PER_LAYER else "calibrated")
-    seconds[stage] = distill(
-        recipe,
-        "--steps-per-layer",
-        str(STEPS_PER_LAYER),
-        "--lr",
-        str(LR),
-        "--calib-tokens",
-        str(CALIB_TOKENS),
-        "--student-kwargs",
-        STUDENT_KWARGS,
-    )
-    folders[stage] = os.path.join(recipe, "final")
-    seconds["logits"] = distill(
-        recipe,
-        "--phase",
-        "logits",
-        "--kd-steps",
-        str(KD_STEPS),
-        "--kd-lr",
-        str(KD_LR),
-        "--kd-warmup-steps",
-        str(max(1, KD_STEPS // 10)),
-        "--kd-val-every",
-        str(KD_STEPS),
-        "--kd-save-every",
-        str(KD_STEPS),
-        "--kd-trainable",
-        KD_TRAINABLE,
-    )
+    weight_args = ["--steps-per-layer", "0", "--calib-tokens", "0"]
+    weight_args += ["--student-kwargs", with_kwargs(importance="weight", refit=False)]
+    recipe_args = ["--steps-per-layer", str(STEPS_PER_LAYER), "--lr", str(LR), "--calib-tokens", str(CALIB_TOKENS)]
+    recipe_args += ["--student-kwargs", STUDENT_KWARGS]
+    logits_args = ["--phase", "logits", "--kd-steps", str(KD_STEPS), "--kd-lr", str(KD_LR)]
+    logits_args += ["--kd-warmup-steps", str(max(1, KD_STEPS // 10)), "--kd-val-every", str(KD_STEPS)]
+    logits_args += ["--kd-save-every", str(KD_STEPS), "--kd-trainable", KD_TRAINABLE]
+    stages = {
+        "weight-norm start": distill_argv(weight, *weight_args),
+        stage: distill_argv(recipe, *recipe_args),
+        "logits": distill_argv(recipe, *logits_args),
+    }
+    for argv in stages.values():  # distill.py's own checks, before any stage runs or OUT_DIR is cleared
+        distill_script.check_constants(override(vars(distill_script), argv))
+    if os.path.isdir(OUT_DIR):
+        shutil.rmtree(OUT_DIR)
+    seconds = {name: distill(argv) for name, argv in stages.items()}
+    folders = {"weight-norm start": os.path.join(weight, "final"), stage: os.path.join(recipe, "final")}
     folders["logits"] = os.path.join(recipe, "logits_final")
     torch.manual_seed(0)
     teacher = load_model(TEACHER).eval()
