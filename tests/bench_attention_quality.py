@@ -8,6 +8,10 @@ logits phase (skipped when 0). Then every kind's model is measured beside the te
 functions, all models in one process on the same tokens:
   val CE, ppl x teacher, KL, top-1   on EVAL_TOKENS val tokens (evaluate_models): the hybrid's cross-entropy,
                                      its perplexity over the teacher's, KL(teacher || model), top-1 agreement
+  x @n                               ppl x teacher on the same number of val tokens cut into sequences of n, for
+                                     each n of QUALITY_CONTEXTS: students trained on SEQ_LEN tokens can fall
+                                     apart beyond it (the README: lolcats trained on 1,024 reads 1.14x at
+                                     2,048 tokens and 1.78x at 8,192)
   decode tok/s, state MiB @ n        at each context n of CONTEXTS (speed_rows): a prefill of n - DECODE_STEPS
                                      val tokens, then DECODE_STEPS tokens decoded one at a time, the models in
                                      turns (1 / the median step); the decoding cache's bytes per sequence then
@@ -48,6 +52,7 @@ EVAL_TOKENS = 16384  # val tokens of the table's quality columns (the same for e
 DISTILL_VAL_TOKENS = 2048  # distill.py's own validation (kept small: it is not the table's)
 CONTEXTS = [2048, 8192]  # context lengths of the speed and state columns (the teacher's KV cache grows with them)
 DECODE_STEPS = 8  # tokens decoded after each prefill: decode tok/s is 1 / their median step (bounded on a CPU)
+QUALITY_CONTEXTS = [2048]  # also ppl x teacher on sequences this long (one a batch): quality beyond SEQ_LEN
 
 
 def distill(out_dir, *args):
@@ -127,7 +132,8 @@ def recipe(kind):
 
 def check_inputs():
     """One line for what would fail only after the recipes ran: kinds, contexts, the teacher's positions and the
-    val tokens. Returns the val batches and the speed columns' one sequence of max(CONTEXTS) val tokens."""
+    val tokens. Returns the val batches, {n: those as sequences of n} for QUALITY_CONTEXTS and the speed columns'
+    one sequence of max(CONTEXTS) val tokens."""
     from transformers import AutoConfig
 
     from common.shards import ShardError, val_batches
@@ -139,18 +145,26 @@ def check_inputs():
         fail(f"KINDS {KINDS} must name attention students, one or more of those registered: {known}")
     if not CONTEXTS or min(CONTEXTS) <= DECODE_STEPS or DECODE_STEPS < 1:
         fail(f"CONTEXTS {CONTEXTS} must each exceed DECODE_STEPS {DECODE_STEPS} (>= 1)")
+    if any(n < 1 or n > EVAL_TOKENS for n in QUALITY_CONTEXTS):
+        fail(f"QUALITY_CONTEXTS {QUALITY_CONTEXTS} must each be in 1..EVAL_TOKENS ({EVAL_TOKENS}): a sequence each")
     if not os.path.isfile(os.path.join(TEACHER, "config.json")):
         fail(f"{TEACHER}: not a model folder (no config.json); pass the model folder prepare.py wrote")
     try:
         config = AutoConfig.from_pretrained(TEACHER)
         positions = getattr(config, "max_position_embeddings", math.inf)
-        if max(CONTEXTS) > positions:
-            fail(f"CONTEXTS {CONTEXTS} go beyond the teacher's {positions} positions; lower them")
+        if max(CONTEXTS + QUALITY_CONTEXTS) > positions:
+            fail(
+                f"CONTEXTS {CONTEXTS} or QUALITY_CONTEXTS {QUALITY_CONTEXTS} go beyond the teacher's {positions} "
+                "positions; lower them"
+            )
         batches = val_batches(DATA_DIR, EVAL_TOKENS, BATCH_SIZE, SEQ_LEN, vocab_size=config.vocab_size)
+        long = {
+            n: val_batches(DATA_DIR, EVAL_TOKENS // n * n, 1, n, vocab_size=config.vocab_size) for n in QUALITY_CONTEXTS
+        }
         tokens = val_batches(DATA_DIR, max(CONTEXTS), 1, max(CONTEXTS), vocab_size=config.vocab_size)[0][0]
     except (OSError, ShardError, ValueError) as e:
         fail(str(e).splitlines()[0])
-    return batches, tokens
+    return batches, long, tokens
 
 
 def table(rows, n_tok):
@@ -159,23 +173,26 @@ def table(rows, n_tok):
         f"\nattention students in layers {','.join(map(str, LAYERS))} (keep teacher: "
         f"{','.join(map(str, KEEP_TEACHER_LAYERS)) or 'none'}); {SCHEDULE} schedule: calibration "
         f"{CALIB_TOKENS:,} tokens, {STEPS_PER_LAYER} steps at LR {LR}; {KD_STEPS} logits steps at KD_LR {KD_LR}; "
-        f"{BATCH_SIZE} x {SEQ_LEN} tokens a step; {n_tok:,} val tokens. tok/s @n: decode tokens/s at n tokens of "
+        f"{BATCH_SIZE} x {SEQ_LEN} tokens a step; {n_tok:,} val tokens. x @n: ppl x teacher on sequences of n; "
+        f"tok/s @n: decode tokens/s at n tokens of "
         f"context ({DECODE_STEPS} steps after a prefill of n - {DECODE_STEPS}); MiB @n: the decoding state then"
     )
     width = max(len(r["model"]) for r in rows) + 2
     speed = "".join(f"{f'tok/s @{n}':>13}{f'MiB @{n}':>12}" for n in CONTEXTS)
-    print(f"{'model':<{width}}{'val CE':>8}{'ppl x teacher':>15}{'KL':>9}{'top-1':>8}{speed}{'recipe s':>10}")
+    long = "".join(f"{f'x @{n}':>10}" for n in QUALITY_CONTEXTS)
+    print(f"{'model':<{width}}{'val CE':>8}{'ppl x teacher':>15}{'KL':>9}{'top-1':>8}{long}{speed}{'recipe s':>10}")
     for r in rows:
         quality = f"{r['kl']:>9.4f}{r['agreement']:>8.3f}" if r["kl"] is not None else f"{'-':>9}{'-':>8}"
+        long = "".join(f"{r['ppl_ratio_at'][n]:>10.3f}" for n in QUALITY_CONTEXTS)
         at = "".join(f"{s['decode_tok_s']:>13.1f}{s['state_bytes'] / 2**20:>12.2f}" for s in r["speed"])
         wall = f"{r['recipe_s']:>10.0f}" if r["recipe_s"] is not None else f"{'-':>10}"
-        print(f"{r['model']:<{width}}{r['val_ce']:>8.4f}{r['ppl_ratio']:>15.3f}{quality}{at}{wall}")
+        print(f"{r['model']:<{width}}{r['val_ce']:>8.4f}{r['ppl_ratio']:>15.3f}{quality}{long}{at}{wall}")
 
 
 def main():
     config = override(globals()).as_dict()
     globals().update(config)  # the constants now hold the run's settings
-    batches, tokens = check_inputs()
+    batches, long_batches, tokens = check_inputs()
     from common.checkpoint import load_model
     from common.evaluate import evaluate_models, speed_rows
     from common.files import write_json_atomic
@@ -190,6 +207,7 @@ def main():
     teacher = load_model(TEACHER, rt.device).eval()
     models = {kind: load_model(folder, rt.device).eval() for kind, folder in finals.items()}
     results, teacher_result = evaluate_models(models, batches, teacher, rt, progress=True)
+    at = {n: evaluate_models(models, b, teacher, rt, progress=True) for n, b in long_batches.items()}
     speed = speed_rows({"teacher": teacher, **models}, tokens.to(rt.device), rt, CONTEXTS, DECODE_STEPS)
     rows = []
     for name, r in {"teacher": teacher_result, **results}.items():
@@ -199,6 +217,9 @@ def main():
                 "val_ce": r["ce"],
                 "ppl": r["ppl"],
                 "ppl_ratio": math.exp(r["ce"] - teacher_result["ce"]),
+                "ppl_ratio_at": {
+                    n: math.exp((m[name] if name in m else t)["ce"] - t["ce"]) for n, (m, t) in at.items()
+                },
                 "kl": r.get("kl"),
                 "agreement": r.get("agreement"),
                 "speed": [{k: v for k, v in s.items() if k != "model"} for s in speed if s["model"] == name],
