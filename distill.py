@@ -3,7 +3,7 @@
 Phase 'layerwise' (default). A decoder is the swappable block of a layer (TARGET: the FFN 'mlp' or
 self-attention 'attn'). For layer i, the input latent to its decoder is fed to both the teacher's decoder and
 the student; only the student trains, to match the teacher's output (LATENT_STREAM: the teacher's latent, or by
-default in rotations the latent of the model with the earlier students in, and the output that puts the
+default in FFN rotations the latent of the model with the earlier students in, and the output that puts the
 teacher's hidden state back).
   - SCHEDULE=rotation: one layer at a time, STEPS_PER_LAYER steps each, in layer order. The teacher's
     residual stream for the rotation's tokens is cached and advanced one layer at a time, so a
@@ -106,7 +106,7 @@ TARGET = "mlp"                    # the block each layer swaps: mlp (FFN) or att
 STUDENT_KIND = "prototype"        # a registered student: mlp: copy/prototype/pruned; attn: linear/delta/lolcats/window
 STUDENT_KWARGS = {}               # the student's arguments, JSON: '{"scale": 0.5, "activation": "relu2"}'
 CALIB_TOKENS = 262144             # tokens (all ranks) each student fits on first; fewer miss rare tokens; 0 = off
-LATENT_STREAM = "auto"            # what feeds layer i: teacher, student or corrected (docs); auto: corrected in rotations
+LATENT_STREAM = "auto"            # teacher, student or corrected (docs); auto: corrected in FFN rotations, else teacher
 LAYERS = []                       # layer indices to distill; empty = every layer
 KEEP_TEACHER_LAYERS = []          # layers that keep the teacher's block (hybrids); removed from LAYERS
 SCHEDULE = "rotation"             # rotation (one layer at a time) or parallel (all layers per teacher pass)
@@ -223,12 +223,14 @@ def main(argv=None):
 
 
 def resolve_latent_stream(args):
-    """LATENT_STREAM=auto: corrected in a rotation of the layer-wise phase (it measured best for FFN and attention
-    students, docs/distill.md), teacher where each layer trains or is measured on its own teacher input (the
-    parallel schedule, the choose phase). The run's records hold the resolved value."""
+    """LATENT_STREAM=auto: corrected in a rotation of the layer-wise phase on FFNs (it measured best there,
+    docs/distill.md), teacher elsewhere: attention students (every attention of SmolLM2 converted, the corrected
+    targets asked the layers after 11 to rebuild a 23,000-sized activation and the model collapsed; the teacher
+    stream did not), and where each layer trains or is measured on its own teacher input (the parallel schedule,
+    the choose phase). The run's records hold the resolved value."""
     if args.LATENT_STREAM != "auto":
         return args
-    rotation = args.PHASE == "layerwise" and args.SCHEDULE == "rotation"
+    rotation = args.PHASE == "layerwise" and args.SCHEDULE == "rotation" and args.TARGET == "mlp"
     return Settings({**args.as_dict(), "LATENT_STREAM": "corrected" if rotation else "teacher"})
 
 

@@ -193,11 +193,21 @@ def test_student_stream_feeds_later_layers_the_students_output(teacher_dir, tiny
     assert rows["teacher"][1]["start_rel_err"] != rows["student"][1]["start_rel_err"]
 
 
-@pytest.mark.parametrize("schedule,stream", [("rotation", "corrected"), ("parallel", "teacher")])
-def test_the_default_latent_stream_is_corrected_in_rotations(teacher_dir, tiny_data_dir, tmp_path, schedule, stream):
-    """LATENT_STREAM=auto resolves by schedule, and the run records the resolved value."""
+@pytest.mark.parametrize(
+    "target,kind,schedule,stream",
+    [
+        ("mlp", "pruned", "rotation", "corrected"),
+        ("mlp", "pruned", "parallel", "teacher"),
+        ("attn", "linear", "rotation", "teacher"),
+    ],
+)
+def test_the_default_latent_stream_is_corrected_in_ffn_rotations(
+    teacher_dir, tiny_data_dir, tmp_path, target, kind, schedule, stream
+):
+    """LATENT_STREAM=auto resolves by target and schedule, and the run records the resolved value."""
     out = str(tmp_path / "run")
-    run_tiny_distill(teacher_dir, tiny_data_dir, out, "--student-kind", "pruned", "--schedule", schedule, *TINY_RUN)
+    args = ["--target", target, "--student-kind", kind, "--schedule", schedule]
+    run_tiny_distill(teacher_dir, tiny_data_dir, out, *args, *TINY_RUN)
     with open(os.path.join(out, "config_layerwise.json")) as f:
         assert json.load(f)["config"]["LATENT_STREAM"] == stream
 
