@@ -230,8 +230,8 @@ def resolve_latent_stream(args):
     the choose phase). The run's records hold the resolved value."""
     if args.LATENT_STREAM != "auto":
         return args
-    rotation = args.PHASE == "layerwise" and args.SCHEDULE == "rotation" and args.TARGET == "mlp"
-    return Settings({**args.as_dict(), "LATENT_STREAM": "corrected" if rotation else "teacher"})
+    ffn_rotation = args.PHASE == "layerwise" and args.SCHEDULE == "rotation" and args.TARGET == "mlp"
+    return Settings({**args.as_dict(), "LATENT_STREAM": "corrected" if ffn_rotation else "teacher"})
 
 
 def check_constants(args):
