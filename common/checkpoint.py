@@ -34,7 +34,7 @@ from common.kd import check_head
 from common.parallel import load_optimizer_state, optimizer_state
 from common.runtime import get_rng_state, set_rng_state
 from common.shards import TokenLoader
-from common.students import make_student
+from common.students import STUDENTS, make_student
 from common.swap import (
     block_path,
     check_layers,
@@ -111,11 +111,14 @@ def check_has_config(folder: str) -> None:
 
 def add_students(model: nn.Module, students_path: str) -> None:
     """Swap a new student of each spec of students.json ({layer, target, kind, kwargs}) into the model, in the
-    model's dtype."""
+    model's dtype. A kind's ADDED_KWARGS ({name: value}) are the arguments added after its first checkpoints, with
+    the value that builds it as it was before them."""
     for s in read_student_specs(students_path, model):
         teacher = get_block(model, s["layer"], s["target"])
+        # a checkpoint records every argument, so one without an argument predates it: its value from before
+        kwargs = {**getattr(STUDENTS.get((s["target"], s["kind"])), "ADDED_KWARGS", {}), **s["kwargs"]}
         try:
-            student = make_student(s["target"], s["kind"], teacher, model.config, **s["kwargs"]).to(model.dtype)
+            student = make_student(s["target"], s["kind"], teacher, model.config, **kwargs).to(model.dtype)
         except ValueError as e:
             raise ValueError(
                 f"{students_path}: layer {s['layer']}: {e}; this code does not build that student: load the "

@@ -24,6 +24,7 @@ SETUPS = {
     "lolcats+window": {0: "lolcats", 1: "window"},
     "delta+lolcats": {0: "delta", 1: "lolcats"},
     "teacher+lolcats": {1: "lolcats"},
+    "lolcats with decay+delta": {0: "lolcats decay", 1: "delta"},
 }
 # chunks of 4: the prompts prefill over several chunks, the last one partial; lolcats' window shorter than the prompts
 KWARGS = {
@@ -31,6 +32,7 @@ KWARGS = {
     "delta": {"chunk_size": 4},
     "window": {"window": STUDENT_WINDOW, "sink": SINK},
     "lolcats": {"window": STUDENT_WINDOW, "chunk_size": 4},
+    "lolcats decay": {"window": STUDENT_WINDOW, "chunk_size": 4, "decay": 6},  # a memory shorter than the tokens
 }
 
 
@@ -38,8 +40,9 @@ def model_with(family, setup, layers=2):
     """The family's tiny model with SETUPS[setup]'s attention students ({layer: kind})."""
     model = family_model(family, layers)
     torch.manual_seed(0)
-    for i, kind in SETUPS[setup].items():
-        student = make_student("attn", kind, get_block(model, i, "attn"), model.config, **KWARGS[kind])
+    for i, name in SETUPS[setup].items():
+        kind = name.split()[0]  # "lolcats decay": lolcats with KWARGS["lolcats decay"]
+        student = make_student("attn", kind, get_block(model, i, "attn"), model.config, **KWARGS[name])
         set_block(model, i, "attn", student)
     return model
 

@@ -4,6 +4,8 @@ start, the teacher exactly when the window covers the sequence (every family), t
 Its decoding is in test_generate.py, the KV-cache refusal and checkpoints in test_attention.py, distill.py's rotation
 in test_distill.py."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,13 +17,16 @@ from families import FAMILIES, family_model
 from test_attention import latent, tokens, trained_on_block_mse
 
 
-def hybrid_token_by_token(q, k, v, fq, fk, factor, scale, window, softcap=None):
+def hybrid_token_by_token(q, k, v, fq, fk, factor, scale, window, softcap=None, log_decay=None):
     """The reference, LoLCATs' sum per query over whole sequences: softmax terms exp(s_j - m) weighted by factor over
-    the last `window` keys, linear terms fq.fk over the older ones (a running state), one normalisation."""
+    the last `window` keys, linear terms fq.fk over the older ones (a running state, decayed by exp(log_decay) per
+    head each token when given), one normalisation."""
     B, H, T, D = q.shape
     state = q.new_zeros(B, H, fq.shape[-1], D + 1)
     out = []
     for t in range(T):
+        if log_decay is not None:
+            state = state * log_decay.exp()[:, None, None]
         if t >= window:  # key t - window leaves the window
             u = torch.cat([v[:, :, t - window], torch.ones_like(v[:, :, t - window, :1])], -1)
             state = state + fk[:, :, t - window, :, None] * u[:, :, None, :]
@@ -44,45 +49,52 @@ def hybrid_inputs(B=2, H=3, T=37, D=8, features=6, seed=0):
     return q, k, v, fq, fk, torch.rand(H, generator=gen)
 
 
-def whole(q, k, v, fq, fk, factor, scale, window, chunk_size, softcap=None):
+def whole(q, k, v, fq, fk, factor, scale, window, chunk_size, softcap=None, log_decay=None):
     """hybrid_chunked over whole sequences: no token before the first (window - 1 absent keys, a zero state)."""
     B, T = q.shape[0], q.shape[2]
     k, v, fk = (F.pad(t, (0, 0, window - 1, 0)) for t in (k, v, fk))
     real = torch.arange(window - 1 + T).expand(B, -1) >= window - 1
-    return hybrid_chunked(q, k, v, fq, fk[:, :, :T], real, factor, scale, window, chunk_size, None, softcap)[0]
+    args = (real, factor, scale, window, chunk_size, None, softcap, log_decay)
+    return hybrid_chunked(q, k, v, fq, fk[:, :, :T], *args)[0]
+
+
+DECAYS = [None, torch.tensor([-0.01, -0.3, -2.0])]  # log lambda per head: a long memory, a short one, almost none
 
 
 @pytest.mark.parametrize("window", [1, 4, 40])  # 40: longer than the sequence, no linear terms
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 64])
-def test_chunked_equals_token_by_token(window, chunk_size):
+@pytest.mark.parametrize("log_decay", DECAYS, ids=["no decay", "decay"])
+def test_chunked_equals_token_by_token(window, chunk_size, log_decay):
     inputs = hybrid_inputs()  # T=37: never a multiple of the chunk (except 1)
     for softcap in (None, 2.0):
-        ref = hybrid_token_by_token(*inputs, 0.4, window, softcap)
-        torch.testing.assert_close(whole(*inputs, 0.4, window, chunk_size, softcap), ref, rtol=1e-5, atol=1e-5)
+        ref = hybrid_token_by_token(*inputs, 0.4, window, softcap, log_decay)
+        out = whole(*inputs, 0.4, window, chunk_size, softcap, log_decay)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("window,chunk_size", [(4, 8), (8, 4)])
-def test_chunked_gradients_equal_token_by_token(window, chunk_size):
-    """Gradients of q, k, v, both features and the window factor, to fp32 rounding of each (the factor's sums the most
-    terms: 1e-6 of its largest when written; in fp64 all agree to 1e-13)."""
+@pytest.mark.parametrize("decay", [False, True])
+def test_chunked_gradients_equal_token_by_token(window, chunk_size, decay):
+    """Gradients of q, k, v, both features, the window factor and the decay, to fp32 rounding of each (the factor's
+    sums the most terms: 1e-6 of its largest when written; in fp64 all agree to 1e-13)."""
     grads = []
-    for fn in (
-        lambda *x: hybrid_token_by_token(*x, 0.4, window, 3.0),
-        lambda *x: whole(*x, 0.4, window, chunk_size, 3.0),
-    ):
+    for fn in (hybrid_token_by_token, functools.partial(whole, chunk_size=chunk_size)):
         xs = [t.clone().requires_grad_() for t in hybrid_inputs(T=21)]
-        fn(*xs).square().sum().backward()
+        if decay:
+            xs.append(DECAYS[1].clone().requires_grad_())
+        fn(*xs[:6], scale=0.4, window=window, softcap=3.0, log_decay=xs[6] if decay else None).square().sum().backward()
         grads.append([x.grad for x in xs])
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
 
 
-def test_window_and_state_carry_across_calls():
+@pytest.mark.parametrize("log_decay", DECAYS, ids=["no decay", "decay"])
+def test_window_and_state_carry_across_calls(log_decay):
     """Pieces of 13, 1, 1 and 25 queries, each with the window - 1 keys before it and the state the previous piece
     left, give the whole sequence's outputs; the first 3 are padding (keys not real), which changes nothing."""
     q, k, v, fq, fk, factor = hybrid_inputs()
     window, B, T, pad = 6, 2, 37, 3
-    ref = whole(q, k, v, fq, fk, factor, 0.4, window, 16)
+    ref = whole(q, k, v, fq, fk, factor, 0.4, window, 16, log_decay=log_decay)
     q, fq = (F.pad(t, (0, 0, pad, 0)) for t in (q, fq))
     k, v, fk = (F.pad(t, (0, 0, window - 1 + pad, 0)) for t in (k, v, fk))  # key i + window - 1 is query i's
     real = torch.arange(window - 1 + pad + T).expand(B, -1) >= window - 1 + pad
@@ -91,7 +103,9 @@ def test_window_and_state_carry_across_calls():
         q_n, fq_n, fk_n = (t[:, :, start : start + n] for t in (q, fq, fk))  # fk: keys that leave the window
         keys = slice(start, start + window - 1 + n)
         k_n, v_n = k[:, :, keys], v[:, :, keys]
-        o, state = hybrid_chunked(q_n, k_n, v_n, fq_n, fk_n, real[:, keys], factor, 0.4, window, 4, state)
+        o, state = hybrid_chunked(
+            q_n, k_n, v_n, fq_n, fk_n, real[:, keys], factor, 0.4, window, 4, state, log_decay=log_decay
+        )
         out.append(o)
         start += n
     out = torch.cat(out, 2)
@@ -136,6 +150,16 @@ def test_lolcats_trains_on_every_family(family):
     assert all(p.grad is not None for p in (student.feature_q, student.feature_k, student.window_factor))
 
 
+def test_lolcats_decay_starts_at_its_memory_and_trains():
+    """decay=n starts every head's lambda at 1 - 1/n; the decay takes gradients and the loss falls as without it."""
+    model = family_model("llama")
+    student = make_student("attn", "lolcats", get_block(model, 1, "attn"), model.config, decay=16)
+    torch.testing.assert_close(torch.sigmoid(student.decay_logit), torch.full((4,), 1 - 1 / 16))
+    student, _, losses = trained_on_block_mse(model, "lolcats", tokens(), 12, window=4, chunk_size=8, decay=16)
+    assert losses[-1] < 0.8 * losses[0], losses[::3]
+    assert student.decay_logit.grad is not None and student.decay_logit.grad.abs().max() > 0
+
+
 def test_bad_lolcats_kwargs():
     model = family_model("llama")
     teacher = get_block(model, 0, "attn")
@@ -144,6 +168,11 @@ def test_bad_lolcats_kwargs():
             make_student("attn", "lolcats", teacher, model.config, **kwargs)
     with pytest.raises(ValueError, match="do not fit student 'lolcats'"):
         make_student("attn", "lolcats", teacher, model.config, sink=4)  # window's, not lolcats'
+    for decay in (1, 0.5, -3, float("nan")):
+        with pytest.raises(ValueError, match=f"lolcats student: decay must be > 1 .* got {decay}"):
+            make_student("attn", "lolcats", teacher, model.config, decay=decay)
     student = make_student("attn", "lolcats", teacher, model.config)
-    assert student.kwargs == {"window": 64, "feature_dim": None, "chunk_size": 64}
+    assert student.kwargs == {"window": 64, "feature_dim": None, "chunk_size": 64, "decay": 16}
+    lolcats = make_student("attn", "lolcats", teacher, model.config, decay=None)
+    assert lolcats.decay_logit is None and "decay_logit" not in lolcats.state_dict()  # LoLCATs' parameters alone
     assert student.feature_q.shape == student.feature_k.shape == (4, 16, 8)  # feature_dim None: head_dim / 2

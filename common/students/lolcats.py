@@ -10,7 +10,8 @@ as LoLCATs' code writes it (its `lolcats_llama_window_sw`): gamma = sigmoid(wind
 window's terms. phi is Hedgehog's feature map (arXiv:2402.04347), a learned linear map per head then a softmax over
 the features, of both signs: phi(x) = [softmax(x' W), softmax(-x' W)], 2 x feature_dim features. The older tokens
 enter one linear state, sum phi_k(k_j) [v_j, 1]^T (its last column the denominator's), so a decoding cache holds
-that state and the latest window - 1 keys and values, whatever the context.
+that state and the latest window - 1 keys and values, whatever the context. With `decay` (not in LoLCATs) each
+head's state decays by a learned lambda per token, so the linear terms weigh the older tokens by lambda^age.
 
 `hybrid_chunked` computes it for a block of new queries: the window part banded, chunk by chunk against the chunk
 and the window - 1 keys before it (no T x T scores), the linear part as chunked causal linear attention with the
@@ -33,6 +34,10 @@ from common.students.registry import register
 # init_window_factor -2.197 = logit 0.1); calibration tries these, with the output gain fit by least squares for each.
 WINDOW_FACTOR_INIT = 0.1
 CALIB_WINDOW_FACTORS = (0.03, 0.1, 0.3, 0.9)
+# The linear state's decay starts at a 16-token memory: the 15-layer SmolLM2-135M hybrid trained on 1,024-token
+# sequences read 1.111x the teacher's perplexity at 2,048 tokens and 1.193x at 8,192, against 1.172x and 1.810x
+# without decay; 64, 256 and 1,024 fall between, in that order (docs/attention.md#long-contexts-the-decay).
+DECAY_INIT = 16
 
 
 def feature_map(x: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
@@ -63,19 +68,37 @@ def window_sums(q, k, v, real, scale: float, window: int, chunk: int, softcap: f
     return (p @ v.transpose(-1, -2)).flatten(2, 3)[:, :, :T], p.sum(-1, keepdim=True).flatten(2, 3)[:, :, :T]
 
 
-def linear_sums(fq, fk, u, chunk: int, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_sums(fq, fk, u, chunk: int, state: torch.Tensor | None, log_decay: torch.Tensor | None = None):
     """Causal linear attention, strictly earlier keys: o_t = fq_t^T (state + sum_{j < t} fk_j u_j^T), chunk by chunk
     (within a chunk masked, across chunks through the summed state). fq, fk (B, H, T, F); u (B, H, T, V); state
-    (B, H, F, V) or None (zeros). Returns (o (B, H, T, V), the state after all T)."""
+    (B, H, F, V) or None (zeros). With log_decay (H,), log lambda per head, the state decays by lambda each token:
+    o_t = fq_t^T (lambda^t state + sum_{j < t} lambda^(t - 1 - j) fk_j u_j^T). Returns (o (B, H, T, V), the state
+    after all T)."""
     B, H, T, _ = fq.shape
     pad = -T % chunk
     fq, fk, u = (F.pad(t, (0, 0, 0, pad)).unflatten(2, (-1, chunk)) for t in (fq, fk, u))  # (B, H, N, C, .)
     earlier = torch.ones(chunk, chunk, dtype=torch.bool, device=fq.device).tril(-1)
-    o = (fq @ fk.transpose(-1, -2)).masked_fill(~earlier, 0) @ u
     state = fq.new_zeros(B, H, fq.shape[-1], u.shape[-1]) if state is None else state
-    after = state[:, :, None] + (fk.transpose(-1, -2) @ u).cumsum(2)  # the state after each chunk
-    o = o + fq @ torch.cat([state[:, :, None], after[:, :, :-1]], 2)  # from every earlier chunk
-    return o.flatten(2, 3)[:, :, :T], after[:, :, -1]
+    if log_decay is None:
+        o = (fq @ fk.transpose(-1, -2)).masked_fill(~earlier, 0) @ u
+        after = state[:, :, None] + (fk.transpose(-1, -2) @ u).cumsum(2)  # the state after each chunk
+        o = o + fq @ torch.cat([state[:, :, None], after[:, :, :-1]], 2)  # from every earlier chunk
+        return o.flatten(2, 3)[:, :, :T], after[:, :, -1]
+    # decayed: lambda^(i - 1 - j) within a chunk; the state, carried chunk by chunk, reaches query i as lambda^i
+    i = torch.arange(chunk, device=fq.device, dtype=fq.dtype)
+    g = log_decay.to(fq.dtype)[:, None]  # (H, 1)
+    within = ((i[:, None] - 1 - i) * g[..., None]).exp().masked_fill(~earlier, 0)  # (H, C, C)
+    o = ((fq @ fk.transpose(-1, -2)) * within[:, None]) @ u
+    n_real = (T - torch.arange(0, T + pad, chunk, device=fq.device)).clamp(max=chunk).to(fq.dtype)  # (N,)
+    to_end = ((n_real[:, None] - 1 - i).clamp_min(0) * g[..., None]).exp()  # (H, N, C): key m to its chunk's end
+    added = (fk * to_end[..., None]).transpose(-1, -2) @ u  # (B, H, N, F, V): each chunk's keys at its end
+    across = (n_real * g).exp()  # (H, N): the decay over each chunk's tokens
+    starts = []
+    for c in range(fq.shape[2]):
+        starts.append(state)
+        state = across[:, c, None, None] * state + added[:, :, c]
+    o = o + (i * g).exp()[:, None, :, None] * (fq @ torch.stack(starts, 2))
+    return o.flatten(2, 3)[:, :, :T], state
 
 
 def hybrid_chunked(
@@ -91,17 +114,19 @@ def hybrid_chunked(
     chunk_size: int = 64,
     state: torch.Tensor | None = None,
     softcap: float | None = None,
+    log_decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LoLCATs' attention for T new queries q (B, H, T, D), their features fq (B, H, T, F). k, v (B, H, P + T, D):
     the keys and values of the P = window - 1 tokens before the new ones, then the new ones'; real (B, P + T) which
     of those are tokens (False: padding, or before the sequence). fk (B, H, T, F): the features of the first T of
     those keys, the ones that leave the window here. factor (H,): gamma; state (B, H, F, D + 1) or None (zeros):
-    sum fk [v, 1]^T over the tokens before all those. Returns (y (B, H, T, D), the state after the first T keys)."""
+    sum fk [v, 1]^T over the tokens before all those. log_decay (H,) or None: the linear terms decay (linear_sums).
+    Returns (y (B, H, T, D), the state after the first T keys)."""
     T, D = q.shape[2:]
     chunk = min(chunk_size, T)
     num, den = window_sums(q, k, v, real, scale, window, chunk, softcap)
     u = torch.cat([v[:, :, :T], torch.ones_like(v[:, :, :T, :1])], -1) * real[:, None, :T, None]
-    linear, state = linear_sums(fq, fk, u, chunk, state)
+    linear, state = linear_sums(fq, fk, u, chunk, state, log_decay)
     gamma = factor[:, None, None]
     den = gamma * den + linear[..., D:]  # >= gamma for a real query: its own key is in its window
     return (gamma * num + linear[..., :D]) / den.clamp_min(torch.finfo(den.dtype).tiny), state
@@ -160,9 +185,15 @@ class LolcatsAttention(RecurrentAttention):
       per-channel gain from 1 (a gain of 1 is LoLCATs exactly), then the module's own output projection.
     - calibration (RecurrentAttention.calibrate): for gamma at each of CALIB_WINDOW_FACTORS, the output gain by
       least squares; the pair of least error is kept. The feature maps have no closed form: training fits them.
+    - decay: the linear terms' memory at the start, in tokens (None: no decay, LoLCATs' own): each head's linear
+      state decays by lambda = 1 - 1 / decay per token (lambda learned per head), so an older token's weight there
+      falls as lambda^age and the linear sum stays bounded at any context; without decay it grows with the context
+      and the window's share of the output shrinks as it does. DECAY_INIT's measurement is the default's reason.
     feature_dim None is head_dim / 2: 2 x feature_dim = head_dim features, LoLCATs' 64 on head_dim 128. chunk_size
     only sets how a sequence is split; results do not depend on it.
     """
+
+    ADDED_KWARGS = {"decay": None}  # checkpoints written before decay existed: none (common.checkpoint.add_students)
 
     def __init__(
         self,
@@ -171,12 +202,15 @@ class LolcatsAttention(RecurrentAttention):
         window: int = 64,
         feature_dim: int | None = None,
         chunk_size: int = 64,
+        decay: float | None = DECAY_INIT,
     ):
         if window < 1 or chunk_size < 1 or (feature_dim is not None and feature_dim < 1):
             raise ValueError(
                 f"lolcats student: window, feature_dim and chunk_size must be >= 1, got {window}, {feature_dim} "
                 f"and {chunk_size}"
             )
+        if decay is not None and not decay > 1:
+            raise ValueError(f"lolcats student: decay must be > 1 (tokens of memory) or null (none), got {decay}")
         super().__init__(teacher)
         self.window, self.chunk_size = window, chunk_size
         heads = config.num_attention_heads
@@ -185,6 +219,9 @@ class LolcatsAttention(RecurrentAttention):
         self.feature_q, self.feature_k = nn.Parameter(weight), nn.Parameter(weight.clone())
         self.window_factor = nn.Parameter(torch.full((heads,), math.log(WINDOW_FACTOR_INIT / (1 - WINDOW_FACTOR_INIT))))
         self.out_gain = nn.Parameter(torch.ones(heads * self.head_dim))
+        self.decay_logit = None  # lambda = sigmoid(decay_logit) per head: 1 - 1 / decay at the start
+        if decay is not None:
+            self.decay_logit = nn.Parameter(torch.full((heads,), math.log(decay - 1)))
         self.to(next(teacher.parameters()).dtype)
 
     def normalised(self, module, q, k, v, x, cache, scaling, softcap=None, **kwargs) -> torch.Tensor:
@@ -202,7 +239,10 @@ class LolcatsAttention(RecurrentAttention):
             fq = feature_map(q, self.feature_q.float(), scale)
             fk = feature_map(k[:, :, :T], self.feature_k.float(), scale)  # the keys that leave the window
             gamma = torch.sigmoid(self.window_factor.float())
-            o, state = hybrid_chunked(q, k, v, fq, fk, real, gamma, scale, self.window, self.chunk_size, state, softcap)
+            log_decay = None if self.decay_logit is None else F.logsigmoid(self.decay_logit.float())
+            o, state = hybrid_chunked(
+                q, k, v, fq, fk, real, gamma, scale, self.window, self.chunk_size, state, softcap, log_decay
+            )
         if layer is not None:
             layer.state = state
         return o.transpose(1, 2)
