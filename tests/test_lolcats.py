@@ -58,7 +58,8 @@ def whole(q, k, v, fq, fk, factor, scale, window, chunk_size, softcap=None, log_
     return hybrid_chunked(q, k, v, fq, fk[:, :, :T], *args)[0]
 
 
-DECAYS = [None, torch.tensor([-0.01, -0.3, -2.0])]  # log lambda per head: a long memory, a short one, almost none
+# log lambda per head: a long memory, a short one, almost none (lambda^21 underflows and 1 / lambda^21 overflows fp32)
+DECAYS = [None, torch.tensor([-0.01, -0.3, -5.0])]
 
 
 @pytest.mark.parametrize("window", [1, 4, 40])  # 40: longer than the sequence, no linear terms
@@ -72,7 +73,7 @@ def test_chunked_equals_token_by_token(window, chunk_size, log_decay):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("window,chunk_size", [(4, 8), (8, 4)])
+@pytest.mark.parametrize("window,chunk_size", [(4, 8), (8, 4), (4, 64)])  # 64: one chunk of all 21 tokens
 @pytest.mark.parametrize("decay", [False, True])
 def test_chunked_gradients_equal_token_by_token(window, chunk_size, decay):
     """Gradients of q, k, v, both features, the window factor and the decay, to fp32 rounding of each (the factor's

@@ -87,7 +87,8 @@ def linear_sums(fq, fk, u, chunk: int, state: torch.Tensor | None, log_decay: to
     # decayed: lambda^(i - 1 - j) within a chunk; the state, carried chunk by chunk, reaches query i as lambda^i
     i = torch.arange(chunk, device=fq.device, dtype=fq.dtype)
     g = log_decay.to(fq.dtype)[:, None]  # (H, 1)
-    within = ((i[:, None] - 1 - i) * g[..., None]).exp().masked_fill(~earlier, 0)  # (H, C, C)
+    # (H, C, C); the exponent is clamped at 0 where masked, so a strong decay there never overflows (0 x inf in backward)
+    within = ((i[:, None] - 1 - i).clamp_min(0) * g[..., None]).exp().masked_fill(~earlier, 0)
     o = ((fq @ fk.transpose(-1, -2)) * within[:, None]) @ u
     n_real = (T - torch.arange(0, T + pad, chunk, device=fq.device)).clamp(max=chunk).to(fq.dtype)  # (N,)
     to_end = ((n_real[:, None] - 1 - i).clamp_min(0) * g[..., None]).exp()  # (H, N, C): key m to its chunk's end
