@@ -300,7 +300,7 @@ def test_checkpoint_round_trip(tmp_path):
                 "layer": 3,
                 "target": "attn",
                 "kind": "lolcats",
-                "kwargs": {"window": 8, "feature_dim": None, "chunk_size": 64, "decay": 16},
+                "kwargs": {"window": 8, "feature_dim": None, "chunk_size": 64, "decay": 4},
             },
         ]
     )

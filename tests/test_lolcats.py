@@ -173,7 +173,7 @@ def test_bad_lolcats_kwargs():
         with pytest.raises(ValueError, match=f"lolcats student: decay must be > 1 .* got {decay}"):
             make_student("attn", "lolcats", teacher, model.config, decay=decay)
     student = make_student("attn", "lolcats", teacher, model.config)
-    assert student.kwargs == {"window": 64, "feature_dim": None, "chunk_size": 64, "decay": 16}
+    assert student.kwargs == {"window": 64, "feature_dim": None, "chunk_size": 64, "decay": 4}
     lolcats = make_student("attn", "lolcats", teacher, model.config, decay=None)
     assert lolcats.decay_logit is None and "decay_logit" not in lolcats.state_dict()  # LoLCATs' parameters alone
     assert student.feature_q.shape == student.feature_k.shape == (4, 16, 8)  # feature_dim None: head_dim / 2
