@@ -300,7 +300,7 @@ def test_checkpoint_round_trip(tmp_path):
                 "layer": 3,
                 "target": "attn",
                 "kind": "lolcats",
-                "kwargs": {"window": 8, "feature_dim": None, "chunk_size": 64, "decay": 4},
+                "kwargs": {"window": 8, "feature_dim": None, "chunk_size": 64, "decay": 4, "sink": 4},
             },
         ]
     )
@@ -308,18 +308,19 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_a_checkpoint_from_before_an_argument_loads_as_it_was(tmp_path):
-    """A lolcats checkpoint written before `decay` existed (no decay in its students.json, no decay_logit in its
-    weights) loads as the student it was then, with no decay (ADDED_KWARGS), not the new default's."""
+    """A lolcats checkpoint written before `decay` and `sink` existed (neither in its students.json, no decay_logit
+    in its weights) loads as the student it was then, with no decay and no sinks (ADDED_KWARGS), not the new
+    defaults."""
     model = family_model("llama", layers=2)
     torch.manual_seed(0)
-    student = make_student("attn", "lolcats", get_block(model, 1, "attn"), model.config, window=4, decay=None)
-    set_block(model, 1, "attn", student)
+    block = get_block(model, 1, "attn")
+    set_block(model, 1, "attn", make_student("attn", "lolcats", block, model.config, window=4, decay=None, sink=0))
     save_checkpoint(str(tmp_path / "final"), model, meta={"phase": "test", "step": 0})
     specs = json.loads((tmp_path / "final" / "students.json").read_text())
-    del specs[0]["kwargs"]["decay"]  # as the code before decay wrote it
+    del specs[0]["kwargs"]["decay"], specs[0]["kwargs"]["sink"]  # as the code before them wrote it
     (tmp_path / "final" / "students.json").write_text(json.dumps(specs))
     loaded = load_model(str(tmp_path / "final")).eval()
-    assert get_block(loaded, 1, "attn").decay_logit is None
+    assert get_block(loaded, 1, "attn").decay_logit is None and get_block(loaded, 1, "attn").sink == 0
     assert torch.equal(logits(loaded, tokens(n=24)), logits(model.eval(), tokens(n=24)))
 
 

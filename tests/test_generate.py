@@ -24,15 +24,16 @@ SETUPS = {
     "lolcats+window": {0: "lolcats", 1: "window"},
     "delta+lolcats": {0: "delta", 1: "lolcats"},
     "teacher+lolcats": {1: "lolcats"},
-    "lolcats with decay+delta": {0: "lolcats decay", 1: "delta"},
+    "lolcats with decay and sinks+delta": {0: "lolcats decay sinks", 1: "delta"},
 }
 # chunks of 4: the prompts prefill over several chunks, the last one partial; lolcats' window shorter than the prompts
 KWARGS = {
     "linear": {"chunk_size": 4},
     "delta": {"chunk_size": 4},
     "window": {"window": STUDENT_WINDOW, "sink": SINK},
-    "lolcats": {"window": STUDENT_WINDOW, "chunk_size": 4},
-    "lolcats decay": {"window": STUDENT_WINDOW, "chunk_size": 4, "decay": 6},  # a memory shorter than the tokens
+    "lolcats": {"window": STUDENT_WINDOW, "chunk_size": 4, "sink": 0},
+    # a memory shorter than the tokens; the sinks out of the window after the shortest prompt's first token
+    "lolcats decay sinks": {"window": STUDENT_WINDOW, "chunk_size": 4, "decay": 6, "sink": SINK},
 }
 
 
@@ -41,7 +42,7 @@ def model_with(family, setup, layers=2):
     model = family_model(family, layers)
     torch.manual_seed(0)
     for i, name in SETUPS[setup].items():
-        kind = name.split()[0]  # "lolcats decay": lolcats with KWARGS["lolcats decay"]
+        kind = name.split()[0]  # "lolcats decay sinks": lolcats with KWARGS["lolcats decay sinks"]
         student = make_student("attn", kind, get_block(model, i, "attn"), model.config, **KWARGS[name])
         set_block(model, i, "attn", student)
     return model
@@ -107,7 +108,9 @@ def test_decoding_state_per_student_kind(family, teacher_layer):
     window = make_student("attn", "window", get_block(model, 1, "attn"), model.config, window=STUDENT_WINDOW, sink=SINK)
     set_block(model, 1, "attn", window)
     set_block(model, 3, "attn", make_student("attn", "delta", get_block(model, 3, "attn"), model.config))
-    lolcats = make_student("attn", "lolcats", get_block(model, 4, "attn"), model.config, window=STUDENT_WINDOW)
+    lolcats = make_student(
+        "attn", "lolcats", get_block(model, 4, "attn"), model.config, window=STUDENT_WINDOW, sink=SINK
+    )
     set_block(model, 4, "attn", lolcats)
     cache = decoding_cache(model)
     kinds = [RecurrentLayer, WindowLayer, teacher_layer, RecurrentLayer, LolcatsLayer]
@@ -130,6 +133,9 @@ def test_decoding_state_per_student_kind(family, teacher_layer):
     # lolcats' window: the latest window - 1 tokens' keys and values per kv head (not repeated), all real here
     window_kv = (1, model.config.num_key_value_heads, STUDENT_WINDOW - 1, 16)
     assert lolcats.keys.shape == lolcats.values.shape == window_kv and lolcats.real.all()
+    # and its sinks: slot p the keys and values of the token at position p (here the prompt's first tokens)
+    sink_kv = (1, model.config.num_key_value_heads, SINK, 16)
+    assert lolcats.sink_keys.shape == lolcats.sink_values.shape == sink_kv and lolcats.sink_filled.all()
     # the model's mask bookkeeping: student layers answer as the teacher's layer would at their index
     assert [layer.get_seq_length() for layer in cache.layers] == [34] * 5
     assert linear.get_mask_sizes(1) == window.get_mask_sizes(1) == delta.get_mask_sizes(1) == teacher.get_mask_sizes(1)

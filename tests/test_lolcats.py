@@ -11,32 +11,33 @@ import torch
 import torch.nn.functional as F
 
 from common.students import make_student
-from common.students.lolcats import feature_map, hybrid_chunked
+from common.students.lolcats import feature_map, hybrid_chunked, with_sinks
 from common.swap import LayerCalls, get_block
 from families import FAMILIES, family_model
 from test_attention import latent, tokens, trained_on_block_mse
 
 
-def hybrid_token_by_token(q, k, v, fq, fk, factor, scale, window, softcap=None, log_decay=None):
+def hybrid_token_by_token(q, k, v, fq, fk, factor, scale, window, softcap=None, log_decay=None, sink=0):
     """The reference, LoLCATs' sum per query over whole sequences: softmax terms exp(s_j - m) weighted by factor over
-    the last `window` keys, linear terms fq.fk over the older ones (a running state, decayed by exp(log_decay) per
-    head each token when given), one normalisation."""
+    the last `window` keys and the first `sink` keys, linear terms fq.fk over the other older ones (a running state,
+    decayed by exp(log_decay) per head each token when given), one normalisation."""
     B, H, T, D = q.shape
     state = q.new_zeros(B, H, fq.shape[-1], D + 1)
     out = []
     for t in range(T):
         if log_decay is not None:
             state = state * log_decay.exp()[:, None, None]
-        if t >= window:  # key t - window leaves the window
+        if t - window >= sink:  # key t - window leaves the window; a sink's stays out of the state
             u = torch.cat([v[:, :, t - window], torch.ones_like(v[:, :, t - window, :1])], -1)
             state = state + fk[:, :, t - window, :, None] * u[:, :, None, :]
         first = max(0, t - window + 1)
-        s = torch.einsum("bhd,bhjd->bhj", q[:, :, t], k[:, :, first : t + 1]) * scale
+        exact = list(range(min(sink, first))) + list(range(first, t + 1))
+        s = torch.einsum("bhd,bhjd->bhj", q[:, :, t], k[:, :, exact]) * scale
         if softcap is not None:
             s = softcap * torch.tanh(s / softcap)
         p = factor[:, None] * (s - s.max(-1, keepdim=True).values).exp()
         linear = torch.einsum("bhf,bhfv->bhv", fq[:, :, t], state)
-        num = torch.einsum("bhj,bhjd->bhd", p, v[:, :, first : t + 1]) + linear[..., :D]
+        num = torch.einsum("bhj,bhjd->bhd", p, v[:, :, exact]) + linear[..., :D]
         out.append(num / (p.sum(-1, keepdim=True) + linear[..., D:]))
     return torch.stack(out, 2)
 
@@ -49,12 +50,14 @@ def hybrid_inputs(B=2, H=3, T=37, D=8, features=6, seed=0):
     return q, k, v, fq, fk, torch.rand(H, generator=gen)
 
 
-def whole(q, k, v, fq, fk, factor, scale, window, chunk_size, softcap=None, log_decay=None):
+def whole(q, k, v, fq, fk, factor, scale, window, chunk_size, softcap=None, log_decay=None, sink=0):
     """hybrid_chunked over whole sequences: no token before the first (window - 1 absent keys, a zero state)."""
     B, T = q.shape[0], q.shape[2]
+    q_pos = torch.arange(T).expand(B, T)
+    sinks = with_sinks(None, k, v, q_pos, sink) if sink else None
     k, v, fk = (F.pad(t, (0, 0, window - 1, 0)) for t in (k, v, fk))
     real = torch.arange(window - 1 + T).expand(B, -1) >= window - 1
-    args = (real, factor, scale, window, chunk_size, None, softcap, log_decay)
+    args = (real, factor, scale, window, chunk_size, None, softcap, log_decay, sinks, q_pos)
     return hybrid_chunked(q, k, v, fq, fk[:, :, :T], *args)[0]
 
 
@@ -65,47 +68,54 @@ DECAYS = [None, torch.tensor([-0.01, -0.3, -5.0])]
 @pytest.mark.parametrize("window", [1, 4, 40])  # 40: longer than the sequence, no linear terms
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 64])
 @pytest.mark.parametrize("log_decay", DECAYS, ids=["no decay", "decay"])
-def test_chunked_equals_token_by_token(window, chunk_size, log_decay):
+@pytest.mark.parametrize("sink", [0, 3, 40], ids=["no sinks", "3 sinks", "more sinks than tokens"])
+def test_chunked_equals_token_by_token(window, chunk_size, log_decay, sink):
     inputs = hybrid_inputs()  # T=37: never a multiple of the chunk (except 1)
     for softcap in (None, 2.0):
-        ref = hybrid_token_by_token(*inputs, 0.4, window, softcap, log_decay)
-        out = whole(*inputs, 0.4, window, chunk_size, softcap, log_decay)
+        ref = hybrid_token_by_token(*inputs, 0.4, window, softcap, log_decay, sink)
+        out = whole(*inputs, 0.4, window, chunk_size, softcap, log_decay, sink)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("window,chunk_size", [(4, 8), (8, 4), (4, 64)])  # 64: one chunk of all 21 tokens
 @pytest.mark.parametrize("decay", [False, True])
-def test_chunked_gradients_equal_token_by_token(window, chunk_size, decay):
-    """Gradients of q, k, v, both features, the window factor and the decay, to fp32 rounding of each (the factor's
-    sums the most terms: 1e-6 of its largest when written; in fp64 all agree to 1e-13)."""
+@pytest.mark.parametrize("sink", [0, 2])
+def test_chunked_gradients_equal_token_by_token(window, chunk_size, decay, sink):
+    """Gradients of q, k, v (the sinks' included), both features, the window factor and the decay, to fp32 rounding
+    of each (the factor's sums the most terms: 1e-6 of its largest when written; in fp64 all agree to 1e-13)."""
     grads = []
     for fn in (hybrid_token_by_token, functools.partial(whole, chunk_size=chunk_size)):
         xs = [t.clone().requires_grad_() for t in hybrid_inputs(T=21)]
         if decay:
             xs.append(DECAYS[1].clone().requires_grad_())
-        fn(*xs[:6], scale=0.4, window=window, softcap=3.0, log_decay=xs[6] if decay else None).square().sum().backward()
+        log_decay = xs[6] if decay else None
+        fn(*xs[:6], scale=0.4, window=window, softcap=3.0, log_decay=log_decay, sink=sink).square().sum().backward()
         grads.append([x.grad for x in xs])
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())
 
 
 @pytest.mark.parametrize("log_decay", DECAYS, ids=["no decay", "decay"])
-def test_window_and_state_carry_across_calls(log_decay):
-    """Pieces of 13, 1, 1 and 25 queries, each with the window - 1 keys before it and the state the previous piece
-    left, give the whole sequence's outputs; the first 3 are padding (keys not real), which changes nothing."""
+@pytest.mark.parametrize("sink", [0, 2, 16], ids=["no sinks", "2 sinks", "16 sinks: filled over pieces"])
+def test_window_and_state_carry_across_calls(log_decay, sink):
+    """Pieces of 13, 1, 1 and 25 queries, each with the window - 1 keys before it, the state and the sinks the
+    previous piece left, give the whole sequence's outputs; the first 3 are padding (keys not real, positions -1),
+    which changes nothing."""
     q, k, v, fq, fk, factor = hybrid_inputs()
     window, B, T, pad = 6, 2, 37, 3
-    ref = whole(q, k, v, fq, fk, factor, 0.4, window, 16, log_decay=log_decay)
+    ref = whole(q, k, v, fq, fk, factor, 0.4, window, 16, log_decay=log_decay, sink=sink)
     q, fq = (F.pad(t, (0, 0, pad, 0)) for t in (q, fq))
     k, v, fk = (F.pad(t, (0, 0, window - 1 + pad, 0)) for t in (k, v, fk))  # key i + window - 1 is query i's
     real = torch.arange(window - 1 + pad + T).expand(B, -1) >= window - 1 + pad
-    out, state, start = [], None, 0
+    q_pos = (torch.arange(pad + T) - pad).clamp(min=-1).expand(B, -1)
+    out, state, slots, start = [], None, None, 0
     for n in (13, 1, 1, 25):
-        q_n, fq_n, fk_n = (t[:, :, start : start + n] for t in (q, fq, fk))  # fk: keys that leave the window
+        q_n, fq_n, fk_n, pos_n = (t[..., start : start + n, :] for t in (q, fq, fk, q_pos[..., None]))
         keys = slice(start, start + window - 1 + n)
-        k_n, v_n = k[:, :, keys], v[:, :, keys]
+        k_n, v_n, pos_n = k[:, :, keys], v[:, :, keys], pos_n[..., 0]  # fk: keys that leave the window
+        slots = with_sinks(slots, k_n[:, :, window - 1 :], v_n[:, :, window - 1 :], pos_n, sink) if sink else None
         o, state = hybrid_chunked(
-            q_n, k_n, v_n, fq_n, fk_n, real[:, keys], factor, 0.4, window, 4, state, log_decay=log_decay
+            q_n, k_n, v_n, fq_n, fk_n, real[:, keys], factor, 0.4, window, 4, state, None, log_decay, slots, pos_n
         )
         out.append(o)
         start += n
@@ -126,9 +136,10 @@ def test_feature_map_starts_as_softmax_kernel_features():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_window_covering_the_sequence_is_the_teacher(family):
-    """12 tokens, within every family's sliding window: with a window of 12 there are no linear terms, and the
-    student is the teacher's attention on both layers (its q, k, v and scale; Gemma 2's softcap; smollm3's layer 1
-    without rotary; Falcon's direct sdpa call). A window of 4 is the teacher on the first 4 tokens only."""
+    """12 tokens, within every family's sliding window: with a window of 12 there are no linear terms (and its sinks
+    are in the window), and the student is the teacher's attention on both layers (its q, k, v and scale; Gemma 2's
+    softcap; smollm3's layer 1 without rotary; Falcon's direct sdpa call). A window of 4 is the teacher on the first
+    4 tokens only."""
     model, ids = family_model(family), tokens(n=12)
     calls = LayerCalls(model, "attn")
     for i in range(2):
@@ -136,7 +147,7 @@ def test_window_covering_the_sequence_is_the_teacher(family):
         teacher = get_block(model, i, "attn")
         with torch.no_grad():
             y = call(teacher, x)
-            wide = call(make_student("attn", "lolcats", teacher, model.config, window=12, chunk_size=5), x)
+            wide = call(make_student("attn", "lolcats", teacher, model.config, window=12, chunk_size=5, sink=4), x)
             narrow = call(make_student("attn", "lolcats", teacher, model.config, window=4), x)
         torch.testing.assert_close(wide, y, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(narrow[:, :4], y[:, :4], rtol=1e-5, atol=1e-5)
@@ -168,12 +179,14 @@ def test_bad_lolcats_kwargs():
         with pytest.raises(ValueError, match="lolcats student: window, feature_dim and chunk_size must be >= 1"):
             make_student("attn", "lolcats", teacher, model.config, **kwargs)
     with pytest.raises(ValueError, match="do not fit student 'lolcats'"):
-        make_student("attn", "lolcats", teacher, model.config, sink=4)  # window's, not lolcats'
+        make_student("attn", "lolcats", teacher, model.config, sinks=4)  # a misspelt sink
+    with pytest.raises(ValueError, match="lolcats student: sink must be >= 0 .* got -1"):
+        make_student("attn", "lolcats", teacher, model.config, sink=-1)
     for decay in (1, 0.5, -3, float("nan")):
         with pytest.raises(ValueError, match=f"lolcats student: decay must be > 1 .* got {decay}"):
             make_student("attn", "lolcats", teacher, model.config, decay=decay)
     student = make_student("attn", "lolcats", teacher, model.config)
-    assert student.kwargs == {"window": 64, "feature_dim": None, "chunk_size": 64, "decay": 4}
+    assert student.kwargs == {"window": 64, "feature_dim": None, "chunk_size": 64, "decay": 4, "sink": 4}
     lolcats = make_student("attn", "lolcats", teacher, model.config, decay=None)
     assert lolcats.decay_logit is None and "decay_logit" not in lolcats.state_dict()  # LoLCATs' parameters alone
     assert student.feature_q.shape == student.feature_k.shape == (4, 16, 8)  # feature_dim None: head_dim / 2

@@ -11,7 +11,9 @@ window's terms. phi is Hedgehog's feature map (arXiv:2402.04347), a learned line
 the features, of both signs: phi(x) = [softmax(x' W), softmax(-x' W)], 2 x feature_dim features. The older tokens
 enter one linear state, sum phi_k(k_j) [v_j, 1]^T (its last column the denominator's), so a decoding cache holds
 that state and the latest window - 1 keys and values, whatever the context. With `decay` (not in LoLCATs) each
-head's state decays by a learned lambda per token, so the linear terms weigh the older tokens by lambda^age.
+head's state decays by a learned lambda per token, so the linear terms weigh the older tokens by lambda^age. With
+`sink` (not in LoLCATs either) the first `sink` tokens of the sequence stay in every later query's softmax terms as
+attention sinks (StreamingLLM, arXiv:2309.17453) and never enter the linear state.
 
 `hybrid_chunked` computes it for a block of new queries: the window part banded, chunk by chunk against the chunk
 and the window - 1 keys before it (no T x T scores), the linear part as chunked causal linear attention with the
@@ -38,6 +40,10 @@ CALIB_WINDOW_FACTORS = (0.03, 0.1, 0.3, 0.9)
 # sequences read 1.107x the teacher's perplexity at 2,048 tokens and 1.164x at 8,192, against 1.172x and 1.810x
 # without decay; 16, 64, 256 and 1,024 fall between, in that order (docs/attention.md#long-contexts-the-decay).
 DECAY_INIT = 4
+# The first 4 tokens stay in the window's softmax terms as attention sinks: that hybrid read 1.065x at 2,048 tokens
+# against 1.107x without them (1.188x against 1.164x at 8,192), and with every attention converted 1.562x against
+# 1.862x (2.057x against 2.322x at 8,192; docs/attention.md#attention-sinks).
+SINK = 4
 
 
 def feature_map(x: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
@@ -48,11 +54,12 @@ def feature_map(x: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Te
     return torch.cat([z.softmax(-1), (-z).softmax(-1)], -1)
 
 
-def window_sums(q, k, v, real, scale: float, window: int, chunk: int, softcap: float | None):
+def window_sums(q, k, v, real, scale: float, window: int, chunk: int, softcap: float | None, sinks=None):
     """The window's terms, unweighted: (sum exp(s_j - m) v_j (B, H, T, D), sum exp(s_j - m) (B, H, T, 1)) over each
     query's window. q (B, H, T, D); k, v (B, H, window - 1 + T, D), the new queries' keys after the window - 1 before
-    them; real (B, window - 1 + T). Each chunk of queries scores against its band of chunk + window - 1 keys alone."""
-    T = q.shape[2]
+    them; real (B, window - 1 + T). Each chunk of queries scores against its band of chunk + window - 1 keys alone,
+    and against the sinks' keys, values (B, H, S, D) where seen (B, T, S) when `sinks` is (keys, values, seen)."""
+    B, T = real.shape[0], q.shape[2]
     pad = -T % chunk
     band = chunk + window - 1
     q = F.pad(q, (0, 0, 0, pad)).unflatten(2, (-1, chunk))  # (B, H, N, C, D)
@@ -60,6 +67,14 @@ def window_sums(q, k, v, real, scale: float, window: int, chunk: int, softcap: f
     real = F.pad(real, (0, pad)).unfold(1, band, chunk)[:, None, :, None, :]  # (B, 1, N, 1, band)
     i, j = torch.arange(chunk, device=q.device)[:, None], torch.arange(band, device=q.device)
     seen = (j >= i) & (j < i + window) & real  # query i of a chunk sees band keys i .. i + window - 1
+    if sinks is not None:  # the sinks after each band's keys
+        N, (sink_k, sink_v, sink_seen) = q.shape[2], sinks
+        k, v = (
+            torch.cat([t, s.transpose(-1, -2)[:, :, None].expand(-1, -1, N, -1, -1)], -1)
+            for t, s in ((k, sink_k), (v, sink_v))
+        )
+        sink_seen = F.pad(sink_seen, (0, 0, 0, pad)).unflatten(1, (N, chunk))[:, None]  # (B, 1, N, C, S)
+        seen = torch.cat([seen.expand(B, 1, N, chunk, band), sink_seen], -1)
     s = q @ k * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
@@ -116,17 +131,26 @@ def hybrid_chunked(
     state: torch.Tensor | None = None,
     softcap: float | None = None,
     log_decay: torch.Tensor | None = None,
+    sinks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    q_pos: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LoLCATs' attention for T new queries q (B, H, T, D), their features fq (B, H, T, F). k, v (B, H, P + T, D):
     the keys and values of the P = window - 1 tokens before the new ones, then the new ones'; real (B, P + T) which
     of those are tokens (False: padding, or before the sequence). fk (B, H, T, F): the features of the first T of
     those keys, the ones that leave the window here. factor (H,): gamma; state (B, H, F, D + 1) or None (zeros):
     sum fk [v, 1]^T over the tokens before all those. log_decay (H,) or None: the linear terms decay (linear_sums).
-    Returns (y (B, H, T, D), the state after the first T keys)."""
+    sinks (keys, values (B, H, S, D), filled (B, S)), slot p the token at position p, with q_pos (B, T) the new
+    queries' positions: the window's softmax also covers each filled sink out of a query's window, and a sink's key
+    never enters the linear state. Returns (y (B, H, T, D), the state after the first T keys)."""
     T, D = q.shape[2:]
     chunk = min(chunk_size, T)
-    num, den = window_sums(q, k, v, real, scale, window, chunk, softcap)
-    u = torch.cat([v[:, :, :T], torch.ones_like(v[:, :, :T, :1])], -1) * real[:, None, :T, None]
+    enters = real[:, :T]  # the first T keys, which leave the window here, enter the linear terms
+    if sinks is not None:
+        sink_pos = torch.arange(sinks[0].shape[2], device=q.device)
+        sinks = (*sinks[:2], sinks[2][:, None, :] & (sink_pos <= q_pos[:, :, None] - window))  # (B, T, S)
+        enters = enters & (q_pos - (window - 1) >= len(sink_pos))  # key t's position: query t's - (window - 1)
+    num, den = window_sums(q, k, v, real, scale, window, chunk, softcap, sinks)
+    u = torch.cat([v[:, :, :T], torch.ones_like(v[:, :, :T, :1])], -1) * enters[:, None, :, None]
     linear, state = linear_sums(fq, fk, u, chunk, state, log_decay)
     gamma = factor[:, None, None]
     den = gamma * den + linear[..., D:]  # >= gamma for a real query: its own key is in its window
@@ -140,6 +164,21 @@ def no_past(k: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor, t
     return zeros, zeros, torch.zeros(B, window - 1, dtype=torch.bool, device=k.device)
 
 
+def with_sinks(slots: tuple | None, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, sink: int) -> tuple:
+    """The sink slots (keys, values (B, kv_heads, sink, D), filled (B, sink)), slot p for the token at position p
+    (None or Nones: all empty), with the new tokens' k, v (B, kv_heads, T, D) at positions q_pos (B, T) written in."""
+    B, H, _, D = k.shape
+    if slots is None or slots[0] is None:
+        slots = (k.new_zeros(B, H, sink, D), k.new_zeros(B, H, sink, D), q_pos.new_zeros(B, sink, dtype=torch.bool))
+    at = q_pos[:, :, None] == torch.arange(sink, device=k.device)  # (B, T, sink)
+    new = at.any(1)
+    column = at.int().argmax(1)[:, None, :, None].expand(B, H, sink, D)
+    keys, values = (
+        torch.where(new[:, None, :, None], t.gather(2, column), kept) for t, kept in ((k, slots[0]), (v, slots[1]))
+    )
+    return keys, values, slots[2] | new
+
+
 def after(past: tuple, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor) -> tuple:
     """The past (keys, values, real) with the new tokens' k, v (B, kv_heads, T, D) and real (B, T) after them."""
     return torch.cat([past[0], k], 2), torch.cat([past[1], v], 2), torch.cat([past[2], real], 1)
@@ -147,14 +186,15 @@ def after(past: tuple, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor) -> 
 
 class LolcatsLayer(RecurrentLayer):
     """A lolcats student's decoding cache, bounded whatever the context: the linear state (B, H, 2F, head_dim + 1) in
-    fp32 (`state`, None before the first token) over the tokens that left the window, and the latest window - 1
+    fp32 (`state`, None before the first token) over the tokens that left the window, the latest window - 1
     tokens' keys and values (B, kv_heads, window - 1, head_dim), in the model's dtype, with `real` (B, window - 1),
-    False for padding and before the first token."""
+    False for padding and before the first token, and the sinks' keys and values."""
 
     def __init__(self, shadow: CacheLayerMixin, window: int) -> None:
         super().__init__(shadow)
         self.window = window
         self.keys = self.values = self.real = None
+        self.sink_keys = self.sink_values = self.sink_filled = None  # (B, kv_heads, sink, head_dim) and (B, sink)
 
     def extend(self, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor) -> tuple:
         """The kept keys, values and real, then the new ones (T of them); keeps the latest window - 1."""
@@ -190,11 +230,16 @@ class LolcatsAttention(RecurrentAttention):
       state decays by lambda = 1 - 1 / decay per token (lambda learned per head), so an older token's weight there
       falls as lambda^age and the linear sum stays bounded at any context; without decay it grows with the context
       and the window's share of the output shrinks as it does. DECAY_INIT's measurement is the default's reason.
+    - sink: the first `sink` tokens of the sequence (positions, left padding not counted) join the window's softmax
+      terms of every query whose window has passed them, and their keys never enter the linear state: trained LMs
+      park much attention on the first tokens, which neither a short window nor a decayed state holds. A decoding
+      cache keeps their keys and values (slot p the token at position p). SINK's measurement is the default's reason.
     feature_dim None is head_dim / 2: 2 x feature_dim = head_dim features, LoLCATs' 64 on head_dim 128. chunk_size
     only sets how a sequence is split; results do not depend on it.
     """
 
-    ADDED_KWARGS = {"decay": None}  # checkpoints written before decay existed: none (common.checkpoint.add_students)
+    # the arguments added after the first checkpoints, as those were built (common.checkpoint.add_students)
+    ADDED_KWARGS = {"decay": None, "sink": 0}
 
     def __init__(
         self,
@@ -204,6 +249,7 @@ class LolcatsAttention(RecurrentAttention):
         feature_dim: int | None = None,
         chunk_size: int = 64,
         decay: float | None = DECAY_INIT,
+        sink: int = SINK,
     ):
         if window < 1 or chunk_size < 1 or (feature_dim is not None and feature_dim < 1):
             raise ValueError(
@@ -212,8 +258,10 @@ class LolcatsAttention(RecurrentAttention):
             )
         if decay is not None and not decay > 1:
             raise ValueError(f"lolcats student: decay must be > 1 (tokens of memory) or null (none), got {decay}")
+        if sink < 0:
+            raise ValueError(f"lolcats student: sink must be >= 0 (tokens), got {sink}")
         super().__init__(teacher)
-        self.window, self.chunk_size = window, chunk_size
+        self.window, self.chunk_size, self.sink = window, chunk_size, sink
         heads = config.num_attention_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         weight = torch.randn(heads, self.head_dim, feature_dim or max(1, self.head_dim // 2))
@@ -230,19 +278,28 @@ class LolcatsAttention(RecurrentAttention):
         head_dim) in fp32, before the gain."""
         layer = self.decoding_layer(cache, module, q, k)
         positions = new_positions(cache, q.shape[2]) if layer is not None else None
-        real = torch.ones_like(k[:, 0, :, 0], dtype=torch.bool) if positions is None else positions >= 0
-        k, v, real = after(no_past(k, self.window), k, v, real) if layer is None else layer.extend(k, v, real)
-        groups = q.shape[1] // k.shape[1]
+        B, T = q.shape[0], q.shape[2]
+        q_pos = torch.arange(T, device=q.device).expand(B, T) if positions is None else positions
+        real = q_pos >= 0
+        groups, sinks = q.shape[1] // k.shape[1], None
+        if self.sink:
+            kept = None if layer is None else (layer.sink_keys, layer.sink_values, layer.sink_filled)
+            sinks = with_sinks(kept, k, v, q_pos, self.sink)
+            if layer is not None:
+                layer.sink_keys, layer.sink_values, layer.sink_filled = sinks
+            sinks = (repeat_kv(sinks[0], groups).float(), repeat_kv(sinks[1], groups).float(), sinks[2])
+        window = self.window
+        k, v, real = after(no_past(k, window), k, v, real) if layer is None else layer.extend(k, v, real)
         q, k, v = q.float(), repeat_kv(k, groups).float(), repeat_kv(v, groups).float()
         scale = q.shape[-1] ** -0.5 if scaling is None else scaling
-        T, state = q.shape[2], None if layer is None else layer.state
+        state = None if layer is None else layer.state
         with torch.autocast(q.device.type, enabled=False):
             fq = feature_map(q, self.feature_q.float(), scale)
             fk = feature_map(k[:, :, :T], self.feature_k.float(), scale)  # the keys that leave the window
             gamma = torch.sigmoid(self.window_factor.float())
             log_decay = None if self.decay_logit is None else F.logsigmoid(self.decay_logit.float())
             o, state = hybrid_chunked(
-                q, k, v, fq, fk, real, gamma, scale, self.window, self.chunk_size, state, softcap, log_decay
+                q, k, v, fq, fk, real, gamma, scale, window, self.chunk_size, state, softcap, log_decay, sinks, q_pos
             )
         if layer is not None:
             layer.state = state
