@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from common import memory, parallel
 from common.checkpoint import (
+    built_with,
     load_model,
     load_state,
     load_swapped_students,
@@ -1162,17 +1163,25 @@ def make_students(args, model, layers, device, with_layers=False):
     """{layer: a new student for its TARGET block} in fp32 (master weights, whatever the teacher's dtype) on `device`;
     `with_layers`: a streamed teacher's student lives in host memory beside its layer and visits the device with it
     (the schedules that use one layer at a time). Layer i's initialisation uses seed SEED + i."""
-    students = {}
+    students, kwargs = {}, resumed_kwargs(args, model)
     for i in layers:
         torch.manual_seed(args.SEED + i)
         teacher_block = get_block(model, i, args.TARGET)
         try:
-            student = make_student(args.TARGET, args.STUDENT_KIND, teacher_block, model.config, **args.STUDENT_KWARGS)
+            student = make_student(args.TARGET, args.STUDENT_KIND, teacher_block, model.config, **kwargs)
         except ValueError as e:  # the library says what it knows; these are the options that chose it
             raise ValueError(f"STUDENT_KIND={args.STUDENT_KIND!r} STUDENT_KWARGS={args.STUDENT_KWARGS}: {e}") from None
         home = home_device(transformer_layers(model)[i], device) if with_layers else device
         students[i] = student.to(home, torch.float32)
     return students
+
+
+def resumed_kwargs(args, model):
+    """STUDENT_KWARGS; resuming, the arguments the run's latest layer-wise checkpoint built its students with, so
+    that a default changed since the run began (a student argument added later) does not change its students."""
+    ckpt = latest_checkpoint(args.OUT_DIR, "layerwise") if args.RESUME else None
+    specs = read_student_specs(os.path.join(ckpt, "students.json"), model) if ckpt else []
+    return built_with(specs[0]) if specs else args.STUDENT_KWARGS
 
 
 def load_students(ckpt, model, students, target):

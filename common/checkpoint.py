@@ -109,16 +109,19 @@ def check_has_config(folder: str) -> None:
         )
 
 
+def built_with(spec: dict) -> dict:
+    """The arguments a student of students.json ({layer, target, kind, kwargs}) was built with. A checkpoint records
+    every argument, so one without an argument predates it: its kind's ADDED_KWARGS give the value from before."""
+    return {**getattr(STUDENTS.get((spec["target"], spec["kind"])), "ADDED_KWARGS", {}), **spec["kwargs"]}
+
+
 def add_students(model: nn.Module, students_path: str) -> None:
     """Swap a new student of each spec of students.json ({layer, target, kind, kwargs}) into the model, in the
-    model's dtype. A kind's ADDED_KWARGS ({name: value}) are the arguments added after its first checkpoints, with
-    the value that builds it as it was before them."""
+    model's dtype, built as it was (built_with)."""
     for s in read_student_specs(students_path, model):
         teacher = get_block(model, s["layer"], s["target"])
-        # a checkpoint records every argument, so one without an argument predates it: its value from before
-        kwargs = {**getattr(STUDENTS.get((s["target"], s["kind"])), "ADDED_KWARGS", {}), **s["kwargs"]}
         try:
-            student = make_student(s["target"], s["kind"], teacher, model.config, **kwargs).to(model.dtype)
+            student = make_student(s["target"], s["kind"], teacher, model.config, **built_with(s)).to(model.dtype)
         except ValueError as e:
             raise ValueError(
                 f"{students_path}: layer {s['layer']}: {e}; this code does not build that student: load the "

@@ -207,6 +207,36 @@ def test_attention_students_resume_exactly(kind, kwargs, teacher_dir, tiny_data_
     assert without_timing(layer_rows(whole)) == without_timing(layer_rows(cut))
 
 
+def test_a_run_begun_before_a_student_argument_resumes_as_it_began(teacher_dir, tiny_data_dir, tmp_path):
+    """A lolcats run cut after its first layer by code that had no `sink` (its students.json and config without it)
+    resumes, under a default of 4 sinks, with the students it began with: the same as the run never cut."""
+    args = ["--teacher", teacher_dir, "--data-dir", tiny_data_dir, "--target", "attn", "--student-kind", "lolcats"]
+    args += ["--layers", "0,2", "--steps-per-layer", "3", "--seq-len", "64"]
+    old = '{"window": 16, "chunk_size": 16, "decay": null}'  # the command line of the run begun before sinks
+    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+    run_distill(*TINY_DISTILL, "--out-dir", whole, *args, "--student-kwargs", old[:-1] + ', "sink": 0}')
+    run_distill(*TINY_DISTILL, "--out-dir", cut, *args, "--student-kwargs", old[:-1] + ', "sink": 0}')
+    for name in ("final", "rot0_layer002"):
+        shutil.rmtree(os.path.join(cut, name))
+
+    def edit(name, change):  # a JSON file of the run as the code before sinks wrote it
+        with open(os.path.join(cut, name)) as f:
+            record = json.load(f)
+        change(record)
+        with open(os.path.join(cut, name), "w") as f:
+            json.dump(record, f)
+
+    edit("rot0_layer000/students.json", lambda specs: specs[0]["kwargs"].pop("sink"))
+    edit("config_layerwise.json", lambda record: record["config"].update(STUDENT_KWARGS=json.loads(old)))
+    run_distill(*TINY_DISTILL, "--out-dir", cut, "--resume", *args, "--student-kwargs", old)
+    a = load_file(os.path.join(whole, "final", "model.safetensors"))
+    b = load_file(os.path.join(cut, "final", "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_timing(layer_rows(whole)) == without_timing(layer_rows(cut))
+    with open(os.path.join(cut, "final", "students.json")) as f:
+        assert [s["kwargs"]["sink"] for s in json.load(f)] == [0, 0]
+
+
 def test_the_kl_objective_is_the_models_kl_with_only_that_layer_swapped(teacher_dir, tiny_data_dir, tmp_path):
     """DECODER_LOSS=kl: each step's loss is KL(teacher || the model with only layer i's student in) of next-token
     distributions, checked at step 1 against transformers' own logits (the calibrated student, the first batch);
