@@ -336,13 +336,23 @@ class WindowLayer(StudentCacheLayer):
 
     def fill_slots(self, keys, values, q_index, q_pos) -> None:
         """Write the new tokens at positions below `sink` into their slots (at most one per row and slot)."""
-        rows = torch.arange(keys.shape[0], device=keys.device)
-        for p in range(self.sink):
-            hit = q_pos == p
-            has, col = hit.any(1), hit.long().argmax(1)
-            self.sink_keys[:, :, p] = torch.where(has[:, None, None], keys[rows, :, col], self.sink_keys[:, :, p])
-            self.sink_values[:, :, p] = torch.where(has[:, None, None], values[rows, :, col], self.sink_values[:, :, p])
-            self.sink_index[:, p] = torch.where(has, q_index[rows, col], self.sink_index[:, p])
+        has, column = slot_hits(q_pos, self.sink)
+        self.sink_keys = take_slots(has, column, keys, self.sink_keys)
+        self.sink_values = take_slots(has, column, values, self.sink_values)
+        self.sink_index = torch.where(has, q_index.gather(1, column), self.sink_index)
+
+
+def slot_hits(q_pos: torch.Tensor, sink: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sink slots, slot p for the token at position p: which of them (B, sink) the new tokens at positions q_pos
+    (B, T) fill, and the column of each one's token among the new ones (B, sink)."""
+    at = q_pos[:, :, None] == torch.arange(sink, device=q_pos.device)  # (B, T, sink)
+    return at.any(1), at.int().argmax(1)
+
+
+def take_slots(has: torch.Tensor, column: torch.Tensor, new: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """kept (B, H, sink, D) with each slot that `has` (B, sink) replaced by new (B, H, T, D) at its column."""
+    B, H, _, D = new.shape
+    return torch.where(has[:, None, :, None], new.gather(2, column[:, None, :, None].expand(B, H, -1, D)), kept)
 
 
 # ---------------------------------------------------------------------------------------------- linear

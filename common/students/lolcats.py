@@ -29,7 +29,7 @@ from transformers import PreTrainedConfig
 from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import repeat_kv
 
-from common.students.attention import RecurrentAttention, RecurrentLayer, new_positions
+from common.students.attention import RecurrentAttention, RecurrentLayer, new_positions, slot_hits, take_slots
 from common.students.registry import register
 
 # The window's weight gamma (a sigmoid: in (0, 1)) against the linear terms starts at LoLCATs' 0.1 (their
@@ -59,7 +59,7 @@ def window_sums(q, k, v, real, scale: float, window: int, chunk: int, softcap: f
     query's window. q (B, H, T, D); k, v (B, H, window - 1 + T, D), the new queries' keys after the window - 1 before
     them; real (B, window - 1 + T). Each chunk of queries scores against its band of chunk + window - 1 keys alone,
     and against the sinks' keys, values (B, H, S, D) where seen (B, T, S) when `sinks` is (keys, values, seen)."""
-    B, T = real.shape[0], q.shape[2]
+    T = q.shape[2]
     pad = -T % chunk
     band = chunk + window - 1
     q = F.pad(q, (0, 0, 0, pad)).unflatten(2, (-1, chunk))  # (B, H, N, C, D)
@@ -74,7 +74,7 @@ def window_sums(q, k, v, real, scale: float, window: int, chunk: int, softcap: f
             for t, s in ((k, sink_k), (v, sink_v))
         )
         sink_seen = F.pad(sink_seen, (0, 0, 0, pad)).unflatten(1, (N, chunk))[:, None]  # (B, 1, N, C, S)
-        seen = torch.cat([seen.expand(B, 1, N, chunk, band), sink_seen], -1)
+        seen = torch.cat([seen, sink_seen], -1)  # seen is (B, 1, N, C, band) already
     s = q @ k * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
@@ -170,13 +170,8 @@ def with_sinks(slots: tuple | None, k: torch.Tensor, v: torch.Tensor, q_pos: tor
     B, H, _, D = k.shape
     if slots is None or slots[0] is None:
         slots = (k.new_zeros(B, H, sink, D), k.new_zeros(B, H, sink, D), q_pos.new_zeros(B, sink, dtype=torch.bool))
-    at = q_pos[:, :, None] == torch.arange(sink, device=k.device)  # (B, T, sink)
-    new = at.any(1)
-    column = at.int().argmax(1)[:, None, :, None].expand(B, H, sink, D)
-    keys, values = (
-        torch.where(new[:, None, :, None], t.gather(2, column), kept) for t, kept in ((k, slots[0]), (v, slots[1]))
-    )
-    return keys, values, slots[2] | new
+    has, column = slot_hits(q_pos, sink)
+    return take_slots(has, column, k, slots[0]), take_slots(has, column, v, slots[1]), slots[2] | has
 
 
 def after(past: tuple, k: torch.Tensor, v: torch.Tensor, real: torch.Tensor) -> tuple:
