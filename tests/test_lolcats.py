@@ -180,8 +180,11 @@ def test_bad_lolcats_kwargs():
             make_student("attn", "lolcats", teacher, model.config, **kwargs)
     with pytest.raises(ValueError, match="do not fit student 'lolcats'"):
         make_student("attn", "lolcats", teacher, model.config, sinks=4)  # a misspelt sink
-    with pytest.raises(ValueError, match="lolcats student: sink must be >= 0 .* got -1"):
-        make_student("attn", "lolcats", teacher, model.config, sink=-1)
+    for sink in (-1, 2.5, True, "4"):
+        with pytest.raises(
+            ValueError, match=f"lolcats student: sink must be a whole number of tokens >= 0, got {sink!r}"
+        ):
+            make_student("attn", "lolcats", teacher, model.config, sink=sink)
     for decay in (1, 0.5, -3, float("nan")):
         with pytest.raises(ValueError, match=f"lolcats student: decay must be > 1 .* got {decay}"):
             make_student("attn", "lolcats", teacher, model.config, decay=decay)

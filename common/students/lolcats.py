@@ -253,8 +253,8 @@ class LolcatsAttention(RecurrentAttention):
             )
         if decay is not None and not decay > 1:
             raise ValueError(f"lolcats student: decay must be > 1 (tokens of memory) or null (none), got {decay}")
-        if sink < 0:
-            raise ValueError(f"lolcats student: sink must be >= 0 (tokens), got {sink}")
+        if not isinstance(sink, int) or isinstance(sink, bool) or sink < 0:
+            raise ValueError(f"lolcats student: sink must be a whole number of tokens >= 0, got {sink!r}")
         super().__init__(teacher)
         self.window, self.chunk_size, self.sink = window, chunk_size, sink
         heads = config.num_attention_heads
