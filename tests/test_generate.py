@@ -31,7 +31,7 @@ KWARGS = {
     "linear": {"chunk_size": 4},
     "delta": {"chunk_size": 4},
     "window": {"window": STUDENT_WINDOW, "sink": SINK},
-    "lolcats": {"window": STUDENT_WINDOW, "chunk_size": 4, "sink": 0},
+    "lolcats": {"window": STUDENT_WINDOW, "chunk_size": 4, "sink": 0, "decay": None},  # LoLCATs' own
     # a memory shorter than the tokens; the sinks out of the window after the shortest prompt's first token
     "lolcats decay sinks": {"window": STUDENT_WINDOW, "chunk_size": 4, "decay": 6, "sink": SINK},
 }

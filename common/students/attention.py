@@ -255,32 +255,39 @@ def new_positions(cache: Cache | None, tokens: int) -> torch.Tensor | None:
 class StudentCacheLayer(CacheLayerMixin):
     """A student's layer of a decoding cache. The model sizes its masks by asking the cache for a layer's
     get_seq_length, get_mask_sizes and is_sliding: a student's layer answers as the teacher's own layer at its
-    index would, through `shadow`, that layer fed the new tokens' shapes only (meta tensors: no memory).
-    `update` hands the new keys and values back alone: the student's mixing function keeps what it needs."""
+    index would, through `shadow`, that layer fed the new tokens' shapes only (meta tensors: no memory) when it is
+    next asked (the model asks one layer of each kind: a meta update costs about half a student's decoding step on
+    CPU). `update` hands the new keys and values back alone: the student's mixing function keeps what it needs."""
 
     def __init__(self, shadow: CacheLayerMixin) -> None:
         super().__init__()
         self.shadow, self.is_sliding = shadow, getattr(shadow, "is_sliding", False)
-        self.mask_offset = 0  # the token index of the model's mask's first column, for the latest tokens
+        self.unfed = 0  # tokens updated since the shadow was last fed
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple:
-        tokens = key_states.shape[2]
-        self.mask_offset = self.shadow.get_mask_sizes(tokens)[1]  # before the update, as the model sized its mask
-        shape = torch.empty(1, 1, tokens, 1, device="meta")
-        self.shadow.update(shape, shape)
+        self.unfed += key_states.shape[2]
         return key_states, value_states
 
+    def fed(self) -> CacheLayerMixin:
+        """The shadow after every token so far, fed at once (a teacher layer fed tokens in one update or in several
+        ends the same)."""
+        if self.unfed:
+            shape = torch.empty(1, 1, self.unfed, 1, device="meta")
+            self.shadow.update(shape, shape)
+            self.unfed = 0
+        return self.shadow
+
     def get_seq_length(self) -> int:
-        return self.shadow.get_seq_length()
+        return self.fed().get_seq_length()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.shadow.get_mask_sizes(query_length)
+        return self.fed().get_mask_sizes(query_length)
 
     def get_max_length(self) -> int:
-        return self.shadow.get_max_length()
+        return self.fed().get_max_length()
 
 
 class RecurrentLayer(StudentCacheLayer):
@@ -303,6 +310,11 @@ class WindowLayer(StudentCacheLayer):
         self.window, self.sink = window, sink
         self.seen = 0  # tokens so far, padding included: the next token's index
         self.sink_index = None
+        self.mask_offset = 0  # the token index of the model's mask's first column, for the latest tokens
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple:
+        self.mask_offset = self.get_mask_sizes(key_states.shape[2])[1]  # before the update, as the model sized its mask
+        return super().update(key_states, value_states)
 
     def extend(self, keys: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor | None) -> tuple:
         """The slots and latest tokens, then the new ones at positions q_pos (B, T; None: their token indices).

@@ -275,6 +275,8 @@ class LolcatsAttention(RecurrentAttention):
         positions = new_positions(cache, q.shape[2]) if layer is not None else None
         B, T = q.shape[0], q.shape[2]
         q_pos = torch.arange(T, device=q.device).expand(B, T) if positions is None else positions
+        if T == 1 and layer is not None and layer.state is not None:
+            return self.next_token(layer, q, k, v, q_pos, scaling, softcap)
         real = q_pos >= 0
         groups, sinks = q.shape[1] // k.shape[1], None
         if self.sink:
@@ -299,6 +301,41 @@ class LolcatsAttention(RecurrentAttention):
         if layer is not None:
             layer.state = state
         return o.transpose(1, 2)
+
+    def next_token(self, layer: LolcatsLayer, q, k, v, q_pos, scaling, softcap) -> torch.Tensor:
+        """normalised for one new token after the first ones (decoding's step): hybrid_chunked's sums for T = 1 in a
+        few operations, each query head scored against its kv head's window and sinks (no repeated keys)."""
+        B, H, _, D = q.shape
+        G, window = H // k.shape[1], self.window
+        keys, values, real = layer.extend(k, v, q_pos >= 0)  # (B, kv_heads, window, D): the oldest leaves the window
+        leaving_k, leaving_v = repeat_kv(keys[:, :, :1], G).float(), repeat_kv(values[:, :, :1], G).float()
+        enters = real[:, :1, None, None] & (q_pos - (window - 1) >= self.sink)[:, :, None, None]  # (B, 1, 1, 1)
+        if self.sink:
+            hit = q_pos == torch.arange(self.sink, device=q.device)  # (B, sink): the slot this token fills
+            layer.sink_keys = torch.where(hit[:, None, :, None], k, layer.sink_keys)
+            layer.sink_values = torch.where(hit[:, None, :, None], v, layer.sink_values)
+            layer.sink_filled = layer.sink_filled | hit
+            past_window = torch.arange(self.sink, device=q.device) <= q_pos - window
+            keys, values = torch.cat([layer.sink_keys, keys], 2), torch.cat([layer.sink_values, values], 2)
+            real = torch.cat([layer.sink_filled & past_window, real], 1)
+        scale = D**-0.5 if scaling is None else scaling
+        with torch.autocast(q.device.type, enabled=False):
+            q = q.float()
+            s = q.reshape(B, -1, G, D) @ keys.float().transpose(-1, -2) * scale  # (B, kv_heads, G, window [+ sink])
+            if softcap is not None:
+                s = softcap * torch.tanh(s / softcap)
+            s = s.masked_fill(~real[:, None, None], float("-inf"))
+            p = (s - s.amax(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).min)).exp()
+            num, den = (p @ values.float()).view(B, H, 1, D), p.sum(-1).view(B, H, 1, 1)
+            fq = feature_map(q, self.feature_q.float(), scale)
+            fk = feature_map(leaving_k, self.feature_k.float(), scale)
+            u = torch.cat([leaving_v, torch.ones_like(leaving_v[..., :1])], -1) * enters  # (B, H, 1, D + 1)
+            linear = fq @ layer.state  # strictly earlier keys: the state before this step's
+            decay = 1 if self.decay_logit is None else torch.sigmoid(self.decay_logit.float())[:, None, None]
+            layer.state = decay * layer.state + fk.transpose(-1, -2) @ u
+            gamma = torch.sigmoid(self.window_factor.float())[:, None, None]
+            den = (gamma * den + linear[..., D:]).clamp_min(torch.finfo(den.dtype).tiny)
+            return ((gamma * num + linear[..., :D]) / den).transpose(1, 2)
 
     def starts(self) -> list[dict[str, torch.Tensor]]:
         """Calibration's starts: gamma at each of CALIB_WINDOW_FACTORS in every head."""
