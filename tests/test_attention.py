@@ -327,12 +327,21 @@ def test_a_checkpoint_from_before_an_argument_loads_as_it_was(tmp_path):
 def test_bad_student_kwargs():
     model = family_model("llama")
     teacher = get_block(model, 0, "attn")
-    with pytest.raises(ValueError, match="chunk_size"):
-        make_student("attn", "linear", teacher, model.config, chunk_size=0)
-    with pytest.raises(ValueError, match="window"):
-        make_student("attn", "window", teacher, model.config, window=0)
-    with pytest.raises(ValueError, match="sink"):
-        make_student("attn", "window", teacher, model.config, sink=-1)
+    for kind, name, value, least in (
+        ("linear", "chunk_size", 0, 1),
+        ("linear", "decay_rank", 8.5, 1),
+        ("delta", "gate_rank", True, 1),
+        ("window", "window", 0, 1),
+        ("window", "window", 64.0, 1),
+        ("window", "sink", -1, 0),
+        ("window", "sink", 2.5, 0),
+    ):
+        with pytest.raises(
+            ValueError, match=f"{kind} student: {name} must be a whole number >= {least}, got {value!r}"
+        ):
+            make_student("attn", kind, teacher, model.config, **{name: value})
+    with pytest.raises(ValueError, match="linear student: chunk_size must be at most"):
+        make_student("attn", "linear", teacher, model.config, chunk_size=10**6)
     with pytest.raises(ValueError, match="do not fit"):
         make_student("attn", "linear", teacher, model.config, rope=True)  # gone: rotary is the teacher's own
     teacher.config._attn_implementation = "flex_attention"

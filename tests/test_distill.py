@@ -550,7 +550,7 @@ def test_layerwise_teacher_in_bf16_and_students_in_fp32(teacher_dir, tiny_data_d
         (["--student-kind", "pruned", "--student-kwargs", '{"scale": -1}'], "pruned student: scale must be in (0, 1]"),
         (
             ["--target", "attn", "--student-kind", "delta", "--student-kwargs", '{"gate_rank": 0}'],
-            "delta student: chunk_size and gate_rank must be >= 1, got 64 and 0",
+            "delta student: gate_rank must be a whole number >= 1, got 0",
         ),
         (
             ["--target", "attn", "--student-kind", "delta", "--student-kwargs", '{"decay_rank": 8}'],
@@ -558,7 +558,7 @@ def test_layerwise_teacher_in_bf16_and_students_in_fp32(teacher_dir, tiny_data_d
         ),
         (
             ["--target", "attn", "--student-kind", "lolcats", "--student-kwargs", '{"window": 0}'],
-            "lolcats student: window, feature_dim and chunk_size must be >= 1, got 0, None and 64",
+            "lolcats student: window must be a whole number >= 1, got 0",
         ),
         (["--decoder-loss", "kl", "--schedule", "parallel"], "DECODER_LOSS=kl swaps one layer's student in at a time"),
         (["--decoder-loss", "kl", "--teacher-on", "host"], "it keeps the teacher on the device: --teacher-on auto"),

@@ -175,21 +175,19 @@ def test_lolcats_decay_starts_at_its_memory_and_trains():
 def test_bad_lolcats_kwargs():
     model = family_model("llama")
     teacher = get_block(model, 0, "attn")
-    for kwargs in ({"window": 0}, {"feature_dim": 0}, {"chunk_size": 0}):
-        with pytest.raises(ValueError, match="lolcats student: window, feature_dim and chunk_size must be >= 1"):
-            make_student("attn", "lolcats", teacher, model.config, **kwargs)
+    for name, value in (("window", 0), ("feature_dim", 0), ("chunk_size", 0), ("window", 64.5), ("chunk_size", True)):
+        with pytest.raises(ValueError, match=f"lolcats student: {name} must be a whole number >= 1, got {value!r}"):
+            make_student("attn", "lolcats", teacher, model.config, **{name: value})
     with pytest.raises(ValueError, match="do not fit student 'lolcats'"):
         make_student("attn", "lolcats", teacher, model.config, sinks=4)  # a misspelt sink
     for sink in (-1, 2.5, True, "4"):
-        with pytest.raises(
-            ValueError, match=f"lolcats student: sink must be a whole number of tokens >= 0, got {sink!r}"
-        ):
+        with pytest.raises(ValueError, match=f"lolcats student: sink must be a whole number >= 0, got {sink!r}"):
             make_student("attn", "lolcats", teacher, model.config, sink=sink)
     for decay in (1, 0.5, -3, float("nan")):
         with pytest.raises(ValueError, match=f"lolcats student: decay must be > 1 .* got {decay}"):
             make_student("attn", "lolcats", teacher, model.config, decay=decay)
     student = make_student("attn", "lolcats", teacher, model.config)
-    assert student.kwargs == {"window": 64, "feature_dim": None, "chunk_size": 64, "decay": 4, "sink": 4}
+    assert student.kwargs == {"window": 256, "feature_dim": None, "chunk_size": 64, "decay": 4, "sink": 4}
     lolcats = make_student("attn", "lolcats", teacher, model.config, decay=None)
     assert lolcats.decay_logit is None and "decay_logit" not in lolcats.state_dict()  # LoLCATs' parameters alone
     assert student.feature_q.shape == student.feature_k.shape == (4, 16, 8)  # feature_dim None: head_dim / 2

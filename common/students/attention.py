@@ -53,7 +53,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from common.students.fit import AllReduce, Batches, ridge_solve
-from common.students.registry import register
+from common.students.registry import check_counts, register
 
 # Log decay per step is bounded to [-MAX_LOG_DECAY, 0], RWKV-7's bound (decay >= exp(-e^-0.5) = 0.545
 # per token). It keeps exp(-cumulative log decay) inside a chunk finite in fp32: chunk_size x 0.61
@@ -475,8 +475,11 @@ class LinearAttention(RecurrentAttention):
     """
 
     def __init__(self, teacher: nn.Module, config: PreTrainedConfig, decay_rank: int = 32, chunk_size: int = 64):
-        if not 1 <= chunk_size <= MAX_CHUNK:
-            raise ValueError(f"chunk_size must be in 1..{MAX_CHUNK} (fp32 range of the decay), got {chunk_size}")
+        check_counts("linear", 1, decay_rank=decay_rank, chunk_size=chunk_size)
+        if chunk_size > MAX_CHUNK:
+            raise ValueError(
+                f"linear student: chunk_size must be at most {MAX_CHUNK} (fp32 range of the decay), got {chunk_size}"
+            )
         super().__init__(teacher)
         self.chunk_size = chunk_size
         heads = config.num_attention_heads
@@ -570,8 +573,8 @@ class WindowAttention(StudentAttention):
     teacher."""
 
     def __init__(self, teacher: nn.Module, config: PreTrainedConfig, window: int = 256, sink: int = 4) -> None:
-        if window < 1 or sink < 0:
-            raise ValueError(f"window must be >= 1 and sink >= 0, got window={window}, sink={sink}")
+        check_counts("window", 1, window=window)
+        check_counts("window", 0, sink=sink)
         super().__init__(teacher)
         self.window, self.sink = window, sink
         self.attention_function = teacher_attention(teacher)

@@ -31,7 +31,7 @@ from common.students.attention import (
     new_positions,
     value_rms,
 )
-from common.students.registry import register
+from common.students.registry import check_counts, register
 
 # Initial decay rates (-log decay per token), one per head, log-spaced at the centres of FAST_DELTA_DECAY..SLOW_DECAY
 # (half-lives ~7 to ~700 tokens; a single head gets ~70). Slower than linear's fastest channels: the delta rule
@@ -160,8 +160,7 @@ class DeltaAttention(RecurrentAttention):
     """
 
     def __init__(self, teacher: nn.Module, config: PreTrainedConfig, gate_rank: int = 32, chunk_size: int = 64):
-        if chunk_size < 1 or gate_rank < 1:
-            raise ValueError(f"delta student: chunk_size and gate_rank must be >= 1, got {chunk_size} and {gate_rank}")
+        check_counts("delta", 1, gate_rank=gate_rank, chunk_size=chunk_size)
         super().__init__(teacher)
         self.chunk_size = chunk_size
         heads, d = config.num_attention_heads, config.hidden_size

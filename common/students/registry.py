@@ -10,6 +10,14 @@ from transformers import PreTrainedConfig
 STUDENTS = {}  # (target, kind) -> class
 
 
+def check_counts(kind: str, least: int, **counts: object) -> None:
+    """ValueError in one line unless each of `counts` (a student's argument: tokens, ranks, features) is a whole
+    number >= least (an int; a bool or 2.5 would run as something else or crash mid-run)."""
+    for name, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ValueError(f"{kind} student: {name} must be a whole number >= {least}, got {value!r}")
+
+
 def register(target: str, kind: str) -> Callable[[type], type]:
     """Class decorator: make the class the student `kind` for `target` ('mlp' or 'attn')."""
 
