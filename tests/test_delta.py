@@ -85,9 +85,9 @@ def test_delta_trains_on_every_family(family):
 def test_bad_delta_kwargs():
     model = family_model("llama")
     teacher = get_block(model, 0, "attn")
-    for kwargs in ({"chunk_size": 0}, {"gate_rank": 0}):
-        with pytest.raises(ValueError, match="chunk_size and gate_rank must be >= 1"):
-            make_student("attn", "delta", teacher, model.config, **kwargs)
+    for name, value in (("chunk_size", 0), ("gate_rank", 0), ("gate_rank", 16.5)):
+        with pytest.raises(ValueError, match=f"delta student: {name} must be a whole number >= 1, got {value!r}"):
+            make_student("attn", "delta", teacher, model.config, **{name: value})
     with pytest.raises(ValueError, match="do not fit student 'delta'"):
         make_student("attn", "delta", teacher, model.config, decay_rank=8)  # linear's, not delta's
 
