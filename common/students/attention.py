@@ -256,8 +256,9 @@ class StudentCacheLayer(CacheLayerMixin):
     """A student's layer of a decoding cache. The model sizes its masks by asking the cache for a layer's
     get_seq_length, get_mask_sizes and is_sliding: a student's layer answers as the teacher's own layer at its
     index would, through `shadow`, that layer fed the new tokens' shapes only (meta tensors: no memory) when it is
-    next asked (the model asks one layer of each kind: a meta update costs about half a student's decoding step on
-    CPU). `update` hands the new keys and values back alone: the student's mixing function keeps what it needs."""
+    next asked (the model asks one layer of each kind; a meta update per token cost a quarter of a student layer's
+    decoding step on CPU). `update` hands the new keys and values back alone: the mixing function keeps what it
+    needs."""
 
     def __init__(self, shadow: CacheLayerMixin) -> None:
         super().__init__()
