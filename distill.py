@@ -122,6 +122,7 @@ VAL_EVERY = 0                     # also validate every N steps inside a layer (
 SAVE_EVERY = 0                    # parallel schedule: checkpoint every N steps; 0 = only the final one
 # choose phase: which layers to convert
 CONVERT = 0                       # layers to convert, those whose conversion alone costs the least KL; 0 = half
+CHOSEN = False                    # layer-wise: distill the layers this run's choose phase converts (OUT/choice.json)
 # logits phase
 INIT = ""                         # checkpoint to start from; empty = this run's latest layer-wise checkpoint
 KD_TRAINABLE = "decoders"         # decoders: only the students train; all: the whole student model trains
@@ -196,7 +197,8 @@ def main(argv=None):
     run = Run(args, rt, folder_name(rt, args.OUT_DIR, "distill"), batch_numbers(args, rt.world_size))
     exit_on_stop_signals(run.out_dir)
     config = {**args.as_dict(), "OUT_DIR": run.out_dir}  # what the run folder records
-    reopen = args.RESUME or (args.PHASE == "logits" and not args.INIT)
+    # reopened: a resumed run, the logits phase after the layer-wise one, the layer-wise phase after the choose one
+    reopen = args.RESUME or (args.PHASE == "logits" and not args.INIT) or (args.PHASE == "layerwise" and args.CHOSEN)
     torch.manual_seed(args.SEED)
     try:
         if reopen:  # lock the run before reading its checkpoints: a run still going in it would change them
@@ -267,7 +269,12 @@ def check_constants(args):
         fractions=["MIN_LR_RATIO", "KD_MIN_LR_RATIO", "KD_CE_WEIGHT"],
     )
     if args.PHASE == "choose" and args.RESUME:
-        fail("the choose phase does not resume (it saves no training state): run it again in a new --out-dir")
+        choice = os.path.join(args.OUT_DIR, "choice.json")
+        if not (args.OUT_DIR and os.path.exists(choice)):
+            fail("the choose phase does not resume (it saves no training state): run it again in a new --out-dir")
+        if int(os.environ.get("RANK", "0")) == 0:  # a resumed hybrid recipe (distill.sh) passes over it
+            print(f"the choose phase is finished: {choice}")
+        raise SystemExit(0)
     if args.DECODER_LOSS == "kl" and args.SCHEDULE == "parallel":
         fail(
             "DECODER_LOSS=kl swaps one layer's student in at a time (the rotation); for the KL of the model with "
@@ -285,8 +292,8 @@ def check_constants(args):
 
 
 def open_run(run, config, reopen):
-    """Rank 0 creates the run folder, or reopens it (reopen: --resume, or the logits phase after the layer-wise
-    one), locked for the life of this process; a resumed phase must keep the constants its checkpoints were made
+    """Rank 0 creates the run folder, or reopens it (reopen: --resume, the logits phase after the layer-wise one,
+    or the layer-wise phase of the layers the choose phase chose: CHOSEN), locked for the life of this process; a resumed phase must keep the constants its checkpoints were made
     with (config_PHASE.json). Raises ValueError on every rank when rank 0 refuses."""
     args = run.args
 
@@ -302,6 +309,14 @@ def open_run(run, config, reopen):
                 raise ValueError(
                     f"{run.out_dir} already holds logits-phase checkpoints; pass --resume to continue them"
                 )
+        if args.PHASE == "layerwise" and args.CHOSEN and not args.RESUME:
+            if not os.path.exists(os.path.join(run.out_dir, "choice.json")):
+                raise ValueError(
+                    f"{run.out_dir}: no choice.json here, so no layers chosen; run --phase choose into this "
+                    f"--out-dir first, or drop --chosen and pass --layers"
+                )
+            if list_checkpoints(run.out_dir, "layerwise"):
+                raise ValueError(f"{run.out_dir} already holds layer-wise checkpoints; pass --resume to continue them")
         start_run(run.out_dir, reopen, "distill.py", config, scratch=[".latent_*"])  # disk latent caches
         saved = os.path.join(run.out_dir, f"config_{args.PHASE}.json")
         if args.RESUME and os.path.exists(saved):
@@ -353,7 +368,7 @@ def may_change_on_resume(phase):
     )
     layerwise_only = set(
         "TARGET STUDENT_KIND STUDENT_KWARGS LAYERS KEEP_TEACHER_LAYERS SCHEDULE ROTATIONS STEPS_PER_LAYER LR "
-        "WARMUP_STEPS MIN_LR_RATIO DECODER_LOSS TRAINABLE CALIB_TOKENS LATENT_STREAM".split()
+        "WARMUP_STEPS MIN_LR_RATIO DECODER_LOSS TRAINABLE CALIB_TOKENS LATENT_STREAM CHOSEN".split()
     )
     logits_only = set(
         "INIT KD_TRAINABLE KD_STEPS KD_LR KD_WARMUP_STEPS KD_MIN_LR_RATIO KD_TEMPERATURE KD_CE_WEIGHT "
@@ -374,6 +389,9 @@ def layerwise_inputs(run):
     except ValueError as e:
         fail(f"TARGET={args.TARGET!r}: {e}")
     layers = args.LAYERS if args.LAYERS else list(range(len(transformer_layers(model))))
+    if args.PHASE == "layerwise" and args.CHOSEN:  # the run folder is open: its choice.json was checked there
+        choice = os.path.join(run.out_dir, "choice.json")
+        layers = read_json(choice, "the run folder is damaged; run --phase choose in a new --out-dir")["convert"]
     check_layers(model, layers)
     check_layers(model, args.KEEP_TEACHER_LAYERS, "KEEP_TEACHER_LAYERS")
     layers = sorted(set(layers) - set(args.KEEP_TEACHER_LAYERS))

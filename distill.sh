@@ -8,9 +8,13 @@
 #   radlads  RADLADS (arXiv:2505.03005) on every attention: step 1 aligns every attention output with the
 #            teacher's, all layers at once from one teacher pass a batch, LR 1e-3 cosine to 1e-5; step 2 is the
 #            logits phase at a flat LR 1e-5. (Its optional step 3, fine-tuning, is not in it: train.py --init.)
+#   hybrid   a hybrid of the measured best attention student, lolcats (docs/attention.md): --phase choose first
+#            ranks the attention layers by what converting each alone costs (KL to the teacher), then the half
+#            that cost least are distilled (--chosen; --convert N for another number) and the rest keep softmax.
 # Then the logits phase trains all students together on KL to the teacher, in the same run folder. Extra
 # arguments go to both phases (later arguments win), e.g.
 #   ./distill.sh --teacher path/to/model --out-dir runs/mine      NPROC=8 ./distill.sh      PRESET=radlads ./distill.sh
+#   PRESET=hybrid ./distill.sh --convert 8
 set -euo pipefail
 cd "$(dirname "$0")"
 case "${PRESET:-pruned}" in
@@ -25,11 +29,19 @@ case "${PRESET:-pruned}" in
           --steps-per-layer 6000 --lr 1e-3 --min-lr-ratio 0.01 --val-every 500
           --kd-steps 15000 --kd-lr 1e-5 --kd-min-lr-ratio 1 --kd-warmup-steps 0 --kd-val-every 500
           --kd-save-every 1000 --keep-last 2) ;;
+  hybrid)
+    # trained at 1,024-token sequences: train at the context you serve (docs/attention.md)
+    args=(--target attn --student-kind lolcats --steps-per-layer 100 --batch-size 8 --seq-len 1024 --kd-steps 2000) ;;
   *)
-    echo "distill.sh: unknown PRESET '$PRESET'; use pruned or radlads" >&2
+    echo "distill.sh: unknown PRESET '$PRESET'; use pruned, radlads or hybrid" >&2
     exit 1 ;;
 esac
 args+=(--out-dir "runs/distill_$(date +%Y%m%d_%H%M%S)" "$@")
 run() { ./.venv/bin/torchrun --standalone --nproc_per_node "${NPROC:-1}" distill.py "${args[@]}" "$@"; }
-run --phase layerwise
+if [ "${PRESET:-pruned}" = hybrid ]; then
+  run --phase choose
+  run --phase layerwise --chosen
+else
+  run --phase layerwise
+fi
 run --phase logits

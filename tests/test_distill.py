@@ -823,7 +823,7 @@ def test_distill_sh_radlads_preset_runs_its_lr_shapes(teacher_dir, tiny_data_dir
     unknown preset is one line."""
     command = [os.path.join(ROOT, "distill.sh"), "--teacher", teacher_dir, "--data-dir", tiny_data_dir]
     proc = subprocess.run(command, env={**os.environ, "PRESET": "nope"}, cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 1 and proc.stderr == "distill.sh: unknown PRESET 'nope'; use pruned or radlads\n"
+    assert proc.returncode == 1 and proc.stderr == "distill.sh: unknown PRESET 'nope'; use pruned, radlads or hybrid\n"
     out = str(tmp_path / "run")
     proc = subprocess.run(
         [
@@ -859,6 +859,43 @@ def test_distill_sh_radlads_preset_runs_its_lr_shapes(teacher_dir, tiny_data_dir
     assert step1 == pytest.approx([1e-5 + (1e-3 - 1e-5) / 2 * (1 + math.cos(math.pi * s / 8)) for s in range(8)])
     assert [r["lr"] for r in read_metrics(out, phase="logits") if "lr" in r] == [1e-5] * 3
     assert os.path.isdir(os.path.join(out, "logits_final"))
+
+
+def test_distill_sh_hybrid_preset_distills_the_layers_choose_chose(teacher_dir, tiny_data_dir, tmp_path):
+    """PRESET=hybrid ./distill.sh at test size: --phase choose ranks the attention layers, the layer-wise phase
+    distills the ones it converts (--chosen) and the logits phase follows, in one run folder. A resumed choose phase
+    with its choice.json is finished; --chosen without one is one line and leaves the folder as it was."""
+    out = str(tmp_path / "run")
+    command = [
+        os.path.join(ROOT, "distill.sh"),
+        "--teacher",
+        teacher_dir,
+        "--data-dir",
+        tiny_data_dir,
+        "--out-dir",
+        out,
+    ]
+    tiny = [*TINY_DISTILL, "--student-kwargs", '{"window": 8}', "--steps-per-layer", "2", "--convert", "2"]
+    tiny += ["--kd-steps", "2", "--kd-val-every", "2", "--kd-save-every", "2"]
+    env = {**os.environ, "PRESET": "hybrid"}
+    proc = subprocess.run([*command, *tiny], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(out, "choice.json")) as f:
+        choice = json.load(f)
+    assert len(choice["convert"]) == 2 and [r["layer"] for r in layer_rows(out)] == choice["convert"]
+    with open(os.path.join(out, "config_layerwise.json")) as f:
+        config = json.load(f)["config"]
+    assert (config["TARGET"], config["STUDENT_KIND"], config["CHOSEN"]) == ("attn", "lolcats", True)
+    assert os.path.isdir(os.path.join(out, "logits_final"))
+    args = ["--target", "attn", "--student-kind", "lolcats"]
+    assert run_tiny_distill(teacher_dir, tiny_data_dir, out, *args, "--phase", "choose", "--resume", check=False) == "0"
+    fresh = tmp_path / "fresh"
+    error = run_tiny_distill(teacher_dir, tiny_data_dir, str(fresh), *args, "--chosen", check=False)
+    assert error == (
+        f"distill.py: {fresh}: no choice.json here, so no layers chosen; run --phase choose into this --out-dir "
+        "first, or drop --chosen and pass --layers"
+    )
+    assert not fresh.exists()
 
 
 def test_layer_checkpoints_hold_the_students_alone_on_a_checked_teacher(teacher_dir, tiny_data_dir, tmp_path):
