@@ -781,37 +781,20 @@ def test_trainable_trains_only_the_named_parameters(teacher_dir, tiny_data_dir, 
     )
 
 
+def run_distill_sh(teacher_dir, data_dir, *args, preset=None):
+    """./distill.sh --teacher ... --data-dir ... ARGS as a user runs it (PRESET=preset when given); the finished
+    process, its output captured."""
+    command = [os.path.join(ROOT, "distill.sh"), "--teacher", teacher_dir, "--data-dir", data_dir, *args]
+    env = {**os.environ, **({"PRESET": preset} if preset else {})}
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
 def test_distill_sh_runs_both_phases(teacher_dir, tiny_data_dir, tmp_path):
     """./distill.sh: calibrated layer-wise phase, then the logits phase in the same run folder."""
     out = str(tmp_path / "run")
-    proc = subprocess.run(
-        [
-            os.path.join(ROOT, "distill.sh"),
-            "--teacher",
-            teacher_dir,
-            "--data-dir",
-            tiny_data_dir,
-            "--out-dir",
-            out,
-            *TINY_DISTILL,
-            "--steps-per-layer",
-            "2",
-            "--calib-tokens",
-            "1024",
-            "--kd-steps",
-            "2",
-            "--warmup-steps",
-            "1",
-            "--kd-warmup-steps",
-            "1",
-            "--kd-val-every",
-            "2",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    tiny = [*TINY_DISTILL, "--steps-per-layer", "2", "--calib-tokens", "1024", "--kd-steps", "2"]
+    tiny += ["--warmup-steps", "1", "--kd-warmup-steps", "1", "--kd-val-every", "2"]
+    proc = run_distill_sh(teacher_dir, tiny_data_dir, "--out-dir", out, *tiny)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(r["calib_rel_err"] < r["start_rel_err"] for r in layer_rows(out))
     assert os.path.isdir(os.path.join(out, "final")) and os.path.isdir(os.path.join(out, "logits_final"))
@@ -821,35 +804,12 @@ def test_distill_sh_radlads_preset_runs_its_lr_shapes(teacher_dir, tiny_data_dir
     """PRESET=radlads ./distill.sh at test size: delta-rule attention students aligned all at once (the parallel
     schedule) at LR 1e-3 cosine to 1e-5, then the logits phase at a flat 1e-5, as metrics.jsonl logs them. An
     unknown preset is one line."""
-    command = [os.path.join(ROOT, "distill.sh"), "--teacher", teacher_dir, "--data-dir", tiny_data_dir]
-    proc = subprocess.run(command, env={**os.environ, "PRESET": "nope"}, cwd=ROOT, capture_output=True, text=True)
+    proc = run_distill_sh(teacher_dir, tiny_data_dir, preset="nope")
     assert proc.returncode == 1 and proc.stderr == "distill.sh: unknown PRESET 'nope'; use pruned, radlads or hybrid\n"
     out = str(tmp_path / "run")
-    proc = subprocess.run(
-        [
-            *command,
-            "--out-dir",
-            out,
-            *TINY_DISTILL,
-            "--steps-per-layer",
-            "8",
-            "--warmup-steps",
-            "0",
-            "--val-every",
-            "0",
-            "--kd-steps",
-            "3",
-            "--kd-val-every",
-            "3",
-            "--kd-save-every",
-            "3",
-        ],
-        env={**os.environ, "PRESET": "radlads"},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    tiny = [*TINY_DISTILL, "--steps-per-layer", "8", "--warmup-steps", "0", "--val-every", "0", "--kd-steps", "3"]
+    tiny += ["--kd-val-every", "3", "--kd-save-every", "3"]
+    proc = run_distill_sh(teacher_dir, tiny_data_dir, "--out-dir", out, *tiny, preset="radlads")
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(out, "config_layerwise.json")) as f:
         config = json.load(f)["config"]
@@ -866,19 +826,9 @@ def test_distill_sh_hybrid_preset_distills_the_layers_choose_chose(teacher_dir, 
     distills the ones it converts (--chosen) and the logits phase follows, in one run folder. A resumed choose phase
     with its choice.json is finished; --chosen without one is one line and leaves the folder as it was."""
     out = str(tmp_path / "run")
-    command = [
-        os.path.join(ROOT, "distill.sh"),
-        "--teacher",
-        teacher_dir,
-        "--data-dir",
-        tiny_data_dir,
-        "--out-dir",
-        out,
-    ]
     tiny = [*TINY_DISTILL, "--student-kwargs", '{"window": 8}', "--steps-per-layer", "2", "--convert", "2"]
     tiny += ["--kd-steps", "2", "--kd-val-every", "2", "--kd-save-every", "2"]
-    env = {**os.environ, "PRESET": "hybrid"}
-    proc = subprocess.run([*command, *tiny], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = run_distill_sh(teacher_dir, tiny_data_dir, "--out-dir", out, *tiny, preset="hybrid")
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(os.path.join(out, "choice.json")) as f:
         choice = json.load(f)
