@@ -293,8 +293,9 @@ def check_constants(args):
 
 def open_run(run, config, reopen):
     """Rank 0 creates the run folder, or reopens it (reopen: --resume, the logits phase after the layer-wise one,
-    or the layer-wise phase of the layers the choose phase chose: CHOSEN), locked for the life of this process; a resumed phase must keep the constants its checkpoints were made
-    with (config_PHASE.json). Raises ValueError on every rank when rank 0 refuses."""
+    or the layer-wise phase of the layers the choose phase chose: CHOSEN), locked for the life of this process; a
+    resumed phase must keep the constants its checkpoints were made with (config_PHASE.json). Raises ValueError on
+    every rank when rank 0 refuses."""
     args = run.args
 
     def start():

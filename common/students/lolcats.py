@@ -317,10 +317,8 @@ class LolcatsAttention(RecurrentAttention):
         leaving_k, leaving_v = repeat_kv(keys[:, :, :1], G).float(), repeat_kv(values[:, :, :1], G).float()
         enters = real[:, :1, None, None] & (q_pos - (window - 1) >= self.sink)[:, :, None, None]  # (B, 1, 1, 1)
         if self.sink:
-            hit = q_pos == torch.arange(self.sink, device=q.device)  # (B, sink): the slot this token fills
-            layer.sink_keys = torch.where(hit[:, None, :, None], k, layer.sink_keys)
-            layer.sink_values = torch.where(hit[:, None, :, None], v, layer.sink_values)
-            layer.sink_filled = layer.sink_filled | hit
+            kept = (layer.sink_keys, layer.sink_values, layer.sink_filled)
+            layer.sink_keys, layer.sink_values, layer.sink_filled = with_sinks(kept, k, v, q_pos, self.sink)
             past_window = torch.arange(self.sink, device=q.device) <= q_pos - window
             keys, values = torch.cat([layer.sink_keys, keys], 2), torch.cat([layer.sink_values, values], 2)
             real = torch.cat([layer.sink_filled & past_window, real], 1)
