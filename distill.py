@@ -125,7 +125,7 @@ CONVERT = 0                       # layers to convert, those whose conversion al
 CHOSEN = False                    # layer-wise: distill the layers this run's choose phase converts (OUT/choice.json)
 # logits phase
 INIT = ""                         # checkpoint to start from; empty = this run's latest layer-wise checkpoint
-KD_TRAINABLE = "decoders"         # decoders: only the students train; all: the whole student model trains
+KD_TRAINABLE = "decoders"         # decoders: students train; all: the whole student model; body: all but the embeddings
 KD_STEPS = 100                    # optimizer steps of the logits phase
 KD_LR = 1e-3                      # its own peak LR: never inherited from the layer-wise phase
 KD_WARMUP_STEPS = 10              # its own warmup, then cosine decay to KD_MIN_LR_RATIO x KD_LR
@@ -246,7 +246,7 @@ def check_constants(args):
         "LATENT_STREAM": ("auto", "teacher", "student", "corrected"),
         "LATENT_CACHE": ("auto", "device", "host", "disk"),
         "TEACHER_ON": ("auto", "device", "host"),
-        "KD_TRAINABLE": ("decoders", "all"),
+        "KD_TRAINABLE": ("decoders", "all", "body"),
         "PARALLEL": parallel.MODES,
     }
     at_least_1 = "ROTATIONS KD_STEPS BATCH_SIZE SEQ_LEN GRAD_ACCUM KD_VAL_EVERY KD_SAVE_EVERY".split()
@@ -922,14 +922,17 @@ def logits_inputs(run):
     load_on = parallel.load_device(rt, args.PARALLEL)
     teacher = load_model(args.TEACHER, load_on, dtype=rt.frozen_dtype).eval().requires_grad_(False)
     # decoders: the checkpoint is read on the host, whence only what trains moves to the device as it is (fp32)
-    source = load_model(resume_from or init, load_on if args.KD_TRAINABLE == "all" else "cpu")
+    source = load_model(resume_from or init, "cpu" if args.KD_TRAINABLE == "decoders" else load_on)
     if source.config.vocab_size != teacher.config.vocab_size:
         fail(
             f"{init} has a vocabulary of {source.config.vocab_size:,} tokens and --teacher {args.TEACHER} one of "
             f"{teacher.config.vocab_size:,}: the KL compares their next-token distributions, which needs one "
             f"vocabulary; pass the teacher {init} was distilled from"
         )
-    if args.KD_TRAINABLE == "all":
+    if args.KD_TRAINABLE == "body":
+        for p in embedding_params(source):
+            p.requires_grad_(False)
+    if args.KD_TRAINABLE != "decoders":
         return LogitsModels(init, resume_from, teacher, source, {})
     blocks = {(s["layer"], s["target"]): get_block(source, s["layer"], s["target"]) for s in student_specs(source)}
     if not blocks:
@@ -949,6 +952,12 @@ def logits_inputs(run):
     return LogitsModels(init, resume_from, teacher, teacher, blocks)
 
 
+def embedding_params(model):
+    """The token embeddings' and the LM head's parameters (a tied one once): what KD_TRAINABLE=body keeps frozen."""
+    modules = (model.get_input_embeddings(), model.get_output_embeddings())
+    return list({id(p): p for m in modules for p in m.parameters()}.values())
+
+
 def logits_memory(run, source):
     """common.memory's estimate of the logits phase on one GPU, from the teacher and the student model (the folder
     `source`) built on the meta device, before either is read."""
@@ -959,6 +968,10 @@ def logits_memory(run, source):
         trained = sum(p.numel() for b in blocks for p in b.parameters())
     else:
         trained = sum(p.numel() for p in student.parameters())
+    kept_fp32 = 0  # body: the student's embeddings and head, frozen as loaded (fp32)
+    if args.KD_TRAINABLE == "body":
+        kept_fp32 = sum(p.numel() for p in embedding_params(student))
+        trained -= kept_fp32
     plan = memory.Plan(
         tokens=run.batch.batch_tokens,
         trained=trained,
@@ -969,12 +982,12 @@ def logits_memory(run, source):
     )
     # the students swapped into the teacher's own backbone
     shared = args.KD_TRAINABLE == "decoders" and args.PARALLEL == "ddp"
-    return memory.logits(memory.shape_of(teacher), memory.shape_of(student), plan, shared)
+    return memory.logits(memory.shape_of(teacher), memory.shape_of(student), plan, shared, kept_fp32)
 
 
 def logits_remedies(args):
     """What makes the logits phase take less memory per GPU, of what this run does not do already."""
-    remedies = ["--kd-trainable decoders"] if args.KD_TRAINABLE == "all" else []
+    remedies = [] if args.KD_TRAINABLE == "decoders" else ["--kd-trainable decoders"]
     remedies += ["more GPUs with --parallel fsdp" if args.PARALLEL == "ddp" else "more GPUs"]
     remedies += [] if args.ACTIVATION_CHECKPOINTING else ["--activation-checkpointing"]
     return [*remedies, "a smaller --batch-size or --seq-len"]
@@ -1078,7 +1091,7 @@ def logits_checkpoint(run, models, name, step, opt, loader):
     args = run.args
     meta = {"phase": "logits", "step": step, "init": models.init, "kd_trainable": args.KD_TRAINABLE}
     state = training_state(step, opt, loader, models.model)
-    complete = name == "logits_final" or args.KD_TRAINABLE == "all"  # else the students alone, on the teacher
+    complete = name == "logits_final" or args.KD_TRAINABLE != "decoders"  # else the students alone, on the teacher
     write_checkpoint(run, name, models.model, models.blocks, meta, state, complete)
 
 

@@ -125,12 +125,13 @@ def layerwise(
     }
 
 
-def logits(teacher: Shape, student: Shape, plan: Plan, shared_backbone: bool) -> dict[str, int]:
+def logits(teacher: Shape, student: Shape, plan: Plan, shared_backbone: bool, kept_fp32: int = 0) -> dict[str, int]:
     """The logits phase: the frozen teacher and the student model, whose plan.trained parameters train (the
-    students, or all of it) and the rest is frozen (none of it when it is the teacher's own backbone, shared)."""
+    students, all of it, or all but its embeddings) and the rest is frozen (none of it when it is the teacher's own
+    backbone, shared); kept_fp32 of the frozen ones stay in fp32 (frozen embeddings beside trained layers)."""
     frozen = teacher.params + (0 if shared_backbone else student.params - plan.trained)
     return {
-        "frozen": plan.frozen_bytes * frozen // plan.shards(),
+        "frozen": (plan.frozen_bytes * (frozen - kept_fp32) + 4 * kept_fp32) // plan.shards(),
         "trained": ADAMW_BYTES * plan.trained // plan.shards(),
         "gathered": gathered(plan, teacher, student),
         "activations": activations(student, plan, student.layers),  # the student's forward and backward

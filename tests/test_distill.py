@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from conftest import (
     ROOT,
     TINY_DISTILL,
+    VOCAB,
     another_run_in,
     layer_rows,
     read_metrics,
@@ -1014,6 +1016,47 @@ def test_a_logits_teacher_of_another_vocabulary_is_refused(tiny_data_dir, teache
     error = run_tiny_distill(small, tiny_data_dir, str(out), *logits, check=False)
     assert f"{teacher_dir} has a vocabulary of 320 tokens and --teacher {small} one of 200" in error, error
     assert not out.exists()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_kd_trainable_body_trains_all_but_the_embeddings_and_head(teacher_dir, tiny_data_dir, tmp_path, capsys, tied):
+    """--kd-trainable body: the logits phase moves every weight of the model but the token embeddings and the LM
+    head (one tensor when tied, two when not), which end as they began; its memory estimate counts them frozen in
+    fp32 (4 bytes each) where --kd-trainable all counts them trained (16)."""
+    from transformers import AutoModelForCausalLM
+
+    from common.checkpoint import load_model
+
+    teacher = teacher_dir
+    if not tied:
+        config = tiny_config()
+        config.tie_word_embeddings = False
+        teacher = str(tmp_path / "untied")
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(teacher)
+    init = str(tmp_path / "init")  # the teacher with noise in every weight: a start whose KL has a gradient
+    model = load_model(teacher)
+    with torch.no_grad():
+        for w in model.parameters():
+            w.add_(0.05 * torch.randn_like(w))
+    model.save_pretrained(init)
+    estimates = {}
+    for mode in ("all", "body"):
+        logits = ["--phase", "logits", "--init", init, "--kd-trainable", mode, "--kd-steps", "2", "--kd-lr", "1e-2"]
+        capsys.readouterr()
+        run_tiny_distill(teacher, tiny_data_dir, str(tmp_path / mode), *logits)
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("memory estimate of the logits"))
+        estimates[mode] = {t: float(v) for t, v in re.findall(r"([a-z]+) ([0-9.]+)", line.split(" = ")[1])}
+    embedding_mib = VOCAB * 64 * (1 if tied else 2) / 2**20
+    assert estimates["all"]["trained"] - estimates["body"]["trained"] == pytest.approx(16 * embedding_mib, abs=0.011)
+    assert estimates["body"]["frozen"] - estimates["all"]["frozen"] == pytest.approx(4 * embedding_mib, abs=0.011)
+    out = str(tmp_path / "body")
+    before = load_model(init).state_dict()
+    after = load_model(os.path.join(out, "logits_final")).state_dict()
+    frozen = {"model.embed_tokens.weight", "lm_head.weight"}
+    assert set(after) == set(before) and frozen <= set(after)
+    moved = {name for name, w in after.items() if not torch.equal(w, before[name])}
+    assert moved == set(after) - frozen, sorted(set(after) - frozen - moved)
 
 
 def test_a_teacher_that_holds_students_is_refused(stopped_run, tiny_data_dir, teacher_dir, tmp_path):

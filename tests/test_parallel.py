@@ -1,6 +1,6 @@
 """PARALLEL=fsdp (FSDP2, common/parallel.py) and multi-node launches, on CPU with gloo and tiny models, through
 torchrun: two sharded ranks give what one process gives with the same global batch (distill.py's logits phase with
-KD_TRAINABLE decoders and all, and train.py); a sharded run killed with SIGKILL and resumed ends bit-identical to
+KD_TRAINABLE decoders, all and body, and train.py); a sharded run killed with SIGKILL and resumed ends bit-identical to
 the uninterrupted one; two single-process "nodes" meeting at a c10d rendezvous give what one node of two processes
 gives; and bad settings stop with one line before a run folder exists."""
 
@@ -26,6 +26,7 @@ LOGITS = [
 MODES = {
     "decoders": ["--kd-trainable", "decoders"],
     "all": ["--kd-trainable", "all", "--grad-accum", "2", "--kd-ce-weight", "0.2", "--activation-checkpointing"],
+    "body": ["--kd-trainable", "body"],  # the embeddings and head frozen in the root FSDP unit, beside the final norm
 }
 # 4 train.py steps of 256 tokens: 2 ranks x 2 x 32, or one process x 2 micro-steps; a checkpoint every 2
 TRAIN = [
