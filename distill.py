@@ -530,6 +530,7 @@ def train_rotation(run, calls, layers, val, teacher_ce):
     loader = train_loader(run, model.config.vocab_size)
     students = make_students(args, model, layers, rt.device, with_layers=True)
     state = resume_rotation(run, model, loader, students, len(layers))
+    calibrated_in = chosen_calibration(run)  # None: each student calibrates in its turn
     rows, step = state["rows"], state["step"]
     trained = {r["layer"] for r in rows}
     for rotation in range(state["rotation"], args.ROTATIONS):
@@ -547,7 +548,9 @@ def train_rotation(run, calls, layers, val, teacher_ce):
             i = layers[k]
             # a streamed teacher keeps layer i and its student on the device for its turn
             with resident(transformer_layers(model)[i], students[i]):
-                errors, times, calibrated, step = distill_layer(run, model, i, students, cache, vcache, rotation, step)
+                errors, times, calibrated, step = distill_layer(
+                    run, model, i, students, cache, vcache, rotation, step, calibrated_in
+                )
             trained.add(i)
             trained_blocks = {(j, args.TARGET): students[j] for j in trained}
             ce = hybrid_ce(rt, model, val, trained_blocks)
@@ -607,6 +610,25 @@ def latent_tokens(run, n_val):
     return max(val, run.batch.calib_batches * run.batch.batch_tokens)
 
 
+def chosen_calibration(run):
+    """CHOSEN: the choose phase's calibrated students (OUT/calibrated), where they are what this phase's calibration
+    would give (the teacher stream, and the student, tokens, seed and ranks of the choose phase), else None."""
+    args, rt = run.args, run.rt
+    folder, saved = os.path.join(run.out_dir, "calibrated"), os.path.join(run.out_dir, "config_choose.json")
+    ready = os.path.exists(saved) and os.path.isdir(folder)
+    if not (args.CHOSEN and args.CALIB_TOKENS and args.LATENT_STREAM == "teacher" and ready):
+        return None
+    choose = read_json(saved, "the run folder is damaged; run --phase choose in a new --out-dir")
+    keys = "TEACHER DATA_DIR TARGET STUDENT_KIND STUDENT_KWARGS CALIB_TOKENS BATCH_SIZE SEQ_LEN SEED DTYPE".split()
+    differs = [k for k in keys if choose["config"].get(k) != args.as_dict()[k]]
+    differs += ["ranks"] if choose["environment"].get("world_size") != rt.world_size else []
+    if differs:
+        rt.print(f"calibrating again: the choose phase ran with another {', '.join(differs)}")
+        return None
+    rt.print(f"calibration: the choose phase's students ({folder}), calibrated on the same tokens")
+    return folder
+
+
 def resume_rotation(run, model, loader, students, n_layers):
     """The rotation's progress to start from: a new run's, or with RESUME that of the latest layer-wise checkpoint
     (its state.pt: rotation, done = layers of that rotation finished, step, rows), whose data position, RNG and
@@ -625,10 +647,11 @@ def resume_rotation(run, model, loader, students, n_layers):
     return state
 
 
-def distill_layer(run, model, i, students, cache, vcache, rotation, step):
-    """Layer i's turn in a rotation: split both caches at layer i, calibrate its student (first rotation only),
-    train it, then move the training cache past the layer. Returns its val errors (before, after calibration,
-    after training), its timings, whether it calibrated and the step count."""
+def distill_layer(run, model, i, students, cache, vcache, rotation, step, calibrated_in=None):
+    """Layer i's turn in a rotation: split both caches at layer i, calibrate its student (first rotation only; or
+    read it calibrated from the checkpoint `calibrated_in`, see chosen_calibration), train it, then move the
+    training cache past the layer. Returns its val errors (before, after calibration, after training), its timings,
+    whether it calibrated and the step count."""
     args, rt, student = run.args, run.rt, students[i]
     teacher_block = get_block(model, i, args.TARGET)
     vcache.split_at(i, stream_students(args, students))
@@ -639,7 +662,12 @@ def distill_layer(run, model, i, students, cache, vcache, rotation, step):
         blocks = {i: teacher_block, **blocks}
     cache.split_at(i, blocks)
     n_calib = run.batch.calib_batches * args.BATCH_SIZE
-    calib_s = calibrate(rt, student, teacher_block, cache, n_calib) if rotation == 0 else None
+    if rotation == 0 and calibrated_in and hasattr(student, "calibrate"):
+        t0 = time.time()
+        load_students(calibrated_in, model, {i: student}, args.TARGET)
+        calib_s = time.time() - t0
+    else:
+        calib_s = calibrate(rt, student, teacher_block, cache, n_calib) if rotation == 0 else None
     calib_err = layer_error(rt, student, teacher_block, vcache) if calib_s is not None else start_err
     rt.synchronize()
     t_steps = time.time()

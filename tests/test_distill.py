@@ -850,6 +850,36 @@ def test_distill_sh_hybrid_preset_distills_the_layers_choose_chose(teacher_dir, 
     assert not fresh.exists()
 
 
+def test_chosen_layers_start_from_the_students_the_choose_phase_calibrated(
+    teacher_dir, tiny_data_dir, tmp_path, capsys
+):
+    """--phase layerwise --chosen reads each student calibrated from OUT/calibrated (the choose phase calibrated it
+    on the same tokens) instead of calibrating it again, and ends with the students a calibration gives; after a
+    choose phase with other calibration settings it calibrates again."""
+    args = ["--target", "attn", "--student-kind", "lolcats", "--student-kwargs", '{"window": 8}', "--convert", "2"]
+    out, again, other = (str(tmp_path / name) for name in ("run", "again", "other"))
+    run_tiny_distill(teacher_dir, tiny_data_dir, out, *args, "--phase", "choose")
+    run_tiny_distill(teacher_dir, tiny_data_dir, other, *args, "--phase", "choose", "--calib-tokens", "2048")
+    shutil.copytree(out, again)
+    shutil.rmtree(os.path.join(again, "calibrated"))  # nothing to read: each student calibrates in its turn
+    printed = {}
+    for folder in (out, again, other):
+        capsys.readouterr()
+        run_tiny_distill(teacher_dir, tiny_data_dir, folder, *args, "--chosen", "--steps-per-layer", "2")
+        printed[folder] = capsys.readouterr().out
+    assert f"calibration: the choose phase's students ({out}/calibrated)" in printed[out]
+    assert "the choose phase's students" not in printed[again] + printed[other]
+    assert "calibrating again: the choose phase ran with another CALIB_TOKENS" in printed[other]
+    rows = layer_rows(out)
+    assert [r["layer"] for r in rows] == [r["layer"] for r in layer_rows(again)]
+    for key in ("calib_rel_err", "rel_err"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in layer_rows(again)], rel=1e-5)
+    ours, theirs = (load_file(os.path.join(f, "final", "model.safetensors")) for f in (out, again))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6)
+
+
 def test_layer_checkpoints_hold_the_students_alone_on_a_checked_teacher(teacher_dir, tiny_data_dir, tmp_path):
     """A per-layer checkpoint is the students trained so far plus a reference to the teacher (path and weights'
     hash); load_model rebuilds the same model a complete checkpoint gives, and refuses a teacher that is missing or
